@@ -1,0 +1,132 @@
+"""Composition root: builds the daemon from settings and owns its lifecycle.
+
+startup (socket bound and accepting, models loading in the background) -> main loop (until
+SIGTERM/SIGINT) -> bounded graceful shutdown (stop accepting, drain in-flight requests within
+``server.shutdown_grace_s``, unload models, remove the socket). Signal handlers are restored on
+exit. This is the only module that chooses concrete classes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+import psutil
+
+from agent import __version__
+from agent.catalog import discover
+from agent.config import Settings
+from agent.engine.llama import LlamaEngine
+from agent.engine.pool import ModelPool
+from agent.log import get_logger
+from agent.server.http import ApiServer, build_app
+from agent.server.listener import bind_unix, systemd_socket
+
+log = get_logger(__name__)
+
+
+def default_threads() -> int:
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def build_pool(settings: Settings) -> ModelPool:
+    pool = ModelPool()
+    threads = settings.engine.n_threads or default_threads()
+    for info in discover(settings):
+        if info.format != "gguf":
+            continue
+        pool.add(
+            LlamaEngine(
+                info,
+                n_ctx=settings.engine.n_ctx,
+                n_threads=threads,
+                n_batch=settings.engine.n_batch,
+                max_queue=settings.engine.max_queue,
+            )
+        )
+    return pool
+
+
+class Daemon:
+    """The running agent. ``run()`` returns the process exit status."""
+
+    def __init__(
+        self, settings: Settings, pool_factory: Callable[[Settings], ModelPool] = build_pool
+    ) -> None:
+        self.settings = settings
+        self._pool_factory = pool_factory
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        started = time.monotonic()
+        s = self.settings
+        s.state_dir.mkdir(parents=True, exist_ok=True)
+        pool = self._pool_factory(s)
+        inherited = systemd_socket()
+        sock = inherited or bind_unix(s.socket_path, s.server.socket_mode, s.server.socket_group)
+        app = build_app(
+            pool,
+            {
+                "max_body_bytes": s.server.max_body_bytes,
+                "default_max_tokens": s.engine.default_max_tokens,
+                "request_timeout_s": s.engine.request_timeout_s,
+            },
+            started,
+        )
+        server = ApiServer(
+            app,
+            sock,
+            socket_path=None if inherited else s.socket_path,
+            shutdown_grace_s=s.server.shutdown_grace_s,
+            max_header_bytes=s.server.max_header_bytes,
+            keepalive_timeout_s=s.server.keepalive_timeout_s,
+        )
+        loop = asyncio.get_running_loop()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in previous:
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await server.start()
+            where = "systemd socket" if inherited else str(s.socket_path)
+            log.info(
+                "listening",
+                socket=where,
+                version=__version__,
+                models=[m.id for m in pool.models()],
+                startup_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+            if not inherited:
+                print(
+                    f"edge-agent {__version__} listening on {s.socket_path}\n"
+                    f"  try: curl --unix-socket {s.socket_path} http://localhost/health\n"
+                    f'  or:  edge-agent complete "Edge computing is"',
+                    file=sys.stderr,
+                    flush=True,
+                )
+            if not pool.models():
+                log.warning("no_model", hint="run `edge-agent demo` or import a model bundle")
+            pool.start_loading()
+            await self._stop.wait()
+            log.info("stopping", grace_s=s.server.shutdown_grace_s)
+            await server.stop()
+        finally:
+            await pool.close()
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
+        log.info("stopped")
+        return 0
+
+
+def run(settings: Settings) -> int:
+    return asyncio.run(Daemon(settings).run())
+
+
+__all__ = ["Daemon", "build_pool", "default_threads", "run"]

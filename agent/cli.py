@@ -1,0 +1,147 @@
+"""``edge-agent``: the daemon and its local clients.
+
+Exit statuses: 0 success, 1 runtime failure, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.config import Settings, load_settings
+from agent.errors import AgentError, ClientError, ConfigError
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    if getattr(args, "state_dir", None) is not None:
+        settings = settings.model_copy(update={"state_dir": args.state_dir})
+    return settings
+
+
+def _socket(args: argparse.Namespace, settings: Settings) -> Path:
+    return args.socket if getattr(args, "socket", None) else settings.socket_path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent import app, log
+
+    settings = _settings(args)
+    log.configure(settings.log.level, settings.log.format)
+    return app.run(settings)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import demo_model_file
+
+    settings = _settings(args)
+    path = demo_model_file(settings.models_dir)
+    print(f"demo model ready: {path}")
+    return 0
+
+
+def cmd_complete(args: argparse.Namespace) -> int:
+    from agent.client import LocalClient
+
+    settings = _settings(args)
+    body: dict[str, object] = {"prompt": args.prompt, "max_tokens": args.max_tokens}
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
+    if args.seed is not None:
+        body["seed"] = args.seed
+    if args.model:
+        body["model"] = args.model
+    with LocalClient(_socket(args, settings)) as client:
+        for chunk in client.stream_completion(body):
+            for choice in chunk.get("choices", []):
+                sys.stdout.write(choice.get("text", ""))
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.client import LocalClient
+
+    settings = _settings(args)
+    with LocalClient(_socket(args, settings), timeout=10.0) as client:
+        health = client.get("/health")
+        detail = client.get("/admin/status")
+    if args.json:
+        print(json.dumps({"health": health, "status": detail}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"[bold]edge-agent {health['version']}[/bold]  status: {health['status']}  "
+        f"uptime: {health['uptime_s']:.0f}s  socket: {_socket(args, settings)}"
+    )
+    table = Table("model", "state", "format", "task", "size", "queue")
+    for m in detail["models"]:
+        default = " (default)" if m["id"] == detail["default_model"] else ""
+        table.add_row(
+            m["id"] + default,
+            m["state"],
+            m["format"],
+            m["task"],
+            f"{m['size_bytes'] / 2**20:.0f} MiB",
+            str(m["queue_depth"]),
+        )
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    parser.add_argument("--state-dir", type=Path, default=None, help="override state_dir")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="place the demo model (Gemma 3 270M) in the store")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("complete", help="stream a completion from the running daemon")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--socket", type=Path, default=None)
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("status", help="show the daemon's state")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--socket", type=Path, default=None)
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""Settings of the agent, loaded through pydantic-settings.
+
+Precedence, highest first: environment variables (``EDGE_AGENT_...``, nested with ``__``, e.g.
+``EDGE_AGENT_SERVER__SOCKET_MODE=0600``), then the TOML file (``--config``, else
+``/etc/edge-agent/config.toml`` when it exists), then the built-in defaults, which run the demo
+under ``./var``.
+
+Invariants: this is the only module that imports pydantic-settings; every setting has a default
+and is documented in ``config.example.toml``; a bad value raises :class:`ConfigError` whose message
+is one line naming the key, the value and what was expected. Unknown keys are refused, so a typo
+in a config file is not silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/edge-agent/config.toml")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ServerSettings(_Section):
+    """The local API on the Unix socket."""
+
+    socket_path: Path | None = None
+    """Defaults to ``<state_dir>/run/edge-agent.sock``."""
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=3600)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
+    max_header_bytes: int = Field(default=16 << 10, ge=1024, le=1 << 20)
+    keepalive_timeout_s: float = Field(default=75.0, gt=0, le=3600)
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip().lower().removeprefix("0o")
+            if not text or any(c not in "01234567" for c in text):
+                raise ValueError("expected an octal file mode such as '0660'")
+            return int(text, 8)
+        return value
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode_range(cls, value: int) -> int:
+        if not 0 <= value <= 0o777:
+            raise ValueError("expected a file mode between 0000 and 0777")
+        if value & 0o600 != 0o600:
+            raise ValueError("expected a mode that lets the owner read and write (at least 0600)")
+        return value
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    """``auto``: JSON lines when stdout is not a terminal (journald), console otherwise."""
+
+
+class EngineSettings(_Section):
+    n_threads: int | None = Field(default=None, ge=1, le=1024)
+    """Defaults to the number of physical cores."""
+    n_ctx: int = Field(default=4096, ge=128, le=1 << 20)
+    n_batch: int = Field(default=512, ge=16, le=1 << 16)
+    max_queue: int = Field(default=16, ge=1, le=100_000)
+    """Requests waiting beyond those being decoded; more gets 429 with Retry-After."""
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    default_max_tokens: int = Field(default=256, ge=1)
+
+
+class ModelSettings(_Section):
+    path: Path | None = None
+    """Serve this GGUF file directly (development); otherwise the model store under state_dir."""
+    id: str | None = None
+    chat_template: str | None = None
+
+
+class Settings(BaseSettings):
+    """All settings. Construct through :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGE_AGENT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    state_dir: Path = Path("var")
+    server: ServerSettings = ServerSettings()
+    log: LogSettings = LogSettings()
+    engine: EngineSettings = EngineSettings()
+    model: ModelSettings = ModelSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file's contents arrive as init kwargs; the environment overrides them.
+        return (env_settings, init_settings)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.server.socket_path or self.state_dir / "run" / "edge-agent.sock"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+
+def resolve_config_path(explicit: Path | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """``--config`` wins, then ``EDGE_AGENT_CONFIG``, then the system file if it exists."""
+    env = os.environ if env is None else env
+    if explicit is not None:
+        return explicit
+    if env.get("EDGE_AGENT_CONFIG"):
+        return Path(env["EDGE_AGENT_CONFIG"])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a bounded TOML file, translating OS and syntax errors into :class:`ConfigError`."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config error ({path}): cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config error ({path}): larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config error ({path}): not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config error ({path}): invalid TOML: {exc}") from None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line: ``<source>: <key> = <value>: <expected>`` for the first problem (+ a count)."""
+    problems = err.errors(include_url=False)
+    first = problems[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    if first["type"] == "extra_forbidden":
+        expected = "unknown setting"
+    elif first["type"] == "missing":
+        expected = "required setting is missing"
+    else:
+        expected = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{source}: {key} = {shown}: {expected}{more}"
+
+
+def load_settings(config: Path | None = None) -> Settings:
+    """Load settings from the resolved file and ``os.environ``; raise :class:`ConfigError`."""
+    path = resolve_config_path(config)
+    data = read_toml(path) if path is not None else {}
+    source = f"config error ({path})" if path is not None else "config error"
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+__all__ = [
+    "EngineSettings",
+    "LogSettings",
+    "ModelSettings",
+    "ServerSettings",
+    "Settings",
+    "format_validation_error",
+    "load_settings",
+    "read_toml",
+    "resolve_config_path",
+]

