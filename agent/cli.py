@@ -96,6 +96,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each area of the agent registers its own subcommands: a module with ``register(sub)`` that adds
+# parsers whose ``func`` takes the parsed arguments and returns the exit status.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
@@ -122,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--socket", type=Path, default=None)
     p.set_defaults(func=cmd_status)
+
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
