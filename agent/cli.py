@@ -15,7 +15,7 @@ from agent.config import Settings, load_settings
 from agent.errors import AgentError, ClientError, ConfigError
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     if getattr(args, "state_dir", None) is not None:
         settings = settings.model_copy(update={"state_dir": args.state_dir})
@@ -29,7 +29,7 @@ def _socket(args: argparse.Namespace, settings: Settings) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import app, log
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     log.configure(settings.log.level, settings.log.format)
     return app.run(settings)
 
@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import demo_model_file
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     path = demo_model_file(settings.models_dir)
     print(f"demo model ready: {path}")
     return 0
@@ -46,7 +46,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_complete(args: argparse.Namespace) -> int:
     from agent.client import LocalClient
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     body: dict[str, object] = {"prompt": args.prompt, "max_tokens": args.max_tokens}
     if args.temperature is not None:
         body["temperature"] = args.temperature
@@ -66,7 +66,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.client import LocalClient
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     with LocalClient(_socket(args, settings), timeout=10.0) as client:
         health = client.get("/health")
         detail = client.get("/admin/status")
