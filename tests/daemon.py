@@ -33,6 +33,20 @@ def openai_client(socket_path: Path) -> Any:
     )
 
 
+def accepts(path: Path) -> bool:
+    """A raw connect probe (httpx leaks a socket when a UDS connect fails)."""
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
 class Daemon:
     def __init__(self, proc: subprocess.Popen[bytes], state_dir: Path, log_path: Path) -> None:
         self.proc = proc
@@ -62,6 +76,9 @@ class Daemon:
                 raise RuntimeError(
                     f"daemon exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}"
                 )
+            if not accepts(self.socket):
+                time.sleep(0.05)
+                continue
             try:
                 last = self.health()
                 if last.get("status") == status:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 
 import openai
 import pytest
@@ -13,6 +14,23 @@ from tests.daemon import Daemon, openai_client, uds_client
 pytestmark = pytest.mark.model
 
 MODEL = "gemma-3-270m-q4_k_m"
+PROMPT_TOKENS = 9  # <bos> + 8 tokens of "The Eiffel Tower is in the city of"
+
+
+_clients: list[openai.OpenAI] = []
+
+
+def _oai(daemon: Daemon) -> openai.OpenAI:
+    client = openai_client(daemon.socket)
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 def test_health_reports_ready_model(daemon: Daemon) -> None:
@@ -30,26 +48,26 @@ def test_socket_mode_is_0660(daemon: Daemon) -> None:
 
 
 def test_models_list(daemon: Daemon) -> None:
-    models = openai_client(daemon.socket).models.list()
+    models = _oai(daemon).models.list()
     assert [m.id for m in models.data] == [MODEL]
 
 
 def test_plain_completion_returns_text_and_usage(daemon: Daemon) -> None:
-    client = openai_client(daemon.socket)
+    client = _oai(daemon)
     result = client.completions.create(
-        model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0
+        model=MODEL, prompt="The Eiffel Tower is in the city of", max_tokens=12, temperature=0
     )
     text = result.choices[0].text
     assert "Paris" in text
     assert result.choices[0].finish_reason in {"stop", "length"}
     assert result.usage is not None
-    assert result.usage.prompt_tokens == 6  # <bos> + 5 tokens
+    assert result.usage.prompt_tokens == PROMPT_TOKENS
     assert 1 <= result.usage.completion_tokens <= 12
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
 
 
 def test_streaming_completion_matches_plain(daemon: Daemon) -> None:
-    client = openai_client(daemon.socket)
+    client = _oai(daemon)
     kwargs = {"model": MODEL, "prompt": "Edge computing is", "max_tokens": 16, "temperature": 0}
     plain = client.completions.create(**kwargs).choices[0].text
     pieces: list[str] = []
@@ -70,14 +88,14 @@ def test_streaming_completion_matches_plain(daemon: Daemon) -> None:
 
 
 def test_max_tokens_and_length_finish(daemon: Daemon) -> None:
-    client = openai_client(daemon.socket)
+    client = _oai(daemon)
     result = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=3, temperature=0)
     assert result.choices[0].finish_reason == "length"
     assert result.usage is not None and result.usage.completion_tokens == 3
 
 
 def test_stop_string_ends_generation(daemon: Daemon) -> None:
-    client = openai_client(daemon.socket)
+    client = _oai(daemon)
     result = client.completions.create(
         model=MODEL, prompt="1, 2, 3, 4,", max_tokens=32, temperature=0, stop=[" 7"]
     )
@@ -151,7 +169,7 @@ def test_routing_errors_are_json(daemon: Daemon, method: str, path: str, status:
 
 
 def test_openai_client_raises_typed_errors(daemon: Daemon) -> None:
-    client = openai_client(daemon.socket)
+    client = _oai(daemon)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="missing", prompt="x", max_tokens=1)
     with pytest.raises(openai.BadRequestError):
@@ -178,7 +196,7 @@ def test_cli_complete_streams_text(daemon: Daemon) -> None:
             "-m",
             "agent.cli",
             "complete",
-            "The capital of France is",
+            "The Eiffel Tower is in the city of",
             "--max-tokens",
             "8",
             "--temperature",
