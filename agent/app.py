@@ -13,11 +13,11 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import psutil
 
-from agent import __version__
+from agent import __version__, sdnotify
 from agent.catalog import discover
 from agent.config import Settings
 from agent.engine.llama import LlamaEngine
@@ -49,6 +49,20 @@ def build_pool(settings: Settings) -> ModelPool:
             )
         )
     return pool
+
+
+def _loading_status(pool: ModelPool) -> str:
+    ids = [m.id for m in pool.models()]
+    return f"accepting; loading {', '.join(ids)}" if ids else "accepting; no model installed"
+
+
+def _serving_status(pool: ModelPool) -> Callable[[], Awaitable[str]]:
+    async def wait() -> str:
+        await pool.wait_loaded()
+        ready = [e.info.id for e in pool.engines() if e.state.value == "ready"]
+        return f"serving {', '.join(ready)}" if ready else "serving; no model loaded"
+
+    return wait
 
 
 class Daemon:
@@ -113,9 +127,13 @@ class Daemon:
             if not pool.models():
                 log.warning("no_model", hint="run `edge-agent demo` or import a model bundle")
             pool.start_loading()
+            service = sdnotify.ServiceNotifier.from_env(s.service.notify)
+            service.start(_loading_status(pool), _serving_status(pool))
             await self._stop.wait()
             log.info("stopping", grace_s=s.server.shutdown_grace_s)
+            service.stopping()
             await server.stop()
+            await service.close()
         finally:
             await pool.close()
             for sig, handler in previous.items():

@@ -14,6 +14,7 @@ in a config file is not silently ignored.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,6 +89,68 @@ class ModelSettings(_Section):
     chat_template: str | None = None
 
 
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+class ServiceSettings(_Section):
+    """Running as a service: systemd notifications and the scheduler of periodic jobs."""
+
+    notify: bool = True
+    """Send sd_notify messages (READY=1, STATUS=, WATCHDOG=1, STOPPING=1) when $NOTIFY_SOCKET is set."""
+    jitter_s: float = Field(default=30.0, ge=0, le=3600)
+    """Each periodic job fires up to this many seconds late, so a fleet does not act in lockstep."""
+    maintenance_window: str | None = None
+    """``HH:MM-HH:MM`` local time (may wrap midnight); heavy jobs (re-hash, GC) only run inside it."""
+    intervals_s: dict[str, float] = Field(default_factory=dict)
+    """Per-job interval overrides by job name, e.g. ``{ rehash = 43200 }``."""
+
+    @field_validator("maintenance_window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None and not _WINDOW.match(value.strip()):
+            raise ValueError("expected a window such as '02:00-04:30' (24-hour HH:MM-HH:MM)")
+        return value.strip() if value is not None else None
+
+    @field_validator("intervals_s")
+    @classmethod
+    def _intervals(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, seconds in value.items():
+            if not 1 <= seconds <= 30 * 86400:
+                raise ValueError(f"interval of job {name!r} must be between 1 s and 30 days")
+        return value
+
+
+class PoolSettings(_Section):
+    """Loaded models: memory budget, idle unload, pins, hot swap."""
+
+    memory_budget_mb: int | None = Field(default=None, ge=16)
+    """Models loaded at once must fit this; default: 75% of the memory limit (cgroup or RAM)."""
+    keep_alive_s: float = Field(default=300.0, ge=0)
+    """A model other than the default and the pinned ones is unloaded after this long unused."""
+    max_loaded: int = Field(default=4, ge=1, le=64)
+    pinned: list[str] = Field(default_factory=list)
+    """Model ids kept loaded whatever their use."""
+    smoke_test: bool = True
+    """A newly selected model must generate a few tokens before it replaces the current one."""
+    drain_timeout_s: float = Field(default=300.0, gt=0)
+    """After a swap, the old model serves its in-flight requests for at most this long."""
+
+
+class MetricsSettings(_Section):
+    enabled: bool = True
+    """Serve ``GET /metrics`` (Prometheus text format)."""
+    latency_buckets_s: list[float] = Field(
+        default_factory=lambda: [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+    )
+
+    @field_validator("latency_buckets_s")
+    @classmethod
+    def _buckets(cls, value: list[float]) -> list[float]:
+        if not value or any(b <= 0 for b in value) or sorted(set(value)) != value:
+            raise ValueError("expected strictly increasing positive bucket bounds")
+        return value
+
+
 class Settings(BaseSettings):
     """All settings. Construct through :func:`load_settings`."""
 
@@ -103,6 +166,9 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     engine: EngineSettings = EngineSettings()
     model: ModelSettings = ModelSettings()
+    service: ServiceSettings = ServiceSettings()
+    pool: PoolSettings = PoolSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -183,8 +249,11 @@ def load_settings(config: Path | None = None) -> Settings:
 __all__ = [
     "EngineSettings",
     "LogSettings",
+    "MetricsSettings",
     "ModelSettings",
+    "PoolSettings",
     "ServerSettings",
+    "ServiceSettings",
     "Settings",
     "format_validation_error",
     "load_settings",
