@@ -1,0 +1,475 @@
+"""The access policy document: its format, the local policy from config, and hub policies.
+
+A policy document is JSON (the hub publishes it as the registry target ``policies/<name>.json``)
+or the same structure inline in the config's ``[access]`` section::
+
+    {"version": 3,
+     "roles": {"admin": {"permissions": [{"actions": ["admin"]}]},
+               "app":   {"permissions": [{"actions": ["infer", "embed"], "models": ["gemma-*"]},
+                                         {"actions": ["models.list", "status"]}],
+                         "limits": {"max_tokens": 512, "requests_per_minute": 60}}},
+     "bindings": [{"role": "admin", "users": ["root"], "uids": [0]},
+                  {"role": "app", "groups": ["edge-agent"]}]}
+
+Invariants:
+
+- Parsing is pure and strict: unknown keys, unknown actions, a binding to a role that does not
+  exist, or a non-positive limit raise :class:`PolicyError` naming the key.
+- The effective policy is the newest accepted hub policy if there is one, else the local policy
+  (config file or the built-in default). Hub versions only grow: :func:`accept_policy` refuses a
+  document that is invalid or not newer than the current one, and the current one stays.
+  Re-delivering the current version with the same bytes is a no-op.
+- The accepted hub policy is written atomically (temp file, fsync, rename) with its sha256, so a
+  crash leaves either the old or the new policy, never a mix.
+
+Signature checking is the registry's job (TUF): :func:`accept_policy` receives verified bytes.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import json
+import os
+import pwd
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.access import Action, Binding, Limits, Permission, Policy, Role
+from agent.errors import AgentError
+from agent.log import get_logger
+
+if TYPE_CHECKING:
+    from agent.config import Settings
+
+log = get_logger(__name__)
+
+MAX_POLICY_BYTES = 1 << 20
+HUB_POLICY_FILE = "hub.json"
+_NAME = r"^[A-Za-z0-9_.@-]{1,64}$"
+
+
+class PolicyError(AgentError):
+    """A policy document is invalid, or a hub policy is older than the current one."""
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PermissionDoc(_Doc):
+    actions: list[Action] = Field(min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+
+    @field_validator("actions", mode="before")
+    @classmethod
+    def _actions(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            known = {a.value for a in Action}
+            for item in value:
+                if isinstance(item, str) and item not in known:
+                    raise ValueError(f"unknown action {item!r} (known: {', '.join(sorted(known))})")
+            return [Action(v) if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not pattern or len(pattern) > 256:
+                raise ValueError("model patterns are non-empty strings of at most 256 characters")
+        return value
+
+
+class LimitsDoc(_Doc):
+    max_tokens: int | None = Field(default=None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+
+
+class RoleDoc(_Doc):
+    permissions: list[PermissionDoc] = Field(default_factory=list)
+    limits: LimitsDoc = Field(default_factory=LimitsDoc)
+
+
+class BindingDoc(_Doc):
+    role: str = Field(pattern=_NAME)
+    users: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    uids: list[int] = Field(default_factory=list)
+    key_ids: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _someone(self) -> BindingDoc:
+        if not (self.users or self.groups or self.uids or self.key_ids):
+            raise ValueError("a binding names at least one of users, groups, uids, key_ids")
+        return self
+
+
+class PolicyDoc(_Doc):
+    version: int = Field(default=0, ge=0)
+    roles: dict[str, RoleDoc]
+    bindings: list[BindingDoc] = Field(default_factory=list)
+
+    @field_validator("roles")
+    @classmethod
+    def _role_names(cls, value: dict[str, RoleDoc]) -> dict[str, RoleDoc]:
+        import re
+
+        for name in value:
+            if not re.match(_NAME, name):
+                raise ValueError(f"role name {name!r} must match {_NAME}")
+        return value
+
+    @model_validator(mode="after")
+    def _bound_roles_exist(self) -> PolicyDoc:
+        for i, b in enumerate(self.bindings):
+            if b.role not in self.roles:
+                raise ValueError(f"bindings[{i}] names role {b.role!r}, which is not defined")
+        return self
+
+    def to_policy(self, source: str) -> Policy:
+        roles = {
+            name: Role(
+                name=name,
+                permissions=tuple(
+                    Permission(actions=frozenset(p.actions), models=tuple(p.models)) for p in r.permissions
+                ),
+                limits=Limits(r.limits.max_tokens, r.limits.requests_per_minute),
+            )
+            for name, r in self.roles.items()
+        }
+        bindings = tuple(
+            Binding(
+                role=b.role,
+                users=frozenset(b.users),
+                groups=frozenset(b.groups),
+                uids=frozenset(b.uids),
+                key_ids=frozenset(b.key_ids),
+            )
+            for b in self.bindings
+        )
+        return Policy(roles=roles, bindings=bindings, version=self.version, source=source)
+
+
+def _first_problem(err: ValidationError) -> str:
+    first = err.errors(include_url=False)[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    if first["type"] == "extra_forbidden":
+        what = "unknown key"
+    elif first["type"] == "missing":
+        what = "required key is missing"
+    else:
+        what = first["msg"].removeprefix("Value error, ")
+    return f"{key}: {what}"
+
+
+def parse_policy(data: Mapping[str, Any], source: str = "document") -> Policy:
+    """Validate a policy document (already decoded); raise :class:`PolicyError` naming the key."""
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"policy {source}: expected a JSON object")
+    try:
+        doc = PolicyDoc.model_validate(dict(data))
+    except ValidationError as exc:
+        raise PolicyError(f"policy {source}: {_first_problem(exc)}") from None
+    return doc.to_policy(source)
+
+
+def parse_policy_bytes(raw: bytes, source: str = "document") -> Policy:
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"policy {source}: larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PolicyError(f"policy {source}: not UTF-8 JSON ({exc})") from None
+    return parse_policy(data, source)
+
+
+def policy_to_dict(policy: Policy) -> dict[str, Any]:
+    """The document form of ``policy`` (round-trips through :func:`parse_policy`)."""
+    roles: dict[str, Any] = {}
+    for name, role in policy.roles.items():
+        entry: dict[str, Any] = {
+            "permissions": [
+                {"actions": sorted(a.value for a in p.actions), "models": list(p.models)}
+                for p in role.permissions
+            ]
+        }
+        limits = {
+            k: v
+            for k, v in (
+                ("max_tokens", role.limits.max_tokens),
+                ("requests_per_minute", role.limits.requests_per_minute),
+            )
+            if v
+        }
+        if limits:
+            entry["limits"] = limits
+        roles[name] = entry
+    bindings = []
+    for b in policy.bindings:
+        item: dict[str, Any] = {"role": b.role}
+        for key, values in (
+            ("users", b.users),
+            ("groups", b.groups),
+            ("uids", b.uids),
+            ("key_ids", b.key_ids),
+        ):
+            if values:
+                item[key] = sorted(values)
+        bindings.append(item)
+    return {"version": policy.version, "roles": roles, "bindings": bindings}
+
+
+def default_policy(daemon_uid: int, daemon_user: str, socket_group: str) -> Policy:
+    """Root and the daemon's own user are admins; the socket's group may infer, embed, list
+    models and read the status."""
+    return parse_policy(
+        {
+            "version": 0,
+            "roles": {
+                "admin": {"permissions": [{"actions": ["admin"]}]},
+                "user": {"permissions": [{"actions": ["infer", "embed", "models.list", "status"]}]},
+            },
+            "bindings": [
+                {"role": "admin", "users": sorted({"root", daemon_user}), "uids": sorted({0, daemon_uid})},
+                {"role": "user", "groups": [socket_group]},
+            ],
+        },
+        source="built-in default",
+    )
+
+
+def _name_of_uid(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _name_of_gid(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def local_policy(settings: Settings) -> Policy:
+    """The policy from config: ``[access] policy_file``, else inline roles/bindings, else the default."""
+    access = settings.access
+    if access.policy_file is not None:
+        try:
+            with access.policy_file.open("rb") as fh:
+                raw = fh.read(MAX_POLICY_BYTES + 1)
+        except OSError as exc:
+            raise PolicyError(f"policy {access.policy_file}: cannot read: {exc.strerror or exc}") from None
+        return parse_policy_bytes(raw, str(access.policy_file))
+    if access.roles:
+        return parse_policy(
+            {"version": 0, "roles": access.roles, "bindings": access.bindings}, "config [access]"
+        )
+    uid = os.geteuid()
+    group = settings.server.socket_group or _name_of_gid(os.getegid())
+    return default_policy(uid, _name_of_uid(uid), group)
+
+
+def policy_dir(state_dir: Path) -> Path:
+    return state_dir / "policy"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPolicy:
+    policy: Policy
+    sha256: str
+
+
+def load_hub_policy(state_dir: Path) -> StoredPolicy | None:
+    """The accepted hub policy, or ``None``. A damaged file raises :class:`PolicyError`."""
+    path = policy_dir(state_dir) / HUB_POLICY_FILE
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_POLICY_BYTES * 2)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PolicyError(f"policy {path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        envelope = json.loads(raw)
+        document = envelope["document"].encode("utf-8")
+        digest = envelope["sha256"]
+        version = envelope["version"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise PolicyError(f"policy {path}: damaged envelope") from None
+    if hashlib.sha256(document).hexdigest() != digest:
+        raise PolicyError(f"policy {path}: content does not match its sha256")
+    policy = parse_policy_bytes(document, f"hub v{version}")
+    return StoredPolicy(_with_version(policy, version, f"hub v{version}"), digest)
+
+
+def _with_version(policy: Policy, version: int, source: str) -> Policy:
+    return Policy(roles=policy.roles, bindings=policy.bindings, version=version, source=source)
+
+
+def effective_policy(settings: Settings) -> Policy:
+    stored = load_hub_policy(settings.state_dir)
+    return stored.policy if stored is not None else local_policy(settings)
+
+
+class AuditSink(Protocol):
+    """What :func:`accept_policy` needs from the audit log (``agent.audit.AuditLog.record``)."""
+
+    def record(
+        self,
+        action: str,
+        resource: str | None,
+        outcome: str,
+        reason: str,
+        details: dict[str, Any] | None = None,
+    ) -> int: ...
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def accept_policy(
+    state_dir: Path, document: bytes, version: int, *, audit: AuditSink | None = None, source: str = "hub"
+) -> Policy:
+    """Make ``document`` (verified bytes of a signed registry target) the current policy.
+
+    Refuses, with :class:`PolicyError`, a document that does not parse, whose own ``version``
+    disagrees with ``version``, or whose version is not newer than the accepted one; the current
+    policy then stays. Each outcome is recorded in ``audit`` when given.
+    """
+
+    def refuse(reason: str) -> PolicyError:
+        if audit is not None:
+            audit.record("policy.change", f"{source} v{version}", "refused", reason)
+        log.warning("policy_refused", version=version, reason=reason)
+        return PolicyError(reason)
+
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise refuse(f"policy version must be a positive integer, got {version!r}")
+    try:
+        policy = parse_policy_bytes(document, f"{source} v{version}")
+    except PolicyError as exc:
+        raise refuse(str(exc)) from None
+    if policy.version not in (0, version):
+        raise refuse(f"policy document says version {policy.version}, the registry target says {version}")
+    digest = hashlib.sha256(document).hexdigest()
+    current = load_hub_policy(state_dir)
+    if current is not None:
+        if version == current.policy.version and digest == current.sha256:
+            return current.policy
+        if version <= current.policy.version:
+            raise refuse(
+                f"policy version {version} is not newer than the current version {current.policy.version}"
+            )
+    envelope = {
+        "version": version,
+        "source": source,
+        "accepted_at": time.time(),
+        "sha256": digest,
+        "document": document.decode("utf-8"),
+    }
+    _write_atomic(policy_dir(state_dir) / HUB_POLICY_FILE, json.dumps(envelope).encode())
+    if audit is not None:
+        before = current.policy.version if current is not None else None
+        audit.record(
+            "policy.change",
+            f"{source} v{version}",
+            "ok",
+            "accepted",
+            {"previous_version": before, "sha256": digest},
+        )
+    log.info("policy_accepted", version=version, sha256=digest)
+    return _with_version(policy, version, f"{source} v{version}")
+
+
+class PolicyHolder:
+    """The daemon's current policy; picks up a newly accepted hub policy without a restart.
+
+    ``current()`` looks at the hub policy file at most once per ``recheck_s`` (by its stat
+    signature); a damaged or invalid file is logged and the policy in force stays.
+    """
+
+    def __init__(
+        self,
+        local: Policy,
+        state_dir: Path,
+        clock: Callable[[], float] = time.monotonic,
+        recheck_s: float = 1.0,
+    ) -> None:
+        self._local = local
+        self._state_dir = state_dir
+        self._clock = clock
+        self._recheck_s = recheck_s
+        self._next_check = float("-inf")
+        self._stat: tuple[int, int, int] | None = None
+        self._policy = local
+        self.on_change: Callable[[Policy, Policy], None] | None = None
+
+    def current(self) -> Policy:
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self._recheck_s
+            self._refresh()
+        return self._policy
+
+    def _refresh(self) -> None:
+        path = policy_dir(self._state_dir) / HUB_POLICY_FILE
+        try:
+            st = path.stat()
+            sig: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            sig = None
+        if sig == self._stat:
+            return
+        self._stat = sig
+        try:
+            stored = load_hub_policy(self._state_dir)
+        except PolicyError as exc:
+            log.error("policy_load_failed", error=str(exc), keeping=self._policy.source)
+            return
+        new = stored.policy if stored is not None else self._local
+        if stored is not None and new.version < self._policy.version:
+            log.error("policy_rollback_ignored", found=new.version, current=self._policy.version)
+            return
+        old, self._policy = self._policy, new
+        if old is not new and self.on_change is not None:
+            self.on_change(old, new)
+
+
+__all__ = [
+    "AuditSink",
+    "PolicyDoc",
+    "PolicyError",
+    "PolicyHolder",
+    "StoredPolicy",
+    "accept_policy",
+    "default_policy",
+    "effective_policy",
+    "load_hub_policy",
+    "local_policy",
+    "parse_policy",
+    "parse_policy_bytes",
+    "policy_dir",
+    "policy_to_dict",
+]
