@@ -151,6 +151,46 @@ class MetricsSettings(_Section):
         return value
 
 
+class AuditSettings(_Section):
+    """The tamper-evident audit log under ``<state_dir>/audit`` (docs/audit.md)."""
+
+    max_bytes: int = Field(default=256 << 20, ge=1 << 16)
+    """Records kept locally (not yet uploaded and pruned) may take this much; then ``on_full``."""
+    on_full: Literal["fail_closed", "record_gap"] = "fail_closed"
+    """``fail_closed``: refuse requests with 503; ``record_gap``: serve, count what went unrecorded."""
+    checkpoint_every: int = Field(default=1000, ge=1)
+    """Sign a checkpoint after this many records ..."""
+    checkpoint_interval_s: float = Field(default=300.0, gt=0)
+    """... or this many seconds after the last one, whichever comes first."""
+    audit_reads: bool = False
+    """Also record allowed reads (models.list, status, health); denials are always recorded."""
+
+
+class AccessSettings(_Section):
+    """Who may do what through the local API. Default: root and the daemon's own user are admins;
+    the socket's group may infer, embed, list models and read the status (docs/audit.md)."""
+
+    policy_file: Path | None = None
+    """A JSON policy document (the format the hub publishes) replacing the default."""
+    roles: dict[str, Any] = Field(default_factory=dict)
+    """Inline policy: ``[access.roles.<name>]`` with ``permissions`` and ``limits``."""
+    bindings: list[dict[str, Any]] = Field(default_factory=list)
+    """Inline policy: ``[[access.bindings]]`` with ``role`` and ``users``/``groups``/``uids``."""
+
+    @field_validator("bindings")
+    @classmethod
+    def _policy(cls, value: list[dict[str, Any]], info: Any) -> list[dict[str, Any]]:
+        roles = info.data.get("roles") or {}
+        if roles or value:
+            from agent.policy import PolicyError, parse_policy
+
+            try:
+                parse_policy({"roles": roles, "bindings": value}, "config [access]")
+            except PolicyError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
 class Settings(BaseSettings):
     """All settings. Construct through :func:`load_settings`."""
 
@@ -166,6 +206,8 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     engine: EngineSettings = EngineSettings()
     model: ModelSettings = ModelSettings()
+    audit: AuditSettings = AuditSettings()
+    access: AccessSettings = AccessSettings()
     service: ServiceSettings = ServiceSettings()
     pool: PoolSettings = PoolSettings()
     metrics: MetricsSettings = MetricsSettings()
@@ -247,6 +289,8 @@ def load_settings(config: Path | None = None) -> Settings:
 
 
 __all__ = [
+    "AccessSettings",
+    "AuditSettings",
     "EngineSettings",
     "LogSettings",
     "MetricsSettings",
