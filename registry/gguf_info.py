@@ -63,6 +63,7 @@ _KEEP_ARRAY_SUFFIXES = (
     ".attention.head_count",
     ".attention.head_count_kv",
     ".attention.sliding_window_pattern",
+    ".feed_forward_length",
 )
 
 # Architectures whose SWA layer pattern llama.cpp hard-codes (``hparams.set_swa_pattern(n)``: layer
@@ -110,6 +111,7 @@ class GGUFInfo:
     head_count: int
     head_count_kv: tuple[int, ...]
     embedding_length: int
+    feed_forward_length: int
     key_length: int
     value_length: int
     context_length: int
@@ -342,6 +344,7 @@ def parse_header(buf: mmap.mmap | bytes, path: Path, file_size: int) -> GGUFInfo
         head_count=n_head,
         head_count_kv=head_count_kv,
         embedding_length=n_embd,
+        feed_forward_length=_int(meta, key(gguf.Keys.LLM.FEED_FORWARD_LENGTH), 0) or 0,
         key_length=key_length,
         value_length=value_length,
         context_length=_int(meta, key(gguf.Keys.LLM.CONTEXT_LENGTH), 0) or 0,

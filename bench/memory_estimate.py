@@ -1,0 +1,97 @@
+"""Validate agent.memory's estimate against real llama.cpp loads of Gemma 3 270M.
+
+For each context size, a fresh subprocess imports llama_cpp, records its RSS, loads the model the way
+the engine does (n_batch 512, 2 threads, default context parameters), evaluates a prompt that fills
+``min(n_ctx, --fill)`` tokens of the context (so the attention scratch is really written) plus a few
+generated tokens, and reports its peak RSS (``ru_maxrss``) minus the RSS before the load. The
+estimate is computed for the same ``context_used``; the worst case (context full) is shown too.
+
+    .venv/bin/python bench/memory_estimate.py            # prints a markdown table
+    .venv/bin/python bench/memory_estimate.py --fill 4096 --ctx 2048 8192 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.memory import MIB, RuntimeParams, estimate, shape_from_gguf
+from registry.gguf_info import read_gguf_info
+
+CHILD = r"""
+import json, os, resource, sys
+import psutil
+import llama_cpp
+path, n_ctx, fill = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+proc = psutil.Process()
+base = proc.memory_info().rss
+llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=2, n_threads_batch=2,
+                      verbose=False)
+after_load = proc.memory_info().rss
+words = " ".join(f"Edge box {i} reports temperature, memory and load." for i in range(4000))
+tokens = llm.tokenize(words.encode())[: max(16, min(n_ctx, fill) - 8)]
+llm.eval(tokens)
+for _ in range(4):
+    tok = llm.sample(temp=0.0)
+    llm.eval([tok])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "load": after_load - base, "peak": peak - base, "used": llm.n_tokens}))
+"""
+
+
+def measure(path: Path, n_ctx: int, fill: int) -> dict[str, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(n_ctx), str(fill)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
+    result: dict[str, int] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the demo model)")
+    parser.add_argument("--ctx", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--fill", type=int, default=2048, help="tokens of context to fill (cap)")
+    args = parser.parse_args()
+    path = args.model
+    if path is None:
+        from agent.demo import demo_model_file
+
+        path = demo_model_file(Path.home() / ".cache" / "edge-agent" / "test-models")
+    shape = shape_from_gguf(read_gguf_info(path))
+    print(f"model: {path.name}, fill: up to {args.fill} tokens, peak RSS increase over the pre-load RSS\n")
+    print(
+        "| n_ctx | tokens in context | measured peak | estimate (same context) | error | worst-case estimate "
+        "(context full) | llama.cpp compute reservation |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    worst_error = 0.0
+    for n_ctx in args.ctx:
+        m = measure(path, n_ctx, args.fill)
+        est = estimate(shape, RuntimeParams(n_ctx=n_ctx, context_used=m["used"]))
+        worst = estimate(shape, RuntimeParams(n_ctx=n_ctx))
+        error = (est.total - m["peak"]) / m["peak"]
+        worst_error = max(worst_error, abs(error))
+        print(
+            f"| {n_ctx} | {m['used']} | {m['peak'] / MIB:.0f} MiB | {est.total / MIB:.0f} MiB | "
+            f"{error:+.1%} | {worst.total / MIB:.0f} MiB | {est.compute_reserved / MIB:.0f} MiB |"
+        )
+    print(f"\nlargest error: {worst_error:.1%} (bound: 20%)")
+    return 0 if worst_error <= 0.20 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
