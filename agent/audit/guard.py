@@ -1,0 +1,390 @@
+"""The HTTP guard: authorize every request by the caller's Unix identity, and audit it.
+
+Runs as an aiohttp middleware inside ``request_context`` (which supplies ``request["peer"]`` and
+translates the errors raised here into OpenAI-shaped responses).
+
+Invariants:
+
+- Deny by default: a route not in :data:`ROUTE_ACTIONS` needs ``admin``; a caller without peer
+  credentials (not a Unix socket) has no uid, user or group, so no binding matches it.
+- Model-scoped actions are decided on the model the request names (``model`` in the JSON body,
+  else the pool's default), before the handler runs; a denial is a 403 naming the missing
+  permission, and it is recorded durably before the 403 is sent.
+- Role limits: ``max_tokens`` beyond the role's limit is a 400 naming the limit;
+  ``requests_per_minute`` beyond the role's budget is a 429 with ``Retry-After``. Both recorded.
+- Durable before acknowledged: for an audited request the record is committed before the
+  response is released to aiohttp (which sends a plain body, or the end of a chunked stream, only
+  after this middleware returns). If the record cannot be written, a plain response becomes a 503
+  and a stream is cut off without its final chunk, so the client never sees a completed request
+  that has no record.
+- :data:`PUBLIC` routes (``/health``) are neither authorized nor audited: a liveness probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import os
+import pwd
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from agent.access import Action, Decision, Policy, RateLimiter, Subject, check_max_tokens, decide
+from agent.audit.chain import Entry
+from agent.audit.store import AuditFull, AuditLog, AuditUnavailable
+from agent.config import Settings
+from agent.errors import (
+    BadRequest,
+    ConfigError,
+    Forbidden,
+    ModelNotReady,
+    Overloaded,
+    PayloadTooLarge,
+    RequestError,
+)
+from agent.log import get_logger
+from agent.policy import PolicyHolder
+from agent.server.keys import LIMITS_KEY, POOL_KEY
+
+log = get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PUBLIC: frozenset[tuple[str, str]] = frozenset({("GET", "/health")})
+ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
+    ("POST", "/v1/completions"): Action.INFER,
+    ("POST", "/v1/chat/completions"): Action.INFER,
+    ("POST", "/v1/embeddings"): Action.EMBED,
+    ("GET", "/v1/models"): Action.MODELS_LIST,
+    ("GET", "/admin/status"): Action.STATUS,
+    ("GET", "/metrics"): Action.STATUS,
+    ("GET", "/admin/audit"): Action.AUDIT_READ,
+}
+PREFIX_ACTIONS: tuple[tuple[str, str, Action], ...] = (
+    ("GET", "/v1/models/", Action.MODELS_LIST),
+    ("POST", "/admin/models", Action.MODELS_ADMIN),
+    ("POST", "/admin/select", Action.MODELS_ADMIN),
+    ("POST", "/admin/pin", Action.MODELS_ADMIN),
+    ("POST", "/admin/reload", Action.MODELS_ADMIN),
+)
+READS = frozenset({Action.MODELS_LIST, Action.STATUS})
+"""Allowed reads are audited only with ``[audit] audit_reads``; their denials always are."""
+_MAX_USAGE_BODY = 256 << 10
+
+
+def action_for(method: str, path: str) -> Action | None:
+    """The action a route needs; ``None`` for public routes; ``admin`` for anything unknown."""
+    if (method, path) in PUBLIC:
+        return None
+    found = ROUTE_ACTIONS.get((method, path))
+    if found is not None:
+        return found
+    for m, prefix, action in PREFIX_ACTIONS:
+        if method == m and path.startswith(prefix):
+            return action
+    return Action.ADMIN
+
+
+@dataclass
+class Guard:
+    """What the middleware needs; stored on the application under :data:`GUARD_KEY`."""
+
+    audit: AuditLog
+    policies: PolicyHolder
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(time.monotonic))
+    audit_reads: bool = False
+    identity_ttl_s: float = 30.0
+    _identities: dict[tuple[int, int], tuple[float, str, tuple[str, ...]]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Flush the audit log (final checkpoint) and stop its writer."""
+        self.audit.close()
+
+    def subject(self, peer: Any) -> Subject:
+        """The :class:`Subject` of a peer (uid, gid, pid), names resolved and cached briefly."""
+        if peer is None:
+            return Subject()
+        key = (peer.uid, peer.gid)
+        now = time.monotonic()
+        cached = self._identities.get(key)
+        if cached is None or cached[0] < now:
+            if len(self._identities) > 4096:
+                self._identities.clear()
+            cached = (now + self.identity_ttl_s, *_resolve(peer.uid, peer.gid))
+            self._identities[key] = cached
+        return Subject(uid=peer.uid, gid=peer.gid, pid=peer.pid, user=cached[1], groups=cached[2])
+
+
+GUARD_KEY: web.AppKey[Guard] = web.AppKey("guard", Guard)
+
+
+def _resolve(uid: int, gid: int) -> tuple[str, tuple[str, ...]]:
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    gids = [gid]
+    with suppress(KeyError, OSError):
+        gids = os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    names: list[str] = []
+    for g in [gid, *gids]:
+        try:
+            name = grp.getgrgid(g).gr_name
+        except KeyError:
+            name = str(g)
+        if name not in names:
+            names.append(name)
+    return user, tuple(names)
+
+
+def actor_of(subject: Subject, decision: Decision) -> dict[str, Any]:
+    return {
+        "uid": subject.uid,
+        "gid": subject.gid,
+        "pid": subject.pid,
+        "user": subject.user,
+        "role": ",".join(decision.roles) or None,
+    }
+
+
+async def _peek_json(request: web.Request) -> tuple[dict[str, Any] | None, RequestError | None]:
+    """The JSON object body (aiohttp caches it for the handler), or the error reading it gives."""
+    limit = request.app[LIMITS_KEY]["max_body_bytes"]
+    if request.content_length is not None and request.content_length > limit:
+        return None, PayloadTooLarge(f"request body of {request.content_length} bytes exceeds {limit} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return None, PayloadTooLarge(f"request body exceeds {limit} bytes")
+    try:
+        data = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        return None, None  # the handler names the problem
+    return (data if isinstance(data, dict) else None), None
+
+
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, ModelNotReady):
+        return 503
+    if isinstance(exc, web.HTTPException):
+        return exc.status
+    return 500
+
+
+def note_usage(request: web.Request, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    """Routes that stream call this with the final usage, so the audit record carries tokens."""
+    request["audit_usage"] = {
+        "model": model,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+def _usage_from(response: web.StreamResponse) -> dict[str, Any]:
+    if not isinstance(response, web.Response) or response.content_type != "application/json":
+        return {}
+    body = response.body
+    if not isinstance(body, bytes) or len(body) > _MAX_USAGE_BODY:
+        return {}
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return {}
+    out: dict[str, Any] = {}
+    if isinstance(data, dict):
+        if isinstance(data.get("model"), str):
+            out["model"] = data["model"]
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            for k in ("prompt_tokens", "completion_tokens"):
+                if isinstance(usage.get(k), int):
+                    out[k] = usage[k]
+    return out
+
+
+def _requested_tokens(body: dict[str, Any] | None, default: int) -> int:
+    if body is None:
+        return default
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return default
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authorize, enforce role limits, run the handler, and record the outcome durably."""
+    guard = request.app.get(GUARD_KEY)
+    action = action_for(request.method, request.path)
+    if guard is None or action is None:
+        return await handler(request)
+    started = time.monotonic()
+    subject = guard.subject(request.get("peer"))
+    details: dict[str, Any] = {
+        "request_id": request.get("request_id"),
+        "route": f"{request.method} {request.path}",
+    }
+    body: dict[str, Any] | None = None
+    body_error: RequestError | None = None
+    resource: str | None = None
+    if action in (Action.INFER, Action.EMBED):
+        body, body_error = await _peek_json(request)
+        named = body.get("model") if body is not None else None
+        resource = named if isinstance(named, str) and named else request.app[POOL_KEY].default_id
+    decision = decide(subject, action, resource, guard.policies.current())
+    actor = actor_of(subject, decision)
+
+    async def record(outcome: str, reason: str, **extra: Any) -> None:
+        entry = Entry(
+            action.value,
+            resource,
+            outcome,
+            reason,
+            actor,
+            {**details, **extra, "latency_ms": round((time.monotonic() - started) * 1000, 3)},
+        )
+        await guard.audit.append(entry)
+
+    if not decision.allowed:
+        await record("denied", decision.reason, status=403)
+        raise Forbidden(decision.reason)
+    audited = guard.audit_reads or action not in READS
+    if action is Action.INFER:
+        default = request.app[LIMITS_KEY].get("default_max_tokens", 256)
+        problem = check_max_tokens(decision, _requested_tokens(body, default))
+        if problem is not None:
+            await record("refused", problem, status=400)
+            raise BadRequest(problem, param="max_tokens", code="max_tokens_limit")
+    rpm = decision.limits.requests_per_minute
+    if rpm is not None:
+        wait = guard.limiter.hit(f"{subject.uid}/{','.join(decision.roles)}", rpm)
+        if wait > 0:
+            reason = f"rate limit of {rpm} requests per minute for role(s) {','.join(decision.roles)}"
+            await record("refused", reason, status=429)
+            raise Overloaded(f"{reason} reached; retry after {wait:.1f} s", retry_after=wait, status=429)
+    if audited:
+        guard.audit.admit()
+    try:
+        if body_error is not None:
+            raise body_error
+        response = await handler(request)
+    except asyncio.CancelledError:
+        if audited:  # the client went away: still recorded, without waiting
+            guard.audit.submit(
+                Entry(
+                    action.value,
+                    resource,
+                    "cancelled",
+                    "client disconnected",
+                    actor,
+                    {**details, "status": 499},
+                )
+            )
+        raise
+    except Exception as exc:
+        if audited:
+            await record("error", str(exc)[:300] or type(exc).__name__, status=_status_of(exc))
+        raise
+    if not audited:
+        return response
+    extra = {**_usage_from(response), **request.get("audit_usage", {}), "status": response.status}
+    outcome = "ok" if response.status < 400 else "error"
+    try:
+        await record(outcome, decision.reason if outcome == "ok" else f"HTTP {response.status}", **extra)
+    except (AuditFull, AuditUnavailable):
+        if response.prepared and request.transport is not None:
+            request.transport.close()  # no final chunk: the client cannot take this as completed
+        raise
+    return response
+
+
+def install_guard(app: web.Application, settings: Settings) -> Guard:
+    """Open the audit log (device key, writer thread), load the policy, and guard ``app``.
+
+    Records the configuration loaded at start. A bad local policy raises :class:`ConfigError`.
+    Call before the application starts; call ``guard.close()`` after the server has stopped.
+    """
+    import hashlib
+
+    from agent.audit.store import agent_actor, audit_path
+    from agent.device_key import ensure_device_key
+    from agent.policy import PolicyError, local_policy
+
+    try:
+        policy = local_policy(settings)
+    except PolicyError as exc:
+        raise ConfigError(f"config error: access: {exc}") from None
+    key = ensure_device_key(settings.state_dir)
+    a = settings.audit
+    audit = AuditLog(
+        audit_path(settings.state_dir),
+        key=key,
+        max_bytes=a.max_bytes,
+        on_full=a.on_full,
+        checkpoint_every=a.checkpoint_every,
+        checkpoint_interval_s=a.checkpoint_interval_s,
+    )
+    audit.start()
+    holder = PolicyHolder(policy, settings.state_dir)
+
+    def changed(old: Policy, new: Policy) -> None:
+        log.info("policy_in_force", source=new.source, version=new.version)
+        audit.submit(
+            Entry(
+                "policy.load",
+                new.source,
+                "ok",
+                f"policy v{new.version} in force",
+                agent_actor(),
+                {"previous": old.source, "previous_version": old.version, "version": new.version},
+            )
+        )
+
+    in_force = holder.current()
+    holder.on_change = changed
+    digest = hashlib.sha256(settings.model_dump_json().encode()).hexdigest()
+    audit.submit(
+        Entry(
+            "config.load",
+            None,
+            "ok",
+            "agent started",
+            agent_actor(),
+            {
+                "config_sha256": digest,
+                "state_dir": str(settings.state_dir),
+                "policy": in_force.source,
+                "policy_version": in_force.version,
+                "device_key": key.key_id,
+                "audit_on_full": a.on_full,
+            },
+        )
+    ).result()
+    guard = Guard(audit, holder, audit_reads=a.audit_reads)
+    app[GUARD_KEY] = guard
+    app.middlewares.append(guard_middleware)
+    return guard
+
+
+__all__ = [
+    "GUARD_KEY",
+    "PREFIX_ACTIONS",
+    "PUBLIC",
+    "READS",
+    "ROUTE_ACTIONS",
+    "Guard",
+    "action_for",
+    "actor_of",
+    "guard_middleware",
+    "install_guard",
+    "note_usage",
+]
