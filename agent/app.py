@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import psutil
 
 from agent import __version__, sdnotify
+from agent.audit.guard import install_guard
 from agent.catalog import discover
 from agent.config import Settings
 from agent.engine.llama import LlamaEngine
@@ -94,6 +95,7 @@ class Daemon:
             },
             started,
         )
+        guard = install_guard(app, s)  # authorize and audit every request
         server = ApiServer(
             app,
             sock,
@@ -136,6 +138,7 @@ class Daemon:
             await service.close()
         finally:
             await pool.close()
+            guard.close()
             for sig, handler in previous.items():
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, handler)
