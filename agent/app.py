@@ -25,6 +25,7 @@ from agent.engine.llama import LlamaEngine
 from agent.engine.pool import ModelPool
 from agent.log import get_logger
 from agent.server.http import ApiServer, build_app
+from agent.server.limits import ServerLimits
 from agent.server.listener import bind_unix, systemd_socket
 
 log = get_logger(__name__)
@@ -103,6 +104,7 @@ class Daemon:
             shutdown_grace_s=s.server.shutdown_grace_s,
             max_header_bytes=s.server.max_header_bytes,
             keepalive_timeout_s=s.server.keepalive_timeout_s,
+            limits=ServerLimits.from_settings(s.server),
         )
         loop = asyncio.get_running_loop()
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}

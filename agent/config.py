@@ -44,6 +44,12 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
     max_header_bytes: int = Field(default=16 << 10, ge=1024, le=1 << 20)
     keepalive_timeout_s: float = Field(default=75.0, gt=0, le=3600)
+    # Connection limits, enforced by agent/server/limits.py (see docs/api.md).
+    max_connections: int = Field(default=256, ge=1, le=65536)
+    max_headers: int = Field(default=64, ge=8, le=1024)
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    write_timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("socket_mode", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from agent.log import get_logger
 from agent.server import admin_routes, openai_routes
 from agent.server.common import translate
 from agent.server.keys import LIMITS_KEY, POOL_KEY, STARTED_KEY
+from agent.server.limits import GuardedSite, ServerLimits
 from agent.server.peercred import peer_credentials
 
 log = get_logger(__name__)
@@ -99,24 +100,26 @@ class ApiServer:
         shutdown_grace_s: float = 10.0,
         max_header_bytes: int = 16 << 10,
         keepalive_timeout_s: float = 75.0,
+        limits: ServerLimits | None = None,
     ) -> None:
         self._app = app
         self._sock = sock
         self._socket_path = socket_path
+        self._limits = limits or ServerLimits(
+            max_header_bytes=max_header_bytes, keepalive_timeout_s=keepalive_timeout_s
+        )
         self._runner = web.AppRunner(
             app,
             handle_signals=False,
             access_log=None,
             shutdown_timeout=shutdown_grace_s,
             handler_cancellation=True,
-            keepalive_timeout=keepalive_timeout_s,
-            max_line_size=max_header_bytes,
-            max_field_size=max_header_bytes,
+            **self._limits.handler_kwargs(),
         )
 
     async def start(self) -> None:
         await self._runner.setup()
-        site = web.SockSite(self._runner, self._sock)
+        site = GuardedSite(self._runner, self._sock, self._limits)
         await site.start()
 
     async def stop(self) -> None:
