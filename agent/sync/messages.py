@@ -1,0 +1,453 @@
+"""Our own message types for fleet sync, their topics and their bytes (see docs/protocol.md).
+
+Pure: no I/O, no paho. :mod:`agent.sync.mqtt` speaks :class:`Outgoing`/:class:`Incoming`; the
+domain messages below encode to and decode from payload bytes.
+
+Invariants:
+- ``decode(encode(m)) == m`` for every domain message; decoders refuse anything else with
+  :class:`ProtocolError` (unknown fields, wrong types, oversize payloads) and never raise another type.
+- JSON payloads are canonical (sorted keys, no spaces, UTF-8) so equal messages are equal bytes.
+- Chunk replies are binary: the payload is the chunk itself; the status travels as an MQTT 5 user
+  property, so a 4 MiB chunk is never copied through a JSON encoder.
+- Device ids and group names match ``[a-z0-9][a-z0-9._-]{0,63}``: they are MQTT topic levels and
+  certificate CNs, so they never contain ``/``, ``+``, ``#`` or ``$``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from agent.sync.errors import ProtocolError
+
+PREFIX = "edge/v1"
+META_PREFIX = f"{PREFIX}/repo/meta/"
+META_INDEX = "index.json"
+BLOB_REQUESTS = f"{PREFIX}/repo/blobs/get"
+HUB_SHARE_GROUP = "hub"
+MAX_JSON_BYTES = 8 << 20
+MAX_CHUNK_BYTES = 16 << 20
+
+_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_META_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class Status(enum.StrEnum):
+    """Outcome codes carried by chunk replies, audit acks and events. Stable strings."""
+
+    OK = "ok"
+    NOT_FOUND = "not_found"
+    BAD_REQUEST = "bad_request"
+    BUSY = "busy"
+    INSTALLED = "installed"
+    ACTIVATED = "activated"
+    DEFERRED = "deferred_maintenance_window"
+    CHUNK_HASH_MISMATCH = "chunk_hash_mismatch"
+    FILE_HASH_MISMATCH = "file_hash_mismatch"
+    DISK_FULL = "disk_full"
+    TIMEOUT = "timeout"
+    METADATA_REFUSED = "metadata_refused"
+    SMOKE_TEST_FAILED = "smoke_test_failed"
+    LOAD_FAILED = "load_failed"
+    CHAIN_BROKEN = "chain_broken"
+    POLICY_APPLIED = "policy_applied"
+    POLICY_REFUSED = "policy_refused"
+    ERROR = "error"
+
+
+def check_id(value: str, what: str = "device id") -> str:
+    """Return ``value`` if it is a valid device id or group name, else raise :class:`ProtocolError`."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ProtocolError(f"bad {what} {value!r}: expected [a-z0-9][a-z0-9._-]{{0,63}}")
+    return value
+
+
+# --- topics ----------------------------------------------------------------------------------
+
+
+def meta_topic(file_name: str) -> str:
+    """Retained TUF metadata file (``root.json``, ``3.root.json``, ``timestamp.json`` ...)."""
+    if not _META_FILE.fullmatch(file_name):
+        raise ProtocolError(f"bad metadata file name {file_name!r}")
+    return META_PREFIX + file_name
+
+
+def device_topic(device_id: str, leaf: str) -> str:
+    """``edge/v1/devices/<id>/<leaf>``; leaf is one of :data:`DEVICE_LEAVES`."""
+    if leaf not in DEVICE_LEAVES:
+        raise ProtocolError(f"unknown device topic {leaf!r}")
+    return f"{PREFIX}/devices/{check_id(device_id)}/{leaf}"
+
+
+DEVICE_LEAVES = ("state", "status", "blobs", "audit", "audit/ack", "events")
+
+
+def shared(topic: str, group: str = HUB_SHARE_GROUP) -> str:
+    """The shared-subscription filter by which hub workers split ``topic`` between them."""
+    return f"$share/{group}/{topic}"
+
+
+def device_of(topic: str) -> tuple[str, str]:
+    """``edge/v1/devices/<id>/<leaf>`` -> ``(id, leaf)``; ProtocolError for other topics."""
+    head = f"{PREFIX}/devices/"
+    if not topic.startswith(head):
+        raise ProtocolError(f"not a device topic: {topic!r}")
+    device, _, leaf = topic[len(head) :].partition("/")
+    check_id(device)
+    if leaf not in DEVICE_LEAVES:
+        raise ProtocolError(f"unknown device topic {topic!r}")
+    return device, leaf
+
+
+# --- transport-level types (spoken by agent.sync.mqtt) ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to publish. ``user`` holds MQTT 5 user properties."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    user: tuple[tuple[str, str], ...] = ()
+    expiry_s: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A received message, copied out of paho's object on the network thread."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    response_topic: str | None = None
+    correlation: bytes | None = None
+    user: tuple[tuple[str, str], ...] = ()
+
+    def prop(self, name: str) -> str | None:
+        for key, value in self.user:
+            if key == name:
+                return value
+        return None
+
+
+# --- JSON helpers ----------------------------------------------------------------------------
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _loads(raw: bytes, what: str) -> dict[str, Any]:
+    if len(raw) > MAX_JSON_BYTES:
+        raise ProtocolError(f"{what}: payload larger than {MAX_JSON_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what}: not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{what}: expected a JSON object")
+    return data
+
+
+def _fields(data: Mapping[str, Any], what: str, required: set[str], optional: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    missing = required - set(data)
+    unknown = set(data) - required - set(optional)
+    if missing:
+        raise ProtocolError(f"{what}: missing {', '.join(sorted(missing))}")
+    if unknown:
+        raise ProtocolError(f"{what}: unknown {', '.join(sorted(unknown))}")
+
+
+def _int(data: Mapping[str, Any], key: str, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    value = data[key]
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"{what}: {key} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _str(data: Mapping[str, Any], key: str, what: str, max_len: int = 256) -> str:
+    value = data[key]
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"{what}: {key} must be a string of at most {max_len} chars")
+    return value
+
+
+# --- domain messages -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    """Ask for ``length`` bytes at ``offset`` of the blob whose sha256 is ``sha256``.
+
+    Sent to :data:`BLOB_REQUESTS` (QoS 1) with response topic ``devices/<id>/blobs`` and correlation
+    data ``<sha256>:<index>``; the device checks the answer against the signed chunk hash.
+    """
+
+    sha256: str
+    index: int
+    offset: int
+    length: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sha256, str) or not _HEX64.fullmatch(self.sha256):
+            raise ProtocolError("chunk request: sha256 must be 64 lowercase hex")
+        for name, hi in (("index", 1 << 31), ("offset", 1 << 50), ("length", MAX_CHUNK_BYTES)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= hi:
+                raise ProtocolError(f"chunk request: {name} out of range: {value!r}")
+        if self.length == 0:
+            raise ProtocolError("chunk request: length must be positive")
+
+    @property
+    def correlation(self) -> bytes:
+        return f"{self.sha256}:{self.index}".encode()
+
+    def encode(self) -> bytes:
+        return _dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ChunkRequest:
+        data = _loads(raw, "chunk request")
+        _fields(data, "chunk request", {"sha256", "index", "offset", "length"})
+        return cls(data["sha256"], data["index"], data["offset"], data["length"])
+
+
+def parse_correlation(raw: bytes | None) -> tuple[str, int]:
+    """``b"<sha256>:<index>"`` -> ``(sha256, index)``; ProtocolError otherwise."""
+    if raw is None or len(raw) > 80:
+        raise ProtocolError("missing or oversize correlation data")
+    text = raw.decode("ascii", errors="replace")
+    sha, _, index = text.partition(":")
+    if not _HEX64.fullmatch(sha) or not index.isdigit() or len(index) > 10:
+        raise ProtocolError(f"bad correlation data {text!r}")
+    return sha, int(index)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditBatch:
+    """Consecutive audit records of one device, ``records[i]["seq"] == first_seq + i``."""
+
+    device: str
+    first_seq: int
+    records: tuple[Mapping[str, Any], ...]
+
+    def __post_init__(self) -> None:
+        check_id(self.device)
+        if not isinstance(self.first_seq, int) or self.first_seq < 0:
+            raise ProtocolError("audit batch: first_seq must be a non-negative integer")
+        if not self.records:
+            raise ProtocolError("audit batch: empty")
+        for i, rec in enumerate(self.records):
+            if not isinstance(rec, Mapping) or rec.get("seq") != self.first_seq + i:
+                raise ProtocolError(f"audit batch: record {i} does not have seq {self.first_seq + i}")
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.records) - 1
+
+    def encode(self) -> bytes:
+        return _dumps({"device": self.device, "first_seq": self.first_seq, "records": list(self.records)})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> AuditBatch:
+        data = _loads(raw, "audit batch")
+        _fields(data, "audit batch", {"device", "first_seq", "records"})
+        records = data["records"]
+        if not isinstance(records, list) or len(records) > 100_000:
+            raise ProtocolError("audit batch: records must be a list of at most 100000")
+        return cls(
+            _str(data, "device", "audit batch"), _int(data, "first_seq", "audit batch"), tuple(records)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditAck:
+    """The hub holds every record of the device up to ``up_to_seq`` (contiguously from the first).
+
+    ``status`` is ``ok``, or ``chain_broken`` with ``detail`` when a stored record does not chain.
+    """
+
+    up_to_seq: int
+    status: str = Status.OK.value
+    detail: str = ""
+
+    def encode(self) -> bytes:
+        return _dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> AuditAck:
+        data = _loads(raw, "audit ack")
+        _fields(data, "audit ack", {"up_to_seq"}, {"status", "detail"})
+        return cls(
+            _int(data, "up_to_seq", "audit ack", lo=-1),
+            _str(data, "status", "audit ack") if "status" in data else Status.OK.value,
+            _str(data, "detail", "audit ack", 2000) if "detail" in data else "",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An outcome the device reports on ``devices/<id>/events`` (QoS 1)."""
+
+    kind: str
+    """``deployment``, ``policy``, ``transfer`` or ``security``."""
+    status: str
+    target: str = ""
+    detail: str = ""
+    at: float = 0.0
+
+    def encode(self) -> bytes:
+        return _dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Event:
+        data = _loads(raw, "event")
+        _fields(data, "event", {"kind", "status"}, {"target", "detail", "at"})
+        at = data.get("at", 0.0)
+        if not isinstance(at, int | float) or isinstance(at, bool):
+            raise ProtocolError("event: at must be a number")
+        return cls(
+            _str(data, "kind", "event", 32),
+            _str(data, "status", "event", 64),
+            _str(data, "target", "event", 400) if "target" in data else "",
+            _str(data, "detail", "event", 2000) if "detail" in data else "",
+            float(at),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StateReport:
+    """Reported state, retained on ``devices/<id>/state``. ``online`` False is the Last Will."""
+
+    device: str
+    online: bool
+    agent_version: str = ""
+    groups: tuple[str, ...] = ()
+    hardware: Mapping[str, Any] = field(default_factory=dict)
+    selected_model: str | None = None
+    loaded_models: tuple[str, ...] = ()
+    installed: tuple[str, ...] = ()
+    """target paths of the models present in the local store"""
+    policy_version: str | None = None
+    audit_backlog: int = 0
+    last_sync: float | None = None
+    at: float = 0.0
+
+    def encode(self) -> bytes:
+        data = asdict(self)
+        for key in ("groups", "loaded_models", "installed"):
+            data[key] = list(data[key])
+        data["hardware"] = dict(self.hardware)
+        return _dumps(data)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> StateReport:
+        data = _loads(raw, "state")
+        known = set(cls.__dataclass_fields__)
+        _fields(data, "state", {"device", "online"}, known - {"device", "online"})
+        if not isinstance(data["online"], bool):
+            raise ProtocolError("state: online must be true or false")
+        for key in ("groups", "loaded_models", "installed"):
+            value = data.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ProtocolError(f"state: {key} must be a list of strings")
+            data[key] = tuple(value)
+        if not isinstance(data.get("hardware", {}), dict):
+            raise ProtocolError("state: hardware must be an object")
+        try:
+            report = cls(**data)
+        except TypeError as exc:
+            raise ProtocolError(f"state: {exc}") from None
+        check_id(report.device)
+        return report
+
+
+def offline_will(device_id: str) -> Outgoing:
+    """The Last Will: retained ``{"device": id, "online": false}`` on the device's status topic."""
+    return Outgoing(
+        device_topic(device_id, "status"),
+        _dumps({"device": check_id(device_id), "online": False}),
+        qos=1,
+        retain=True,
+    )
+
+
+def online_status(device_id: str, at: float) -> Outgoing:
+    return Outgoing(
+        device_topic(device_id, "status"),
+        _dumps({"at": at, "device": check_id(device_id), "online": True}),
+        qos=1,
+        retain=True,
+    )
+
+
+def parse_status(raw: bytes) -> tuple[str, bool]:
+    data = _loads(raw, "status")
+    _fields(data, "status", {"device", "online"}, {"at"})
+    if not isinstance(data["online"], bool):
+        raise ProtocolError("status: online must be true or false")
+    return check_id(data["device"]), data["online"]
+
+
+@dataclass(frozen=True, slots=True)
+class MetaIndex:
+    """Retained ``repo/meta/index.json``: which metadata files the hub publishes.
+
+    Not trusted for content (every file is verified by TUF); it only lets the fetcher answer
+    "not published" at once instead of waiting for a retained message that will never come.
+    """
+
+    files: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return _dumps({"files": sorted(self.files)})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> MetaIndex:
+        data = _loads(raw, "meta index")
+        _fields(data, "meta index", {"files"})
+        files = data["files"]
+        if not isinstance(files, list) or not all(
+            isinstance(f, str) and _META_FILE.fullmatch(f) for f in files
+        ):
+            raise ProtocolError("meta index: files must be a list of metadata file names")
+        return cls(tuple(files))
+
+
+__all__ = [
+    "BLOB_REQUESTS",
+    "DEVICE_LEAVES",
+    "HUB_SHARE_GROUP",
+    "MAX_CHUNK_BYTES",
+    "META_INDEX",
+    "META_PREFIX",
+    "PREFIX",
+    "AuditAck",
+    "AuditBatch",
+    "ChunkRequest",
+    "Event",
+    "Incoming",
+    "MetaIndex",
+    "Outgoing",
+    "StateReport",
+    "Status",
+    "check_id",
+    "device_of",
+    "device_topic",
+    "meta_topic",
+    "offline_will",
+    "online_status",
+    "parse_correlation",
+    "parse_status",
+    "shared",
+]

@@ -1,0 +1,466 @@
+"""The one MQTT adapter: paho-mqtt 2.x, MQTT 5 over TLS with a client certificate.
+
+Everything else in the project speaks :class:`~agent.sync.messages.Outgoing` and
+:class:`~agent.sync.messages.Incoming` through :class:`MqttClient`; this is the only module that
+imports paho.
+
+Lifecycle: :meth:`MqttClient.start` starts paho's network thread, which connects and, whenever the
+connection drops or an attempt fails, waits an exponential backoff with full jitter
+(``uniform(min, min(max, min * 2**attempt))``, set through ``reconnect_delay_set`` before each wait)
+and connects again, until :meth:`MqttClient.close`. The backoff resets once a connection has been
+accepted. The session is persistent
+(``clean_start=False`` + session expiry) so the broker keeps subscriptions and queued QoS 1
+messages across short outages; subscriptions are nevertheless renewed on every connect, because a
+restarted broker without persistence has forgotten them.
+
+Invariants:
+- paho's callbacks run on its network thread; each one only copies data and hands it to the
+  asyncio loop with ``call_soon_threadsafe``. Futures and handlers are touched only on the loop.
+- A publish is registered under its message id on the loop right after ``publish()`` returns and
+  before the coroutine yields, so an acknowledgement (dispatched through the loop) always finds it.
+- Every acknowledgement is awaited with a timeout; paho return codes and MQTT 5 reason codes
+  >= 0x80 become :mod:`agent.sync.errors` exceptions; nothing from paho escapes this module.
+- Handlers are called on the loop in arrival order; an exception in one is logged, never kills the
+  network thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from agent.log import get_logger
+from agent.sync.errors import AckTimeout, MqttError, NotConnected, PublishRefused, SubscribeRefused
+from agent.sync.messages import Incoming, Outgoing
+
+log = get_logger(__name__)
+
+Handler = Callable[[Incoming], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """Where and who: broker address, TLS material, identity and timing."""
+
+    host: str
+    port: int
+    client_id: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 86400
+    backoff_min_s: float = 0.5
+    backoff_max_s: float = 60.0
+    ack_timeout_s: float = 30.0
+    will: Outgoing | None = None
+    receive_maximum: int = 64
+    max_inflight: int = 64
+    max_queued: int = 0
+    """Messages paho may buffer while disconnected; 0 = unbounded."""
+    tls_server_name: str | None = None
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with full jitter; ``attempt`` counts from 0."""
+    ceiling = min(hi, lo * (2 ** min(attempt, 30)))
+    return lo + (ceiling - lo) * rand() if ceiling > lo else lo
+
+
+def _reason_value(rc: Any) -> int:
+    if isinstance(rc, ReasonCode):
+        return int(rc.value)
+    if isinstance(rc, MQTTErrorCode):
+        return int(rc.value)
+    return int(rc)
+
+
+def _user_props(props: Properties | None) -> tuple[tuple[str, str], ...]:
+    pairs = getattr(props, "UserProperty", None) if props is not None else None
+    return tuple((str(k), str(v)) for k, v in pairs) if pairs else ()
+
+
+@dataclass
+class _Subscription:
+    topic_filter: str
+    qos: int
+    handler: Handler
+    no_local: bool = False
+
+
+@dataclass
+class _Waiters:
+    publish: dict[int, asyncio.Future[int]] = field(default_factory=dict)
+    early_publish: dict[int, int] = field(default_factory=dict)
+    sub: dict[int, asyncio.Future[list[int]]] = field(default_factory=dict)
+    early_sub: dict[int, list[int]] = field(default_factory=dict)
+
+
+class MqttClient:
+    """An asyncio MQTT 5 client with its own reconnect loop. One per process identity."""
+
+    def __init__(self, config: MqttConfig) -> None:
+        self.config = config
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client = self._make_client()
+        self._subs: dict[str, _Subscription] = {}
+        self._waiters = _Waiters()
+        self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._closing = False
+        self._started = False
+        self._attempt = 0
+        self._on_connect_hooks: list[Callable[[bool], Awaitable[None]]] = []
+        self.connects = 0
+        """How many times a connection was accepted (tests and metrics)."""
+        self.last_error: str | None = None
+
+    # --- construction --------------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        c = self.config
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=c.client_id,
+            protocol=paho.MQTTv5,
+        )
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(c.ca_file))
+        ctx.load_cert_chain(str(c.cert_file), str(c.key_file))
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        client.tls_set_context(ctx)
+        client.max_inflight_messages_set(c.max_inflight)
+        client.max_queued_messages_set(c.max_queued)
+        if c.will is not None:
+            client.will_set(c.will.topic, c.will.payload, c.will.qos, c.will.retain)
+        client.on_connect = self._cb_connect
+        client.on_disconnect = self._cb_disconnect
+        client.on_connect_fail = self._cb_connect_fail
+        client.on_message = self._cb_message
+        client.on_publish = self._cb_publish
+        client.on_subscribe = self._cb_subscribe
+        client.on_unsubscribe = self._cb_unsubscribe
+        return client
+
+    # --- paho thread -> loop ---------------------------------------------------------------------
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _cb_connect(self, _c: Any, _u: Any, flags: Any, rc: Any, _props: Any) -> None:
+        if _reason_value(rc) < 0x80:
+            self._attempt = 0
+        self._schedule_backoff()
+        self._post(self._on_connected, _reason_value(rc), bool(getattr(flags, "session_present", False)))
+
+    def _cb_disconnect(self, _c: Any, _u: Any, _flags: Any, rc: Any, _props: Any) -> None:
+        self._post(self._on_disconnected, _reason_value(rc))
+
+    def _cb_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        incoming = Incoming(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            retain=bool(msg.retain),
+            response_topic=getattr(props, "ResponseTopic", None),
+            correlation=getattr(props, "CorrelationData", None),
+            user=_user_props(props),
+        )
+        self._post(self._dispatch, incoming)
+
+    def _cb_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _props: Any) -> None:
+        self._post(self._on_puback, mid, _reason_value(rc))
+
+    def _cb_subscribe(self, _c: Any, _u: Any, mid: int, rcs: list[Any], _props: Any) -> None:
+        self._post(self._on_suback, mid, [_reason_value(r) for r in rcs])
+
+    def _cb_unsubscribe(self, _c: Any, _u: Any, mid: int, rcs: list[Any], _props: Any) -> None:
+        self._post(self._on_suback, mid, [_reason_value(r) for r in rcs] or [0])
+
+    # --- on the loop -----------------------------------------------------------------------------
+
+    def _on_connected(self, rc: int, session_present: bool) -> None:
+        if rc >= 0x80:
+            self.last_error = f"connection refused by the broker (reason code {rc})"
+            log.warning("mqtt_refused", reason_code=rc, client_id=self.config.client_id)
+            return
+        self.connects += 1
+        self._disconnected.clear()
+        self._connected.set()
+        log.info("mqtt_connected", client_id=self.config.client_id, session_present=session_present)
+        loop = self._loop
+        assert loop is not None
+        loop.create_task(self._after_connect(session_present))
+
+    async def _after_connect(self, session_present: bool) -> None:
+        for sub in list(self._subs.values()):
+            try:
+                await self._subscribe_now(sub)
+            except MqttError as exc:
+                log.warning("mqtt_resubscribe_failed", topic=sub.topic_filter, error=str(exc))
+        for hook in list(self._on_connect_hooks):
+            try:
+                await hook(session_present)
+            except Exception as exc:  # a hook must not kill the connection handling
+                log.warning("mqtt_connect_hook_failed", error=repr(exc))
+
+    def _on_disconnected(self, rc: int) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        self._disconnected.set()
+        if was:
+            log.info("mqtt_disconnected", client_id=self.config.client_id, reason_code=rc)
+
+    def _dispatch(self, msg: Incoming) -> None:
+        for sub in list(self._subs.values()):
+            if paho.topic_matches_sub(_strip_share(sub.topic_filter), msg.topic):
+                try:
+                    result = sub.handler(msg)
+                except Exception as exc:
+                    log.warning("mqtt_handler_failed", topic=msg.topic, error=repr(exc))
+                    continue
+                if result is not None:
+                    assert self._loop is not None
+                    task = self._loop.create_task(_guard(result, msg.topic))
+                    _TASKS.add(task)
+                    task.add_done_callback(_TASKS.discard)
+
+    def _on_puback(self, mid: int, rc: int) -> None:
+        fut = self._waiters.publish.pop(mid, None)
+        if fut is None:
+            self._waiters.early_publish[mid] = rc
+        elif not fut.done():
+            fut.set_result(rc)
+
+    def _on_suback(self, mid: int, rcs: list[int]) -> None:
+        fut = self._waiters.sub.pop(mid, None)
+        if fut is None:
+            self._waiters.early_sub[mid] = rcs
+        elif not fut.done():
+            fut.set_result(rcs)
+
+    # --- supervisor ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start connecting in the background; returns at once (the agent serves offline too)."""
+        self._loop = asyncio.get_running_loop()
+        if not self._started:
+            self._started = True
+            self._connect_async()
+
+    def on_connect(self, hook: Callable[[bool], Awaitable[None]]) -> None:
+        """Run ``hook(session_present)`` after every accepted connection (after resubscribing)."""
+        self._on_connect_hooks.append(hook)
+
+    def _connect_async(self) -> None:
+        c = self.config
+        props = _properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = c.session_expiry_s
+        props.ReceiveMaximum = c.receive_maximum
+        self._schedule_backoff()
+        self._client.connect_async(
+            c.host, c.port, keepalive=c.keepalive_s, clean_start=False, properties=props
+        )
+        self._client.loop_start()
+
+    def _schedule_backoff(self) -> None:
+        """Network thread: set paho's next reconnect wait to our jittered exponential delay."""
+        c = self.config
+        delay = backoff_delay(self._attempt, c.backoff_min_s, c.backoff_max_s)
+        self._attempt += 1
+        self._client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+
+    def _cb_connect_fail(self, _c: Any, _u: Any) -> None:
+        self._schedule_backoff()
+
+    # --- public API ------------------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait for a connection; raise :class:`NotConnected` after ``timeout`` seconds."""
+        if self._connected.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            raise NotConnected(
+                f"not connected to {self.config.host}:{self.config.port}"
+                + (f" ({self.last_error})" if self.last_error else "")
+            ) from None
+
+    async def wait_disconnected(self) -> None:
+        await self._disconnected.wait()
+
+    async def publish(self, msg: Outgoing, *, timeout: float | None = None) -> None:
+        """Publish and, for QoS >= 1, wait for the broker's acknowledgement.
+
+        Raises :class:`NotConnected` when not connected, :class:`PublishRefused` for a failure
+        reason code (e.g. 0x87 not authorized), :class:`AckTimeout` when no ack arrives in time.
+        """
+        timeout = self.config.ack_timeout_s if timeout is None else timeout
+        if not self._connected.is_set():
+            raise NotConnected("not connected")
+        props: Properties | None = None
+        if msg.response_topic or msg.correlation or msg.user or msg.expiry_s is not None:
+            props = _properties(PacketTypes.PUBLISH)
+            if msg.response_topic:
+                props.ResponseTopic = msg.response_topic
+            if msg.correlation is not None:
+                props.CorrelationData = msg.correlation
+            if msg.user:
+                props.UserProperty = list(msg.user)
+            if msg.expiry_s is not None:
+                props.MessageExpiryInterval = msg.expiry_s
+        info = self._client.publish(msg.topic, msg.payload, msg.qos, msg.retain, props)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise MqttError(f"publish to {msg.topic} failed: {paho.error_string(info.rc)}")
+        if msg.qos == 0:
+            return
+        rc = await self._wait_ack(info.mid, self._waiters.publish, self._waiters.early_publish, timeout)
+        if rc >= 0x80:
+            raise PublishRefused(f"publish to {msg.topic} refused (reason code {rc:#x})", reason_code=rc)
+
+    def publish_nowait(self, msg: Outgoing) -> int:
+        """Queue a publish without waiting for its ack; returns the message id (for pipelining).
+
+        Use :meth:`wait_ack` to await it.
+        """
+        if not self._connected.is_set():
+            raise NotConnected("not connected")
+        props: Properties | None = None
+        if msg.response_topic or msg.correlation or msg.user:
+            props = _properties(PacketTypes.PUBLISH)
+            if msg.response_topic:
+                props.ResponseTopic = msg.response_topic
+            if msg.correlation is not None:
+                props.CorrelationData = msg.correlation
+            if msg.user:
+                props.UserProperty = list(msg.user)
+        info = self._client.publish(msg.topic, msg.payload, msg.qos, msg.retain, props)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise MqttError(f"publish to {msg.topic} failed: {paho.error_string(info.rc)}")
+        return int(info.mid)
+
+    async def wait_ack(self, mid: int, timeout: float | None = None) -> None:
+        """Await the acknowledgement of a :meth:`publish_nowait` message id."""
+        timeout = self.config.ack_timeout_s if timeout is None else timeout
+        rc = await self._wait_ack(mid, self._waiters.publish, self._waiters.early_publish, timeout)
+        if rc >= 0x80:
+            raise PublishRefused(f"publish refused (reason code {rc:#x})", reason_code=rc)
+
+    async def _wait_ack(
+        self,
+        mid: int,
+        waiting: dict[int, asyncio.Future[Any]],
+        early: dict[int, Any],
+        timeout: float,
+    ) -> Any:
+        if mid in early:
+            return early.pop(mid)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiting[mid] = fut
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise AckTimeout(f"no acknowledgement of message {mid} within {timeout:g}s") from None
+        finally:
+            waiting.pop(mid, None)
+
+    async def subscribe(
+        self, topic_filter: str, handler: Handler, *, qos: int = 1, timeout: float | None = None
+    ) -> None:
+        """Subscribe (now if connected, and again after every reconnect) and route matches to handler.
+
+        Raises :class:`SubscribeRefused` when the broker refuses the filter.
+        """
+        sub = _Subscription(topic_filter, qos, handler)
+        self._subs[topic_filter] = sub
+        if self._connected.is_set():
+            try:
+                await self._subscribe_now(sub, timeout)
+            except SubscribeRefused:
+                self._subs.pop(topic_filter, None)
+                raise
+
+    async def _subscribe_now(self, sub: _Subscription, timeout: float | None = None) -> None:
+        timeout = self.config.ack_timeout_s if timeout is None else timeout
+        options = SubscribeOptions(qos=sub.qos)
+        rc, mid = self._client.subscribe(sub.topic_filter, options=options)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise NotConnected(f"subscribe to {sub.topic_filter} failed: {paho.error_string(rc)}")
+        codes = await self._wait_ack(mid, self._waiters.sub, self._waiters.early_sub, timeout)
+        bad = [c for c in codes if c >= 0x80]
+        if bad:
+            raise SubscribeRefused(
+                f"subscription to {sub.topic_filter} refused (reason code {bad[0]:#x})", reason_code=bad[0]
+            )
+
+    async def unsubscribe(self, topic_filter: str, *, timeout: float | None = None) -> None:
+        self._subs.pop(topic_filter, None)
+        if not self._connected.is_set():
+            return
+        timeout = self.config.ack_timeout_s if timeout is None else timeout
+        rc, mid = self._client.unsubscribe(topic_filter)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return
+        await self._wait_ack(mid, self._waiters.sub, self._waiters.early_sub, timeout)
+
+    async def close(self, *, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (no Last Will is published) and stop the network thread."""
+        self._closing = True
+        if self._connected.is_set():
+            self._client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._disconnected.wait(), timeout)
+        else:
+            self._client.disconnect()
+        self._connected.clear()
+        self._disconnected.set()
+        if self._started:
+            await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
+        pending: list[asyncio.Future[Any]] = [*self._waiters.publish.values(), *self._waiters.sub.values()]
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(NotConnected("client closed"))
+
+
+def _properties(kind: int) -> Properties:
+    return Properties(kind)  # type: ignore[no-untyped-call]
+
+
+def _strip_share(topic_filter: str) -> str:
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
+
+
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+async def _guard(result: Awaitable[None], topic: str) -> None:
+    try:
+        await result
+    except Exception as exc:
+        log.warning("mqtt_handler_failed", topic=topic, error=repr(exc))
+
+
+__all__ = ["Handler", "MqttClient", "MqttConfig", "backoff_delay"]
