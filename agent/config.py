@@ -86,6 +86,24 @@ class EngineSettings(_Section):
     """Requests waiting beyond those being decoded; more gets 429 with Retry-After."""
     request_timeout_s: float = Field(default=300.0, gt=0)
     default_max_tokens: int = Field(default=256, ge=1)
+    n_parallel: int = Field(default=4, ge=1, le=256)
+    """Sequences decoded together in one batch (continuous batching slots); they share n_ctx."""
+    prefill_chunk: int = Field(default=256, ge=1, le=1 << 16)
+    """Prompt tokens processed per step while other sequences are generating."""
+    batch_invariant: bool = True
+    """Plain CPU kernels, so a stream's greedy output does not depend on its batch neighbours."""
+
+
+class EmbeddingSettings(_Section):
+    """An embedding model served next to the generative one (ONNX or GGUF)."""
+
+    path: Path | None = None
+    """An ``.onnx`` sentence-embedding model or a ``.gguf`` embedding model."""
+    id: str | None = None
+    tokenizer: Path | None = None
+    """ONNX only: a Hugging Face tokenizer.json (default: next to the model, else packaged)."""
+    max_length: int = Field(default=256, ge=8, le=8192)
+    batch_size: int = Field(default=32, ge=1, le=1024)
 
 
 class ModelSettings(_Section):
@@ -212,6 +230,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     engine: EngineSettings = EngineSettings()
     model: ModelSettings = ModelSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
     audit: AuditSettings = AuditSettings()
     access: AccessSettings = AccessSettings()
     service: ServiceSettings = ServiceSettings()
@@ -297,6 +316,7 @@ def load_settings(config: Path | None = None) -> Settings:
 __all__ = [
     "AccessSettings",
     "AuditSettings",
+    "EmbeddingSettings",
     "EngineSettings",
     "LogSettings",
     "MetricsSettings",
