@@ -14,13 +14,15 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import psutil
 
 from agent import __version__, sdnotify
 from agent.audit.guard import install_guard
-from agent.catalog import discover
+from agent.catalog import discover, info_for_file
 from agent.config import Settings
+from agent.engine.base import Engine, ModelInfo
 from agent.engine.llama import LlamaEngine
 from agent.engine.pool import ModelPool
 from agent.log import get_logger
@@ -35,21 +37,50 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+def build_engine(info: ModelInfo, settings: Settings) -> Engine:
+    """The engine for a model, chosen by its format: llama.cpp for GGUF, onnxruntime for ONNX."""
+    threads = settings.engine.n_threads or default_threads()
+    if info.format == "onnx":
+        from agent.engine.onnx import OnnxEmbeddingEngine
+
+        emb = settings.embedding
+        return OnnxEmbeddingEngine(
+            info,
+            tokenizer_path=emb.tokenizer if emb.path == info.path else None,
+            n_threads=threads,
+            max_length=emb.max_length,
+            batch_size=emb.batch_size,
+        )
+    e = settings.engine
+    return LlamaEngine(
+        info,
+        n_ctx=e.n_ctx,
+        n_threads=threads,
+        n_batch=e.n_batch,
+        max_queue=e.max_queue,
+        n_parallel=e.n_parallel,
+        prefill_chunk=e.prefill_chunk,
+        batch_invariant=e.batch_invariant,
+    )
+
+
+def embedding_info(settings: Settings) -> ModelInfo | None:
+    """The ``[embedding] path`` model, if configured and present."""
+    path = settings.embedding.path
+    if path is None or not path.is_file():
+        return None
+    info = info_for_file(path, settings.embedding.id)
+    return replace(info, task="embedding")
+
+
 def build_pool(settings: Settings) -> ModelPool:
     pool = ModelPool()
-    threads = settings.engine.n_threads or default_threads()
-    for info in discover(settings):
-        if info.format != "gguf":
-            continue
-        pool.add(
-            LlamaEngine(
-                info,
-                n_ctx=settings.engine.n_ctx,
-                n_threads=threads,
-                n_batch=settings.engine.n_batch,
-                max_queue=settings.engine.max_queue,
-            )
-        )
+    infos = list(discover(settings))
+    extra = embedding_info(settings)
+    if extra is not None and all(i.id != extra.id for i in infos):
+        infos.append(extra)
+    for info in infos:
+        pool.add(build_engine(info, settings))
     return pool
 
 
@@ -152,4 +183,4 @@ def run(settings: Settings) -> int:
     return asyncio.run(Daemon(settings).run())
 
 
-__all__ = ["Daemon", "build_pool", "default_threads", "run"]
+__all__ = ["Daemon", "build_engine", "build_pool", "embedding_info", "default_threads", "run"]

@@ -1,14 +1,16 @@
 """The backend protocol every inference engine implements, and its plain data types.
 
-Invariants: an engine's ``generate`` yields zero or more chunks with text and exactly one final
-chunk whose ``finish_reason`` is set and which carries the usage counts; a consumer that stops
-iterating (client gone) cancels the generation and frees its slot.
+Invariants: an engine's ``generate`` and ``chat`` yield zero or more chunks with text and exactly
+one final chunk whose ``finish_reason`` is set and which carries the usage counts; a consumer that
+stops iterating (client gone) cancels the generation and frees its slot. ``embed`` returns one
+L2-normalised vector per input, in input order. An engine that cannot do one of these (an
+embedding model asked to chat, say) raises :class:`agent.errors.BadRequest` naming the model.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -62,6 +64,31 @@ class CompletionRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    """``system``, ``user``, ``assistant`` (or ``tool``)."""
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    request_id: str = ""
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """One vector per input (same order) and the tokens the inputs took."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
@@ -100,11 +127,22 @@ class Engine(Protocol):
         """Stream the completion; raise :class:`agent.errors.RequestError` subclasses for refusals."""
         ...
 
+    def chat(self, request: ChatRequest) -> AsyncIterator[GenerationChunk]:
+        """Render the messages with the model's chat template, then stream like ``generate``."""
+        ...
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        """Embed a batch of texts; raise :class:`agent.errors.BadRequest` if the model cannot."""
+        ...
+
     async def close(self) -> None: ...
 
 
 __all__ = [
+    "ChatMessage",
+    "ChatRequest",
     "CompletionRequest",
+    "Embeddings",
     "Engine",
     "EngineState",
     "FinishReason",

@@ -1,51 +1,49 @@
-"""llama.cpp backend through llama-cpp-python.
+"""llama.cpp backend on llama-cpp-python's low-level API, with continuous batching.
 
-One model, one worker thread that owns the ``Llama`` object (llama.cpp contexts are not
-thread-safe). Requests wait in a bounded FIFO; a full queue is refused with 429 and Retry-After.
-Tokens cross from the worker thread to the event loop through ``call_soon_threadsafe``. A consumer
-that stops iterating sets the cancel flag; the worker stops at the next token and frees the slot.
+One loaded model, one llama context with ``n_parallel`` sequence slots sharing a unified KV cache,
+one decode thread (:class:`agent.engine.batching.BatchRunner`) that owns the context. The asyncio
+side tokenizes, checks the request against the context, submits a job and then only receives
+chunks. Chat renders the messages with the model's template (:mod:`agent.engine.chat`) and runs
+the same path. Embeddings use a second context on the same model (:mod:`agent.engine.llama_embed`)
+on its own thread.
 
-Invariant: at most one generation runs at a time in this engine, and the worker never touches
-the event loop's objects except through ``call_soon_threadsafe``.
+Invariants: refusals (context overflow 400, queue full 429, model loading 503) are raised before
+the first chunk; a consumer that stops iterating cancels its job, and the decode thread frees the
+slot at its next step; ``close`` stops the decode thread before freeing any C object.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from agent.engine.base import (
+    ChatRequest,
     CompletionRequest,
+    Embeddings,
     EngineState,
-    FinishReason,
     GenerationChunk,
     ModelInfo,
-    Usage,
+    SamplingParams,
 )
-from agent.errors import ContextOverflow, EngineError, ModelLoadError, ModelNotReady, Overloaded
+from agent.engine.batching import BatchRunner, Job
+from agent.engine.chat import ChatTemplate, TemplateSource, pick_template, render_chat
+from agent.errors import (
+    AgentError,
+    BadRequest,
+    ContextOverflow,
+    EngineError,
+    ModelLoadError,
+    ModelNotReady,
+)
 
-_END = object()
-
-
-def _default_factory(info: ModelInfo, n_ctx: int, n_threads: int, n_batch: int) -> Any:
-    import llama_cpp  # heavy import, only here
-
-    return llama_cpp.Llama(
-        model_path=str(info.path),
-        n_ctx=n_ctx,
-        n_threads=n_threads,
-        n_threads_batch=n_threads,
-        n_batch=n_batch,
-        verbose=False,
-    )
+__all__ = ["LlamaEngine"]
 
 
 class LlamaEngine:
-    """A GGUF model served by llama-cpp-python (see module docstring for the invariants)."""
+    """A GGUF model served by llama.cpp (see the module docstring for the invariants)."""
 
     def __init__(
         self,
@@ -55,21 +53,32 @@ class LlamaEngine:
         n_threads: int = 2,
         n_batch: int = 512,
         max_queue: int = 16,
-        factory: Callable[[ModelInfo, int, int, int], Any] = _default_factory,
+        n_parallel: int = 4,
+        prefill_chunk: int = 256,
+        embed_batch: int = 512,
+        batch_invariant: bool = True,
     ) -> None:
         self._info = info
         self._n_ctx = n_ctx
         self._n_threads = n_threads
         self._n_batch = n_batch
         self._max_queue = max_queue
-        self._factory = factory
-        self._llama: Any = None
+        self._n_parallel = n_parallel
+        self._prefill_chunk = prefill_chunk
+        self._embed_batch = embed_batch
+        self._batch_invariant = batch_invariant
         self._state = EngineState.IDLE
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
-        self._lock = asyncio.Lock()
-        self._waiting = 0
-        self._running = 0
+        self._model: Any = None
+        self._ctx: Any = None
+        self._runner: BatchRunner | None = None
+        self._template: ChatTemplate | None = None
+        self._embedder: Any = None
+        self._embed_lock = asyncio.Lock()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-load")
+        self._embed_pool: ThreadPoolExecutor | None = None
         self.load_error: str | None = None
+
+    # -- Engine protocol: state ----------------------------------------------------------------
 
     @property
     def info(self) -> ModelInfo:
@@ -81,135 +90,203 @@ class LlamaEngine:
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting + self._running
+        runner = self._runner
+        return 0 if runner is None else runner.n_waiting + runner.n_running
 
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
 
+    @property
+    def runner(self) -> BatchRunner | None:
+        """The decode thread's scheduler (stats for metrics and benchmarks)."""
+        return self._runner
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        return self._template
+
     async def load(self) -> None:
         self._state = EngineState.LOADING
         loop = asyncio.get_running_loop()
         try:
-            self._llama = await loop.run_in_executor(
-                self._executor, self._factory, self._info, self._n_ctx, self._n_threads, self._n_batch
-            )
-        except Exception as exc:  # llama_cpp raises ValueError/RuntimeError on bad files
+            await loop.run_in_executor(self._loader, self._load_blocking)
+        except Exception as exc:
             self._state = EngineState.FAILED
             self.load_error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ModelLoadError):
+                raise
             raise ModelLoadError(f"cannot load {self._info.path}: {exc}") from exc
         self._state = EngineState.READY
 
-    def count_tokens(self, text: str) -> int:
-        if self._llama is None:
-            raise ModelNotReady("model is loading")
-        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+    def _load_blocking(self) -> None:
+        from agent.engine.native import NativeContext, NativeModel
 
-    def _check_ready(self) -> None:
-        if self._state is EngineState.LOADING or self._state is EngineState.IDLE:
-            raise ModelNotReady(f"model {self._info.id} is loading", retry_after=2.0)
+        if not self._info.path.is_file():
+            raise ModelLoadError(f"model file {self._info.path} does not exist")
+        # llama.cpp's repacked CPU kernels compute a batch with other rounding than one token, so
+        # a stream's greedy output would depend on its neighbours; plain kernels keep it invariant.
+        model = NativeModel(self._info.path, repack=not self._batch_invariant)
+        try:
+            ctx = NativeContext(
+                model,
+                n_ctx=self._n_ctx,
+                n_batch=self._n_batch,
+                n_slots=self._n_parallel,
+                n_threads=self._n_threads,
+            )
+        except Exception:
+            model.close()
+            raise
+        self._template = pick_template(
+            TemplateSource(
+                manifest=self._info.chat_template,
+                gguf=model.chat_template(),
+                architecture=model.meta("general.architecture") or "",
+                bos_token=model.token_text(model.bos_id) if model.bos_id >= 0 else "",
+                eos_token=model.token_text(model.eos_id) if model.eos_id >= 0 else "",
+            )
+        )
+        self._model, self._ctx = model, ctx
+        self._runner = BatchRunner(
+            ctx, max_queue=self._max_queue, prefill_chunk=self._prefill_chunk, name=f"decode-{self._info.id}"
+        )
+
+    def _check_ready(self) -> Any:
         if self._state is EngineState.FAILED:
             raise EngineError(f"model {self._info.id} failed to load: {self.load_error}")
+        if self._state is not EngineState.READY or self._model is None:
+            raise ModelNotReady(f"model {self._info.id} is loading", retry_after=2.0)
+        return self._model
 
-    async def generate(self, request: CompletionRequest) -> AsyncIterator[GenerationChunk]:
+    def count_tokens(self, text: str) -> int:
+        model = self._check_ready()
+        return len(model.tokenize(text, add_bos=model.add_bos))
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, request: CompletionRequest) -> AsyncIterator[GenerationChunk]:
+        return self._generate(request)
+
+    async def _generate(self, request: CompletionRequest) -> AsyncIterator[GenerationChunk]:
+        model = self._check_ready()
+        tokens = model.tokenize(request.prompt, add_bos=model.add_bos)
+        async for chunk in self._stream(
+            tokens, request.max_tokens, request.sampling, request.stop, request.deadline
+        ):
+            yield chunk
+
+    def chat(self, request: ChatRequest) -> AsyncIterator[GenerationChunk]:
+        return self._chat(request)
+
+    async def _chat(self, request: ChatRequest) -> AsyncIterator[GenerationChunk]:
+        model = self._check_ready()
+        template = self._template
+        assert template is not None
+        prompt = render_chat(template, request.messages)
+        has_bos = bool(template.bos_token) and prompt.startswith(template.bos_token)
+        tokens = model.tokenize(prompt, add_bos=model.add_bos and not has_bos)
+        stops = tuple(dict.fromkeys((*request.stop, *template.stops)))
+        async for chunk in self._stream(
+            tokens, request.max_tokens, request.sampling, stops, request.deadline
+        ):
+            yield chunk
+
+    def render_prompt(self, request: ChatRequest) -> str:
+        """The prompt a chat request becomes (for tests and debugging)."""
         self._check_ready()
-        n_prompt = self.count_tokens(request.prompt)
-        if n_prompt + request.max_tokens > self._n_ctx:
+        assert self._template is not None
+        return render_chat(self._template, request.messages)
+
+    async def _stream(
+        self,
+        tokens: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        stops: tuple[str, ...],
+        deadline: float | None,
+    ) -> AsyncIterator[GenerationChunk]:
+        if not tokens:
+            raise BadRequest("prompt is empty", param="prompt")
+        if len(tokens) + max_tokens > self._n_ctx:
             raise ContextOverflow(
-                f"prompt has {n_prompt} tokens and max_tokens is {request.max_tokens}: "
-                f"{n_prompt + request.max_tokens} exceeds the context of {self._n_ctx} tokens",
+                f"prompt has {len(tokens)} tokens and max_tokens is {max_tokens}: "
+                f"{len(tokens) + max_tokens} exceeds the context of {self._n_ctx} tokens",
                 param="max_tokens",
             )
-        if self._waiting >= self._max_queue:
-            raise Overloaded(
-                f"queue full ({self._waiting} waiting, limit {self._max_queue})", retry_after=1.0, status=429
-            )
-        self._waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self._waiting -= 1
-        self._running += 1
-        try:
-            async for chunk in self._run(request, n_prompt):
-                yield chunk
-        finally:
-            self._running -= 1
-            self._lock.release()
-
-    async def _run(self, request: CompletionRequest, n_prompt: int) -> AsyncIterator[GenerationChunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def put(item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def work() -> None:
-            s = request.sampling
-            finish: FinishReason = "length"
-            pieces: list[str] = []
-            try:
-                stream = self._llama.create_completion(
-                    prompt=request.prompt,
-                    max_tokens=request.max_tokens,
-                    temperature=s.temperature,
-                    top_p=s.top_p,
-                    top_k=s.top_k,
-                    min_p=s.min_p,
-                    repeat_penalty=s.repeat_penalty,
-                    frequency_penalty=s.frequency_penalty,
-                    presence_penalty=s.presence_penalty,
-                    seed=s.seed,
-                    stop=list(request.stop) or None,
-                    logit_bias=dict(s.logit_bias) or None,
-                    stream=True,
-                )
-                for part in stream:
-                    choice = part["choices"][0]
-                    text = choice.get("text") or ""
-                    if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
-                    if text:
-                        pieces.append(text)
-                        put(GenerationChunk(text=text))
-                    if cancel.is_set():
-                        finish = "cancelled"
-                        break
-                    if request.deadline is not None and time.monotonic() > request.deadline:
-                        finish = "length"
-                        break
-                    if choice.get("finish_reason"):
-                        break
-                stream.close()
-                generated = "".join(pieces).encode("utf-8")
-                produced = (
-                    len(self._llama.tokenize(generated, add_bos=False, special=False)) if generated else 0
-                )
-            except Exception as exc:  # translated for the consumer below
-                put(exc)
-                return
-            put(GenerationChunk(text="", finish_reason=finish, usage=Usage(n_prompt, produced)))
-
-        future = loop.run_in_executor(self._executor, work)
+        runner = self._runner
+        if runner is None:
+            raise ModelNotReady(f"model {self._info.id} is not loaded", retry_after=2.0)
+        job = Job(
+            tokens=tokens,
+            max_tokens=max_tokens,
+            sampling=sampling,
+            stops=stops,
+            deadline=deadline,
+            loop=asyncio.get_running_loop(),
+        )
+        runner.submit(job)
+        done = False
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, Exception):
+                item = await job.queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    if isinstance(item, AgentError):
+                        raise item
                     raise EngineError(f"generation failed: {item}") from item
-                yield item
                 if item.finish_reason is not None:
-                    break
+                    done = True
+                yield item
+                if done:
+                    return
         finally:
-            cancel.set()
-            await asyncio.shield(future)
+            if not done:
+                runner.cancel(job)
+
+    # -- embeddings ----------------------------------------------------------------------------
+
+    async def embed(self, texts: Sequence[str]) -> Embeddings:
+        model = self._check_ready()
+        if not texts:
+            raise BadRequest("input: at least one text is required", param="input")
+        loop = asyncio.get_running_loop()
+        async with self._embed_lock:
+            if self._embed_pool is None:
+                self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-embed")
+            pool = self._embed_pool
+
+            def run() -> tuple[list[list[float]], int]:
+                if self._embedder is None:
+                    from agent.engine.llama_embed import LlamaEmbedder
+
+                    self._embedder = LlamaEmbedder(
+                        model, n_batch=self._embed_batch, n_threads=self._n_threads
+                    )
+                result: tuple[list[list[float]], int] = self._embedder.embed(list(texts))
+                return result
+
+            vectors, n_tokens = await loop.run_in_executor(pool, run)
+        return Embeddings(vectors=vectors, prompt_tokens=n_tokens)
+
+    # -- lifecycle -----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        llama, self._llama = self._llama, None
-        if llama is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, llama.close)
-        self._executor.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await loop.run_in_executor(None, runner.close)
+        if self._embed_pool is not None:
+            self._embed_pool.shutdown(wait=True)
+            self._embed_pool = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+        self._loader.shutdown(wait=True)
         self._state = EngineState.IDLE
-
-
-__all__ = ["LlamaEngine"]

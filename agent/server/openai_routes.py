@@ -1,23 +1,34 @@
-"""OpenAI-compatible inference routes: ``/v1/completions`` (plain and SSE streaming)."""
+"""OpenAI-compatible inference routes: ``/v1/completions`` and ``/v1/chat/completions`` (plain and
+SSE streaming) and ``/v1/embeddings``.
+
+Invariants: refusals (400/404/429/503) surface before the first byte of a stream is sent, so they
+arrive as ordinary JSON errors; a stream always ends with ``data: [DONE]`` unless the client
+went away; a client that disconnects mid-stream closes the engine's iterator, which cancels the
+generation and frees its slot.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 from typing import Any
 
 from aiohttp import web
 
-from agent.engine.base import Engine, GenerationChunk, Usage
-from agent.errors import EngineError, RequestError
+from agent.engine.base import GenerationChunk, Usage
+from agent.errors import BadRequest, EngineError, RequestError
 from agent.log import get_logger
 from agent.server import schemas
 from agent.server.common import read_json, translate
 from agent.server.keys import LIMITS_KEY, POOL_KEY
 
 log = get_logger(__name__)
+
+ChunkJson = Callable[[GenerationChunk, bool], dict[str, Any]]
+"""Builds the SSE payload of one chunk; the flag is true for the first chunk of the stream."""
+UsageJson = Callable[[Usage], dict[str, Any]]
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
@@ -34,6 +45,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = body.to_request(limits["default_max_tokens"], rid, time.monotonic() + limits["request_timeout_s"])
     cid = f"cmpl-{rid}"
     created = int(time.time())
+    model = engine.info.id
     if not body.stream:
         texts: list[str] = [req.prompt] if body.echo else []
         last = GenerationChunk(text="")
@@ -42,18 +54,82 @@ async def completions(request: web.Request) -> web.StreamResponse:
             last = chunk
         usage = last.usage or Usage(0, 0)
         return web.json_response(
-            schemas.completion_json(cid, engine.info.id, "".join(texts), last.finish_reason, usage, created)
+            schemas.completion_json(cid, model, "".join(texts), last.finish_reason, usage, created)
         )
-    return await _stream(request, engine, engine.generate(req), cid, created, body)
+
+    def chunk_json(chunk: GenerationChunk, first: bool) -> dict[str, Any]:
+        if first and body.echo:
+            chunk = GenerationChunk(body.prompt_text + chunk.text, chunk.finish_reason, chunk.usage)
+        return schemas.completion_chunk_json(cid, model, chunk, created)
+
+    return await _stream(
+        request,
+        engine.generate(req),
+        chunk_json,
+        lambda usage: schemas.usage_chunk_json(cid, model, usage, created),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = schemas.parse_body(schemas.ChatBody, await read_json(request))
+    pool = request.app[POOL_KEY]
+    engine = pool.resolve(body.model)
+    limits = request.app[LIMITS_KEY]
+    rid = request["request_id"]
+    req = body.to_request(limits["default_max_tokens"], rid, time.monotonic() + limits["request_timeout_s"])
+    cid = f"chatcmpl-{rid}"
+    created = int(time.time())
+    model = engine.info.id
+    if not body.stream:
+        texts: list[str] = []
+        last = GenerationChunk(text="")
+        async for chunk in engine.chat(req):
+            texts.append(chunk.text)
+            last = chunk
+        usage = last.usage or Usage(0, 0)
+        return web.json_response(
+            schemas.chat_json(cid, model, "".join(texts), last.finish_reason, usage, created)
+        )
+
+    def chunk_json(chunk: GenerationChunk, first: bool) -> dict[str, Any]:
+        content = chunk.text if chunk.text or chunk.finish_reason is None else None
+        return schemas.chat_chunk_json(
+            cid, model, created, content=content, finish=chunk.finish_reason, role=first
+        )
+
+    return await _stream(
+        request,
+        engine.chat(req),
+        chunk_json,
+        lambda usage: schemas.chat_usage_chunk_json(cid, model, usage, created),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    body = schemas.parse_body(schemas.EmbeddingBody, await read_json(request))
+    pool = request.app[POOL_KEY]
+    engine = pool.resolve(body.model)
+    result = await engine.embed(body.texts)
+    dim = len(result.vectors[0]) if result.vectors else 0
+    if body.dimensions is not None and body.dimensions != dim:
+        raise BadRequest(
+            f"dimensions: model {engine.info.id} produces {dim}-dimensional vectors, not {body.dimensions}",
+            param="dimensions",
+        )
+    return web.json_response(
+        schemas.embedding_json(engine.info.id, result.vectors, result.prompt_tokens, body.encoding_format)
+    )
 
 
 async def _stream(
     request: web.Request,
-    engine: Engine,
     chunks: AsyncIterator[GenerationChunk],
-    cid: str,
-    created: int,
-    body: schemas.CompletionBody,
+    chunk_json: ChunkJson,
+    usage_json: UsageJson,
+    *,
+    include_usage: bool,
 ) -> web.StreamResponse:
     """Send SSE chunks. Refusals (400/429/503) surface before the first byte is sent."""
     iterator = aiter(chunks)
@@ -69,19 +145,15 @@ async def _stream(
         }
     )
     await response.prepare(request)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    model = engine.info.id
     try:
-        if body.echo:
-            await response.write(
-                _sse(schemas.completion_chunk_json(cid, model, GenerationChunk(body.prompt_text), created))
-            )
         chunk: GenerationChunk | None = first
+        is_first = True
         while chunk is not None:
-            await response.write(_sse(schemas.completion_chunk_json(cid, model, chunk, created)))
+            await response.write(_sse(chunk_json(chunk, is_first)))
+            is_first = False
             if chunk.finish_reason is not None:
                 if include_usage and chunk.usage is not None:
-                    await response.write(_sse(schemas.usage_chunk_json(cid, model, chunk.usage, created)))
+                    await response.write(_sse(usage_json(chunk.usage)))
                 break
             chunk = await anext(iterator, None)
         await response.write(_sse("[DONE]"))
@@ -99,6 +171,8 @@ async def _stream(
 
 def register(router: web.UrlDispatcher) -> None:
     router.add_post("/v1/completions", completions)
+    router.add_post("/v1/chat/completions", chat_completions)
+    router.add_post("/v1/embeddings", embeddings)
 
 
-__all__ = ["completions", "register"]
+__all__ = ["chat_completions", "completions", "embeddings", "register"]

@@ -7,12 +7,21 @@ shapes the official client parses.
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.engine.base import CompletionRequest, GenerationChunk, SamplingParams, Usage
+from agent.engine.base import (
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    GenerationChunk,
+    SamplingParams,
+    Usage,
+)
 from agent.errors import BadRequest
 
 
@@ -21,13 +30,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionBody(BaseModel):
-    """``POST /v1/completions``."""
+class _SamplingBody(BaseModel):
+    """Fields shared by ``/v1/completions`` and ``/v1/chat/completions``."""
 
     model_config = ConfigDict(extra="ignore", strict=False)
 
     model: str | None = None
-    prompt: str | list[str]
     max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -42,15 +50,7 @@ class CompletionBody(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    echo: bool = False
     user: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request is supported")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -69,6 +69,37 @@ class CompletionBody(BaseModel):
                 raise ValueError(f"logit_bias values are between -100 and 100, got {bias}")
         return value
 
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            seed=self.seed,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+        )
+
+    def stops(self) -> tuple[str, ...]:
+        stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(s for s in stops if s)
+
+
+class CompletionBody(_SamplingBody):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return value
+
     @property
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
@@ -76,27 +107,94 @@ class CompletionBody(BaseModel):
     def to_request(
         self, default_max_tokens: int, request_id: str, deadline: float | None
     ) -> CompletionRequest:
-        stops: tuple[str, ...] = (
-            () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        )
         return CompletionRequest(
             prompt=self.prompt_text,
             max_tokens=self.max_tokens or default_max_tokens,
-            sampling=SamplingParams(
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
-                min_p=self.min_p,
-                repeat_penalty=self.repeat_penalty,
-                frequency_penalty=self.frequency_penalty,
-                presence_penalty=self.presence_penalty,
-                seed=self.seed,
-                logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
-            ),
-            stop=tuple(s for s in stops if s),
+            sampling=self.sampling(),
+            stop=self.stops(),
             request_id=request_id,
             deadline=deadline,
         )
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessageBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
+        if isinstance(value, list):
+            for part in value:
+                if part.type != "text" or part.text is None:
+                    raise ValueError(f"only text content parts are supported, got type {part.type!r}")
+        return value
+
+    def to_message(self) -> ChatMessage:
+        content = self.content
+        text = (
+            ""
+            if content is None
+            else content
+            if isinstance(content, str)
+            else "".join(p.text or "" for p in content)
+        )
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+
+
+class ChatBody(_SamplingBody):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessageBody] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+
+    def to_request(self, default_max_tokens: int, request_id: str, deadline: float | None) -> ChatRequest:
+        return ChatRequest(
+            messages=tuple(m.to_message() for m in self.messages),
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            sampling=self.sampling(),
+            stop=self.stops(),
+            request_id=request_id,
+            deadline=deadline,
+        )
+
+
+MAX_EMBEDDING_INPUTS = 512
+
+
+class EmbeddingBody(BaseModel):
+    """``POST /v1/embeddings``. Text inputs only (token-id arrays depend on the model's tokenizer)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("at least one input is required")
+            if len(value) > MAX_EMBEDDING_INPUTS:
+                raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(value)}")
+            if any(not isinstance(v, str) for v in value):
+                raise ValueError("inputs must be strings (token-id arrays are not supported)")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 def parse_body(model: type[BaseModel], data: Any) -> Any:
@@ -172,14 +270,92 @@ def usage_chunk_json(cid: str, model: str, usage: Usage, created: int) -> dict[s
     }
 
 
+def chat_json(
+    cid: str, model: str, text: str, finish: str | None, usage: Usage, created: int | None = None
+) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": public_finish(finish),
+            }
+        ],
+        "usage": usage_json(usage),
+    }
+
+
+def chat_chunk_json(
+    cid: str, model: str, created: int, *, content: str | None, finish: str | None, role: bool = False
+) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = "assistant"
+    if content is not None:
+        delta["content"] = content
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": public_finish(finish)}],
+    }
+
+
+def chat_usage_chunk_json(cid: str, model: str, usage: Usage, created: int) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [],
+        "usage": usage_json(usage),
+    }
+
+
+def embedding_json(
+    model: str, vectors: list[list[float]], prompt_tokens: int, encoding: str = "float"
+) -> dict[str, Any]:
+    """The embeddings list; ``base64`` packs little-endian float32, as OpenAI's client expects."""
+
+    def encode(vec: list[float]) -> list[float] | str:
+        if encoding == "base64":
+            return base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+        return vec
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
 def error_json(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     """The OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 __all__ = [
+    "MAX_EMBEDDING_INPUTS",
+    "ChatBody",
+    "ChatMessageBody",
     "CompletionBody",
+    "EmbeddingBody",
     "StreamOptions",
+    "TextPart",
+    "chat_chunk_json",
+    "chat_json",
+    "chat_usage_chunk_json",
+    "embedding_json",
     "completion_chunk_json",
     "completion_json",
     "error_json",

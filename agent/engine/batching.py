@@ -1,0 +1,407 @@
+"""Continuous batching: one decode thread, many sequences, one llama context.
+
+The asyncio side only *submits* jobs and *receives* chunks; the decode thread owns the context.
+Each step the thread (1) takes newly submitted jobs, (2) drops cancelled and expired ones,
+(3) admits waiting jobs into free slots (longest cached prefix first, within the KV budget),
+(4) decodes one batch holding the next token of every generating sequence plus a chunk of prompt
+tokens, (5) samples each sequence with its own native sampler chain, and (6) hands the step's
+chunks to the event loop with one ``call_soon_threadsafe`` per loop.
+
+Invariants:
+
+* Only the decode thread calls the backend (llama.cpp contexts are not thread-safe); other
+  threads touch a job only through :meth:`BatchRunner.submit` and :meth:`BatchRunner.cancel`.
+* Every submitted job receives exactly one final chunk (``finish_reason`` set, usage attached) or
+  one exception, and nothing after it.
+* A slot's ``cached`` list equals the tokens held in the KV cache for that sequence, position by
+  position; a prompt reuses the longest common prefix and the rest is removed with ``seq_rm``.
+* KV budget: the prompt + ``max_tokens`` of all running jobs plus the tokens cached by idle slots
+  never exceed the context; idle caches are evicted (least recently used first) to make room, and a
+  job that does not fit yet waits (FIFO) rather than fail.
+* Admitted + waiting jobs never exceed ``n_slots + max_queue``; beyond that ``submit`` raises
+  :class:`agent.errors.Overloaded` (HTTP 429 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.engine.base import FinishReason, GenerationChunk, SamplingParams, Usage
+from agent.engine.slots import PrefillWork, SlotView, choose_slot, plan_step
+from agent.engine.textstream import TextStream
+from agent.errors import EngineError, Overloaded
+from agent.log import get_logger
+
+log = get_logger(__name__)
+
+__all__ = ["BatchRunner", "DecodeBackend", "Job", "Sampler", "StepStats"]
+
+DECODE_NO_SLOT = 1
+
+
+class Sampler(Protocol):
+    def sample(self, batch_index: int) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class DecodeBackend(Protocol):
+    """What the runner needs from a llama context (real: :class:`agent.engine.native.NativeContext`)."""
+
+    n_ctx: int
+    n_batch: int
+    n_slots: int
+
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], logits: Sequence[bool]
+    ) -> int: ...
+
+    def seq_rm(self, seq: int, p0: int) -> bool: ...
+
+    def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> Sampler: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def piece(self, token: int) -> bytes: ...
+
+
+Item = GenerationChunk | BaseException
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation request in flight. Fields below ``cancelled`` belong to the decode thread."""
+
+    tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stops: tuple[str, ...]
+    deadline: float | None
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    # decode-thread state
+    slot: int = -1
+    done: int = 0
+    """Prompt tokens already in the KV cache."""
+    reused: int = 0
+    """Prompt tokens taken from the slot's cache instead of being decoded."""
+    next_token: int | None = None
+    generated: int = 0
+    finished: bool = False
+    sampler: Sampler | None = None
+    text: TextStream | None = None
+
+
+@dataclass
+class _Slot:
+    index: int
+    cached: list[int] = field(default_factory=list)
+    job: Job | None = None
+    last_used: int = 0
+
+
+@dataclass
+class StepStats:
+    """Counters for /metrics and the benchmark (read without locking: approximate)."""
+
+    steps: int = 0
+    decoded_tokens: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class BatchRunner:
+    """The decode thread and its scheduler (see module docstring)."""
+
+    def __init__(
+        self,
+        backend: DecodeBackend,
+        *,
+        max_queue: int = 16,
+        prefill_chunk: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "llama-decode",
+    ) -> None:
+        self._backend = backend
+        self._max_queue = max_queue
+        self._prefill_chunk = max(1, prefill_chunk)
+        self._clock = clock
+        self._slots = [_Slot(i) for i in range(backend.n_slots)]
+        self._cv = threading.Condition()
+        self._intake: deque[Job] = deque()
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._closing = False
+        self._tick = 0
+        self._outbox: list[tuple[Job, Item]] = []
+        self.stats = StepStats()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- any thread ----------------------------------------------------------------------------
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._intake) + len(self._waiting)
+
+    @property
+    def n_running(self) -> int:
+        return len(self._active)
+
+    @property
+    def capacity(self) -> int:
+        return self._backend.n_ctx
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            if self._closing:
+                raise EngineError("the engine is shutting down")
+            in_flight = len(self._intake) + len(self._waiting) + len(self._active)
+            if in_flight >= len(self._slots) + self._max_queue:
+                raise Overloaded(
+                    f"queue full: {in_flight} requests in flight "
+                    f"({len(self._slots)} slots + {self._max_queue} waiting)",
+                    retry_after=1.0,
+                    status=429,
+                )
+            self._intake.append(job)
+            self._cv.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Ask the decode thread to stop ``job``; its slot is freed at the next step."""
+        job.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # -- decode thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._intake and not self._closing and not self._has_work():
+                    self._cv.wait()
+                if self._closing:
+                    break
+                while self._intake:
+                    self._waiting.append(self._intake.popleft())
+            try:
+                self._step()
+            except Exception as exc:  # never let the thread die: fail what was running
+                log.exception("decode_step_failed")
+                for job in list(self._active):
+                    self._fail(job, exc)
+            self._flush()
+        for job in [*self._active, *self._waiting, *self._intake]:
+            self._fail(job, EngineError("the engine was shut down"))
+        self._flush()
+
+    def _has_work(self) -> bool:
+        return bool(self._active) or bool(self._waiting)
+
+    def _step(self) -> None:
+        self._tick += 1
+        self._reap()
+        self._admit()
+        if not self._active:
+            return
+        gen = [j for j in self._active if j.next_token is not None]
+        prefill = [
+            PrefillWork(i, len(j.tokens) - j.done) for i, j in enumerate(self._active) if j.next_token is None
+        ]
+        plan = plan_step(len(gen), prefill, self._backend.n_batch, self._prefill_chunk)
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[int] = []
+        logits: list[bool] = []
+        outputs: list[tuple[Job, int]] = []
+        for job in gen:
+            assert job.next_token is not None
+            outputs.append((job, len(tokens)))
+            tokens.append(job.next_token)
+            positions.append(len(self._slots[job.slot].cached))
+            seqs.append(job.slot)
+            logits.append(True)
+        taken: list[tuple[Job, int]] = []
+        for key, count in plan:
+            job = self._active[key]
+            start = job.done
+            last = start + count == len(job.tokens)
+            for k in range(count):
+                tokens.append(job.tokens[start + k])
+                positions.append(start + k)
+                seqs.append(job.slot)
+                logits.append(last and k == count - 1)
+            if last:
+                outputs.append((job, len(tokens) - 1))
+            taken.append((job, count))
+        if not tokens:
+            return
+        status = self._backend.decode(tokens, positions, seqs, logits)
+        if status == DECODE_NO_SLOT:
+            self._evict_idle(everything=True)
+            status = self._backend.decode(tokens, positions, seqs, logits)
+        if status != 0:
+            err = EngineError(f"llama_decode failed with status {status} (batch of {len(tokens)} tokens)")
+            for job in {*(j for j, _ in outputs), *(j for j, _ in taken)}:
+                self._slots[job.slot].cached.clear()
+                self._backend.seq_rm(job.slot, 0)
+                self._fail(job, err)
+            return
+        self.stats.steps += 1
+        self.stats.decoded_tokens += len(tokens)
+        for job in gen:
+            assert job.next_token is not None
+            self._slots[job.slot].cached.append(job.next_token)
+            job.next_token = None
+        for job, count in taken:
+            self._slots[job.slot].cached.extend(job.tokens[job.done : job.done + count])
+            job.done += count
+            self.stats.prompt_tokens += count
+        for job, index in outputs:
+            if not job.finished:
+                self._sample(job, index)
+
+    def _sample(self, job: Job, index: int) -> None:
+        assert job.sampler is not None and job.text is not None
+        token = job.sampler.sample(index)
+        if self._backend.is_eog(token):
+            self._finish(job, "stop")
+            return
+        job.generated += 1
+        self.stats.generated_tokens += 1
+        text, stopped = job.text.feed(self._backend.piece(token))
+        if text:
+            self._outbox.append((job, GenerationChunk(text=text)))
+        if stopped:
+            self._finish(job, "stop")
+        elif job.generated >= job.max_tokens:
+            self._finish(job, "length")
+        else:
+            job.next_token = token
+
+    def _reap(self) -> None:
+        now = self._clock()
+        for job in list(self._active):
+            if job.cancelled:
+                self._finish(job, "cancelled")
+            elif job.deadline is not None and now > job.deadline:
+                self._finish(job, "length")
+        if any(j.cancelled for j in self._waiting):
+            for job in [j for j in self._waiting if j.cancelled]:
+                self._waiting.remove(job)
+                self._deliver_final(job, "cancelled")
+
+    def _admit(self) -> None:
+        capacity = self._backend.n_ctx
+        while self._waiting:
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return
+            job = self._waiting[0]
+            index, keep = choose_slot([SlotView(s.index, s.cached, s.last_used) for s in free], job.tokens)
+            slot = self._slots[index]
+            reserved = sum(len(j.tokens) + j.max_tokens for j in self._active)
+            need = len(job.tokens) + job.max_tokens
+            if reserved + need > capacity:
+                return  # wait for running jobs to finish
+            idle = sorted((s for s in free if s is not slot), key=lambda s: s.last_used)
+            idle_cached = sum(len(s.cached) for s in idle)
+            for other in idle:
+                if reserved + need + idle_cached <= capacity:
+                    break
+                idle_cached -= len(other.cached)
+                self._drop_cache(other)
+            self._waiting.popleft()
+            self._start(job, slot, keep)
+
+    def _start(self, job: Job, slot: _Slot, keep: int) -> None:
+        if len(slot.cached) > keep:
+            if not self._backend.seq_rm(slot.index, keep):
+                self._backend.seq_rm(slot.index, 0)
+                keep = 0
+            del slot.cached[keep:]
+        try:
+            job.sampler = self._backend.make_sampler(job.sampling, job.tokens)
+        except Exception as exc:
+            self._fail(job, exc)
+            return
+        job.text = TextStream(job.stops)
+        job.slot = slot.index
+        job.done = keep
+        job.reused = keep
+        self.stats.reused_tokens += keep
+        slot.job = job
+        slot.last_used = self._tick
+        self._active.append(job)
+
+    def _drop_cache(self, slot: _Slot) -> None:
+        if slot.cached:
+            self._backend.seq_rm(slot.index, 0)
+            slot.cached.clear()
+
+    def _evict_idle(self, *, everything: bool) -> None:
+        for slot in self._slots:
+            if slot.job is None and (everything or slot.cached):
+                self._drop_cache(slot)
+
+    def _release(self, job: Job) -> None:
+        if job.sampler is not None:
+            job.sampler.close()
+            job.sampler = None
+        if job.slot >= 0:
+            slot = self._slots[job.slot]
+            if slot.job is job:
+                slot.job = None
+                slot.last_used = self._tick
+        if job in self._active:
+            self._active.remove(job)
+
+    def _finish(self, job: Job, reason: FinishReason) -> None:
+        tail = job.text.flush() if job.text is not None and reason != "cancelled" else ""
+        self._release(job)
+        self._deliver_final(job, reason, tail)
+
+    def _deliver_final(self, job: Job, reason: FinishReason, tail: str = "") -> None:
+        if job.finished:
+            return
+        job.finished = True
+        usage = Usage(prompt_tokens=len(job.tokens), completion_tokens=job.generated)
+        self._outbox.append((job, GenerationChunk(text=tail, finish_reason=reason, usage=usage)))
+
+    def _fail(self, job: Job, exc: BaseException) -> None:
+        self._release(job)
+        if job.finished:
+            return
+        job.finished = True
+        self._outbox.append((job, exc))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Item]]] = {}
+        for job, item in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[Job, Item]]) -> None:
+    for job, item in items:
+        job.queue.put_nowait(item)

@@ -1,0 +1,328 @@
+"""The one adapter over llama-cpp-python's low-level C API (``llama_cpp.llama_*``).
+
+Everything that touches a ``llama_model``, ``llama_context``, ``llama_batch`` or ``llama_sampler``
+pointer lives here; the batching logic above it (:mod:`agent.engine.batching`) sees plain ints and
+bytes through :class:`DecodeBackend` methods.
+
+Invariants:
+
+* A :class:`NativeContext` is used by exactly one thread (the decode thread) after construction;
+  a :class:`NativeModel` is shared read-only (tokenize, pieces, metadata are thread-safe in
+  llama.cpp).
+* The KV cache is unified (``kv_unified``: every sequence may use the whole context) and, for
+  sliding-window models, full-size (``swa_full``), so that a sequence can be truncated to any
+  common prefix with ``llama_memory_seq_rm`` (llama-cpp-python 0.3.36 binds the
+  ``llama_memory_*`` API; the older ``llama_kv_self_*`` names are used when it is absent).
+* Every C object created here is freed exactly once by ``close()``.
+* llama.cpp's own logging is routed into our structlog logger (errors only), never to stdout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.engine.base import SamplingParams
+from agent.errors import EngineError, ModelLoadError
+from agent.log import get_logger
+
+log = get_logger(__name__)
+
+__all__ = ["NativeContext", "NativeModel", "NativeSampler", "PENALTY_LAST_N", "silence_llama_logs"]
+
+PENALTY_LAST_N = 64
+"""Tokens of history the repeat/frequency/presence penalties look at (llama.cpp's default)."""
+
+_GGML_LOG_ERROR = 4
+_log_lock = threading.Lock()
+_log_state: dict[str, Any] = {}
+
+
+def _lib() -> Any:
+    import llama_cpp  # heavy import: only inside the adapter
+
+    return llama_cpp
+
+
+def silence_llama_logs() -> None:
+    """Route llama.cpp's log output to structlog (errors only). Idempotent."""
+    lib = _lib()
+    with _log_lock:
+        if "callback" not in _log_state:
+
+            def forward(level: int, text: bytes, _user: Any) -> None:
+                if level == _GGML_LOG_ERROR and text:
+                    log.error("llama_cpp", message=text.decode("utf-8", "replace").rstrip())
+
+            _log_state["callback"] = lib.llama_log_callback(forward)  # kept alive for the C side
+            lib.llama_backend_init()
+        lib.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
+
+
+class NativeModel:
+    """A loaded GGUF model: vocabulary, metadata, tokenizer. Shared by contexts."""
+
+    def __init__(self, path: Path, *, repack: bool = True) -> None:
+        lib = _lib()
+        silence_llama_logs()
+        self._lib = lib
+        params = lib.llama_model_default_params()
+        params.use_extra_bufts = repack
+        model = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {path} (not a GGUF model it supports?)")
+        self._model = model
+        self._vocab = lib.llama_model_get_vocab(model)
+        self._pieces: dict[int, bytes] = {}
+        self._buf = ctypes.create_string_buffer(256)
+        self._piece_lock = threading.Lock()
+        self.n_vocab: int = lib.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train: int = lib.llama_model_n_ctx_train(model)
+        self.n_embd: int = lib.llama_model_n_embd(model)
+        self.add_bos: bool = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        self.bos_id: int = lib.llama_vocab_bos(self._vocab)
+        self.eos_id: int = lib.llama_vocab_eos(self._vocab)
+        self.has_encoder: bool = bool(lib.llama_model_has_encoder(model))
+
+    @property
+    def ptr(self) -> Any:
+        return self._model
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or ``None`` when the key is absent."""
+        size = 1 << 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self._lib.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", "replace")
+            size = n + 1
+
+    def chat_template(self) -> str | None:
+        raw = self._lib.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def token_text(self, token: int) -> str:
+        return self.piece(token, special=True).decode("utf-8", "replace")
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        while True:
+            arr = (self._lib.llama_token * cap)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), arr, cap, add_bos, special)
+            if n >= 0:
+                return list(arr[:n])
+            cap = -n
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (cached). Control tokens render empty unless ``special``."""
+        key = token if not special else -1 - token
+        cached = self._pieces.get(key)
+        if cached is not None:
+            return cached
+        with self._piece_lock:
+            n = self._lib.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, special)
+            if n < 0:
+                big = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self._vocab, token, big, -n, 0, special)
+                out = big.raw[:n]
+            else:
+                out = self._buf.raw[:n]
+        self._pieces[key] = out
+        return out
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def close(self) -> None:
+        if self._model:
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+
+class NativeSampler:
+    """llama.cpp's native sampler chain for one sequence (see :func:`NativeContext.make_sampler`)."""
+
+    def __init__(self, lib: Any, chain: Any, ctx: Any) -> None:
+        self._lib = lib
+        self._chain = chain
+        self._ctx = ctx
+
+    def sample(self, batch_index: int) -> int:
+        """Sample from the logits of ``batch_index`` in the last batch; the token is accepted."""
+        return int(self._lib.llama_sampler_sample(self._chain, self._ctx, batch_index))
+
+    def close(self) -> None:
+        if self._chain:
+            self._lib.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+class NativeContext:
+    """A llama context with ``n_slots`` sequences sharing one unified KV cache.
+
+    Implements :class:`agent.engine.batching.DecodeBackend`.
+    """
+
+    def __init__(
+        self,
+        model: NativeModel,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        n_slots: int,
+        n_threads: int,
+        embeddings: bool = False,
+        pooling: int | None = None,
+        unified: bool = True,
+    ) -> None:
+        lib = _lib()
+        self._lib = lib
+        self._model = model
+        p = lib.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = n_batch
+        p.n_seq_max = n_slots
+        p.n_threads = n_threads
+        p.n_threads_batch = n_threads
+        p.kv_unified = unified
+        p.swa_full = True
+        p.no_perf = True
+        if embeddings:
+            p.embeddings = True
+            if pooling is not None:
+                p.pooling_type = pooling
+        ctx = lib.llama_init_from_model(model.ptr, p)
+        if not ctx:
+            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens")
+        self._ctx = ctx
+        self._mem = lib.llama_get_memory(ctx) if hasattr(lib, "llama_get_memory") else None
+        self.n_ctx: int = lib.llama_n_ctx(ctx)
+        self.n_batch = n_batch
+        self.n_slots = n_slots
+        self._batch = lib.llama_batch_init(n_batch, 0, 1)
+        self._freed = False
+
+    # -- DecodeBackend -------------------------------------------------------------------------
+
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], logits: Sequence[bool]
+    ) -> int:
+        """Decode one batch; returns llama_decode's status (0 ok, 1 no KV slot, other failure)."""
+        n = len(tokens)
+        if n > self.n_batch:
+            raise EngineError(f"batch of {n} tokens exceeds n_batch {self.n_batch}")
+        b = self._batch
+        tok, pos, nseq, sid, lg = b.token, b.pos, b.n_seq_id, b.seq_id, b.logits
+        for i in range(n):
+            tok[i] = tokens[i]
+            pos[i] = positions[i]
+            nseq[i] = 1
+            sid[i][0] = seqs[i]
+            lg[i] = logits[i]
+        b.n_tokens = n
+        return int(self._lib.llama_decode(self._ctx, b))
+
+    def seq_rm(self, seq: int, p0: int) -> bool:
+        """Drop positions ``p0..`` of ``seq`` from the KV cache; ``False`` if llama.cpp cannot."""
+        if self._mem is not None:
+            return bool(self._lib.llama_memory_seq_rm(self._mem, seq, p0, -1))
+        return bool(self._lib.llama_kv_self_seq_rm(self._ctx, seq, p0, -1))  # pragma: no cover
+
+    def clear(self) -> None:
+        if self._mem is not None:
+            self._lib.llama_memory_clear(self._mem, True)
+        else:  # pragma: no cover - older bindings
+            self._lib.llama_kv_self_clear(self._ctx)
+
+    def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> NativeSampler:
+        """The native chain: logit bias, penalties, then greedy or top-k/top-p/min-p/temp/dist.
+
+        Penalties see the prompt (``history``) too, as llama-cpp-python's ``create_completion``
+        does. Samplers that would be neutral are left out, so plain greedy costs one argmax.
+        """
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        add = lib.llama_sampler_chain_add
+        n_vocab = self._model.n_vocab
+        if params.logit_bias:
+            items = [(t, b) for t, b in params.logit_bias.items() if 0 <= t < n_vocab]
+            arr = (lib.llama_logit_bias * max(1, len(items)))()
+            for i, (t, b) in enumerate(items):
+                arr[i].token = t
+                arr[i].bias = b
+            add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr))
+        penalised = (
+            params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+        )
+        if penalised:
+            pen = lib.llama_sampler_init_penalties(
+                n_vocab,
+                PENALTY_LAST_N,
+                params.repeat_penalty,
+                params.frequency_penalty,
+                params.presence_penalty,
+            )
+            for t in history[-PENALTY_LAST_N:]:
+                lib.llama_sampler_accept(pen, t)
+            add(chain, pen)
+        if params.temperature <= 0.0:
+            add(chain, lib.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(chain, lib.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                add(chain, lib.llama_sampler_init_min_p(params.min_p, 1))
+            add(chain, lib.llama_sampler_init_temp(params.temperature))
+            seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
+            add(chain, lib.llama_sampler_init_dist(seed))
+        return NativeSampler(lib, chain, self._ctx)
+
+    def is_eog(self, token: int) -> bool:
+        return self._model.is_eog(token)
+
+    def piece(self, token: int) -> bytes:
+        return self._model.piece(token)
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def encode(self, tokens: Sequence[int], seqs: Sequence[int]) -> int:
+        """Run a batch for embeddings (every token an output); returns the llama.cpp status."""
+        n = len(tokens)
+        positions: list[int] = []
+        counts: dict[int, int] = {}
+        for s in seqs:
+            positions.append(counts.get(s, 0))
+            counts[s] = counts.get(s, 0) + 1
+        b = self._batch
+        for i in range(n):
+            b.token[i] = tokens[i]
+            b.pos[i] = positions[i]
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seqs[i]
+            b.logits[i] = True
+        b.n_tokens = n
+        if self._model.has_encoder:
+            return int(self._lib.llama_encode(self._ctx, b))
+        return int(self._lib.llama_decode(self._ctx, b))
+
+    def seq_embedding(self, seq: int) -> list[float]:
+        ptr = self._lib.llama_get_embeddings_seq(self._ctx, seq)
+        if not ptr:
+            raise EngineError("llama.cpp returned no pooled embedding (model without pooling?)")
+        return list(ptr[: self._model.n_embd])
+
+    def close(self) -> None:
+        if not self._freed:
+            self._freed = True
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
