@@ -1,8 +1,9 @@
 """Which model files this daemon may serve.
 
-Until a model store is enrolled, the agent serves either an explicitly configured file
-(``[model] path``) or the GGUF files placed in ``<state_dir>/models`` by ``edge-agent demo``.
-The id of a file is its name without the ``.gguf`` suffix.
+Either one explicitly configured file (``[model] path``: development and tests), or the models
+installed in the signed store under ``<state_dir>/registry`` (``edge-agent demo`` builds one;
+``edge-agent registry import`` fills it), each re-hashed before it is handed out
+(:mod:`agent.store_catalog`).
 """
 
 from __future__ import annotations
@@ -28,16 +29,15 @@ def info_for_file(path: Path, model_id: str | None = None, chat_template: str | 
 
 
 def discover(settings: Settings) -> list[ModelInfo]:
-    """Models to serve, the default first. Missing files are skipped, never fatal."""
+    """Models to serve, the default first. Missing or refused files are skipped, never fatal."""
     if settings.model.path is not None:
         path = settings.model.path
         if not path.is_file():
             return []
         return [info_for_file(path, settings.model.id, settings.model.chat_template)]
-    directory = settings.models_dir
-    if not directory.is_dir():
-        return []
-    return [info_for_file(p) for p in sorted(directory.glob("*.gguf")) if p.is_file()]
+    from agent.store_catalog import discover_store
+
+    return discover_store(settings)
 
 
 __all__ = ["discover", "info_for_file"]

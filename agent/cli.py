@@ -35,11 +35,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import demo_model_file
+    from agent.demo import build_demo_store
 
     settings = settings_from_args(args)
-    path = demo_model_file(settings.models_dir)
-    print(f"demo model ready: {path}")
+    store = build_demo_store(settings.state_dir)
+    print(f"demo store ready: {', '.join(store.models)} (signed by {store.repo}, bundle {store.bundle})")
     return 0
 
 
@@ -98,7 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # Each area of the agent registers its own subcommands: a module with ``register(sub)`` that adds
 # parsers whose ``func`` takes the parsed arguments and returns the exit status.
-COMMAND_MODULES: tuple[str, ...] = ("agent.audit_cmd",)
+COMMAND_MODULES: tuple[str, ...] = ("agent.audit_cmd", "agent.registry_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -437,7 +437,12 @@ class Repository:
             for name, src in files:
                 target = dest / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if not target.is_file() or target.stat().st_size != src.stat().st_size:
+                if target.is_file() and target.stat().st_size == src.stat().st_size:
+                    continue
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(src, target)  # repository files are immutable (content-addressed)
+                except OSError:
                     shutil.copyfile(src, target)
             return dest
         except OSError as exc:
