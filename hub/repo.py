@@ -437,13 +437,16 @@ class Repository:
             for name, src in files:
                 target = dest / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                if target.is_file() and target.stat().st_size == src.stat().st_size:
+                # Blobs are named by their hash: one of the right size is the same blob.
+                is_blob = not name.startswith("metadata/")
+                if is_blob and target.is_file() and target.stat().st_size == src.stat().st_size:
                     continue
-                target.unlink(missing_ok=True)
+                tmp = temp_name(target.parent)
                 try:
-                    os.link(src, target)  # repository files are immutable (content-addressed)
+                    os.link(src, tmp)  # repository files are never modified in place
                 except OSError:
-                    shutil.copyfile(src, target)
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, target)
             return dest
         except OSError as exc:
             raise translate_os_error(exc, f"cannot write bundle {dest}") from None
