@@ -1,0 +1,471 @@
+"""The MQTT implementation of the registry's fetcher interface (:mod:`registry.fetch`).
+
+Two kinds of file, two mechanisms (docs/protocol.md):
+
+- ``registry:/metadata/<name>``: the hub publishes every metadata file *retained* on
+  ``edge/v1/repo/meta/<name>`` plus an ``index.json`` listing them. :class:`RetainedMetadata`
+  keeps one subscription to ``edge/v1/repo/meta/#`` and a cache of what arrived; a file the index
+  does not list is answered at once with HTTP-404 semantics (python-tuf relies on that to find the
+  newest root). Nothing is verified here: python-tuf does it in :mod:`registry.device`.
+- ``registry:/targets/<dir>/<sha256>.<name>``: fetched chunk by chunk by :class:`ChunkTransfer`,
+  requests on ``edge/v1/repo/blobs/get`` (QoS 1) with MQTT 5 response topic
+  ``edge/v1/devices/<id>/blobs`` and correlation data ``<sha256>:<index>``, at most ``window``
+  outstanding.
+
+Invariants of a transfer:
+- The chunk plan (length, chunk size, per-chunk sha256) comes from the device's *trusted* targets
+  metadata (written by python-tuf only after verification), never from the network message.
+- A chunk is written to the partial file only after its sha256 equals the signed chunk hash; a
+  chunk that does not is refused, reported through ``on_refusal`` (-> audit log) and asked again.
+- The partial file ``<partial_dir>/<sha256>.part`` survives disconnects and restarts (even
+  SIGKILL): on start every chunk already in it is re-hashed, the good ones are kept, so a transfer
+  resumes and a torn write is simply fetched again. It is never visible as a model: the registry's
+  store installs the blob atomically after checking the whole file's sha256, and only then is the
+  partial file deleted.
+- Free disk is checked before the first request: what is still missing plus one full copy (the
+  store's install) must fit, with a margin.
+- Each chunk is requested once per attempt; after a reconnect only the chunks that were in flight
+  (at most one window) are asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuf.api.exceptions import DownloadHTTPError
+
+from agent.log import get_logger
+from agent.sync.errors import MqttError, ProtocolError, TransferError
+from agent.sync.messages import (
+    BLOB_REQUESTS,
+    META_INDEX,
+    META_PREFIX,
+    ChunkRequest,
+    Incoming,
+    MetaIndex,
+    Outgoing,
+    Status,
+    device_topic,
+    parse_correlation,
+)
+from agent.sync.mqtt import MqttClient
+from registry.fetch import METADATA_BASE, TARGETS_BASE, RegistryFetcher
+
+log = get_logger(__name__)
+
+RefusalSink = Callable[[str, str], None]
+DISK_MARGIN_BYTES = 64 << 20
+READ_BLOCK = 1 << 20
+
+
+def _no_refusal_sink(reason: str, detail: str) -> None:
+    log.warning("sync_refused", reason=reason, detail=detail)
+
+
+# --- metadata --------------------------------------------------------------------------------
+
+
+class RetainedMetadata:
+    """Cache of the retained metadata messages under ``edge/v1/repo/meta/``."""
+
+    def __init__(self, client: MqttClient, *, wait_s: float = 10.0) -> None:
+        self.client = client
+        self.wait_s = wait_s
+        self.files: dict[str, bytes] = {}
+        self.index: MetaIndex | None = None
+        self._changed = asyncio.Event()
+        self.on_timestamp: Callable[[], None] | None = None
+        """Called when a new ``timestamp.json`` arrives (the agent schedules a refresh)."""
+
+    async def start(self) -> None:
+        await self.client.subscribe(META_PREFIX + "#", self._on_message, qos=1)
+
+    def _on_message(self, msg: Incoming) -> None:
+        name = msg.topic.removeprefix(META_PREFIX)
+        if name == META_INDEX:
+            try:
+                self.index = MetaIndex.decode(msg.payload) if msg.payload else None
+            except ProtocolError as exc:
+                log.warning("sync_bad_meta_index", error=str(exc))
+                return
+        elif msg.payload:
+            changed = self.files.get(name) != msg.payload
+            self.files[name] = msg.payload
+            if changed and name == "timestamp.json" and self.on_timestamp is not None:
+                self.on_timestamp()
+        else:
+            self.files.pop(name, None)  # an empty retained message clears the file
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def get(self, name: str) -> bytes | None:
+        """The file's bytes, or None when the hub does not publish it."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            index = self.index
+            if name in self.files and (index is None or name in index.files):
+                return self.files[name]
+            if index is not None and name not in index.files:
+                return None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if index is None:
+                    raise TransferError("no metadata index from the hub", status=Status.TIMEOUT.value)
+                raise TransferError(f"metadata {name} did not arrive", status=Status.TIMEOUT.value)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+
+# --- chunk plans -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPlan:
+    """What the signed metadata says about one blob."""
+
+    sha256: str
+    length: int
+    chunk_size: int
+    chunk_sha256: tuple[str, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.chunk_sha256)
+
+    def span(self, index: int) -> tuple[int, int]:
+        offset = index * self.chunk_size
+        return offset, min(self.chunk_size, self.length - offset)
+
+
+def plan_from_target(length: int, sha256: str, custom: Mapping[str, Any]) -> ChunkPlan:
+    """Chunk plan of a verified target: the manifest's chunk hashes, or one chunk for documents."""
+    for key in ("manifest", "file"):
+        body = custom.get(key)
+        if isinstance(body, Mapping) and isinstance(body.get("chunk_sha256"), list):
+            chunks = tuple(str(c) for c in body["chunk_sha256"])
+            size = int(body["chunk_size"])
+            if int(body.get("file_size", length)) != length or -(-length // size) != len(chunks):
+                raise TransferError(f"chunk plan of {sha256[:16]} is inconsistent", status="bad_request")
+            return ChunkPlan(sha256, length, size, chunks)
+    if length > 16 << 20:
+        raise TransferError(f"target {sha256[:16]} has no chunk hashes", status="bad_request")
+    return ChunkPlan(sha256, length, max(length, 1), (sha256,))
+
+
+def trusted_plans(metadata_dir: Path) -> Callable[[str], ChunkPlan]:
+    """Look plans up in the trusted ``targets.json`` python-tuf persisted after verifying it."""
+
+    def lookup(sha256: str) -> ChunkPlan:
+        raw = (metadata_dir / "targets.json").read_bytes()
+        targets = json.loads(raw)["signed"]["targets"]
+        for info in targets.values():
+            if info.get("hashes", {}).get("sha256") == sha256:
+                return plan_from_target(int(info["length"]), sha256, info.get("custom") or {})
+        raise TransferError(f"{sha256[:16]} is not a trusted target", status=Status.NOT_FOUND.value)
+
+    return lookup
+
+
+# --- transfer --------------------------------------------------------------------------------
+
+
+@dataclass
+class TransferStats:
+    requested: collections.Counter[int] = field(default_factory=collections.Counter)
+    """How many times each chunk index was requested."""
+    resumed_chunks: int = 0
+    refused_chunks: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+class ChunkTransfer:
+    """Fetch one blob into ``<partial_dir>/<sha256>.part``, verified chunk by chunk."""
+
+    def __init__(
+        self,
+        client: MqttClient,
+        device_id: str,
+        plan: ChunkPlan,
+        partial_dir: Path,
+        *,
+        window: int = 4,
+        chunk_timeout_s: float = 30.0,
+        max_refusals: int = 16,
+        on_refusal: RefusalSink = _no_refusal_sink,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.device_id = device_id
+        self.plan = plan
+        self.path = partial_dir / f"{plan.sha256}.part"
+        self.window = max(1, window)
+        self.chunk_timeout_s = chunk_timeout_s
+        self.max_refusals = max_refusals
+        self.on_refusal = on_refusal
+        self.on_progress = on_progress
+        self.stats = TransferStats()
+        self._have: set[int] = set()
+        self._inflight: dict[int, float] = {}
+        self._wake = asyncio.Event()
+        self._fd = -1
+        self._failure: TransferError | None = None
+
+    @property
+    def reply_topic(self) -> str:
+        return device_topic(self.device_id, "blobs")
+
+    def _resume(self) -> None:
+        """Keep every chunk already in the partial file whose hash matches the plan."""
+        size = os.fstat(self._fd).st_size
+        for i in range(self.plan.count):
+            offset, length = self.plan.span(i)
+            if offset + length > size:
+                break
+            data = os.pread(self._fd, length, offset)
+            if len(data) == length and hashlib.sha256(data).hexdigest() == self.plan.chunk_sha256[i]:
+                self._have.add(i)
+        self.stats.resumed_chunks = len(self._have)
+
+    def _check_disk(self) -> None:
+        missing = sum(self.plan.span(i)[1] for i in range(self.plan.count) if i not in self._have)
+        need = missing + self.plan.length + DISK_MARGIN_BYTES
+        free = shutil.disk_usage(self.path.parent).free
+        if free < need:
+            raise TransferError(
+                f"{need} bytes needed for {self.plan.sha256[:16]}, {free} free", status=Status.DISK_FULL.value
+            )
+
+    def _on_reply(self, msg: Incoming) -> None:
+        try:
+            sha, index = parse_correlation(msg.correlation)
+        except ProtocolError:
+            return
+        if sha != self.plan.sha256 or not 0 <= index < self.plan.count or index in self._have:
+            return
+        status = msg.prop("status") or Status.OK.value
+        if status != Status.OK.value:
+            if status == Status.NOT_FOUND.value:
+                self._failure = TransferError(
+                    f"the hub does not have {sha[:16]} ({msg.payload[:200]!r})", status=status
+                )
+            self._inflight.pop(index, None)
+            self._wake.set()
+            return
+        data = msg.payload
+        offset, length = self.plan.span(index)
+        if len(data) != length or hashlib.sha256(data).hexdigest() != self.plan.chunk_sha256[index]:
+            self.stats.refused_chunks += 1
+            self.on_refusal(
+                Status.CHUNK_HASH_MISMATCH.value,
+                f"chunk {index} of {sha[:16]}: {len(data)} bytes do not match the signed chunk hash",
+            )
+            self._inflight.pop(index, None)
+            if self.stats.refused_chunks > self.max_refusals:
+                self._failure = TransferError(
+                    f"{self.stats.refused_chunks} refused chunks for {sha[:16]}",
+                    status=Status.CHUNK_HASH_MISMATCH.value,
+                )
+            self._wake.set()
+            return
+        written = os.pwrite(self._fd, data, offset)
+        if written != length:
+            raise TransferError(f"short write of chunk {index}", status=Status.ERROR.value)
+        self._have.add(index)
+        self._inflight.pop(index, None)
+        self.stats.bytes_received += length
+        if self.on_progress is not None:
+            self.on_progress(len(self._have), self.plan.count)
+        self._wake.set()
+
+    async def _request(self, index: int) -> None:
+        offset, length = self.plan.span(index)
+        req = ChunkRequest(self.plan.sha256, index, offset, length)
+        self._inflight[index] = time.monotonic()
+        self.stats.requested[index] += 1
+        await self.client.publish(
+            Outgoing(
+                BLOB_REQUESTS,
+                req.encode(),
+                qos=1,
+                response_topic=self.reply_topic,
+                correlation=req.correlation,
+            )
+        )
+
+    async def run(self) -> Path:
+        """Fetch the missing chunks; return the partial file's path, complete and fsynced."""
+        started = time.monotonic()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            self._resume()
+            self._check_disk()
+            if os.fstat(self._fd).st_size != self.plan.length:
+                os.ftruncate(self._fd, self.plan.length)
+            await self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
+            try:
+                await self._loop()
+            finally:
+                await self._quiet_unsubscribe()
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        self.stats.seconds = time.monotonic() - started
+        return self.path
+
+    async def _quiet_unsubscribe(self) -> None:
+        with contextlib.suppress(MqttError):
+            await self.client.unsubscribe(self.reply_topic, timeout=5)
+
+    async def _loop(self) -> None:
+        order = [i for i in range(self.plan.count) if i not in self._have]
+        next_pos = 0
+        while len(self._have) < self.plan.count:
+            if self._failure is not None:
+                raise self._failure
+            if not self.client.is_connected:
+                self._inflight.clear()  # replies to a lost session may never come: ask again
+                await self.client.wait_connected(None)
+                continue
+            now = time.monotonic()
+            for index, sent in list(self._inflight.items()):
+                if now - sent > self.chunk_timeout_s:
+                    self._inflight.pop(index)
+            retry = [i for i in order[:next_pos] if i not in self._have and i not in self._inflight]
+            try:
+                for index in retry:
+                    if len(self._inflight) >= self.window:
+                        break
+                    await self._request(index)
+                while len(self._inflight) < self.window and next_pos < len(order):
+                    index = order[next_pos]
+                    next_pos += 1
+                    if index not in self._have:
+                        await self._request(index)
+            except MqttError as exc:
+                log.info("sync_request_failed", error=str(exc))
+                await asyncio.sleep(0.2)
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+# --- the fetcher -----------------------------------------------------------------------------
+
+
+class MqttFetcher(RegistryFetcher):
+    """python-tuf fetcher over MQTT. Called from a worker thread (``DeviceRegistry.update`` runs
+    in an executor); each fetch runs its coroutine on the agent's event loop and waits for it."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        client: MqttClient,
+        device_id: str,
+        metadata: RetainedMetadata,
+        plans: Callable[[str], ChunkPlan],
+        partial_dir: Path,
+        *,
+        window: int = 4,
+        chunk_timeout_s: float = 30.0,
+        transfer_timeout_s: float = 3600.0,
+        on_refusal: RefusalSink = _no_refusal_sink,
+        on_progress: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.client = client
+        self.device_id = device_id
+        self.metadata = metadata
+        self.plans = plans
+        self.partial_dir = partial_dir
+        self.window = window
+        self.chunk_timeout_s = chunk_timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self.on_refusal = on_refusal
+        self.on_progress = on_progress
+        self.transfers: list[TransferStats] = []
+
+    def _run(self, coro: Any, timeout: float) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise TransferError("timed out", status=Status.TIMEOUT.value) from None
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if url.startswith(METADATA_BASE):
+            name = url.removeprefix(METADATA_BASE)
+            data = self._run(self.metadata.get(name), self.metadata.wait_s + 5)
+            if data is None:
+                raise DownloadHTTPError(f"{name} is not published by the hub", 404)
+            return iter((data,))
+        if not url.startswith(TARGETS_BASE):
+            raise DownloadHTTPError(f"not a repository file: {url!r}", 404)
+        file_name = url.rsplit("/", 1)[-1]
+        sha = file_name.split(".", 1)[0]
+        plan = self.plans(sha)
+        label = url.removeprefix(TARGETS_BASE)
+
+        def progress(have: int, total: int) -> None:
+            if self.on_progress is not None:
+                self.on_progress(label, have, total)
+
+        transfer = ChunkTransfer(
+            self.client,
+            self.device_id,
+            plan,
+            self.partial_dir,
+            window=self.window,
+            chunk_timeout_s=self.chunk_timeout_s,
+            on_refusal=self.on_refusal,
+            on_progress=progress,
+        )
+        path = self._run(transfer.run(), self.transfer_timeout_s)
+        self.transfers.append(transfer.stats)
+        return _stream_then_discard(path)
+
+
+def _stream_then_discard(path: Path) -> Iterator[bytes]:
+    """Blocks of the complete partial file; the file is removed once the store consumed it all
+    (installed, or refused as a whole: then it is corrupt and must not be resumed from)."""
+    done = False
+    try:
+        with path.open("rb", buffering=0) as fh:
+            while block := fh.read(READ_BLOCK):
+                yield block
+        done = True
+    finally:
+        if done:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+__all__ = [
+    "ChunkPlan",
+    "ChunkTransfer",
+    "MqttFetcher",
+    "RetainedMetadata",
+    "TransferStats",
+    "plan_from_target",
+    "trusted_plans",
+]

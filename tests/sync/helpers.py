@@ -1,0 +1,171 @@
+"""Building blocks of the sync tests: a real signed repository, a device, a hub, all in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.sync.fetcher import MqttFetcher, RetainedMetadata, trusted_plans
+from agent.sync.mqtt import MqttClient
+from hub.repo import Repository
+from hub.sync_blobs import BlobIndex, BlobServer
+from hub.sync_meta import MetaPublisher
+from registry.device import DeviceRegistry, ImportResult
+from registry.metadata import (
+    Deployment,
+    DeploymentEntry,
+    ModelManifest,
+    deployment_target_path,
+    digest_file,
+)
+from tests.sync.broker import Broker
+
+
+def make_blob(path: Path, size: int, seed: int = 1) -> Path:
+    """A deterministic pseudo-random file (stands in for a model where the content does not matter)."""
+    import random
+
+    rnd = random.Random(seed)
+    with path.open("wb") as fh:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            fh.write(rnd.randbytes(n))
+            left -= n
+    return path
+
+
+def publish_model(
+    repo: Repository,
+    source: Path,
+    model_id: str,
+    version: str = "1",
+    *,
+    chunk_size: int = 1 << 20,
+    group: str | None = "edge",
+    name: str | None = None,
+) -> ModelManifest:
+    digest = digest_file(source, chunk_size)
+    manifest = ModelManifest(
+        id=model_id,
+        version=version,
+        family="test",
+        parameters=1_000_000,
+        quantization="Q4_K_M",
+        format="gguf",
+        task="completion",
+        file_name=name or source.name,
+        file_size=digest.size,
+        sha256=digest.sha256,
+        chunk_size=chunk_size,
+        chunk_sha256=digest.chunk_sha256,
+    )
+    repo.add_file(manifest.target_path, source, digest.sha256, manifest.to_custom())
+    if group is not None:
+        deployment = Deployment(group, (DeploymentEntry(model_id, version),))
+        repo.add_bytes(deployment_target_path(group), deployment.to_json(), {"kind": "deployment"})
+    repo.publish()
+    return manifest
+
+
+def new_repo(path: Path) -> Repository:
+    return Repository.init(path)
+
+
+def enrolled_device(
+    state_dir: Path, repo_dir: Path, device_id: str, groups: tuple[str, ...] = ("edge",)
+) -> DeviceRegistry:
+    reg = DeviceRegistry(state_dir, on_refusal=lambda r, d: None)
+    reg.enroll((repo_dir / "metadata" / "1.root.json").read_bytes(), device_id, groups)
+    return reg
+
+
+@dataclass
+class Hub:
+    client: MqttClient
+    meta: MetaPublisher
+    blobs: BlobServer
+
+
+@asynccontextmanager
+async def running_hub(broker: Broker, repo_dir: Path, client_id: str = "hub-1") -> AsyncIterator[Hub]:
+    client = MqttClient(broker.client_config("hub", client_id=client_id))
+    await client.start()
+    await client.wait_connected(10)
+    meta = MetaPublisher(client, repo_dir)
+    blobs = BlobServer(client, BlobIndex(repo_dir / "targets"))
+    await blobs.start()
+    await meta.sync(force=True)
+
+    async def republish(_present: bool) -> None:
+        await meta.sync(force=True)
+
+    client.on_connect(republish)
+    try:
+        yield Hub(client, meta, blobs)
+    finally:
+        blobs.close()
+        await client.close()
+
+
+@dataclass
+class Device:
+    client: MqttClient
+    registry: DeviceRegistry
+    metadata: RetainedMetadata
+    fetcher: MqttFetcher
+    refusals: list[tuple[str, str]] = field(default_factory=list)
+
+    async def update(self) -> ImportResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.registry.update, self.fetcher)
+
+
+@asynccontextmanager
+async def running_device(
+    broker: Broker, state_dir: Path, device_id: str, *, window: int = 4, chunk_timeout_s: float = 10.0
+) -> AsyncIterator[Device]:
+    client = MqttClient(broker.client_config(device_id))
+    await client.start()
+    await client.wait_connected(10)
+    metadata = RetainedMetadata(client, wait_s=5.0)
+    await metadata.start()
+    refusals: list[tuple[str, str]] = []
+    registry = DeviceRegistry(state_dir, on_refusal=lambda r, d: refusals.append((r, d)))
+    fetcher = MqttFetcher(
+        asyncio.get_running_loop(),
+        client,
+        device_id,
+        metadata,
+        trusted_plans(registry.metadata_dir),
+        state_dir / "sync" / "partial",
+        window=window,
+        chunk_timeout_s=chunk_timeout_s,
+        on_refusal=lambda r, d: refusals.append((r, d)),
+    )
+    try:
+        yield Device(client, registry, metadata, fetcher, refusals)
+    finally:
+        await client.close()
+
+
+def installed_files(state_dir: Path) -> list[str]:
+    blobs = state_dir / "registry" / "blobs" / "sha256"
+    return sorted(os.listdir(blobs)) if blobs.is_dir() else []
+
+
+__all__ = [
+    "Device",
+    "Hub",
+    "enrolled_device",
+    "installed_files",
+    "make_blob",
+    "new_repo",
+    "publish_model",
+    "running_device",
+    "running_hub",
+]
