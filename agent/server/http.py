@@ -27,7 +27,7 @@ from aiohttp import web
 from agent.engine.pool import ModelPool
 from agent.errors import ModelNotReady, RequestError
 from agent.log import get_logger
-from agent.server import admin_routes, openai_routes
+from agent.server import admin_routes, openai_routes, openapi
 from agent.server.common import translate
 from agent.server.keys import LIMITS_KEY, POOL_KEY, STARTED_KEY
 from agent.server.limits import GuardedSite, ServerLimits
@@ -85,6 +85,7 @@ def build_app(pool: ModelPool, limits: dict[str, Any], started: float | None = N
     app[STARTED_KEY] = started if started is not None else time.monotonic()
     admin_routes.register(app.router)
     openai_routes.register(app.router)
+    openapi.register(app.router)
     return app
 
 

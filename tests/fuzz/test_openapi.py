@@ -1,0 +1,152 @@
+"""The OpenAPI document: served over the socket, complete, and made of valid JSON Schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema_rs
+import pytest
+
+from agent.engine.pool import ModelPool
+from agent.server import openapi, schemas
+from agent.server.http import build_app
+from tests.daemon import Daemon, uds_client
+
+
+def _app_spec() -> dict[str, Any]:
+    app = build_app(
+        ModelPool(), {"max_body_bytes": 1 << 20, "default_max_tokens": 16, "request_timeout_s": 5.0}
+    )
+    return openapi.build_spec(openapi.app_routes(app.router))
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [r for value in node.values() for r in _refs(value)]
+    if isinstance(node, list):
+        return [r for value in node for r in _refs(value)]
+    return []
+
+
+def _resolve(spec: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), ref
+    node: Any = spec
+    for part in ref[2:].split("/"):
+        node = node[part]
+    return node
+
+
+def test_served_document_matches_the_route_table(bare_daemon: Daemon) -> None:
+    with uds_client(bare_daemon.socket, timeout=10) as client:
+        response = client.get("/openapi.json")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    served = response.json()
+    assert served == _app_spec()
+    assert served["openapi"] == "3.1.0"
+
+
+def test_every_route_is_documented() -> None:
+    app = build_app(
+        ModelPool(), {"max_body_bytes": 1 << 20, "default_max_tokens": 16, "request_timeout_s": 5.0}
+    )
+    spec = openapi.build_spec(openapi.app_routes(app.router))
+    for method, path, _ in openapi.app_routes(app.router):
+        if method == "HEAD":
+            continue
+        operation = spec["paths"][path][method.lower()]
+        assert "200" in operation["responses"]
+        if method == "POST":
+            assert "requestBody" in operation, f"{method} {path} has no documented body"
+            assert {"400", "413", "429", "503"} <= set(operation["responses"])
+
+
+def test_every_reference_resolves() -> None:
+    spec = _app_spec()
+    refs = _refs(spec)
+    assert refs
+    for ref in refs:
+        assert _resolve(spec, ref) is not None
+
+
+def test_component_schemas_are_valid_json_schema_2020_12() -> None:
+    for name, schema in _app_spec()["components"]["schemas"].items():
+        try:
+            jsonschema_rs.meta.validate(schema)
+        except jsonschema_rs.ValidationError as exc:  # pragma: no cover - the message names the schema
+            pytest.fail(f"{name}: {exc}")
+
+
+def validator(spec: dict[str, Any], name: str) -> Any:
+    """A JSON Schema validator for ``components.schemas[name]``, its references resolved in ``spec``."""
+    return jsonschema_rs.Draft202012Validator(
+        {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "schema"),
+    [
+        pytest.param("/health", "Health", id="health"),
+        pytest.param("/v1/models", "ModelList", id="models"),
+        pytest.param("/admin/status", "Status", id="status"),
+        pytest.param("/nope", "ErrorResponse", id="error"),
+    ],
+)
+def test_live_responses_match_their_schema(bare_daemon: Daemon, path: str, schema: str) -> None:
+    spec = _app_spec()
+    with uds_client(bare_daemon.socket, timeout=10) as client:
+        body = client.get(path).json()
+    errors = [str(e) for e in validator(spec, schema).iter_errors(body)]
+    assert errors == []
+    assert not validator(spec, schema).is_valid({"unexpected": "shape"})
+
+
+def test_request_body_schema_is_the_pydantic_model() -> None:
+    spec = _app_spec()
+    body = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = _resolve(spec, body["$ref"])
+    assert schema["required"] == ["prompt"]
+    assert schema["properties"]["temperature"]["maximum"] == 2.0
+    assert openapi.request_models()[("POST", "/v1/completions")] is schemas.CompletionBody
+
+
+def test_retry_after_documented_for_429_and_503() -> None:
+    responses = _app_spec()["components"]["responses"]
+    for status in ("429", "503"):
+        assert "Retry-After" in responses[f"Error{status}"]["headers"]
+    assert "headers" not in responses["Error400"]
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        pytest.param([("GET", "/a", None)], {"/a": ["get"]}, id="get"),
+        pytest.param([("GET", "/a", None), ("HEAD", "/a", None)], {"/a": ["get"]}, id="head-skipped"),
+        pytest.param([("POST", "/a", None), ("GET", "/a", None)], {"/a": ["post", "get"]}, id="two-methods"),
+        pytest.param([("*", "/any", None)], {}, id="wildcard-skipped"),
+    ],
+)
+def test_build_spec_operations(routes: list[tuple[str, str, Any]], expected: dict[str, list[str]]) -> None:
+    spec = openapi.build_spec(routes, models={})
+    assert {path: list(ops) for path, ops in spec["paths"].items()} == expected
+
+
+def test_path_parameters_are_declared() -> None:
+    spec = openapi.build_spec([("POST", "/admin/models/{model_id}/pin", None)], models={})
+    operation = spec["paths"]["/admin/models/{model_id}/pin"]["post"]
+    assert operation["parameters"] == [
+        {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    ]
+
+
+def test_summary_comes_from_the_handler_docstring() -> None:
+    async def handler() -> None:
+        """Pin a model so it is never unloaded.
+
+        More text.
+        """
+
+    spec = openapi.build_spec([("POST", "/x", handler)], models={})
+    assert spec["paths"]["/x"]["post"]["summary"] == "Pin a model so it is never unloaded."
