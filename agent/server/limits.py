@@ -45,6 +45,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from agent.errors import RequestError
 from agent.log import get_logger
+from agent.server.common import translate
 
 log = get_logger(__name__)
 
@@ -347,7 +348,13 @@ class GuardedRequestHandler(RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        """Send the response; close at once if the request body was left unread or timed out."""
+        """Send the response; close at once if the request body was left unread or timed out.
+
+        An ``HTTPException`` that escaped the application's middleware (aiohttp raises some before
+        it, e.g. 417 for an unknown ``Expect``) is answered as a JSON error like every other one.
+        """
+        if isinstance(resp, web.HTTPException) and not resp.prepared:
+            resp = translate(resp)
         result = await super().finish_response(request, resp, start_time)
         if self._timed_out or not request.content.is_eof():
             self._cancel_body_timer()
