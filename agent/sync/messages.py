@@ -233,40 +233,87 @@ def parse_correlation(raw: bytes | None) -> tuple[str, int]:
     return sha, int(index)
 
 
+Row = tuple[int, str, str]
+"""A sealed audit record ``(seq, body, hash)`` or checkpoint ``(seq, body, signature)``."""
+
+
+def _rows(value: object, what: str) -> tuple[Row, ...]:
+    if not isinstance(value, list) or len(value) > 100_000:
+        raise ProtocolError(f"audit batch: {what} must be a list of at most 100000")
+    out: list[Row] = []
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not isinstance(item[0], int)
+            or isinstance(item[0], bool)
+            or not isinstance(item[1], str)
+            or not isinstance(item[2], str)
+            or len(item[1]) > 1 << 20
+            or len(item[2]) > 512
+        ):
+            raise ProtocolError(f"audit batch: each of {what} must be [seq, body, hash-or-signature]")
+        out.append((item[0], item[1], item[2]))
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class AuditBatch:
-    """Consecutive audit records of one device, ``records[i]["seq"] == first_seq + i``."""
+    """Consecutive sealed records of one device (``rows[i][0] == rows[0][0] + i``), the signed
+    checkpoints that fall in their range, and the device's public key (hex) to check them.
+
+    The hub takes the device id from the *topic* (the broker's ACL binds it to the certificate);
+    ``device`` must agree with it.
+    """
 
     device: str
-    first_seq: int
-    records: tuple[Mapping[str, Any], ...]
+    rows: tuple[Row, ...]
+    checkpoints: tuple[Row, ...] = ()
+    key: str = ""
 
     def __post_init__(self) -> None:
         check_id(self.device)
-        if not isinstance(self.first_seq, int) or self.first_seq < 0:
-            raise ProtocolError("audit batch: first_seq must be a non-negative integer")
-        if not self.records:
+        if not self.rows:
             raise ProtocolError("audit batch: empty")
-        for i, rec in enumerate(self.records):
-            if not isinstance(rec, Mapping) or rec.get("seq") != self.first_seq + i:
-                raise ProtocolError(f"audit batch: record {i} does not have seq {self.first_seq + i}")
+        first = self.rows[0][0]
+        if first < 1:
+            raise ProtocolError("audit batch: seq counts from 1")
+        for i, row in enumerate(self.rows):
+            if row[0] != first + i:
+                raise ProtocolError(f"audit batch: row {i} has seq {row[0]}, expected {first + i}")
+        if len(self.key) > 128:
+            raise ProtocolError("audit batch: key too long")
+
+    @property
+    def first_seq(self) -> int:
+        return self.rows[0][0]
 
     @property
     def last_seq(self) -> int:
-        return self.first_seq + len(self.records) - 1
+        return self.rows[-1][0]
 
     def encode(self) -> bytes:
-        return _dumps({"device": self.device, "first_seq": self.first_seq, "records": list(self.records)})
+        return _dumps(
+            {
+                "checkpoints": [list(c) for c in self.checkpoints],
+                "device": self.device,
+                "key": self.key,
+                "rows": [list(r) for r in self.rows],
+            }
+        )
 
     @classmethod
     def decode(cls, raw: bytes) -> AuditBatch:
         data = _loads(raw, "audit batch")
-        _fields(data, "audit batch", {"device", "first_seq", "records"})
-        records = data["records"]
-        if not isinstance(records, list) or len(records) > 100_000:
-            raise ProtocolError("audit batch: records must be a list of at most 100000")
+        _fields(data, "audit batch", {"device", "rows"}, {"checkpoints", "key"})
+        key = data.get("key", "")
+        if not isinstance(key, str):
+            raise ProtocolError("audit batch: key must be a string")
         return cls(
-            _str(data, "device", "audit batch"), _int(data, "first_seq", "audit batch"), tuple(records)
+            _str(data, "device", "audit batch"),
+            _rows(data["rows"], "rows"),
+            _rows(data.get("checkpoints", []), "checkpoints"),
+            key,
         )
 
 
@@ -432,6 +479,7 @@ __all__ = [
     "META_INDEX",
     "META_PREFIX",
     "PREFIX",
+    "Row",
     "AuditAck",
     "AuditBatch",
     "ChunkRequest",

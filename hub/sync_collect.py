@@ -1,0 +1,110 @@
+"""Hub side of the upward flows: audit batches, reported state, online status, events.
+
+The device id always comes from the *topic* (the broker's ACL ties ``edge/v1/devices/<id>/...``
+to the certificate whose CN is ``<id>``), never from the payload alone; a payload naming another
+device is refused.
+
+Audit batches arrive on the shared subscription ``$share/hub/edge/v1/devices/+/audit`` (several
+hub workers may split them) and are stored one device at a time, in arrival order; the
+acknowledgement goes to ``edge/v1/devices/<id>/audit/ack``. State and status are retained
+messages, read with a plain subscription so a restarted hub relearns the inventory at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable
+
+from agent.log import get_logger
+from agent.sync.errors import MqttError, ProtocolError
+from agent.sync.messages import (
+    PREFIX,
+    AuditAck,
+    AuditBatch,
+    Event,
+    Incoming,
+    Outgoing,
+    StateReport,
+    Status,
+    device_of,
+    device_topic,
+    parse_status,
+    shared,
+)
+from agent.sync.mqtt import MqttClient
+from hub.sync_store import HubStore
+
+log = get_logger(__name__)
+
+
+class Collector:
+    """Stores what devices send and acknowledges audit batches."""
+
+    def __init__(
+        self, client: MqttClient, store: HubStore, *, on_event: Callable[[str, Event], None] | None = None
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.on_event = on_event
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.batches = 0
+
+    async def start(self) -> None:
+        await self.client.subscribe(shared(f"{PREFIX}/devices/+/audit"), self._on_audit, qos=1)
+        await self.client.subscribe(shared(f"{PREFIX}/devices/+/events"), self._on_event, qos=1)
+        await self.client.subscribe(f"{PREFIX}/devices/+/state", self._on_state, qos=1)
+        await self.client.subscribe(f"{PREFIX}/devices/+/status", self._on_status, qos=1)
+
+    async def _on_audit(self, msg: Incoming) -> None:
+        try:
+            device, _ = device_of(msg.topic)
+        except ProtocolError:
+            return
+        async with self._locks[device]:
+            try:
+                batch = AuditBatch.decode(msg.payload)
+                ack = await asyncio.to_thread(self.store.store_audit, device, batch)
+            except ProtocolError as exc:
+                ack = AuditAck(-1, Status.BAD_REQUEST.value, str(exc)[:500])
+            self.batches += 1
+            try:
+                await self.client.publish(Outgoing(device_topic(device, "audit/ack"), ack.encode(), qos=1))
+            except MqttError as exc:
+                log.info("audit_ack_failed", device=device, error=str(exc))
+
+    async def _on_state(self, msg: Incoming) -> None:
+        try:
+            device, _ = device_of(msg.topic)
+            report = StateReport.decode(msg.payload)
+        except ProtocolError as exc:
+            log.warning("state_malformed", topic=msg.topic, error=str(exc))
+            return
+        if report.device != device:
+            log.warning("state_for_other_device", topic=msg.topic, claimed=report.device)
+            return
+        await asyncio.to_thread(self.store.record_state, device, report)
+
+    async def _on_status(self, msg: Incoming) -> None:
+        if not msg.payload:
+            return
+        try:
+            device, _ = device_of(msg.topic)
+            claimed, online = parse_status(msg.payload)
+        except ProtocolError:
+            return
+        if claimed == device:
+            await asyncio.to_thread(self.store.record_status, device, online)
+
+    async def _on_event(self, msg: Incoming) -> None:
+        try:
+            device, _ = device_of(msg.topic)
+            event = Event.decode(msg.payload)
+        except ProtocolError:
+            return
+        await asyncio.to_thread(self.store.record_event, device, event)
+        if self.on_event is not None:
+            self.on_event(device, event)
+
+
+__all__ = ["Collector"]

@@ -1,0 +1,327 @@
+"""The hub's database (SQLite): audit records by (device, seq), device inventory, events.
+
+Audit invariants:
+- Storing is idempotent: a record already held (same device and seq) is accepted again only if
+  its hash is the one stored; a different hash for a held seq is refused as ``rewritten``.
+- New records are stored only if they extend the device's chain without a gap: they are checked
+  with :func:`agent.audit.chain.verify` from the device's last stored ``(seq, hash)``, against the
+  checkpoints of the batch, signed by the device key pinned on first contact (trust on first
+  use; a different key later is refused). A batch with any problem stores nothing.
+- The acknowledgement names the highest seq held contiguously; the device marks records uploaded
+  only up to it, so duplicates and retries are harmless.
+- A device whose log was pruned before the hub first heard of it is *anchored* at the record
+  before its first upload (``anchor_seq``): its chain is verified from there on.
+
+Inventory: the last reported state and online status of each device, from retained messages.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.audit.chain import GENESIS, Checkpoint, Sealed, verify
+from agent.device_key import DeviceKeyError, DevicePublicKey
+from agent.sync.messages import AuditAck, AuditBatch, Event, StateReport, Status
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    key TEXT,
+    anchor_seq INTEGER NOT NULL DEFAULT 0,
+    anchor_hash TEXT NOT NULL DEFAULT '',
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    last_hash TEXT NOT NULL DEFAULT '',
+    online INTEGER NOT NULL DEFAULT 0,
+    state TEXT,
+    seen REAL,
+    problem TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    body TEXT NOT NULL,
+    time TEXT,
+    received REAL NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS checkpoints (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_device ON events (device, at);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    device: str
+    online: bool
+    state: StateReport | None
+    seen: float | None
+    audit_seq: int
+    problem: str | None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "online": self.online,
+            "seen": self.seen,
+            "audit_seq": self.audit_seq,
+            "problem": self.problem,
+            "state": json.loads(self.state.encode()) if self.state is not None else None,
+        }
+
+
+class HubStore:
+    """One SQLite file, safe to share between the hub's processes (WAL, busy timeout)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conn().executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    class _Tx:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+    def _tx(self) -> HubStore._Tx:
+        return HubStore._Tx(self._conn())
+
+    # --- audit -------------------------------------------------------------------------------
+
+    def store_audit(self, device: str, batch: AuditBatch, now: float | None = None) -> AuditAck:
+        """Store a batch idempotently; return the acknowledgement to send back."""
+        now = time.time() if now is None else now
+        if batch.device != device:
+            return AuditAck(-1, Status.BAD_REQUEST.value, f"batch names device {batch.device!r}")
+        with self._tx() as conn:
+            conn.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
+            key_hex, anchor_seq, last_seq, last_hash = conn.execute(
+                "SELECT key, anchor_seq, last_seq, last_hash FROM devices WHERE device = ?", (device,)
+            ).fetchone()
+            if key_hex is None and batch.key:
+                key_hex = batch.key
+                conn.execute("UPDATE devices SET key = ? WHERE device = ?", (key_hex, device))
+            elif batch.key and batch.key != key_hex:
+                return self._problem(conn, device, last_seq, "the device key changed (pinned key differs)")
+            if last_seq == 0 and not last_hash:
+                # First contact: anchor at the record before the first one uploaded.
+                first_body = json.loads(batch.rows[0][1])
+                anchor_seq = batch.first_seq - 1
+                last_seq = anchor_seq
+                last_hash = GENESIS if anchor_seq == 0 else str(first_body.get("prev", ""))
+                conn.execute(
+                    "UPDATE devices SET anchor_seq = ?, anchor_hash = ?, last_seq = ?, last_hash = ? "
+                    "WHERE device = ?",
+                    (anchor_seq, last_hash, last_seq, last_hash, device),
+                )
+            held = [r for r in batch.rows if r[0] <= last_seq]
+            if held:
+                stored = dict(
+                    conn.execute(
+                        "SELECT seq, hash FROM audit WHERE device = ? AND seq BETWEEN ? AND ?",
+                        (device, held[0][0], held[-1][0]),
+                    ).fetchall()
+                )
+                for seq, _body, hash_ in held:
+                    if seq > anchor_seq and stored.get(seq) not in (None, hash_):
+                        return self._problem(
+                            conn, device, last_seq, f"record {seq} differs from the one held (rewritten)"
+                        )
+            new = [r for r in batch.rows if r[0] > last_seq]
+            if not new:
+                return AuditAck(last_seq)
+            if new[0][0] != last_seq + 1:
+                return AuditAck(last_seq, Status.OK.value, f"gap: expected record {last_seq + 1}")
+            keys = []
+            if key_hex:
+                try:
+                    keys = [DevicePublicKey.from_hex(key_hex)]
+                except DeviceKeyError as exc:
+                    return self._problem(conn, device, last_seq, f"pinned key unusable: {exc}")
+            cps = [Checkpoint(s, b, sig) for s, b, sig in batch.checkpoints if s > last_seq]
+            report = verify((Sealed(s, b, h) for s, b, h in new), cps, keys, (last_seq, last_hash))
+            if not report.ok:
+                first = report.first_problem
+                assert first is not None
+                return self._problem(conn, device, last_seq, first.message)
+            conn.executemany(
+                "INSERT OR IGNORE INTO audit (device, seq, hash, body, time, received) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(device, s, h, b, _time_of(b), now) for s, b, h in new],
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO checkpoints (device, seq, body, signature) VALUES (?, ?, ?, ?)",
+                [(device, c.seq, c.body, c.signature) for c in cps],
+            )
+            conn.execute(
+                "UPDATE devices SET last_seq = ?, last_hash = ?, problem = NULL WHERE device = ?",
+                (report.last_seq, report.last_hash, device),
+            )
+            return AuditAck(report.last_seq)
+
+    def _problem(self, conn: sqlite3.Connection, device: str, last_seq: int, detail: str) -> AuditAck:
+        conn.execute("UPDATE devices SET problem = ? WHERE device = ?", (detail, device))
+        conn.execute(
+            "INSERT INTO events (device, kind, status, target, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
+            (device, "audit", Status.CHAIN_BROKEN.value, "", detail, time.time()),
+        )
+        return AuditAck(last_seq, Status.CHAIN_BROKEN.value, detail)
+
+    def audit_records(
+        self, device: str, since: str | None = None, limit: int = 100_000
+    ) -> list[dict[str, Any]]:
+        """Stored records of ``device`` (optionally with ``time >= since``, ISO 8601), by seq."""
+        sql = "SELECT body FROM audit WHERE device = ?"
+        args: list[Any] = [device]
+        if since:
+            sql += " AND time >= ?"
+            args.append(since)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        return [json.loads(r[0]) for r in self._conn().execute(sql, args)]
+
+    def verify_device(self, device: str) -> tuple[int, list[str]]:
+        """Re-verify the whole stored chain of ``device``: (records, problems)."""
+        conn = self._conn()
+        row = conn.execute(
+            "SELECT key, anchor_seq, anchor_hash FROM devices WHERE device = ?", (device,)
+        ).fetchone()
+        if row is None:
+            return 0, [f"unknown device {device}"]
+        key_hex, anchor_seq, anchor_hash = row
+        keys = [DevicePublicKey.from_hex(key_hex)] if key_hex else []
+        rows = (
+            Sealed(int(s), str(b), str(h))
+            for s, b, h in conn.execute(
+                "SELECT seq, body, hash FROM audit WHERE device = ? ORDER BY seq", (device,)
+            )
+        )
+        cps = [
+            Checkpoint(int(s), str(b), str(sig))
+            for s, b, sig in conn.execute(
+                "SELECT seq, body, signature FROM checkpoints WHERE device = ? ORDER BY seq", (device,)
+            )
+        ]
+        report = verify(rows, cps, keys, (int(anchor_seq), str(anchor_hash) or GENESIS))
+        return report.records, [p.message for p in report.problems]
+
+    def audit_count(self, device: str) -> tuple[int, int]:
+        """(number of stored records, number of distinct seqs) — equal unless something is wrong."""
+        n, distinct = (
+            self._conn()
+            .execute("SELECT COUNT(*), COUNT(DISTINCT seq) FROM audit WHERE device = ?", (device,))
+            .fetchone()
+        )
+        return int(n), int(distinct)
+
+    # --- inventory and events ----------------------------------------------------------------
+
+    def record_state(self, device: str, report: StateReport, now: float | None = None) -> None:
+        if report.device != device:
+            return
+        with self._tx() as conn:
+            conn.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
+            conn.execute(
+                "UPDATE devices SET state = ?, seen = ? WHERE device = ?",
+                (report.encode().decode(), time.time() if now is None else now, device),
+            )
+
+    def record_status(self, device: str, online: bool, now: float | None = None) -> None:
+        with self._tx() as conn:
+            conn.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
+            conn.execute(
+                "UPDATE devices SET online = ?, seen = ? WHERE device = ?",
+                (int(online), time.time() if now is None else now, device),
+            )
+
+    def record_event(self, device: str, event: Event, now: float | None = None) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO events (device, kind, status, target, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    device,
+                    event.kind,
+                    event.status,
+                    event.target,
+                    event.detail,
+                    event.at or (now or time.time()),
+                ),
+            )
+
+    def events(self, device: str | None = None, limit: int = 1000) -> list[tuple[str, Event]]:
+        sql = "SELECT device, kind, status, target, detail, at FROM events"
+        args: list[Any] = []
+        if device is not None:
+            sql += " WHERE device = ?"
+            args.append(device)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return [(d, Event(k, s, t, det, at)) for d, k, s, t, det, at in self._conn().execute(sql, args)]
+
+    def devices(self) -> list[DeviceRow]:
+        out = []
+        for device, online, state, seen, last_seq, problem in self._conn().execute(
+            "SELECT device, online, state, seen, last_seq, problem FROM devices ORDER BY device"
+        ):
+            report = StateReport.decode(state.encode()) if state else None
+            out.append(DeviceRow(device, bool(online), report, seen, int(last_seq), problem))
+        return out
+
+    def iter_devices(self) -> Iterator[str]:
+        for (device,) in self._conn().execute("SELECT device FROM devices ORDER BY device"):
+            yield str(device)
+
+
+def _time_of(body: str) -> str | None:
+    try:
+        value = json.loads(body).get("time")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+__all__ = ["DeviceRow", "HubStore"]
