@@ -1,0 +1,370 @@
+"""The continuous-batching scheduler against the fake llama context (pure logic, no model)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from agent.engine.base import GenerationChunk, SamplingParams
+from agent.engine.batching import BatchRunner, Job
+from agent.errors import EngineError, Overloaded
+from tests.fakes.decode_backend import FakeDecodeBackend, next_token, piece_of, reference
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def job(tokens: list[int], max_tokens: int = 12, **kw: Any) -> Job:
+    return Job(
+        tokens=tokens,
+        max_tokens=max_tokens,
+        sampling=kw.pop("sampling", GREEDY),
+        stops=kw.pop("stops", ()),
+        deadline=kw.pop("deadline", None),
+        loop=asyncio.get_running_loop(),
+        **kw,
+    )
+
+
+async def drain(j: Job, timeout: float = 10.0) -> tuple[str, GenerationChunk]:
+    parts: list[str] = []
+    while True:
+        item = await asyncio.wait_for(j.queue.get(), timeout)
+        if isinstance(item, BaseException):
+            raise item
+        parts.append(item.text)
+        if item.finish_reason is not None:
+            return "".join(parts), item
+
+
+def run(coro_fn: Callable[[], Any]) -> Any:
+    return asyncio.run(coro_fn())
+
+
+def prompts(n: int, length: int = 5) -> list[list[int]]:
+    return [[1 + (i * 7 + k) % 90 for k in range(length + i)] for i in range(n)]
+
+
+def test_single_job_matches_the_model_run_alone() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend()
+        runner = BatchRunner(backend)
+        try:
+            p = prompts(1)[0]
+            j = job(p, 12)
+            runner.submit(j)
+            text, final = await drain(j)
+            want, reason = reference(p, 12)
+            assert (text, final.finish_reason) == (want, reason)
+            assert final.usage is not None and final.usage.prompt_tokens == len(p)
+            assert final.usage.completion_tokens == len(want)
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_concurrent_jobs_share_batches_and_each_equals_its_solo_run() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=4, n_batch=64)
+        runner = BatchRunner(backend)
+        try:
+            ps = prompts(4)
+            jobs = [job(p, 16) for p in ps]
+            for j in jobs:
+                runner.submit(j)
+            results = await asyncio.gather(*(drain(j) for j in jobs))
+            for p, (text, final) in zip(ps, results, strict=True):
+                assert (text, final.finish_reason) == reference(p, 16)
+            assert any(len(set(b.seqs)) > 1 for b in backend.batches), "sequences were decoded together"
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_new_request_joins_between_steps_of_a_running_stream() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=2, n_batch=64)
+        backend.hold()
+        runner = BatchRunner(backend)
+        try:
+            a, b = prompts(2)
+            ja = job(a, 30)
+            runner.submit(ja)
+            backend.step(5)  # prompt of a + 4 generated tokens
+            first = await asyncio.wait_for(ja.queue.get(), 5)
+            assert isinstance(first, GenerationChunk) and first.text
+            jb = job(b, 5)
+            runner.submit(jb)
+            backend.run_free()
+            (ta, _fa), (tb, _fb) = await asyncio.gather(drain(ja), drain(jb))
+            assert first.text + ta == reference(a, 30)[0]
+            assert tb == reference(b, 5)[0]
+            mixed = [bt for bt in backend.batches if len(set(bt.seqs)) == 2]
+            assert mixed, "b's prompt went into a batch with a's next token"
+        finally:
+            backend.run_free()
+            runner.close()
+
+    run(main)
+
+
+def test_long_prompt_is_chunked_while_another_sequence_generates() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=2, n_batch=32, n_ctx=512)
+        runner = BatchRunner(backend, prefill_chunk=8)
+        try:
+            short = [5, 6, 7]
+            long = [1 + k % 80 for k in range(100)]
+            js = job(short, 40)
+            runner.submit(js)
+            await asyncio.wait_for(js.queue.get(), 5)
+            jl = job(long, 4)
+            runner.submit(jl)
+            await asyncio.gather(drain(js), drain(jl))
+            slot_long = jl.slot
+            for bt in backend.batches:
+                others = [s for s in bt.seqs if s != slot_long]
+                prompt_rows = [s for s in bt.seqs if s == slot_long]
+                if others and len(prompt_rows) > 1:
+                    assert len(prompt_rows) <= 8, "prompt chunk capped while a stream runs"
+            assert all(len(bt.tokens) <= 32 for bt in backend.batches)
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_second_turn_reuses_the_cached_prefix() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=2, n_batch=64)
+        runner = BatchRunner(backend)
+        try:
+            turn1 = [3 + k % 50 for k in range(40)]
+            j1 = job(turn1, 6)
+            runner.submit(j1)
+            text1, _ = await drain(j1)
+            generated = [ord(c) - ord("a") for c in text1]  # not the real ids: a different suffix
+            turn2 = [*turn1, *generated, 9, 9, 9]
+            decoded_before = runner.stats.prompt_tokens
+            j2 = job(turn2, 6)
+            runner.submit(j2)
+            text2, _ = await drain(j2)
+            assert text2 == reference(turn2, 6)[0]
+            assert j2.slot == j1.slot
+            assert j2.reused >= len(turn1)
+            assert runner.stats.prompt_tokens - decoded_before == len(turn2) - j2.reused
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_identical_prompt_keeps_one_token_to_decode() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=1)
+        runner = BatchRunner(backend)
+        try:
+            p = prompts(1)[0]
+            for _ in range(2):
+                j = job(p, 4)
+                runner.submit(j)
+                text, _ = await drain(j)
+                assert text == reference(p, 4)[0]
+            assert j.reused == len(p) - 1
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_cache_that_cannot_be_truncated_is_dropped_whole() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=1, partial_rm=False)
+        runner = BatchRunner(backend)
+        try:
+            a = [4, 5, 6, 7, 8]
+            b = [4, 5, 6, 9, 9]
+            for p in (a, b):
+                j = job(p, 4)
+                runner.submit(j)
+                assert (await drain(j))[0] == reference(p, 4)[0]
+            assert j.reused == 0
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_cancelled_job_frees_its_slot_at_the_next_step() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=1)
+        backend.hold()
+        runner = BatchRunner(backend, max_queue=4)
+        try:
+            ja = job(prompts(1)[0], 200)
+            runner.submit(ja)
+            backend.step(2)
+            await asyncio.wait_for(ja.queue.get(), 5)
+            jb = job([9, 8, 7], 3)
+            runner.submit(jb)
+            runner.cancel(ja)
+            backend.run_free()
+            text, _final = await drain(jb)
+            assert text == reference([9, 8, 7], 3)[0]
+            _, fa = await drain(ja)
+            assert fa.finish_reason == "cancelled"
+            assert runner.n_running == 0
+            assert all(s.closed for s in backend.samplers)
+        finally:
+            backend.run_free()
+            runner.close()
+
+    run(main)
+
+
+def test_queue_beyond_slots_plus_max_queue_is_refused_with_429() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=1)
+        backend.hold()
+        runner = BatchRunner(backend, max_queue=2)
+        try:
+            jobs = [job([1, 2, 3], 50) for _ in range(3)]
+            for j in jobs:
+                runner.submit(j)
+            with pytest.raises(Overloaded) as err:
+                runner.submit(job([1, 2, 3], 5))
+            assert err.value.status == 429
+            assert err.value.retry_after > 0
+            assert "3 requests in flight" in str(err.value)
+            for j in jobs:
+                runner.cancel(j)
+            backend.run_free()
+            for j in jobs:
+                await drain(j)
+        finally:
+            backend.run_free()
+            runner.close()
+
+    run(main)
+
+
+def test_deadline_ends_generation_with_length() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend()
+        now = [0.0]
+        runner = BatchRunner(backend, clock=lambda: now[0])
+        try:
+            backend.hold()
+            j = job(prompts(1)[0], 100, deadline=5.0)
+            runner.submit(j)
+            backend.step(3)
+            await asyncio.wait_for(j.queue.get(), 5)
+            now[0] = 10.0
+            backend.run_free()
+            _, final = await drain(j)
+            assert final.finish_reason == "length"
+            assert final.usage is not None and final.usage.completion_tokens < 100
+        finally:
+            backend.run_free()
+            runner.close()
+
+    run(main)
+
+
+def test_stop_string_cuts_text_before_it() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend()
+        runner = BatchRunner(backend)
+        try:
+            p = prompts(1)[0]
+            full, _ = reference(p, 20)
+            stop = full[6:8]
+            j = job(p, 20, stops=(stop,))
+            runner.submit(j)
+            text, final = await drain(j)
+            assert final.finish_reason == "stop"
+            assert text == full[: full.index(stop)]
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_jobs_that_do_not_fit_the_kv_budget_wait_instead_of_failing() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=4, n_ctx=64, n_batch=64)
+        runner = BatchRunner(backend)
+        try:
+            ps = [[1 + i, 2, 3, 4, 5, 6, 7, 8, 9, 10] for i in range(4)]  # 10 + 20 = 30 cells each
+            jobs = [job(p, 20) for p in ps]
+            for j in jobs:
+                runner.submit(j)
+            results = await asyncio.gather(*(drain(j) for j in jobs))
+            for p, (text, _) in zip(ps, results, strict=True):
+                assert text == reference(p, 20)[0]
+            assert max(len(set(bt.seqs)) for bt in backend.batches) <= 2, "only two fit at a time"
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_decode_failure_fails_the_jobs_in_that_batch() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(fail_status=-3)
+        runner = BatchRunner(backend)
+        try:
+            j = job([1, 2, 3], 5)
+            runner.submit(j)
+            with pytest.raises(EngineError, match="status -3"):
+                await drain(j)
+            backend.fail_status = None
+            ok = job([1, 2, 3], 5)
+            runner.submit(ok)
+            assert (await drain(ok))[0] == reference([1, 2, 3], 5)[0]
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_logit_bias_reaches_the_sampler() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend()
+        runner = BatchRunner(backend)
+        try:
+            p = prompts(1)[0]
+            banned = next_token(p)
+            j = job(p, 1, sampling=SamplingParams(temperature=0.0, logit_bias={banned: -100.0}))
+            runner.submit(j)
+            text, _ = await drain(j)
+            assert text != piece_of(banned).decode()
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_close_fails_running_jobs_and_refuses_new_ones() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=1)
+        backend.hold()
+        runner = BatchRunner(backend)
+        j = job([1, 2, 3], 50)
+        runner.submit(j)
+        backend.step(2)
+        await asyncio.wait_for(j.queue.get(), 5)
+        closing = asyncio.get_running_loop().run_in_executor(None, runner.close)
+        await asyncio.sleep(0.05)
+        backend.run_free()
+        await closing
+        with pytest.raises(EngineError, match="shutting down"):
+            runner.submit(job([1], 1))
+        with pytest.raises(EngineError, match="shut down"):
+            await drain(j)
+
+    run(main)
