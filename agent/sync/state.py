@@ -1,0 +1,72 @@
+"""Reported state: what the device tells the hub about itself (retained, ``devices/<id>/state``).
+
+:func:`build_report` is pure (plain values in, a :class:`StateReport` out);
+:class:`StatePublisher` publishes a report when it differs from the last one published (ignoring
+the timestamp), so an idle device does not chatter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from agent.sync.errors import MqttError
+from agent.sync.messages import Outgoing, StateReport, device_topic
+from agent.sync.mqtt import MqttClient
+
+
+def build_report(
+    device_id: str,
+    *,
+    agent_version: str,
+    groups: Iterable[str],
+    hardware: Mapping[str, Any],
+    default_model: str | None,
+    loaded_models: Iterable[str],
+    installed: Iterable[str],
+    policy_version: str | None,
+    audit_backlog: int,
+    last_sync: float | None,
+    at: float,
+) -> StateReport:
+    return StateReport(
+        device=device_id,
+        online=True,
+        agent_version=agent_version,
+        groups=tuple(groups),
+        hardware=dict(hardware),
+        selected_model=default_model,
+        loaded_models=tuple(sorted(loaded_models)),
+        installed=tuple(sorted(installed)),
+        policy_version=policy_version,
+        audit_backlog=audit_backlog,
+        last_sync=last_sync,
+        at=at,
+    )
+
+
+class StatePublisher:
+    """Publishes the report retained with QoS 1 when its content changed."""
+
+    def __init__(self, client: MqttClient, device_id: str) -> None:
+        self.client = client
+        self.topic = device_topic(device_id, "state")
+        self._last: StateReport | None = None
+
+    def forget(self) -> None:
+        """Publish the next report even if unchanged (after a reconnect to a restarted broker)."""
+        self._last = None
+
+    async def publish(self, report: StateReport) -> bool:
+        if self._last is not None and dataclasses.replace(self._last, at=report.at) == report:
+            return False
+        try:
+            await self.client.publish(Outgoing(self.topic, report.encode(), qos=1, retain=True))
+        except MqttError:
+            return False
+        self._last = report
+        return True
+
+
+__all__ = ["StatePublisher", "build_report"]
