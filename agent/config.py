@@ -215,6 +215,27 @@ class AccessSettings(_Section):
         return value
 
 
+class SelectionSettings(_Section):
+    """Which model this box serves: the best that fits, re-checked at run time (docs/selection.md)."""
+
+    headroom_mb: int = Field(default=256, ge=0, le=1 << 20)
+    """Memory left free for the OS and other services, subtracted from the available memory."""
+    speed_floor_tps: float = Field(default=2.0, ge=0, le=10_000)
+    """Generation tokens/s a model must reach (measured by ``edge-agent bench``, else estimated)."""
+    pin: str | None = None
+    """Serve this model id whatever the ranking says (the memory budget still applies)."""
+    reprobe_interval_s: float = Field(default=300.0, ge=5, le=86400)
+    """Re-probe memory and temperature this often; may switch model (with hysteresis)."""
+    down_after: int = Field(default=2, ge=1, le=100)
+    """Consecutive probes under memory pressure or throttling before moving to a smaller model."""
+    up_after: int = Field(default=5, ge=1, le=1000)
+    """Consecutive calm probes before moving back to a bigger model."""
+    min_switch_interval_s: float = Field(default=600.0, ge=0, le=7 * 86400)
+    """No move to a bigger model sooner than this after a switch."""
+    auto_switch: bool = True
+    """Act on re-probes; ``false`` only logs what it would do."""
+
+
 class Settings(BaseSettings):
     """All settings. Construct through :func:`load_settings`."""
 
@@ -236,6 +257,7 @@ class Settings(BaseSettings):
     service: ServiceSettings = ServiceSettings()
     pool: PoolSettings = PoolSettings()
     metrics: MetricsSettings = MetricsSettings()
+    selection: SelectionSettings = SelectionSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -322,6 +344,7 @@ __all__ = [
     "MetricsSettings",
     "ModelSettings",
     "PoolSettings",
+    "SelectionSettings",
     "ServerSettings",
     "ServiceSettings",
     "Settings",
