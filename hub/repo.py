@@ -227,9 +227,10 @@ class Repository:
         t.expires = self.expiry("targets")
         self._sign(self.targets, "targets")
         _write_metadata(self.path, self.targets, versioned=True)
-        self._publish_snapshot()
+        self.publish_snapshot()
 
-    def _publish_snapshot(self) -> None:
+    def publish_snapshot(self) -> None:
+        """Sign a new snapshot of the current targets version, then a new timestamp."""
         s = self.snapshot.signed
         s.version += 1
         s.expires = self.expiry("snapshot")
@@ -379,7 +380,32 @@ class Repository:
         if role == "targets":
             self.publish()
         elif role == "snapshot":
-            self._publish_snapshot()
+            self.publish_snapshot()
+        elif role == "timestamp":
+            self.refresh_timestamp()
+        return fresh.public_key.keyid
+
+    def add_key(self, role: str, *, threshold: int | None = None) -> str:
+        """Give ``role`` one more key (and optionally a new threshold) in a new root version;
+        returns the new keyid. Metadata of ``role`` is re-signed with all its keys."""
+        if role not in ("root", "targets", "snapshot", "timestamp"):
+            raise RepositoryError(f"unknown role {role!r}")
+        old_root = copy.deepcopy(self.root.signed)
+        new_root = copy.deepcopy(self.root.signed)
+        fresh = generate()
+        self.keys.save(fresh)
+        new_root.add_key(fresh.public_key, role)
+        count = len(new_root.roles[role].keyids)
+        if threshold is not None:
+            if not 1 <= threshold <= count:
+                raise RepositoryError(f"threshold {threshold} must be between 1 and {count}")
+            new_root.roles[role].threshold = threshold
+        new_root.version += 1
+        self._publish_root(new_root, old_root, [fresh] if role == Root.type else [])
+        if role == "targets":
+            self.publish()
+        elif role == "snapshot":
+            self.publish_snapshot()
         elif role == "timestamp":
             self.refresh_timestamp()
         return fresh.public_key.keyid
@@ -409,6 +435,7 @@ class Repository:
             )
         )
         for path, target in sorted(self.targets.signed.targets.items()):
+            parse_target_path(path)
             source = self._target_file_path(path, target.hashes["sha256"])
             rel = source.relative_to(self.path).as_posix()
             files.append((rel, source))

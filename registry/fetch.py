@@ -104,13 +104,20 @@ class BundleFetcher(RegistryFetcher):
         path = (self._root / name).resolve()
         if not path.is_relative_to(self._root) or not path.is_file() or (self._root / name).is_symlink():
             raise DownloadHTTPError(f"{name} is not in bundle {self.bundle}", 404)
-        return _blocks(path.open("rb", buffering=0))
+        return _file_blocks(path)
 
 
 class _Readable(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
     def close(self) -> None: ...
+
+
+def _file_blocks(path: Path) -> Iterator[bytes]:
+    """Opened on the first ``next()``, closed when exhausted or dropped (never leaked)."""
+    with path.open("rb", buffering=0) as fh:
+        while block := fh.read(BLOCK_SIZE):
+            yield block
 
 
 def _blocks(fh: _Readable) -> Iterator[bytes]:

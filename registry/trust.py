@@ -19,6 +19,7 @@ Invariant: every function either returns a verified value or raises :class:`Refu
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -92,6 +93,9 @@ def refusal_for(
         return Refused(where, reason=Reason.EXPIRED)
     if isinstance(exc, tuf_exc.BadVersionNumberError):
         if role == "root":
+            numbers = [int(n) for n in re.findall(r"\d+", text)]
+            if len(numbers) == 2 and numbers[1] < numbers[0]:
+                return Refused(f"root: {text} (rollback)", reason=Reason.ROLLBACK)
             return Refused(f"root rotation refused: {text}", reason=Reason.ROOT_ROTATION)
         if "must be >=" in text or (role == "snapshot" and ".json version" in text):
             return Refused(f"{where} (rollback)", reason=Reason.ROLLBACK)
@@ -113,11 +117,13 @@ def refusal_for(
             reason = explain_signatures(role, rejected, trusted_root)
         return Refused(where, reason=reason)
     if isinstance(exc, DeserializationError | tuf_exc.RepositoryError):
-        if "Multiple signatures" in text or "multiple signatures" in text:
+        cause = f"{text} {exc.__cause__ or ''}".lower()
+        if "multiple signatures" in cause:
             return Refused(f"{where} (duplicate signatures from one key count once)", reason=Reason.THRESHOLD)
-        if "missing info" in text:
+        if "missing info" in cause:
             return Refused(f"{where} (rollback: a role disappeared)", reason=Reason.ROLLBACK)
-        return Refused(where, reason=Reason.MALFORMED)
+        detail = f"{where}: {exc.__cause__}" if exc.__cause__ else where
+        return Refused(detail, reason=Reason.MALFORMED)
     return Refused(f"{where}", reason=Reason.MALFORMED)
 
 
