@@ -236,6 +236,47 @@ class SelectionSettings(_Section):
     """Act on re-probes; ``false`` only logs what it would do."""
 
 
+class HubSettings(_Section):
+    """Fleet sync over MQTT (docs/protocol.md). Off unless ``host`` is set; the agent serves
+    locally whether or not the hub is reachable."""
+
+    host: str | None = None
+    port: int = Field(default=8883, ge=1, le=65535)
+    ca_file: Path | None = None
+    """CA certificate that signed the broker's certificate."""
+    cert_file: Path | None = None
+    """This device's client certificate; its CN must be the device id (the broker's ACL uses it)."""
+    key_file: Path | None = None
+    device_id: str | None = None
+    """Defaults to the id given at enrollment (``edge-agent registry enroll``)."""
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    session_expiry_s: int = Field(default=7 * 86400, ge=0, le=0xFFFFFFFF)
+    backoff_min_s: float = Field(default=1.0, gt=0, le=600)
+    backoff_max_s: float = Field(default=300.0, gt=0, le=86400)
+    refresh_interval_s: float = Field(default=900.0, ge=5, le=86400)
+    """Metadata refresh when no new timestamp was announced in the meantime."""
+    chunk_window: int = Field(default=4, ge=1, le=64)
+    """Chunk requests in flight during a model transfer."""
+    chunk_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    audit_batch: int = Field(default=1000, ge=1, le=10000)
+    state_interval_s: float = Field(default=60.0, ge=1, le=86400)
+
+    @field_validator("backoff_max_s")
+    @classmethod
+    def _backoff(cls, value: float, info: Any) -> float:
+        low = info.data.get("backoff_min_s")
+        if low is not None and value < low:
+            raise ValueError("must be at least backoff_min_s")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def _tls_complete(cls, value: Path | None, info: Any) -> Path | None:
+        if info.data.get("host") and not (info.data.get("ca_file") and info.data.get("cert_file") and value):
+            raise ValueError("a hub host needs ca_file, cert_file and key_file (TLS client certificate)")
+        return value
+
+
 class Settings(BaseSettings):
     """All settings. Construct through :func:`load_settings`."""
 
@@ -258,6 +299,7 @@ class Settings(BaseSettings):
     pool: PoolSettings = PoolSettings()
     metrics: MetricsSettings = MetricsSettings()
     selection: SelectionSettings = SelectionSettings()
+    hub: HubSettings = HubSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -340,6 +382,7 @@ __all__ = [
     "AuditSettings",
     "EmbeddingSettings",
     "EngineSettings",
+    "HubSettings",
     "LogSettings",
     "MetricsSettings",
     "ModelSettings",
