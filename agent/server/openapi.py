@@ -88,6 +88,48 @@ class Completion(TypedDict):
     usage: UsageCounts
 
 
+class ChatMessageOut(TypedDict):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+class ChatChoice(TypedDict):
+    index: int
+    message: ChatMessageOut
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletion(TypedDict):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[ChatChoice]
+    usage: UsageCounts
+
+
+class EmbeddingObject(TypedDict):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+    """Floats, or base64 of little-endian float32 with ``encoding_format: base64``."""
+
+
+class EmbeddingUsage(TypedDict):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(TypedDict):
+    object: Literal["list"]
+    data: list[EmbeddingObject]
+    model: str
+    usage: EmbeddingUsage
+
+
 class ModelStatus(TypedDict):
     id: str
     state: str
@@ -109,6 +151,8 @@ RESPONSE_TYPES: dict[str, type] = {
     "/health": Health,
     "/v1/models": ModelList,
     "/v1/completions": Completion,
+    "/v1/chat/completions": ChatCompletion,
+    "/v1/embeddings": EmbeddingList,
     "/admin/status": Status,
 }
 """The 200 body of the routes whose shape is known here; other routes document a JSON object."""
@@ -131,6 +175,15 @@ _ERRORS = {
 }
 _GET_ERRORS = (403, 404, 405, 408, 414, 431, 500, 503)
 _POST_ERRORS = (400, 403, 404, 405, 408, 413, 414, 429, 431, 500, 503)
+
+
+_SSE_EVENT: dict[str, Any] = {
+    "description": "One Server-Sent Event (OpenAPI 3.1: the schema of each event): a JSON chunk, "
+    "then `[DONE]` as the last event's data",
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+}
 
 
 def request_models(module: Any = schemas) -> dict[tuple[str, str], type[BaseModel]]:
@@ -188,9 +241,7 @@ def _responses(method: str, path: str, components: _Components) -> dict[str, Any
     ok_schema = components.ref(ok_type, "serialization") if ok_type is not None else {"type": "object"}
     ok_content: dict[str, Any] = {"application/json": {"schema": ok_schema}}
     if path in STREAMING_PATHS:
-        ok_content["text/event-stream"] = {
-            "schema": {"type": "string", "description": "`data: <json chunk>` events, then `data: [DONE]`"}
-        }
+        ok_content["text/event-stream"] = {"schema": _SSE_EVENT}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": ok_content}}
     for status in _POST_ERRORS if method != "GET" else _GET_ERRORS:
         responses[str(status)] = {"$ref": f"#/components/responses/Error{status}"}
@@ -273,7 +324,9 @@ def register(router: web.UrlDispatcher) -> None:
 __all__ = [
     "RESPONSE_TYPES",
     "STREAMING_PATHS",
+    "ChatCompletion",
     "Completion",
+    "EmbeddingList",
     "ErrorResponse",
     "Health",
     "ModelList",
