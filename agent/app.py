@@ -74,7 +74,7 @@ def embedding_info(settings: Settings) -> ModelInfo | None:
 
 
 def build_pool(settings: Settings) -> ModelPool:
-    pool = ModelPool()
+    pool = ModelPool(lambda info: build_engine(info, settings))  # the factory lets sync swap models
     infos = list(discover(settings))
     extra = embedding_info(settings)
     if extra is not None and all(i.id != extra.id for i in infos):
@@ -164,8 +164,13 @@ class Daemon:
             pool.start_loading()
             service = sdnotify.ServiceNotifier.from_env(s.service.notify)
             service.start(_loading_status(pool), _serving_status(pool))
+            from agent.sync.service import start_sync
+
+            sync = await start_sync(s, pool, guard)  # None unless [hub] host is set
             await self._stop.wait()
             log.info("stopping", grace_s=s.server.shutdown_grace_s)
+            if sync is not None:
+                await sync.close()
             service.stopping()
             await server.stop()
             await service.close()

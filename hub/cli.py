@@ -14,7 +14,7 @@ from registry.exceptions import ManifestError, RegistryError
 
 # Each area of the hub registers its own subcommands: a module with ``register(sub)`` that adds
 # parsers whose ``func`` takes the parsed arguments and returns the exit status.
-COMMAND_MODULES: tuple[str, ...] = ("hub.repo_cmd",)
+COMMAND_MODULES: tuple[str, ...] = ("hub.repo_cmd", "hub.sync_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,489 @@
+"""The device's sync loop: refresh signed metadata over MQTT, install, reconcile, report.
+
+Lifecycle: :meth:`SyncService.start` returns at once (the agent serves locally whether or not the
+hub is reachable); a background task waits for a connection, then for every new ``timestamp.json``
+(or every ``refresh_interval_s``) runs :meth:`SyncService.sync_once`:
+
+1. ``DeviceRegistry.update`` with the :class:`~agent.sync.fetcher.MqttFetcher` (python-tuf checks the
+   metadata; missing models are fetched chunk by chunk, verified, installed atomically). A refusal
+   is recorded in the audit log and reported as an event with status ``metadata_refused``.
+2. Policies: every installed policy target is offered to :func:`agent.policy.accept_policy`
+   (which refuses older versions and records the outcome in the audit log).
+3. Reconcile (:mod:`agent.sync.reconcile`) and apply: activation = load + smoke test + switch
+   through the pool's ``swap``, which keeps the previous model serving when the new one fails.
+   Every outcome is an event with a status code; a failed version is not retried.
+4. Publish the reported state (retained) and upload the audit log.
+
+Invariant: nothing in this loop can stop the daemon: every failure is logged, reported and retried
+at the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.engine.base import ModelInfo
+from agent.log import get_logger
+from agent.sync.audit_upload import AuditSource, AuditUploader
+from agent.sync.errors import MqttError, SyncError
+from agent.sync.fetcher import MqttFetcher, RetainedMetadata, trusted_plans
+from agent.sync.messages import Event, Outgoing, Status, device_topic, offline_will, online_status
+from agent.sync.mqtt import MqttClient, MqttConfig
+from agent.sync.reconcile import Activate, Defer, Missing, plan
+from agent.sync.state import StatePublisher, build_report
+from registry.device import DeviceRegistry
+from registry.exceptions import RegistryError
+
+log = get_logger(__name__)
+
+
+class ServingPool(Protocol):
+    """What the sync loop needs of :class:`agent.engine.pool.ModelPool`."""
+
+    @property
+    def default_id(self) -> str | None: ...
+
+    def models(self) -> list[ModelInfo]: ...
+
+    def status(self) -> list[Any]: ...
+
+    async def swap(self, info: ModelInfo, *, pin: bool = False) -> Any: ...
+
+
+class AuditRecorder(Protocol):
+    def submit(self, entry: Any) -> Any: ...
+
+
+@dataclass
+class SyncOptions:
+    device_id: str
+    mqtt: MqttConfig
+    refresh_interval_s: float = 900.0
+    chunk_window: int = 4
+    chunk_timeout_s: float = 30.0
+    audit_batch: int = 1000
+    state_interval_s: float = 60.0
+    agent_version: str = ""
+    hardware: Mapping[str, Any] = field(default_factory=dict)
+    audit_key_hex: str = ""
+
+
+def _entry(action: str, resource: str | None, outcome: str, reason: str, details: dict[str, Any]) -> Any:
+    from agent.audit.chain import Entry
+    from agent.audit.store import agent_actor
+
+    return Entry(action, resource, outcome, reason, agent_actor(), details)
+
+
+class SyncService:
+    """Fleet sync of one device. Construct in ``agent.app``; ``start()``; ``close()`` on shutdown."""
+
+    def __init__(
+        self,
+        options: SyncOptions,
+        state_dir: Path,
+        pool: ServingPool,
+        *,
+        audit: AuditSource | None = None,
+        policy_sink: Callable[[bytes, int], None] | None = None,
+        policy_version: Callable[[], str | None] = lambda: None,
+        client_factory: Callable[[MqttConfig], MqttClient] = MqttClient,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.options = options
+        self.state_dir = state_dir
+        self.pool = pool
+        self.audit = audit
+        self.policy_sink = policy_sink
+        self.policy_version = policy_version
+        self.now = now
+        config = options.mqtt
+        if config.will is None:
+            from dataclasses import replace
+
+            config = replace(config, will=offline_will(options.device_id))
+        self.client = client_factory(config)
+        self.registry = DeviceRegistry(state_dir, on_refusal=self._refused)
+        self.metadata = RetainedMetadata(self.client)
+        self.metadata.on_timestamp = self._wake_up
+        self.uploader: AuditUploader | None = None
+        self.state = StatePublisher(self.client, options.device_id)
+        self.failed: set[tuple[str, str]] = set()
+        self.serving_versions: dict[str, str] = {}
+        self.last_sync: float | None = None
+        self.events_sent: list[Event] = []
+        self._events: collections.deque[Event] = collections.deque(maxlen=1000)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._state_task: asyncio.Task[None] | None = None
+        self.rounds = 0
+        self.fetcher: MqttFetcher | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        o = self.options
+        self.fetcher = MqttFetcher(
+            loop,
+            self.client,
+            o.device_id,
+            self.metadata,
+            trusted_plans(self.registry.metadata_dir),
+            self.state_dir / "sync" / "partial",
+            window=o.chunk_window,
+            chunk_timeout_s=o.chunk_timeout_s,
+            on_refusal=self._refused,
+        )
+        self.client.on_connect(self._on_connect)
+        await self.client.start()
+        await self.metadata.start()
+        if self.audit is not None:
+            self.uploader = AuditUploader(
+                self.client, self.audit, o.device_id, o.audit_key_hex, batch_size=o.audit_batch
+            )
+            await self.uploader.start()
+        self._task = loop.create_task(self._run())
+        self._state_task = loop.create_task(self._state_loop())
+
+    async def close(self) -> None:
+        for task in (self._task, self._state_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.uploader is not None:
+            await self.uploader.close()
+        if self.client.is_connected:
+            with contextlib.suppress(MqttError):
+                await self.client.publish(offline_will(self.options.device_id), timeout=2)
+        await self.client.close()
+
+    def _wake_up(self) -> None:
+        self._wake.set()
+
+    async def _on_connect(self, _session_present: bool) -> None:
+        self.state.forget()
+        with contextlib.suppress(MqttError):
+            await self.client.publish(online_status(self.options.device_id, time.time()))
+        await self._flush_events()
+        self._wake.set()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await self.client.wait_connected(None)
+            self._wake.clear()
+            try:
+                await self.sync_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop must survive anything and retry
+                log.error("sync_round_failed", error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.options.refresh_interval_s)
+
+    async def _state_loop(self) -> None:
+        while True:
+            if self.client.is_connected:
+                await self.publish_state()
+            await asyncio.sleep(self.options.state_interval_s)
+
+    async def sync_once(self) -> None:
+        """One round: refresh + install, policies, reconcile + activate, report."""
+        assert self.fetcher is not None
+        self.rounds += 1
+        try:
+            await asyncio.to_thread(self.registry.update, self.fetcher)
+        except (RegistryError, SyncError) as exc:
+            status = Status.METADATA_REFUSED if isinstance(exc, RegistryError) else Status.ERROR
+            await self.report(Event("registry", status.value, "", str(exc)[:1900], time.time()))
+            await self.publish_state()
+            return
+        self.last_sync = time.time()
+        await self._apply_policies()
+        await self.reconcile()
+        await self.publish_state()
+
+    async def _apply_policies(self) -> None:
+        if self.policy_sink is None:
+            return
+        for target in self.registry.index().of_kind("policy"):
+            try:
+                raw = await asyncio.to_thread(self.registry.policy_bytes, target.ref.name)
+            except RegistryError as exc:
+                await self.report(Event("policy", Status.POLICY_REFUSED.value, target.path, str(exc)))
+                continue
+            if raw is None:
+                continue
+            version = _document_version(raw) or target.targets_version
+            before = self.policy_version()
+            try:
+                await asyncio.to_thread(self.policy_sink, raw, version)
+            except Exception as exc:
+                if "not newer" not in str(exc):
+                    await self.report(
+                        Event("policy", Status.POLICY_REFUSED.value, target.path, str(exc)[:1900])
+                    )
+                continue
+            if self.policy_version() != before:
+                await self.report(
+                    Event("policy", Status.POLICY_APPLIED.value, target.path, f"version {version}")
+                )
+
+    def _installed(self) -> dict[tuple[str, str], ModelInfo]:
+        out: dict[tuple[str, str], ModelInfo] = {}
+        for m in self.registry.models():
+            man = m.manifest
+            out[(man.id, man.version)] = ModelInfo(
+                id=man.id,
+                path=self.registry.store.path(m.target.sha256),
+                format=man.format,
+                task=man.task,
+                n_ctx_train=man.context_length,
+                size_bytes=man.file_size,
+                chat_template=man.chat_template,
+            )
+        return out
+
+    def _serving(self, installed: Mapping[tuple[str, str], ModelInfo]) -> dict[str, str]:
+        by_path = {str(info.path): key for key, info in installed.items()}
+        serving: dict[str, str] = {}
+        for info in self.pool.models():
+            key = by_path.get(str(info.path))
+            if key is not None and key[0] == info.id:
+                serving[info.id] = key[1]
+        return serving
+
+    async def reconcile(self) -> None:
+        installed = self._installed()
+        serving = self._serving(installed)
+        actions = plan(
+            self.registry.deployments(),
+            installed.keys(),
+            serving,
+            self.pool.default_id,
+            self.now(),
+            self.failed,
+        )
+        for action in actions:
+            target = f"models/{action.model}/{action.version or 'newest'}"
+            if isinstance(action, Missing):
+                await self.report(
+                    Event("deployment", Status.NOT_FOUND.value, target, "model is not installed")
+                )
+            elif isinstance(action, Defer):
+                await self.report(
+                    Event("deployment", Status.DEFERRED.value, target, f"waiting for window {action.window}")
+                )
+            elif isinstance(action, Activate):
+                await self._activate(action, installed[(action.model, action.version)], target)
+
+    async def _activate(self, action: Activate, info: ModelInfo, target: str) -> None:
+        try:
+            # Re-hash just before loading: a blob altered on disk is refused, never served.
+            await asyncio.to_thread(self.registry.store.verify, _sha_of(info), info.size_bytes, target)
+            if action.make_default:
+                await self.pool.swap(info, pin=False)
+            else:
+                register = getattr(self.pool, "register", None)
+                if register is None:
+                    await self.pool.swap(info)
+                else:
+                    register(info)
+        except Exception as exc:
+            reason = getattr(exc, "reason", "")
+            status = Status.SMOKE_TEST_FAILED if reason == "smoke_failed" else Status.LOAD_FAILED
+            self.failed.add((action.model, action.version))
+            self._audit("deployment.activate", target, "failed", status.value, {"error": str(exc)[:500]})
+            await self.report(Event("deployment", status.value, target, str(exc)[:1900]))
+            return
+        self.serving_versions[action.model] = action.version
+        self._audit("deployment.activate", target, "ok", "activated", {"default": action.make_default})
+        await self.report(Event("deployment", Status.ACTIVATED.value, target, "serving"))
+
+    # --- reporting -------------------------------------------------------------------------------
+
+    def _audit(
+        self, action: str, resource: str | None, outcome: str, reason: str, details: dict[str, Any]
+    ) -> None:
+        recorder = self.audit
+        submit = getattr(recorder, "submit", None)
+        if submit is not None:
+            try:
+                submit(_entry(action, resource, outcome, reason, details))
+            except Exception as exc:
+                log.error("audit_submit_failed", error=str(exc))
+        if self.uploader is not None:
+            self.uploader.kick()
+
+    def _refused(self, reason: str, detail: str) -> None:
+        """Registry and transfer refusals: into the audit log (from any thread)."""
+        log.warning("sync_refused", reason=reason, detail=detail)
+        self._audit("sync.refused", None, "refused", reason, {"detail": detail[:1000]})
+
+    async def report(self, event: Event) -> None:
+        if not event.at:
+            event = Event(event.kind, event.status, event.target, event.detail, time.time())
+        log.info("sync_event", kind=event.kind, status=event.status, target=event.target)
+        self._events.append(event)
+        await self._flush_events()
+
+    async def _flush_events(self) -> None:
+        topic = device_topic(self.options.device_id, "events")
+        while self._events and self.client.is_connected:
+            event = self._events[0]
+            try:
+                await self.client.publish(Outgoing(topic, event.encode(), qos=1))
+            except MqttError:
+                return
+            self._events.popleft()
+            self.events_sent.append(event)
+
+    async def publish_state(self) -> None:
+        enrollment = None
+        with contextlib.suppress(RegistryError):
+            enrollment = self.registry.enrollment()
+        status = self.pool.status()
+        report = build_report(
+            self.options.device_id,
+            agent_version=self.options.agent_version,
+            groups=enrollment.groups if enrollment is not None else (),
+            hardware=self.options.hardware,
+            default_model=self.pool.default_id,
+            loaded_models=[s.id for s in status if getattr(s, "state", "") == "ready"],
+            installed=list(self.registry.index().targets),
+            policy_version=self.policy_version(),
+            audit_backlog=await asyncio.to_thread(self.audit.backlog) if self.audit is not None else 0,
+            last_sync=self.last_sync,
+            at=time.time(),
+        )
+        await self.state.publish(report)
+
+    async def wait_rounds(self, n: int, timeout: float) -> None:
+        """Wait until at least ``n`` sync rounds ran (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout
+        while self.rounds < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.rounds} sync rounds after {timeout}s")
+            await asyncio.sleep(0.05)
+
+
+def _sha_of(info: ModelInfo) -> str:
+    return info.path.name
+
+
+def _document_version(raw: bytes) -> int:
+    import json
+
+    try:
+        value = json.loads(raw).get("version", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def options_from_settings(settings: Any, device_id: str, **extra: Any) -> SyncOptions:
+    """SyncOptions from ``agent.config.Settings`` (its ``[hub]`` section)."""
+    h = settings.hub
+    mqtt = MqttConfig(
+        host=h.host,
+        port=h.port,
+        client_id=device_id,
+        ca_file=h.ca_file,
+        cert_file=h.cert_file,
+        key_file=h.key_file,
+        keepalive_s=h.keepalive_s,
+        session_expiry_s=h.session_expiry_s,
+        backoff_min_s=h.backoff_min_s,
+        backoff_max_s=h.backoff_max_s,
+        will=offline_will(device_id),
+    )
+    return SyncOptions(
+        device_id=device_id,
+        mqtt=mqtt,
+        refresh_interval_s=h.refresh_interval_s,
+        chunk_window=h.chunk_window,
+        chunk_timeout_s=h.chunk_timeout_s,
+        audit_batch=h.audit_batch,
+        state_interval_s=h.state_interval_s,
+        **extra,
+    )
+
+
+async def start_sync(settings: Any, pool: ServingPool, guard: Any = None) -> SyncService | None:
+    """Start fleet sync when ``[hub] host`` is set (called by ``agent.app``); None otherwise.
+
+    ``guard`` is the audit/access guard (its ``audit`` log and ``policies`` holder); a device that
+    is not enrolled and has no ``[hub] device_id`` cannot sync: that is logged, never fatal.
+    """
+    if settings.hub.host is None:
+        return None
+    from agent import __version__
+    from agent.device_key import ensure_device_key
+    from agent.errors import ConfigError
+
+    device_id = settings.hub.device_id
+    if device_id is None:
+        try:
+            device_id = DeviceRegistry(settings.state_dir).enrollment().device_id
+        except RegistryError as exc:
+            log.error("sync_disabled", reason=str(exc))
+            return None
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = getattr(settings.hub, name)
+        if not Path(path).is_file():
+            raise ConfigError(f"config error: hub.{name} = {str(path)!r}: file not found")
+    hardware: dict[str, Any] = {}
+    try:
+        from agent.hardware.probe import probe
+
+        hardware = probe(timeout_s=1.0).to_dict()
+    except Exception as exc:  # the hardware profile is informative only
+        log.warning("sync_hardware_probe_failed", error=repr(exc))
+    audit = getattr(guard, "audit", None)
+    holder = getattr(guard, "policies", None)
+    key_hex = ensure_device_key(settings.state_dir).public.raw.hex()
+    options = options_from_settings(
+        settings, device_id, agent_version=__version__, hardware=hardware, audit_key_hex=key_hex
+    )
+    policy_sink = None
+    if audit is not None:
+        from agent.policy import accept_policy
+
+        def policy_sink(document: bytes, version: int) -> None:
+            accept_policy(settings.state_dir, document, version, audit=audit)
+
+    def policy_version() -> str | None:
+        return str(holder.current().version) if holder is not None else None
+
+    service = SyncService(
+        options,
+        settings.state_dir,
+        pool,
+        audit=audit,
+        policy_sink=policy_sink,
+        policy_version=policy_version,
+    )
+    await service.start()
+    log.info("sync_started", device=device_id, broker=f"{settings.hub.host}:{settings.hub.port}")
+    return service
+
+
+__all__ = [
+    "AuditRecorder",
+    "ServingPool",
+    "SyncOptions",
+    "SyncService",
+    "options_from_settings",
+    "start_sync",
+]

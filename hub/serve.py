@@ -1,0 +1,188 @@
+"""``edge-hub serve``: the hub's MQTT side.
+
+One process (role ``all``) publishes the repository metadata retained and keeps it current
+(polling the metadata directory, so CLI pushes from other processes go out within
+``meta_poll_s``), re-signs the timestamp on a schedule (apscheduler), answers chunk requests,
+stores audit batches, state and events in the hub database. ``blob_workers`` extra processes
+(role ``blobs``) answer chunk requests too: all of them share ``$share/hub/edge/v1/repo/blobs/get``
+so the broker spreads the requests.
+
+Lifecycle: start -> run until SIGTERM/SIGINT -> close the MQTT clients and stop the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.log import get_logger
+from agent.sync.mqtt import MqttClient, MqttConfig
+from hub.sync_blobs import BlobIndex, BlobServer
+from hub.sync_collect import Collector
+from hub.sync_meta import MetaPublisher, refresh_timestamp
+from hub.sync_store import HubStore
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    repo: Path
+    db: Path
+    mqtt: MqttConfig
+    role: str = "all"
+    blob_workers: int = 0
+    timestamp_interval_s: float = 6 * 3600.0
+    meta_poll_s: float = 2.0
+    passphrase: bytes | None = None
+
+
+class HubServer:
+    """The running hub (one process)."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.client = MqttClient(config.mqtt)
+        self.blobs = BlobServer(self.client, BlobIndex(config.repo / "targets"))
+        self.meta: MetaPublisher | None = None
+        self.collector: Collector | None = None
+        self.store: HubStore | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._scheduler: object | None = None
+        self._workers: list[subprocess.Popen[bytes]] = []
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def start(self) -> None:
+        c = self.config
+        await self.client.start()
+        await self.blobs.start()
+        if c.role == "all":
+            self.store = HubStore(c.db)
+            self.meta = MetaPublisher(self.client, c.repo)
+            self.collector = Collector(self.client, self.store)
+            await self.collector.start()
+            self.client.on_connect(self._republish)
+            self._tasks.append(asyncio.get_running_loop().create_task(self._poll_meta()))
+            self._start_scheduler()
+            for i in range(c.blob_workers):
+                self._workers.append(self._spawn_worker(i))
+
+    def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
+        c = self.config
+        argv = [
+            sys.executable, "-m", "hub.serve",
+            "--role", "blobs", "--repo", str(c.repo), "--db", str(c.db),
+            "--host", c.mqtt.host, "--port", str(c.mqtt.port),
+            "--ca", str(c.mqtt.ca_file), "--cert", str(c.mqtt.cert_file), "--key", str(c.mqtt.key_file),
+            "--client-id", f"{c.mqtt.client_id}-blobs-{i}",
+        ]  # fmt: skip
+        return subprocess.Popen(argv)
+
+    def _start_scheduler(self) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        scheduler = AsyncIOScheduler(event_loop=asyncio.get_running_loop())
+        scheduler.add_job(
+            self.resign_timestamp,
+            "interval",
+            seconds=self.config.timestamp_interval_s,
+            id="timestamp",
+            max_instances=1,
+            coalesce=True,
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+
+    async def resign_timestamp(self) -> None:
+        try:
+            version = await asyncio.to_thread(refresh_timestamp, self.config.repo, self.config.passphrase)
+        except Exception as exc:
+            log.error("timestamp_refresh_failed", error=str(exc))
+            return
+        log.info("timestamp_refreshed", version=version)
+        if self.meta is not None and self.client.is_connected:
+            await self.meta.sync()
+
+    async def _republish(self, _session_present: bool) -> None:
+        if self.meta is not None:
+            await self.meta.sync(force=True)
+
+    async def _poll_meta(self) -> None:
+        assert self.meta is not None
+        while True:
+            await asyncio.sleep(self.config.meta_poll_s)
+            if self.client.is_connected:
+                try:
+                    await self.meta.sync()
+                except Exception as exc:
+                    log.warning("meta_sync_failed", error=str(exc))
+
+    async def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for proc in self._workers:
+            proc.terminate()
+        for proc in self._workers:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.blobs.close()
+        await self.client.close()
+        if self.store is not None:
+            self.store.close()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in previous:
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            log.info(
+                "hub_serving",
+                role=self.config.role,
+                broker=f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+            )
+            await self._stop.wait()
+        finally:
+            await self.close()
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler)
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hub.serve`` (what ``edge-hub serve`` spawns for blob workers)."""
+    import argparse
+
+    from hub.sync_cmd import add_broker_options, serve_config
+
+    parser = argparse.ArgumentParser(prog="python -m hub.serve")
+    add_broker_options(parser)
+    parser.add_argument("--repo", type=Path, required=True)
+    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--role", choices=("all", "blobs"), default="blobs")
+    parser.add_argument("--blob-workers", type=int, default=0)
+    parser.add_argument("--timestamp-interval", type=float, default=6 * 3600.0)
+    args = parser.parse_args(argv)
+    return asyncio.run(HubServer(serve_config(args)).run())
+
+
+__all__ = ["HubServer", "ServeConfig", "main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

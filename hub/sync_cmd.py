@@ -1,0 +1,329 @@
+"""``edge-hub serve | devices | deploy | policy push | audit query``: the fleet over MQTT.
+
+Broker options default to environment variables (``EDGE_HUB_MQTT_HOST``, ``_PORT``, ``_CA``,
+``_CERT``, ``_KEY``) so an operator sets them once. Exit statuses: 0 ok, 1 runtime failure (broker
+unreachable, a device reported a failure, timeout), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.sync.errors import SyncError
+from agent.sync.messages import PREFIX, Event, Incoming, device_of
+from agent.sync.mqtt import MqttClient, MqttConfig
+
+_ENV = "EDGE_HUB_MQTT_"
+DONE_STATUSES = {
+    "activated": True,
+    "policy_applied": True,
+    "smoke_test_failed": False,
+    "load_failed": False,
+    "policy_refused": False,
+    "metadata_refused": False,
+    "not_found": False,
+}
+
+
+def add_broker_options(p: argparse.ArgumentParser, client_id: str = "hub") -> None:
+    env = os.environ
+    p.add_argument("--host", default=env.get(_ENV + "HOST", "127.0.0.1"), help="broker host")
+    p.add_argument("--port", type=int, default=int(env.get(_ENV + "PORT", "8883")))
+    p.add_argument("--ca", type=Path, default=_path(env.get(_ENV + "CA")), help="broker CA certificate")
+    p.add_argument("--cert", type=Path, default=_path(env.get(_ENV + "CERT")), help="client certificate")
+    p.add_argument("--key", type=Path, default=_path(env.get(_ENV + "KEY")), help="client key")
+    p.add_argument("--client-id", default=client_id)
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def mqtt_config(args: argparse.Namespace) -> MqttConfig:
+    missing = [n for n in ("ca", "cert", "key") if getattr(args, n) is None]
+    if missing:
+        raise SystemExit(f"edge-hub: missing --{', --'.join(missing)} (or {_ENV}CA/CERT/KEY)")
+    for n in ("ca", "cert", "key"):
+        if not getattr(args, n).is_file():
+            raise SystemExit(f"edge-hub: --{n} {getattr(args, n)}: no such file")
+    return MqttConfig(
+        host=args.host,
+        port=args.port,
+        client_id=args.client_id,
+        ca_file=args.ca,
+        cert_file=args.cert,
+        key_file=args.key,
+        backoff_min_s=0.5,
+        backoff_max_s=30.0,
+    )
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    from hub.serve import ServeConfig
+
+    return ServeConfig(
+        repo=args.repo,
+        db=args.db,
+        mqtt=mqtt_config(args),
+        role=args.role,
+        blob_workers=args.blob_workers,
+        timestamp_interval_s=args.timestamp_interval,
+    )
+
+
+def _repo_dir(args: argparse.Namespace) -> Path:
+    return Path(args.repo) if args.repo is not None else Path(os.environ.get("EDGE_HUB_REPO", "hub-repo"))
+
+
+def _db(args: argparse.Namespace) -> Path:
+    return Path(args.db) if args.db is not None else Path(os.environ.get("EDGE_HUB_DB", "hub.db"))
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from agent import log as agent_log
+    from hub.serve import HubServer
+
+    agent_log.configure("info", "auto")
+    args.repo = _repo_dir(args)
+    args.db = _db(args)
+    if not (args.repo / "metadata").is_dir():
+        print(f"edge-hub: {args.repo} is not a repository (run `edge-hub repo init`)", file=sys.stderr)
+        return 2
+    return asyncio.run(HubServer(serve_config(args)).run())
+
+
+def _open_store(args: argparse.Namespace) -> Any:
+    from hub.sync_store import HubStore
+
+    db = _db(args)
+    if not db.is_file():
+        print(f"edge-hub: no hub database at {db} (run `edge-hub serve` first)", file=sys.stderr)
+        raise SystemExit(2)
+    return HubStore(db)
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    rows = _open_store(args).devices()
+    if args.json:
+        print(json.dumps([r.to_json_dict() for r in rows], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("device", "online", "groups", "model", "loaded", "policy", "audit", "backlog", "last sync")
+    for r in rows:
+        s = r.state
+        table.add_row(
+            r.device,
+            "[green]yes[/green]" if r.online else "[red]no[/red]",
+            ",".join(s.groups) if s else "",
+            (s.selected_model or "") if s else "",
+            ",".join(s.loaded_models) if s else "",
+            (s.policy_version or "") if s else "",
+            str(r.audit_seq) + (f" [red]({r.problem})[/red]" if r.problem else ""),
+            str(s.audit_backlog) if s else "",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.last_sync)) if s and s.last_sync else "",
+        )
+    Console().print(table)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from hub.publish import set_deployment
+    from hub.repo_cmd import open_repo
+
+    repo = open_repo(args)
+    dep = set_deployment(
+        repo, args.group, args.model, version=args.model_version, pin=args.pin, maintenance_window=args.window
+    )
+    print(
+        f"deployments/{dep.group}.json: {', '.join(m.model for m in dep.models)} "
+        f"(targets v{repo.targets.signed.version})"
+    )
+    if args.wait <= 0:
+        return 0
+    return asyncio.run(_push_and_watch(args, repo.path, args.group, "deployment", f"models/{args.model}/"))
+
+
+def cmd_policy_push(args: argparse.Namespace) -> int:
+    from hub.publish import add_policy
+    from hub.repo_cmd import open_repo
+
+    repo = open_repo(args)
+    path = add_policy(repo, Path(args.file), args.name)
+    print(f"published {path} (targets v{repo.targets.signed.version})")
+    if args.wait <= 0:
+        return 0
+    return asyncio.run(_push_and_watch(args, repo.path, args.group, "policy", path))
+
+
+async def _push_and_watch(
+    args: argparse.Namespace, repo_dir: Path, group: str | None, kind: str, target: str
+) -> int:
+    """Publish the new metadata at once and show devices' outcomes as a progress bar."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hub.sync_meta import MetaPublisher
+
+    console = Console()
+    expected: set[str] = set()
+    db = _db(args)
+    if db.is_file():
+        from hub.sync_store import HubStore
+
+        for row in HubStore(db).devices():
+            if row.state is not None and (group is None or group in row.state.groups):
+                expected.add(row.device)
+    client = MqttClient(mqtt_config(args))
+    outcomes: dict[str, Event] = {}
+    changed = asyncio.Event()
+    since = time.time()
+
+    def on_event(msg: Incoming) -> None:
+        try:
+            device, _ = device_of(msg.topic)
+            event = Event.decode(msg.payload)
+        except SyncError:
+            return
+        if event.kind != kind or not event.target.startswith(target) or event.at < since - 5:
+            return
+        if event.status in DONE_STATUSES:
+            outcomes[device] = event
+            changed.set()
+
+    try:
+        await client.start()
+        await client.wait_connected(10)
+        await client.subscribe(f"{PREFIX}/devices/+/events", on_event)
+        await MetaPublisher(client, repo_dir).sync()
+        total = len(expected) or None
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(f"{kind} -> {group or 'all groups'}", total=total)
+            deadline = time.monotonic() + args.wait
+            while time.monotonic() < deadline:
+                progress.update(task, completed=len(outcomes))
+                if expected and expected <= set(outcomes):
+                    break
+                changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(1.0, max(0.01, deadline - time.monotonic())))
+            progress.update(task, completed=len(outcomes))
+    except SyncError as exc:
+        print(f"edge-hub: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await client.close()
+    failed = {d: e for d, e in outcomes.items() if not DONE_STATUSES[e.status]}
+    for device, event in sorted(outcomes.items()):
+        colour = "red" if device in failed else "green"
+        console.print(f"[{colour}]{device}: {event.status}[/{colour}] {event.target} {event.detail}")
+    missing = sorted(expected - set(outcomes))
+    if missing:
+        console.print(f"[yellow]no outcome within {args.wait:g}s from: {', '.join(missing)}[/yellow]")
+    return 1 if failed or missing else 0
+
+
+def cmd_audit_query(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    records = store.audit_records(args.device, args.since, args.limit)
+    if args.verify:
+        count, problems = store.verify_device(args.device)
+        print(json.dumps({"device": args.device, "records": count, "ok": not problems, "problems": problems}))
+        return 0 if not problems else 1
+    for r in records:
+        print(json.dumps(r, sort_keys=True))
+    return 0
+
+
+# --- registration ----------------------------------------------------------------------------
+
+
+def _repo_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repo", default=None, help="repository directory ($EDGE_HUB_REPO, else ./hub-repo)")
+    p.add_argument("--passphrase-env", default=None, help="environment variable holding the key passphrase")
+
+
+def _db_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None, help="hub database ($EDGE_HUB_DB, else ./hub.db)")
+
+
+def _watch_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="publish now and wait this long for devices' outcomes"
+    )
+    _db_opt(p)
+    add_broker_options(p, client_id=f"operator-{os.getpid()}")
+
+
+def _subparsers_of(parser: argparse.ArgumentParser) -> Any:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the hub: metadata, blobs, audit, inventory over MQTT")
+    _repo_opts(p)
+    _db_opt(p)
+    add_broker_options(p)
+    p.add_argument("--role", choices=("all", "blobs"), default="all")
+    p.add_argument("--blob-workers", type=int, default=0, help="extra processes answering chunk requests")
+    p.add_argument("--timestamp-interval", type=float, default=6 * 3600.0, help="re-sign every N seconds")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("devices", help="the fleet inventory")
+    p.add_argument("--json", action="store_true")
+    _db_opt(p)
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("deploy", help="make a group hold a model, publish, and watch devices switch")
+    p.add_argument("--group", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-version", default=None)
+    p.add_argument("--pin", action="store_true")
+    p.add_argument("--window", default=None, help="maintenance window HH:MM-HH:MM (UTC)")
+    _repo_opts(p)
+    _watch_opts(p)
+    p.set_defaults(func=cmd_deploy)
+
+    policy = sub.choices.get("policy")
+    policy_sub = _subparsers_of(policy) if policy is not None else None
+    if policy_sub is None:
+        policy_sub = sub.add_parser("policy", help="policies").add_subparsers(
+            dest="policy_cmd", required=True
+        )
+    p = policy_sub.add_parser("push", help="publish a policy document and watch devices apply it")
+    p.add_argument("file")
+    p.add_argument("--name", default=None)
+    p.add_argument("--group", default=None, help="only count devices of this group")
+    _repo_opts(p)
+    _watch_opts(p)
+    p.set_defaults(func=cmd_policy_push)
+
+    audit = sub.add_parser("audit", help="audit records uploaded by devices").add_subparsers(
+        dest="audit_cmd", required=True
+    )
+    p = audit.add_parser("query", help="print a device's records as JSON lines")
+    p.add_argument("--device", required=True)
+    p.add_argument("--since", default=None, help="ISO 8601 UTC time, e.g. 2026-01-31T00:00:00")
+    p.add_argument("--limit", type=int, default=100_000)
+    p.add_argument("--verify", action="store_true", help="check the stored chain instead of printing")
+    _db_opt(p)
+    p.set_defaults(func=cmd_audit_query)
+
+
+__all__ = ["add_broker_options", "mqtt_config", "register", "serve_config"]
