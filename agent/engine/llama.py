@@ -15,6 +15,7 @@ slot at its next step; ``close`` stops the decode thread before freeing any C ob
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,6 +39,9 @@ from agent.errors import (
     ModelLoadError,
     ModelNotReady,
 )
+from agent.log import get_logger
+
+log = get_logger(__name__)
 
 __all__ = ["LlamaEngine"]
 
@@ -225,6 +229,8 @@ class LlamaEngine:
             deadline=deadline,
             loop=asyncio.get_running_loop(),
         )
+        started = time.monotonic()
+        first: float | None = None
         runner.submit(job)
         done = False
         try:
@@ -235,14 +241,31 @@ class LlamaEngine:
                     if isinstance(item, AgentError):
                         raise item
                     raise EngineError(f"generation failed: {item}") from item
+                if first is None:
+                    first = time.monotonic()
                 if item.finish_reason is not None:
                     done = True
+                    self._log_done(job, item, started, first)
                 yield item
                 if done:
                     return
         finally:
             if not done:
                 runner.cancel(job)
+                log.info("generation_cancelled", model=self._info.id, prompt_tokens=len(tokens))
+
+    def _log_done(self, job: Job, final: GenerationChunk, started: float, first: float) -> None:
+        usage = final.usage
+        log.info(
+            "generation",
+            model=self._info.id,
+            finish_reason=final.finish_reason,
+            prompt_tokens=len(job.tokens),
+            reused_tokens=job.reused,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            first_chunk_ms=round((first - started) * 1000, 1),
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
 
     # -- embeddings ----------------------------------------------------------------------------
 
