@@ -98,7 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # Each area of the agent registers its own subcommands: a module with ``register(sub)`` that adds
 # parsers whose ``func`` takes the parsed arguments and returns the exit status.
-COMMAND_MODULES: tuple[str, ...] = ("agent.audit_cmd", "agent.registry_cmd")
+COMMAND_MODULES: tuple[str, ...] = ("agent.audit_cmd", "agent.registry_cmd", "agent.select_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -143,12 +143,24 @@ def kv_cells(shape: ModelShape, layer: int, params: RuntimeParams) -> int:
 
 
 def kv_cache_bytes(shape: ModelShape, params: RuntimeParams) -> int:
+    """Sum over layers of cells x KV heads x (key + value length) x bytes per value."""
     per_value = KV_TYPE_BYTES[params.kv_type]
-    total = 0.0
+    width = shape.key_length + shape.value_length
+    full = _pad(params.n_ctx)
+    window = full
+    if shape.sliding_window and not params.swa_full:
+        window = min(full, _pad(shape.sliding_window * params.n_seq + params.n_ubatch))
+    swa = shape.swa_layers if shape.sliding_window else ()
+    if len(shape.n_head_kv) == 1:
+        n_swa = sum(1 for flag in swa[: shape.n_layers] if flag)
+        heads = shape.n_head_kv[0]
+        total = (n_swa * window + (shape.n_layers - n_swa) * full) * heads * width * per_value
+        return int(total)
+    acc = 0.0
     for layer in range(shape.n_layers):
-        width = shape.kv_heads(layer) * (shape.key_length + shape.value_length)
-        total += kv_cells(shape, layer, params) * width * per_value
-    return int(total)
+        cells = window if layer < len(swa) and swa[layer] else full
+        acc += cells * shape.n_head_kv[layer] * width * per_value
+    return int(acc)
 
 
 def compute_bytes(shape: ModelShape, params: RuntimeParams) -> tuple[int, int]:

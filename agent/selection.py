@@ -272,11 +272,12 @@ def select(
         else:
             out.append(r)
     out.sort(key=lambda r: (r.verdict != "chosen", r.verdict != "fits", *_rank_key(r)))
+    final = out[0] if chosen is not None else None
     return Selection(
         chosen.candidate if chosen else None,
         budget,
         tuple(out),
-        _message(chosen, out, budget, policy),
+        _message(final, out, budget, policy),
     )
 
 

@@ -123,3 +123,22 @@ def test_estimate_is_monotonic_in_context(shape: ModelShape, a: int, b: int, ful
     assert small.total <= large.total
     assert small.kv_cache <= large.kv_cache
     assert min(small.weights, small.kv_cache, small.compute, small.output, small.overhead) >= 0
+
+
+@given(
+    shape=shapes,
+    n_ctx=st.integers(128, 1 << 16),
+    full=st.booleans(),
+    per_layer=st.booleans(),
+)
+def test_fast_kv_sum_equals_the_per_layer_definition(
+    shape: ModelShape, n_ctx: int, full: bool, per_layer: bool
+) -> None:
+    if per_layer:
+        shape = replace(shape, n_head_kv=tuple((i % 4) + 1 for i in range(shape.n_layers)))
+    params = RuntimeParams(n_ctx=n_ctx, swa_full=full)
+    width = shape.key_length + shape.value_length
+    expected = sum(
+        kv_cells(shape, il, params) * shape.kv_heads(il) * width * 2 for il in range(shape.n_layers)
+    )
+    assert kv_cache_bytes(shape, params) == expected
