@@ -1,0 +1,126 @@
+"""`edge-agent probe`, `select` and `bench` through the real CLI, with the real Gemma 3 270M file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.engine.base import ModelInfo
+from agent.select_cmd import SPEEDS_FILE, load_speeds, measured_speeds, save_speeds
+
+
+@pytest.fixture
+def config(tmp_path: Path, gemma_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n[model]\npath = "{gemma_path}"\nid = "gemma"\n'
+        "[engine]\nn_threads = 2\n"
+    )
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_probe_json(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "--config", str(config), "probe", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["cpu"]["arch"] != "unknown"
+    assert data["usable_memory_bytes"] > 0
+    assert isinstance(data["notes"], list)
+
+
+def test_probe_table(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "--config", str(config), "probe")
+    assert code == 0
+    assert "usable" in out and "simd" in out
+
+
+def test_select_explain_and_json(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "--config", str(config), "select", "--explain")
+    assert code == 0
+    assert "gemma" in out and "chosen" in out and "estimated" in out
+    assert out.strip().splitlines()[-1].startswith("gemma: the only candidate that fits; needs ")
+    code, out, _ = run(capsys, "--config", str(config), "select", "--json", "--ctx", "32768")
+    data = json.loads(out)
+    assert data["choice"] == "gemma"
+    row = data["candidates"][0]
+    # 32k context with the full-size SWA cache llama.cpp is given: 576 MiB of KV.
+    assert row["memory"]["kv_cache"] == 576 << 20
+    assert row["quantization"] == "Q4_K_M"
+
+
+def test_select_nothing_fits_exits_1(
+    capsys: pytest.CaptureFixture[str], config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT_SELECTION__HEADROOM_MB", str(1 << 20))
+    code, out, _ = run(capsys, "--config", str(config), "select")
+    assert code == 1
+    assert out.startswith("nothing fits: the smallest candidate, gemma, needs ")
+
+
+def test_select_wrong_task(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "--config", str(config), "select", "--task", "embedding")
+    assert code == 1
+    assert out.strip() == "no candidate qualifies: task is completion, embedding wanted"
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_bench_stores_speeds_that_select_uses(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    code, out, _ = run(capsys, "--config", str(config), "bench", "--tokens", "8")
+    assert code == 0, out
+    stored = json.loads((tmp_path / "state" / SPEEDS_FILE).read_text())
+    entry = stored["models"]["gemma"]
+    assert entry["gen_tps"] > 0 and entry["prompt_tps"] > 0 and entry["gen_tokens"] == 8
+    assert stored["bandwidth_gbps"] > 0
+    code, out, _ = run(capsys, "--config", str(config), "select", "--json")
+    row = json.loads(out)["candidates"][0]
+    assert row["speed_source"] == "measured"
+    assert row["speed_tps"] == pytest.approx(entry["gen_tps"], rel=0.01)
+
+
+def test_bench_unknown_model_is_a_usage_error(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, _, err = run(capsys, "--config", str(config), "bench", "--model", "nope")
+    assert code == 2
+    assert "bench: model 'nope' is not installed" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, {}),
+        (b"{not json", {}),
+        (b"[1, 2]", {}),
+        (b" " * (2 << 20), {}),
+        (b'{"models": {"m": {"gen_tps": 3.5, "file_size": 10}}}', {"m": 3.5}),
+        (b'{"models": {"m": {"gen_tps": 3.5, "file_size": 11}}}', {}),
+        (b'{"models": {"m": {"gen_tps": "fast", "file_size": 10}}}', {}),
+    ],
+    ids=["absent", "corrupt", "not-an-object", "too-large", "valid", "file-changed", "bad-value"],
+)
+def test_speeds_store_is_never_fatal(
+    tmp_path: Path, content: bytes | None, expected: dict[str, float]
+) -> None:
+    path = tmp_path / "speeds.json"
+    if content is not None:
+        path.write_bytes(content)
+    info = ModelInfo(id="m", path=tmp_path / "m.gguf", format="gguf", size_bytes=10)
+    assert measured_speeds(load_speeds(path), [info]) == expected
+
+
+def test_save_speeds_is_atomic_and_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "sel" / "speeds.json"
+    save_speeds(path, {"models": {"m": {"gen_tps": 1.0}}})
+    save_speeds(path, {"models": {"m": {"gen_tps": 2.0}}})
+    assert load_speeds(path) == {"models": {"m": {"gen_tps": 2.0}}}
+    assert [p.name for p in path.parent.iterdir()] == ["speeds.json"]
