@@ -1,0 +1,346 @@
+"""The model pool: budget, eviction, idle unload, pins, hot swap and rollback (fake engines)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.engine.base import CompletionRequest, EngineState
+from agent.engine.pool import ModelPool, SwapFailed, default_memory_budget
+from agent.errors import EngineError, ModelLoadError, ModelNotReady, NotFound, Overloaded
+from tests.fakes.engine import FakeBehaviour, FakeEngine, FakeFactory, fake_info
+
+MiB = 1 << 20
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def collect(engine: Any, rid: str, max_tokens: int = 3) -> str:
+    parts = []
+    async for chunk in engine.generate(CompletionRequest(prompt="hi", max_tokens=max_tokens, request_id=rid)):
+        parts.append(chunk.text)
+    return "".join(parts)
+
+
+def test_resolve_default_and_named() -> None:
+    async def main() -> None:
+        factory = FakeFactory()
+        pool = ModelPool(factory)
+        pool.register(fake_info("a"))
+        pool.register(fake_info("b"))
+        pool.start_loading()
+        await pool.wait_loaded()
+        assert pool.default_id == "a"
+        assert pool.resolve(None).info.id == "a"
+        assert [m.id for m in pool.models()] == ["a", "b"]
+        # b loads on demand: the first request is told to retry, the next one is served.
+        with pytest.raises(ModelNotReady, match="loading"):
+            pool.resolve("b")
+        await pool.wait_loaded()
+        assert await collect(pool.resolve("b"), "r1") == "b-0 b-1 b-2 "
+        await pool.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("setup", "request_id", "error", "match"),
+    [
+        pytest.param("empty", None, ModelNotReady, "no model is installed", id="no-model"),
+        pytest.param("one", "nope", NotFound, r"'nope' is not served here \(available: a\)", id="unknown-id"),
+        pytest.param("failed", None, EngineError, "failed to load", id="failed-model"),
+    ],
+)
+def test_resolve_refusals(setup: str, request_id: str | None, error: type[Exception], match: str) -> None:
+    async def main() -> None:
+        factory = FakeFactory({"a": FakeBehaviour(fail_load=True)} if setup == "failed" else {})
+        pool = ModelPool(factory)
+        if setup != "empty":
+            pool.register(fake_info("a"))
+            pool.start_loading()
+            await pool.wait_loaded()
+        with pytest.raises(error, match=match):
+            pool.resolve(request_id)
+        await pool.close()
+
+    run(main())
+
+
+def test_added_engines_load_and_loading_flag() -> None:
+    async def main() -> None:
+        engine = FakeEngine(fake_info("a"), FakeBehaviour(load_delay_s=0.05))
+        pool = ModelPool()  # no factory: the foundation's way, engines constructed by the caller
+        pool.add(engine)
+        assert not pool.loading
+        pool.start_loading()
+        assert pool.loading
+        await pool.wait_loaded()
+        assert not pool.loading
+        assert engine.state is EngineState.READY
+        await pool.close()
+        assert engine.closed
+
+    run(main())
+
+
+def test_register_needs_a_factory() -> None:
+    with pytest.raises(ModelLoadError, match="no engine factory"):
+        ModelPool().register(fake_info("a"))
+
+
+def test_budget_evicts_least_recently_used_idle_model() -> None:
+    async def main() -> None:
+        clock = Clock()
+        factory = FakeFactory()
+        pool = ModelPool(factory, memory_budget=250 * MiB, clock=clock)
+        for name in "abc":
+            pool.register(fake_info(name, 100))
+        pool.start_loading()
+        await pool.wait_loaded()
+        for name in "bc":
+            clock.now += 10
+            with pytest.raises(ModelNotReady):
+                pool.resolve(name)
+            await pool.wait_loaded()
+        # a (default) stays; b was idle the longest, so c's load evicted it.
+        states = {s.id: s.state for s in pool.status()}
+        assert states["a"] == "ready" and states["c"] == "ready"
+        assert states["b"] in ("retiring", "unloaded")
+        await pool.wait_retired()
+        assert {s.id: s.state for s in pool.status()}["b"] == "unloaded"
+        assert pool.memory_used() == 200 * MiB
+        await pool.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("budget_mb", "max_loaded", "pin_b", "match"),
+    [
+        pytest.param(50, 4, False, "more than the whole budget", id="larger-than-budget"),
+        pytest.param(250, 4, True, "does not fit", id="pinned-not-evicted"),
+        pytest.param(None, 2, True, "2 of 2 models", id="count-limit"),
+    ],
+)
+def test_budget_refusals(budget_mb: int | None, max_loaded: int, pin_b: bool, match: str) -> None:
+    async def main() -> None:
+        pool = ModelPool(
+            FakeFactory(), memory_budget=budget_mb * MiB if budget_mb else None, max_loaded=max_loaded
+        )
+        pool.register(fake_info("a", 40))
+        pool.register(fake_info("b", 100), pinned=pin_b)
+        pool.register(fake_info("c", 120))
+        pool.start_loading()
+        await pool.wait_loaded()
+        with pytest.raises(Overloaded, match=match) as info:
+            pool.resolve("c")
+        assert info.value.status == 503 and info.value.retry_after > 0
+        await pool.close()
+
+    run(main())
+
+
+def test_idle_unload_spares_default_pinned_and_busy() -> None:
+    async def main() -> None:
+        clock = Clock()
+        factory = FakeFactory()
+        pool = ModelPool(factory, keep_alive_s=60, clock=clock)
+        pool.register(fake_info("default"))
+        pool.register(fake_info("pinned"), pinned=True)
+        pool.register(fake_info("busy"))
+        pool.register(fake_info("idle"))
+        pool.start_loading()
+        for name in ("busy", "idle"):
+            with pytest.raises(ModelNotReady):
+                pool.resolve(name)
+        await pool.wait_loaded()
+        busy = pool.resolve("busy")
+        assert isinstance(busy, FakeEngine)
+        busy.gate = asyncio.Event()
+        stream = busy.generate(CompletionRequest(prompt="x", max_tokens=3))
+        await anext(stream)  # one request in flight
+        clock.now += 30
+        assert pool.unload_idle() == []
+        clock.now += 31
+        assert pool.unload_idle() == ["idle"]
+        busy.gate.set()
+        async for _ in stream:
+            pass
+        assert pool.unload_idle() == ["busy"]
+        await pool.wait_retired()
+        states = {s.id: s.state for s in pool.status()}
+        assert states == {"default": "ready", "pinned": "ready", "busy": "unloaded", "idle": "unloaded"}
+        # An unloaded model comes back on demand with a fresh engine.
+        with pytest.raises(ModelNotReady):
+            pool.resolve("idle")
+        await pool.wait_loaded()
+        assert await collect(pool.resolve("idle"), "again") == "idle-0 idle-1 idle-2 "
+        assert sum(1 for e in factory.built if e.info.id == "idle") == 2
+        await pool.close()
+
+    run(main())
+
+
+def test_hot_swap_keeps_in_flight_stream_on_the_old_model() -> None:
+    async def main() -> None:
+        factory = FakeFactory()
+        pool = ModelPool(factory, settle_s=0.05)
+        pool.register(fake_info("old"))
+        pool.start_loading()
+        await pool.wait_loaded()
+        old = pool.resolve(None)
+        assert isinstance(old, FakeEngine)
+        old.gate = asyncio.Event()
+        stream = old.generate(CompletionRequest(prompt="x", max_tokens=4, request_id="inflight"))
+        first = await anext(stream)
+        result = await pool.swap(fake_info("new"))
+        assert (result.previous, result.current) == ("old", "new")
+        assert pool.default_id == "new"
+        # New requests go to the new model while the old stream is still open.
+        assert await collect(pool.resolve(None), "after") == "new-0 new-1 new-2 "
+        assert {s.id: s.state for s in pool.status()}["old"] == "retiring"
+        assert not old.closed
+        old.gate.set()
+        rest = [c async for c in stream]
+        assert first.text + "".join(c.text for c in rest) == "old-0 old-1 old-2 old-3 "
+        assert rest[-1].finish_reason == "length"
+        await pool.wait_retired()
+        assert old.closed
+        assert pool.swaps["ok"] == 1
+        await pool.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "size_mb", "reason"),
+    [
+        pytest.param(FakeBehaviour(fail_load=True), 100, "load_failed", id="load-fails"),
+        pytest.param(FakeBehaviour(finish_reason="error"), 100, "smoke_failed", id="smoke-error"),
+        pytest.param(FakeBehaviour(produce_tokens=False), 100, "smoke_failed", id="smoke-no-tokens"),
+        pytest.param(FakeBehaviour(first_token_delay_s=5), 100, "smoke_failed", id="smoke-timeout"),
+        pytest.param(FakeBehaviour(), 900, "over_budget", id="over-budget"),
+    ],
+)
+def test_swap_rolls_back_to_the_previous_model(behaviour: FakeBehaviour, size_mb: int, reason: str) -> None:
+    async def main() -> None:
+        factory = FakeFactory({"new": behaviour})
+        events: list[tuple[str, str]] = []
+        pool = ModelPool(factory, memory_budget=500 * MiB, smoke_timeout_s=0.5)
+        pool.add_listener(lambda event, model: events.append((event, model)))
+        pool.register(fake_info("old"))
+        pool.start_loading()
+        await pool.wait_loaded()
+        old = pool.resolve(None)
+        with pytest.raises(SwapFailed, match=rf"\({reason}\).*still serving 'old'") as failure:
+            await pool.swap(fake_info("new", size_mb))
+        assert failure.value.reason == reason
+        assert pool.default_id == "old"
+        assert pool.resolve(None) is old
+        assert not isinstance(old, FakeEngine) or not old.closed
+        assert all(e.closed for e in factory.built if e.info.id == "new")
+        assert pool.swaps[reason] == 1 and pool.swaps["ok"] == 0
+        assert ("swap_failed", "new") in events
+        assert "new" not in {s.id for s in pool.status()}
+        await pool.close()
+
+    run(main())
+
+
+def test_swap_to_the_current_model_is_a_no_op_and_can_pin() -> None:
+    async def main() -> None:
+        factory = FakeFactory()
+        pool = ModelPool(factory)
+        pool.register(fake_info("a"))
+        pool.start_loading()
+        await pool.wait_loaded()
+        result = await pool.swap(fake_info("a"), pin=True)
+        assert (result.previous, result.current, result.load_s) == ("a", "a", 0.0)
+        assert len(factory.built) == 1
+        assert [s.pinned for s in pool.status()] == [True]
+        await pool.close()
+
+    run(main())
+
+
+def test_swap_to_a_new_version_of_the_same_id_drains_the_old_engine() -> None:
+    async def main() -> None:
+        factory = FakeFactory()
+        pool = ModelPool(factory, settle_s=0.0)
+        pool.register(fake_info("m", 100))
+        pool.start_loading()
+        await pool.wait_loaded()
+        first = pool.resolve("m")
+        await pool.swap(fake_info("m", 120))
+        second = pool.resolve("m")
+        assert second is not first and second.info.size_bytes == 120 * MiB
+        await pool.wait_retired()
+        assert isinstance(first, FakeEngine) and first.closed
+        await pool.close()
+
+    run(main())
+
+
+def test_pinned_previous_model_stays_loaded_after_a_swap() -> None:
+    async def main() -> None:
+        pool = ModelPool(FakeFactory(), settle_s=0.0)
+        pool.register(fake_info("old"), pinned=True)
+        pool.start_loading()
+        await pool.wait_loaded()
+        await pool.swap(fake_info("new"))
+        await pool.wait_retired()
+        states = {s.id: (s.state, s.default) for s in pool.status()}
+        assert states == {"new": ("ready", True), "old": ("ready", False)}
+        await pool.close()
+
+    run(main())
+
+
+def test_drain_timeout_closes_a_stuck_old_engine() -> None:
+    async def main() -> None:
+        pool = ModelPool(FakeFactory(), settle_s=0.0, drain_timeout_s=0.2)
+        pool.register(fake_info("old"))
+        pool.start_loading()
+        await pool.wait_loaded()
+        old = pool.resolve(None)
+        assert isinstance(old, FakeEngine)
+        old.gate = asyncio.Event()
+        stream = old.generate(CompletionRequest(prompt="x", max_tokens=3))
+        await anext(stream)
+        await pool.swap(fake_info("new"))
+        await pool.wait_retired()
+        assert old.closed
+        await stream.aclose()
+        await pool.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("memory_max", "expected"),
+    [
+        pytest.param("max", None, id="no-cgroup-limit"),
+        pytest.param(str(512 * MiB), 384 * MiB, id="cgroup-limit"),
+        pytest.param("garbage", None, id="unreadable-limit"),
+    ],
+)
+def test_default_memory_budget(tmp_path: Path, memory_max: str, expected: int | None) -> None:
+    import psutil
+
+    (tmp_path / "memory.max").write_text(memory_max + "\n")
+    budget = default_memory_budget(0.75, tmp_path)
+    assert budget == (expected if expected is not None else int(psutil.virtual_memory().total * 0.75))
