@@ -3,7 +3,10 @@
 A separate llama context (``embeddings = true``) on the same loaded model, so embedding requests
 never disturb the KV cache of the generation context. Pooling is the model's own (a GGUF
 embedding model declares ``<arch>.pooling_type``); a generative model without one is pooled by
-mean. Inputs are packed several to a batch (one sequence id each) up to ``n_batch`` tokens.
+mean. For an embedding model, inputs are packed several to a batch (one sequence id each) up to
+``n_batch`` tokens. A generative model is given one input per batch: with llama.cpp 0.3.36 a
+short sequence packed next to a longer one in a causal (Gemma 3) embedding batch comes out
+measurably different from the same text alone, and a vector must not depend on its neighbours.
 
 Invariants: one vector per input, in input order, L2-normalised; an input longer than ``n_batch``
 tokens is refused with :class:`agent.errors.BadRequest` naming both numbers; the context's
@@ -47,7 +50,8 @@ class LlamaEmbedder:
         pooling = None if declared is not None else LLAMA_POOLING_TYPE_MEAN
         self._model = model
         self._n_batch = n_batch
-        self._max_seqs = max_seqs
+        self._max_seqs = max_seqs if declared is not None else 1
+        self.packs_inputs = self._max_seqs > 1
         self._ctx = NativeContext(
             model,
             n_ctx=n_batch,
