@@ -120,8 +120,12 @@ class DemoStore:
     models: tuple[str, ...]
 
 
-def build_demo_store(state_dir: Path, out: Callable[[str], None] = print) -> DemoStore:
-    """Build (or refresh) the demo repository and install its bundle into ``state_dir``."""
+def build_demo_store(
+    state_dir: Path, out: Callable[[str], None] = print, sources: Path | None = None
+) -> DemoStore:
+    """Build (or refresh) the demo repository and install its bundle into ``state_dir``.
+
+    ``sources`` is where the Gemma GGUF is assembled (default ``<state_dir>/demo-hub/sources``)."""
     from hub.publish import Companion, add_model, current_deployment, set_deployment
     from hub.repo import CONFIG_NAME, Repository
     from registry.device import DeviceRegistry
@@ -129,7 +133,7 @@ def build_demo_store(state_dir: Path, out: Callable[[str], None] = print) -> Dem
     hub_dir = state_dir / "demo-hub"
     repo_dir = hub_dir / "repo"
     try:
-        gguf = demo_model_file(hub_dir / "sources")
+        gguf = demo_model_file(sources or hub_dir / "sources")
         onnx_file, tokenizer = embedding_model_files()
         if (repo_dir / CONFIG_NAME).is_file():
             repo = Repository.open(repo_dir)

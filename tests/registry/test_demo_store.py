@@ -1,0 +1,91 @@
+"""``edge-agent demo`` builds a signed store with the hub tools and ``edge-agent run`` serves from it.
+
+This is what ``make run`` does, on a temporary state directory: the real Gemma 3 270M and the real
+MiniLM ONNX model, signed by a freshly generated demo repository, imported through the verified
+path, re-hashed at load, then a completion over the Unix socket. A blob changed on disk afterwards
+is refused at the next start while the other model is still served.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.demo import DEMO_MODEL_ID, EMBED_MODEL_ID, build_demo_store
+from registry.device import DeviceRegistry
+from tests.conftest import MODEL_CACHE
+from tests.daemon import running_daemon, uds_client
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+
+def test_demo_store_is_built_with_the_registry_tools_and_served(tmp_path: Path, gemma_path: Path) -> None:
+    state = tmp_path / "state"
+    notices: list[str] = []
+    store = build_demo_store(state, out=notices.append, sources=MODEL_CACHE)
+
+    assert any("real fleet provides its own root" in n for n in notices)
+    assert set(store.models) == {DEMO_MODEL_ID, EMBED_MODEL_ID}
+    reg = DeviceRegistry(state)
+    models = {m.id: m for m in reg.models()}
+    assert models[DEMO_MODEL_ID].manifest.chat_template is not None
+    assert [c.ref.file_name for c in models[EMBED_MODEL_ID].companions] == ["tokenizer.json"]
+    assert reg.verify().bad == ()
+
+    again = build_demo_store(state, out=notices.append, sources=MODEL_CACHE)  # idempotent
+    assert again.installed == ()
+    assert sum("notice" in n for n in notices) == 1
+
+    with running_daemon(state, None, env={"EDGE_AGENT_ENGINE__N_THREADS": "2"}) as daemon:
+        health = daemon.health()
+        assert health["default_model"] == DEMO_MODEL_ID
+        with uds_client(daemon.socket) as client:
+            r = client.post(
+                "/v1/completions",
+                json={
+                    "model": DEMO_MODEL_ID,
+                    "prompt": "Edge computing is",
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+            )
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"].strip()
+        served_from = {
+            line.get("path") for line in daemon.log_lines() if line.get("event") == "model_loading"
+        }
+        assert str(reg.store.path(models[DEMO_MODEL_ID].manifest.sha256)) in served_from
+
+    # Tamper with the embedding model's blob: the next start refuses it and still serves Gemma.
+    blob = reg.store.path(models[EMBED_MODEL_ID].manifest.sha256)
+    os.chmod(blob, 0o644)
+    with blob.open("r+b") as fh:
+        fh.seek(1234)
+        fh.write(b"\xff\xfe")
+    with running_daemon(state, None, env={"EDGE_AGENT_ENGINE__N_THREADS": "2"}) as daemon:
+        lines = daemon.log_lines()
+        assert any(
+            line.get("event") == "registry_refused" and line.get("reason") == "blob_hash_mismatch"
+            for line in lines
+        )
+        with uds_client(daemon.socket) as client:
+            ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert ids == [DEMO_MODEL_ID]
+
+
+def test_edge_agent_demo_command_prints_what_it_built(tmp_path: Path, gemma_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--state-dir", str(tmp_path / "s"), "demo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "demo store ready" in done.stdout and DEMO_MODEL_ID in done.stdout
+    assert "real fleet provides its own root" in done.stdout
