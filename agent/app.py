@@ -74,8 +74,12 @@ def embedding_info(settings: Settings) -> ModelInfo | None:
 
 
 def build_pool(settings: Settings) -> ModelPool:
-    pool = ModelPool(lambda info: build_engine(info, settings))  # the factory lets sync swap models
-    infos = list(discover(settings))
+    from agent.select_cmd import model_memory_estimate, prefer_selected
+
+    pool = ModelPool(  # the factory lets sync and the re-probe swap models
+        lambda info: build_engine(info, settings), estimate=model_memory_estimate(settings)
+    )
+    infos = prefer_selected(settings, list(discover(settings)))  # the best fit (or the pin) first
     extra = embedding_info(settings)
     if extra is not None and all(i.id != extra.id for i in infos):
         infos.append(extra)
@@ -162,6 +166,10 @@ class Daemon:
             if not pool.models():
                 log.warning("no_model", hint="run `edge-agent demo` or import a model bundle")
             pool.start_loading()
+            from agent.select_cmd import Reselector
+
+            # Scheduled re-probe: may hot-swap to a smaller/bigger model (with hysteresis).
+            reprobe = loop.create_task(Reselector(s, pool).run(), name="reprobe")
             service = sdnotify.ServiceNotifier.from_env(s.service.notify)
             service.start(_loading_status(pool), _serving_status(pool))
             from agent.sync.service import start_sync
@@ -169,6 +177,7 @@ class Daemon:
             sync = await start_sync(s, pool, guard)  # None unless [hub] host is set
             await self._stop.wait()
             log.info("stopping", grace_s=s.server.shutdown_grace_s)
+            reprobe.cancel()
             if sync is not None:
                 await sync.close()
             service.stopping()

@@ -14,24 +14,41 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import random
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.config import Settings
 from agent.engine.base import ModelInfo
 from agent.errors import AgentError, ConfigError
 from agent.hardware.probe import measure_bandwidth, probe
 from agent.hardware.types import HardwareProfile
-from agent.memory import MIB, ModelShape, RuntimeParams, fmt_bytes
-from agent.selection import Candidate, Selection, SelectionPolicy, candidate_from_gguf, select
+from agent.log import get_logger
+from agent.memory import MIB, ModelShape, RuntimeParams, estimate, fmt_bytes
+from agent.selection import (
+    Candidate,
+    Selection,
+    SelectionPolicy,
+    SwitchDecision,
+    SwitchHistory,
+    SwitchPolicy,
+    candidate_from_gguf,
+    observe,
+    select,
+    should_switch,
+)
 from registry.exceptions import RegistryError
 from registry.gguf_info import read_gguf_info
+
+log = get_logger(__name__)
 
 SPEEDS_FILE = "selection/speeds.json"
 MAX_SPEEDS_BYTES = 1 << 20
@@ -145,11 +162,19 @@ def policy_from_settings(settings: Settings, profile: HardwareProfile, task: str
 
 
 def run_selection(
-    settings: Settings, task: str | None, profile: HardwareProfile | None = None
+    settings: Settings,
+    task: str | None,
+    profile: HardwareProfile | None = None,
+    *,
+    infos: list[ModelInfo] | None = None,
+    reclaimable_bytes: int = 0,
+    pin: str | None = None,
 ) -> tuple[HardwareProfile, Selection, list[str]]:
-    """Probe (unless given), read the installed models, select. The daemon's re-probe calls this too."""
-    from agent.catalog import discover
+    """Probe (unless given), read the models' headers (``infos``, default: the installed ones), select.
 
+    The daemon's re-probe passes the pool's models (no re-hash of the store), the memory the
+    current model would give back, and the effective pin (config or hub).
+    """
     data = load_speeds(speeds_path(settings))
     if profile is None:
         bandwidth = data.get("bandwidth_gbps")
@@ -157,10 +182,173 @@ def run_selection(
             store_dir=settings.models_dir,
             bandwidth_gbps=float(bandwidth) if isinstance(bandwidth, int | float) else None,
         )
-    infos = discover(settings)
+    if infos is None:
+        from agent.catalog import discover
+
+        infos = discover(settings)
     candidates, notes = installed_candidates(infos)
     policy = policy_from_settings(settings, profile, task)
+    policy = replace(policy, reclaimable_bytes=reclaimable_bytes, pin=pin or policy.pin)
     return profile, select(profile, candidates, policy, measured_speeds(data, infos)), notes
+
+
+def model_memory_estimate(settings: Settings) -> Callable[[ModelInfo], int]:
+    """The pool's ``estimate`` hook: :mod:`agent.memory` from the GGUF header, file size on failure."""
+    params = policy_from_settings(settings, HardwareProfile(), None).runtime
+    cache: dict[tuple[str, int], int] = {}
+
+    def estimate_bytes(info: ModelInfo) -> int:
+        key = (str(info.path), info.size_bytes)
+        if key not in cache:
+            try:
+                shape = candidate_for(info).shape
+                cache[key] = estimate(shape, params).total
+            except (RegistryError, OSError):
+                cache[key] = info.size_bytes
+        return cache[key]
+
+    return estimate_bytes
+
+
+def hub_pin(settings: Settings) -> str | None:
+    """The model this device's deployments pin (the hub's pin), or None; never raises."""
+    try:
+        from registry.device import DeviceRegistry
+
+        registry = DeviceRegistry(settings.state_dir)
+        if not registry.enrolled:
+            return None
+        pins = sorted({e.model for d in registry.deployments() for e in d.models if e.pin})
+    except (RegistryError, OSError, ValueError) as exc:
+        log.warning("hub_pin_unreadable", error=str(exc))
+        return None
+    return pins[0] if pins else None
+
+
+def effective_pin(settings: Settings) -> str | None:
+    """A pin in the config wins over the hub's (the operator at the box has the last word)."""
+    return settings.selection.pin or hub_pin(settings)
+
+
+def prefer_selected(settings: Settings, infos: list[ModelInfo]) -> list[ModelInfo]:
+    """``infos`` with the model to serve by default first: the pin, else the selection's choice.
+
+    Used at startup so that the pool loads the best fit first. Never raises: any failure keeps the
+    catalog's order (and is logged).
+    """
+    generative = [i for i in infos if i.task != "embedding"]
+    if len(generative) < 2 and not settings.selection.pin:
+        return infos
+    try:
+        _, result, notes = run_selection(settings, "completion", infos=infos, pin=effective_pin(settings))
+    except (AgentError, RegistryError, OSError) as exc:
+        log.warning("startup_selection_failed", error=str(exc))
+        return infos
+    for note in notes:
+        log.warning("selection_note", note=note)
+    log.info("model_selected", choice=result.choice.id if result.choice else None, reason=result.message)
+    if result.choice is None:
+        return infos
+    first = [i for i in infos if i.id == result.choice.id]
+    return first + [i for i in infos if i.id != result.choice.id]
+
+
+# --- run time -------------------------------------------------------------------------------------
+
+
+class SwapTarget(Protocol):
+    """What the re-probe needs from the model pool (:class:`agent.engine.pool.ModelPool`)."""
+
+    @property
+    def default_id(self) -> str | None: ...
+
+    def models(self) -> list[ModelInfo]: ...
+
+    def memory_of(self, model_id: str) -> int: ...
+
+    async def swap(self, info: ModelInfo, *, pin: bool = False) -> Any: ...
+
+
+class Reselector:
+    """The scheduled re-probe: probe, select, decide with hysteresis, hot-swap through the pool.
+
+    ``tick()`` is one re-probe (the scheduler may call it); ``run()`` calls it every
+    ``[selection] reprobe_interval_s`` with up to 10% jitter until cancelled. A tick never raises:
+    failures are logged and the current model keeps serving. The pool's swap keeps in-flight
+    requests on the previous model until they finish.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: SwapTarget,
+        *,
+        probe_fn: Callable[[], HardwareProfile] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self._probe = probe_fn
+        self._clock = clock
+        self.history = SwitchHistory()
+        self.last: SwitchDecision | None = None
+
+    def _switch_policy(self, pin: str | None) -> SwitchPolicy:
+        sel = self.settings.selection
+        return SwitchPolicy(
+            down_after=sel.down_after,
+            up_after=sel.up_after,
+            min_interval_s=sel.min_switch_interval_s,
+            pin=pin,
+        )
+
+    async def tick(self) -> SwitchDecision | None:
+        try:
+            return await self._tick()
+        except Exception as exc:  # the re-probe must never take the daemon down
+            log.error("reprobe_failed", error=f"{type(exc).__name__}: {exc}")
+            return None
+
+    async def _tick(self) -> SwitchDecision:
+        s = self.settings
+        profile = await asyncio.to_thread(self._probe or (lambda: probe(store_dir=s.models_dir)))
+        now = self._clock()
+        self.history = self.history.observe(observe(profile, now, s.selection.headroom_mb * MIB))
+        current = self.pool.default_id
+        reclaim = self.pool.memory_of(current) if current else 0
+        infos = [i for i in self.pool.models() if i.task != "embedding"]
+        pin = await asyncio.to_thread(effective_pin, s)
+        _, result, _ = await asyncio.to_thread(
+            run_selection, s, "completion", profile, infos=infos, reclaimable_bytes=reclaim, pin=pin
+        )
+        decision = should_switch(current, result, self.history, self._switch_policy(pin))
+        self.last = decision
+        log.info(
+            "reprobe",
+            current=current,
+            target=decision.target,
+            switch=decision.switch,
+            reason=decision.reason,
+            usable_bytes=profile.usable_memory_bytes,
+            throttled=profile.throttled,
+        )
+        if decision.switch and decision.target and s.selection.auto_switch:
+            info = next((i for i in infos if i.id == decision.target), None)
+            if info is None:
+                return decision
+            try:
+                await self.pool.swap(info)
+            except AgentError as exc:
+                log.error("reprobe_swap_failed", target=info.id, error=str(exc))
+                return SwitchDecision(False, current, f"swap to {info.id} failed: {exc}")
+            self.history = replace(self.history, last_switch_at=self._clock())
+        return decision
+
+    async def run(self) -> None:
+        interval = self.settings.selection.reprobe_interval_s
+        while True:
+            await asyncio.sleep(interval * (1.0 + random.uniform(0.0, 0.1)))  # noqa: S311 (jitter)
+            await self.tick()
 
 
 # --- output ---------------------------------------------------------------------------------------
@@ -408,6 +596,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 __all__ = [
     "SPEEDS_FILE",
+    "Reselector",
+    "SwapTarget",
+    "effective_pin",
+    "hub_pin",
+    "model_memory_estimate",
+    "prefer_selected",
     "bench_model",
     "candidate_for",
     "installed_candidates",
