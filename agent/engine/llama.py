@@ -167,6 +167,12 @@ class LlamaEngine:
         model = self._check_ready()
         return len(model.tokenize(text, add_bos=model.add_bos))
 
+    def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text`` (special tokens parsed), e.g. to build a ``logit_bias``."""
+        model = self._check_ready()
+        tokens: list[int] = model.tokenize(text, add_bos=add_bos)
+        return tokens
+
     # -- generation ----------------------------------------------------------------------------
 
     def generate(self, request: CompletionRequest) -> AsyncIterator[GenerationChunk]:

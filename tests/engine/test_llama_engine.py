@@ -1,0 +1,139 @@
+"""The llama.cpp engine in process with the real Gemma 3 270M: native samplers and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.engine.base import ChatMessage, ChatRequest, CompletionRequest, ModelInfo, SamplingParams
+from agent.engine.llama import LlamaEngine
+from agent.errors import BadRequest, ContextOverflow, ModelLoadError, ModelNotReady
+
+pytestmark = pytest.mark.model
+
+
+def with_engine(path: Path, fn: Callable[[LlamaEngine], Awaitable[Any]], **kw: Any) -> Any:
+    async def main() -> Any:
+        engine = LlamaEngine(ModelInfo(id="gemma", path=path, format="gguf"), n_ctx=512, n_threads=2, **kw)
+        try:
+            await engine.load()
+            return await fn(engine)
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+async def complete(engine: LlamaEngine, prompt: str, n: int, **sampling: Any) -> str:
+    req = CompletionRequest(prompt=prompt, max_tokens=n, sampling=SamplingParams(**sampling))
+    return "".join([c.text async for c in engine.generate(req)])
+
+
+def test_logit_bias_bans_the_greedy_choice(gemma_path: Path) -> None:
+    async def main(engine: LlamaEngine) -> None:
+        first = await complete(engine, "The capital of France is", 1, temperature=0)
+        banned = engine.tokenize(first)
+        assert len(banned) == 1
+        other = await complete(
+            engine, "The capital of France is", 1, temperature=0, logit_bias={banned[0]: -100}
+        )
+        assert other and other != first
+
+    with_engine(gemma_path, main)
+
+
+def test_repeat_penalty_changes_a_repetitive_continuation(gemma_path: Path) -> None:
+    async def main(engine: LlamaEngine) -> None:
+        prompt = "yes yes yes yes yes yes yes yes"
+        plain = await complete(engine, prompt, 12, temperature=0)
+        penalised = await complete(
+            engine, prompt, 12, temperature=0, repeat_penalty=1.8, presence_penalty=1.0
+        )
+        assert penalised != plain
+
+    with_engine(gemma_path, main)
+
+
+def test_full_sampler_chain_with_seed_is_repeatable(gemma_path: Path) -> None:
+    async def main(engine: LlamaEngine) -> None:
+        kw = {
+            "temperature": 0.9,
+            "top_k": 20,
+            "top_p": 0.9,
+            "min_p": 0.02,
+            "seed": 7,
+            "frequency_penalty": 0.5,
+        }
+        a = await complete(engine, "In the morning I", 16, **kw)
+        b = await complete(engine, "In the morning I", 16, **kw)
+        assert a == b and a
+
+    with_engine(gemma_path, main)
+
+
+def test_refusals_before_the_first_chunk(gemma_path: Path) -> None:
+    async def main(engine: LlamaEngine) -> None:
+        with pytest.raises(ContextOverflow, match="exceeds the context of 512 tokens"):
+            await complete(engine, "hello", 600)
+        with pytest.raises(BadRequest, match="at least one message"):
+            await anext(aiter(engine.chat(ChatRequest(messages=()))))
+        msgs = (ChatMessage("assistant", "first"),)
+        with pytest.raises(BadRequest, match="alternate"):
+            await anext(aiter(engine.chat(ChatRequest(messages=msgs))))
+
+    with_engine(gemma_path, main)
+
+
+def test_gemma_without_a_template_uses_the_documented_fallback(gemma_path: Path) -> None:
+    async def main(engine: LlamaEngine) -> None:
+        assert engine.chat_template is not None
+        assert engine.chat_template.source == "fallback:gemma"
+        prompt = engine.render_prompt(ChatRequest(messages=(ChatMessage("user", "Hi"),)))
+        assert prompt == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+    with_engine(gemma_path, main)
+
+
+def test_manifest_template_wins_over_the_fallback(gemma_path: Path) -> None:
+    async def main() -> None:
+        info = ModelInfo(
+            id="g", path=gemma_path, format="gguf", chat_template="Q: {{ messages[-1].content }}\nA:"
+        )
+        engine = LlamaEngine(info, n_ctx=256, n_threads=2)
+        try:
+            with pytest.raises(ModelNotReady):
+                engine.count_tokens("x")
+            await engine.load()
+            assert engine.render_prompt(ChatRequest(messages=(ChatMessage("user", "Hi"),))) == "Q: Hi\nA:"
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(None, id="missing-file"),
+        pytest.param(b"", id="empty-file"),
+        pytest.param(b"GGUF" + b"\x00" * 60, id="truncated-gguf"),
+        pytest.param(b"not a model at all" * 10, id="not-gguf"),
+    ],
+)
+def test_bad_model_files_fail_to_load_with_model_load_error(tmp_path: Path, content: bytes | None) -> None:
+    path = tmp_path / "bad.gguf"
+    if content is not None:
+        path.write_bytes(content)
+
+    async def main() -> None:
+        engine = LlamaEngine(ModelInfo(id="bad", path=path, format="gguf"), n_ctx=256, n_threads=1)
+        with pytest.raises(ModelLoadError, match=r"bad\.gguf"):
+            await engine.load()
+        assert engine.state.value == "failed"
+        await engine.close()
+
+    asyncio.run(main())
