@@ -1,0 +1,274 @@
+"""Long-form load and soak of the local API (the short forms run in tests/load).
+
+Starts the real daemon on the real Gemma 3 270M (2 llama threads), then:
+
+1. baseline: one client alone for ``--baseline`` seconds (the peer of the ratios below);
+2. warm-up: ``--clients`` clients for ``--warmup`` seconds, then resident memory and open fds;
+3. load: ``--clients`` concurrent clients for ``--duration`` seconds mixing completions, chat
+   (plain and streamed), embeddings and model listing. The only failures allowed are 429/503 with
+   Retry-After; reported: p50/p99 latency and throughput, as measured and as ratios to the
+   baseline; RSS after the load vs after warm-up (must stay within 10 %);
+4. soak: ``--soak`` requests from ``--soak-clients`` clients, a ``--cancel`` fraction abandoned
+   mid-request or mid-stream; afterwards no generation slot held, no more fds than after
+   warm-up, RSS within 10 % (sampled along the way to show the trend).
+
+    .venv/bin/python bench/load_bench.py                    # full run (~15 min on 2 cores)
+    .venv/bin/python bench/load_bench.py --quick            # a one-minute smoke run
+    .venv/bin/python bench/load_bench.py --write            # and replace docs/benchmarks.md's Load section
+
+Exit status 1 when a check fails (failures, leaked slots or fds, RSS over bound, /health not ok).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.daemon import Daemon, running_daemon, uds_client
+from tests.load.loadgen import LoadResult, available_kinds, run_load
+from tests.load.procstats import fd_count, rss_bytes, settle
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+RSS_BOUND = 1.10
+
+
+def _queue_depth(daemon: Daemon) -> int:
+    with uds_client(daemon.socket, timeout=30) as c:
+        return sum(m["queue_depth"] for m in c.get("/admin/status").json()["models"])
+
+
+def _wait_idle(daemon: Daemon, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    depth = _queue_depth(daemon)
+    while depth and time.monotonic() < deadline:
+        time.sleep(0.2)
+        depth = _queue_depth(daemon)
+    return depth
+
+
+async def _soak_with_samples(
+    daemon: Daemon, args: argparse.Namespace, mix: dict[str, int], samples: list[tuple[float, int]]
+) -> LoadResult:
+    start = time.monotonic()
+
+    async def sample() -> None:
+        while True:
+            samples.append((round(time.monotonic() - start, 1), rss_bytes(daemon.proc.pid)))
+            await asyncio.sleep(args.sample_every)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        return await run_load(
+            daemon.socket,
+            clients=args.soak_clients,
+            requests=args.soak,
+            mix=mix,
+            max_tokens=args.soak_max_tokens,
+            cancel_probability=args.cancel,
+            seed=11,
+        )
+    finally:
+        sampler.cancel()
+
+
+def _ratio(value: float | None, peer: float | None) -> str:
+    if value is None or not peer:
+        return "n/a"
+    return f"{value / peer:.2f}x"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from agent.demo import demo_model_file
+
+    model = demo_model_file(
+        Path(os.environ.get("EDGE_AGENT_TEST_MODELS", Path.home() / ".cache/edge-agent/test-models"))
+    )
+    env = {
+        "EDGE_AGENT_ENGINE__N_THREADS": str(args.threads),
+        "EDGE_AGENT_ENGINE__REQUEST_TIMEOUT_S": "120",
+        "EDGE_AGENT_SERVER__MAX_CONNECTIONS": str(max(256, args.clients * 2)),
+    }
+    report: dict[str, Any] = {"args": vars(args), "checks": {}}
+    with (
+        tempfile.TemporaryDirectory(prefix="load-bench-") as tmp,
+        running_daemon(Path(tmp), model, env=env) as daemon,
+    ):
+        pid = daemon.proc.pid
+        with uds_client(daemon.socket) as c:
+            mix = available_kinds(c.get("/openapi.json").json())
+        report["mix"] = mix
+        print(f"mix: {mix}", file=sys.stderr)
+
+        baseline = asyncio.run(run_load(daemon.socket, clients=1, duration_s=args.baseline, mix=mix,
+                                        max_tokens=args.max_tokens, seed=1))  # fmt: skip
+        report["baseline"] = baseline.summary()
+        print("baseline", json.dumps(report["baseline"]), file=sys.stderr)
+
+        warm = asyncio.run(run_load(daemon.socket, clients=args.clients, duration_s=args.warmup, mix=mix,
+                                    max_tokens=args.max_tokens, seed=2))  # fmt: skip
+        report["warmup"] = warm.summary()
+        _wait_idle(daemon)
+        time.sleep(1.0)
+        warm_rss = rss_bytes(pid)
+        warm_fds = settle(lambda: fd_count(pid), 0, timeout=1.0)
+        report["after_warmup"] = {"rss_mib": round(warm_rss / 2**20, 1), "fds": warm_fds}
+        print("after warm-up", report["after_warmup"], file=sys.stderr)
+
+        load = asyncio.run(run_load(daemon.socket, clients=args.clients, duration_s=args.duration, mix=mix,
+                                    max_tokens=args.max_tokens, seed=3))  # fmt: skip
+        report["load"] = load.summary()
+        report["load_failures"] = [(o.kind, o.status, o.error) for o in load.failures()[:10]]
+        print("load", json.dumps(report["load"]), file=sys.stderr)
+        depth = _wait_idle(daemon)
+        time.sleep(1.0)
+        load_rss = rss_bytes(pid)
+        load_fds = settle(lambda: fd_count(pid), warm_fds, timeout=10)
+        health = daemon.health()["status"]
+        report["after_load"] = {"rss_mib": round(load_rss / 2**20, 1), "fds": load_fds, "queue_depth": depth,
+                                "health": health}  # fmt: skip
+        report["checks"]["load_no_failures"] = not load.failures()
+        report["checks"]["load_rss_within_10pct"] = load_rss <= warm_rss * RSS_BOUND
+        report["checks"]["load_health_ok"] = health == "ok"
+
+        samples: list[tuple[float, int]] = []
+        soak = asyncio.run(_soak_with_samples(daemon, args, mix, samples))
+        report["soak"] = soak.summary()
+        report["soak"]["cancelled"] = sum(o.cancelled for o in soak.outcomes)
+        report["soak_failures"] = [(o.kind, o.status, o.error) for o in soak.failures()[:10]]
+        depth = _wait_idle(daemon)
+        time.sleep(1.0)
+        soak_rss = rss_bytes(pid)
+        soak_fds = settle(lambda: fd_count(pid), warm_fds, timeout=10)
+        health = daemon.health()["status"]
+        report["after_soak"] = {"rss_mib": round(soak_rss / 2**20, 1), "fds": soak_fds, "queue_depth": depth,
+                                "health": health}  # fmt: skip
+        report["soak_rss_samples_mib"] = [(t, round(r / 2**20, 1)) for t, r in samples]
+        report["checks"]["soak_no_failures"] = not soak.failures()
+        report["checks"]["soak_no_leaked_slots"] = depth == 0
+        report["checks"]["soak_no_leaked_fds"] = soak_fds <= warm_fds
+        report["checks"]["soak_rss_within_10pct"] = soak_rss <= warm_rss * RSS_BOUND
+        report["checks"]["soak_health_ok"] = health == "ok"
+        print("soak", json.dumps(report["soak"]), file=sys.stderr)
+    report["ratios"] = {
+        "p50_load_vs_alone": _ratio(report["load"]["p50_s"], report["baseline"]["p50_s"]),
+        "p99_load_vs_alone": _ratio(report["load"]["p99_s"], report["baseline"]["p99_s"]),
+        "throughput_load_vs_alone": _ratio(
+            report["load"]["throughput_rps"], report["baseline"]["throughput_rps"]
+        ),
+    }
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    a = report["args"]
+    load, base, soak = report["load"], report["baseline"], report["soak"]
+    lines = [
+        "## Load",
+        "",
+        f"Reproduce: `.venv/bin/python bench/load_bench.py --write` (defaults: {a['clients']} clients, "
+        f"{a['duration']} s load after {a['warmup']} s warm-up, soak of {a['soak']} requests from "
+        f"{a['soak_clients']} clients with {int(a['cancel'] * 100)} % abandoned mid-flight; max_tokens "
+        f"{a['max_tokens']} (soak {a['soak_max_tokens']}); Gemma 3 270M Q4_K_M, {a['threads']} llama "
+        "threads). "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, shared with other work while measured. "
+        "Short forms in the suite: `tests/load/test_load_short.py`.",
+        "",
+        f"Mix (weights): {', '.join(f'{k} {v}' for k, v in report['mix'].items())}. "
+        "The peer of the ratios is one client alone, same mix, same run.",
+        "",
+        "| phase | requests | ok | statuses | throughput (req/s) | p50 (s) | p99 (s) |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for name, s in (("1 client (peer)", base), (f"{a['clients']} clients, {a['duration']} s", load),
+                    (f"soak, {a['soak']} requests", soak)):  # fmt: skip
+        statuses = ", ".join(f"{k}: {v}" for k, v in s["by_status"].items())
+        lines.append(
+            f"| {name} | {s['requests']} | {s['ok']} | {statuses} | {s['throughput_rps']} "
+            f"| {s['p50_s']} | {s['p99_s']} |"
+        )
+    r = report["ratios"]
+    lines += [
+        "",
+        f"Under {a['clients']} clients vs alone: p50 {r['p50_load_vs_alone']}, p99 {r['p99_load_vs_alone']}, "
+        f"throughput {r['throughput_load_vs_alone']}.",
+        "",
+        "Per request kind under load (p50 / p99, s): "
+        + "; ".join(f"{k} {v['p50_s']} / {v['p99_s']}" for k, v in load["per_kind"].items())
+        + ".",
+        "",
+        "| after | RSS (MiB) | open fds | slots held | /health |",
+        "| --- | ---: | ---: | ---: | --- |",
+        f"| warm-up | {report['after_warmup']['rss_mib']} | {report['after_warmup']['fds']} | 0 | ok |",
+        f"| load | {report['after_load']['rss_mib']} | {report['after_load']['fds']} | "
+        f"{report['after_load']['queue_depth']} | {report['after_load']['health']} |",
+        f"| soak | {report['after_soak']['rss_mib']} | {report['after_soak']['fds']} | "
+        f"{report['after_soak']['queue_depth']} | {report['after_soak']['health']} |",
+        "",
+        "RSS along the soak (s: MiB): "
+        + ", ".join(f"{t:g}: {m}" for t, m in report["soak_rss_samples_mib"])
+        + ".",
+        "",
+        "Checks: " + ", ".join(f"{k} {'pass' if v else 'FAIL'}" for k, v in report["checks"].items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str, doc: Path = DOC) -> None:
+    """Replace the ``## Load`` section of the document (or append it), keeping every other section."""
+    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    lines = old.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == "## Load"), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
+    doc.write_text(new)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--warmup", type=float, default=15.0)
+    parser.add_argument("--baseline", type=float, default=20.0)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--soak", type=int, default=10_000)
+    parser.add_argument("--soak-clients", type=int, default=16)
+    parser.add_argument("--soak-max-tokens", type=int, default=2)
+    parser.add_argument("--cancel", type=float, default=0.25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sample-every", type=float, default=30.0)
+    parser.add_argument("--quick", action="store_true", help="8 clients, 10 s, soak of 300 (smoke run)")
+    parser.add_argument("--write", action="store_true", help="replace the Load section of docs/benchmarks.md")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw report here")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.duration, args.warmup, args.baseline = 8, 10.0, 5.0, 5.0
+        args.soak, args.soak_clients, args.sample_every = 300, 8, 5.0
+    report = run(args)
+    text = markdown(report)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    if args.write:
+        write_section(text)
+    return 0 if all(report["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
