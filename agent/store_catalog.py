@@ -88,9 +88,34 @@ def verified_models(registry: DeviceRegistry) -> list[StoreModel]:
     return out
 
 
+def companion_path(settings: Settings, info: ModelInfo, name: str) -> Path | None:
+    """The verified companion file ``name`` (e.g. ``tokenizer.json``) of a store-served model, re-hashed
+    now; None when ``info`` is not served from the store or has no such companion."""
+    registry = DeviceRegistry(settings.state_dir, on_refusal=log_refusal)
+    if info.path.parent != registry.store.dir:
+        return None
+    for m in registry.models():
+        if m.manifest.sha256 == info.path.name:
+            companion = m.companion(name)
+            if companion is None:
+                return None
+            try:
+                return registry.verified_path(companion)
+            except RegistryError:
+                return None
+    return None
+
+
 def discover_store(settings: Settings, on_refusal: RefusalCallback = log_refusal) -> list[ModelInfo]:
     """The verified models of ``<state_dir>/registry``, pinned first."""
     return [s.info for s in verified_models(DeviceRegistry(settings.state_dir, on_refusal=on_refusal))]
 
 
-__all__ = ["StoreModel", "discover_store", "log_refusal", "newest_per_id", "verified_models"]
+__all__ = [
+    "StoreModel",
+    "companion_path",
+    "discover_store",
+    "log_refusal",
+    "newest_per_id",
+    "verified_models",
+]

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import Settings
 from agent.demo import DEMO_MODEL_ID, EMBED_MODEL_ID, build_demo_store
+from agent.store_catalog import companion_path, verified_models
 from registry.device import DeviceRegistry
 from tests.conftest import MODEL_CACHE
 from tests.daemon import running_daemon, uds_client
@@ -35,6 +37,10 @@ def test_demo_store_is_built_with_the_registry_tools_and_served(tmp_path: Path, 
     assert models[DEMO_MODEL_ID].manifest.chat_template is not None
     assert [c.ref.file_name for c in models[EMBED_MODEL_ID].companions] == ["tokenizer.json"]
     assert reg.verify().bad == ()
+    served = {s.info.id: s.info for s in verified_models(reg)}
+    tokenizer = companion_path(Settings(state_dir=state), served[EMBED_MODEL_ID], "tokenizer.json")
+    assert tokenizer == reg.store.path(models[EMBED_MODEL_ID].companions[0].sha256)
+    assert companion_path(Settings(state_dir=state), served[DEMO_MODEL_ID], "tokenizer.json") is None
 
     again = build_demo_store(state, out=notices.append, sources=MODEL_CACHE)  # idempotent
     assert again.installed == ()
