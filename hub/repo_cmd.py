@@ -114,7 +114,7 @@ def cmd_model_quantize(args: argparse.Namespace) -> int:
         "variant",
         "model id",
         "size",
-        "vs source",
+        "reduction",
         "time",
         title=f"{source.name} ({source.stat().st_size / 2**20:.1f} MiB)",
     )
@@ -123,7 +123,7 @@ def cmd_model_quantize(args: argparse.Namespace) -> int:
             variant.target,
             manifest.id,
             f"{variant.size / 2**20:.1f} MiB",
-            f"{-variant.reduction * 100:+.1f}%",
+            f"{variant.reduction * 100:.1f}%",
             f"{variant.seconds:.1f} s",
         )
     Console().print(table)

@@ -50,7 +50,7 @@ def test_operator_to_box_round_trip(env: Path, capsys: pytest.CaptureFixture[str
     tiny = float_onnx(env / "tiny.onnx")
     assert hub("model", "quantize", str(tiny), "--to", "int8", "--id", "tiny") == 0
     out = capsys.readouterr().out
-    assert "tiny-int8" in out and "vs source" in out
+    assert "tiny-int8" in out and "reduction" in out
     assert hub("deployment", "set", "--group", "lab", "--model", "minilm", "--pin") == 0
     policy = env / "default.json"
     policy.write_text('{"roles": {}, "bindings": []}')
