@@ -140,7 +140,7 @@ class HubServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.blobs.close()
-        await self.client.close()
+        await self.client.close(end_session=True)
         if self.store is not None:
             self.store.close()
 
@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", choices=("all", "blobs"), default="blobs")
     parser.add_argument("--blob-workers", type=int, default=0)
     parser.add_argument("--timestamp-interval", type=float, default=6 * 3600.0)
+    parser.add_argument("--log-format", choices=("auto", "json", "console"), default="json")
     args = parser.parse_args(argv)
+    from agent import log as agent_log
+
+    agent_log.configure("info", args.log_format)
     return asyncio.run(HubServer(serve_config(args)).run())
 
 

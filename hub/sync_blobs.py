@@ -83,6 +83,9 @@ class BlobServer:
         await self.client.subscribe(shared(BLOB_REQUESTS, self.share_group), self._on_request, qos=1)
 
     def close(self) -> None:
+        log.info(
+            "blob_worker_stats", chunks=self.stats.chunks, bytes=self.stats.bytes, refused=self.stats.refused
+        )
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

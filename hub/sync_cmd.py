@@ -22,6 +22,9 @@ from agent.sync.messages import PREFIX, Event, Incoming, device_of
 from agent.sync.mqtt import MqttClient, MqttConfig
 
 _ENV = "EDGE_HUB_MQTT_"
+HUB_SESSION_EXPIRY_S = 120
+"""Hub clients keep their session (and shared subscriptions) across a broker restart or a short
+outage, but a worker gone for longer stops receiving its share of the requests."""
 DONE_STATUSES = {
     "activated": True,
     "policy_applied": True,
@@ -63,6 +66,7 @@ def mqtt_config(args: argparse.Namespace) -> MqttConfig:
         key_file=args.key,
         backoff_min_s=0.5,
         backoff_max_s=30.0,
+        session_expiry_s=HUB_SESSION_EXPIRY_S,
     )
 
 
@@ -225,7 +229,7 @@ async def _push_and_watch(
         print(f"edge-hub: {exc}", file=sys.stderr)
         return 1
     finally:
-        await client.close()
+        await client.close(end_session=True)
     failed = {d: e for d, e in outcomes.items() if not DONE_STATUSES[e.status]}
     for device, event in sorted(outcomes.items()):
         colour = "red" if device in failed else "green"

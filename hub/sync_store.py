@@ -9,8 +9,9 @@ Audit invariants:
   use; a different key later is refused). A batch with any problem stores nothing.
 - The acknowledgement names the highest seq held contiguously; the device marks records uploaded
   only up to it, so duplicates and retries are harmless.
-- A device whose log was pruned before the hub first heard of it is *anchored* at the record
-  before its first upload (``anchor_seq``): its chain is verified from there on.
+- A device whose log was pruned before the hub first heard of it is *anchored* at the anchor its
+  batches declare (``anchor_seq``): its chain is verified from there on. A first batch that does
+  not start right after that anchor is a gap, never a new anchor (lost batches are re-sent).
 
 Inventory: the last reported state and online status of each device, from retained messages.
 """
@@ -148,9 +149,12 @@ class HubStore:
             elif batch.key and batch.key != key_hex:
                 return self._problem(conn, device, last_seq, "the device key changed (pinned key differs)")
             if last_seq == 0 and not last_hash:
-                # First contact: anchor at the record before the first one uploaded.
+                # First contact: the chain starts at the device's declared anchor (0 unless its log
+                # was pruned before this hub heard of it). A batch that starts later is a gap.
+                if batch.first_seq != batch.anchor + 1:
+                    return AuditAck(batch.anchor, Status.OK.value, f"gap: expected record {batch.anchor + 1}")
                 first_body = json.loads(batch.rows[0][1])
-                anchor_seq = batch.first_seq - 1
+                anchor_seq = batch.anchor
                 last_seq = anchor_seq
                 last_hash = GENESIS if anchor_seq == 0 else str(first_body.get("prev", ""))
                 conn.execute(

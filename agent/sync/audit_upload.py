@@ -38,6 +38,8 @@ class AuditSource(Protocol):
 
     def backlog(self) -> int: ...
 
+    def anchor(self) -> tuple[int, str]: ...
+
 
 class AuditUploader:
     """Sends the audit backlog whenever connected; :meth:`kick` after new records."""
@@ -130,6 +132,7 @@ class AuditUploader:
                 return total
             lo, hi = rows[0].seq, rows[-1].seq
             cps = [c for c in await to_thread(self.source.checkpoints) if lo <= c.seq <= hi]
+            anchor = (await to_thread(self.source.anchor))[0]
             self._ack_changed.clear()
             for start in range(0, len(rows), self.batch_size):
                 part = rows[start : start + self.batch_size]
@@ -139,6 +142,7 @@ class AuditUploader:
                     tuple((r.seq, r.body, r.hash) for r in part),
                     tuple((c.seq, c.body, c.signature) for c in cps if p_lo <= c.seq <= p_hi),
                     self.key_hex,
+                    anchor,
                 )
                 await self.client.publish(Outgoing(self.topic, batch.encode(), qos=1))
             await self._wait_acked(hi)

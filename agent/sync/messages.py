@@ -270,6 +270,8 @@ class AuditBatch:
     rows: tuple[Row, ...]
     checkpoints: tuple[Row, ...] = ()
     key: str = ""
+    anchor: int = 0
+    """The device log's anchor: records up to it were pruned (after an upload) and are not sent."""
 
     def __post_init__(self) -> None:
         check_id(self.device)
@@ -278,6 +280,8 @@ class AuditBatch:
         first = self.rows[0][0]
         if first < 1:
             raise ProtocolError("audit batch: seq counts from 1")
+        if not isinstance(self.anchor, int) or isinstance(self.anchor, bool) or not 0 <= self.anchor < first:
+            raise ProtocolError("audit batch: anchor must be below the first seq")
         for i, row in enumerate(self.rows):
             if row[0] != first + i:
                 raise ProtocolError(f"audit batch: row {i} has seq {row[0]}, expected {first + i}")
@@ -295,6 +299,7 @@ class AuditBatch:
     def encode(self) -> bytes:
         return _dumps(
             {
+                "anchor": self.anchor,
                 "checkpoints": [list(c) for c in self.checkpoints],
                 "device": self.device,
                 "key": self.key,
@@ -305,7 +310,7 @@ class AuditBatch:
     @classmethod
     def decode(cls, raw: bytes) -> AuditBatch:
         data = _loads(raw, "audit batch")
-        _fields(data, "audit batch", {"device", "rows"}, {"checkpoints", "key"})
+        _fields(data, "audit batch", {"device", "rows"}, {"checkpoints", "key", "anchor"})
         key = data.get("key", "")
         if not isinstance(key, str):
             raise ProtocolError("audit batch: key must be a string")
@@ -314,6 +319,7 @@ class AuditBatch:
             _rows(data["rows"], "rows"),
             _rows(data.get("checkpoints", []), "checkpoints"),
             key,
+            data.get("anchor", 0),
         )
 
 

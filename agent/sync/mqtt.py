@@ -20,6 +20,8 @@ Invariants:
   before the coroutine yields, so an acknowledgement (dispatched through the loop) always finds it.
 - Every acknowledgement is awaited with a timeout; paho return codes and MQTT 5 reason codes
   >= 0x80 become :mod:`agent.sync.errors` exceptions; nothing from paho escapes this module.
+- :attr:`MqttClient.is_connected` becomes true only after the subscriptions are renewed, so a
+  request published as soon as the client reports "connected" cannot miss its reply.
 - Handlers are called on the loop in arrival order; an exception in one is logged, never kills the
   network thread.
 """
@@ -202,7 +204,6 @@ class MqttClient:
             return
         self.connects += 1
         self._disconnected.clear()
-        self._connected.set()
         log.info("mqtt_connected", client_id=self.config.client_id, session_present=session_present)
         loop = self._loop
         assert loop is not None
@@ -214,6 +215,11 @@ class MqttClient:
                 await self._subscribe_now(sub)
             except MqttError as exc:
                 log.warning("mqtt_resubscribe_failed", topic=sub.topic_filter, error=str(exc))
+        if self._disconnected.is_set():
+            return
+        # Only now is the client "connected" for its users: a request published from here on has
+        # its reply subscription in place.
+        self._connected.set()
         for hook in list(self._on_connect_hooks):
             try:
                 await hook(session_present)
@@ -424,11 +430,19 @@ class MqttClient:
             return
         await self._wait_ack(mid, self._waiters.sub, self._waiters.early_sub, timeout)
 
-    async def close(self, *, timeout: float = 5.0) -> None:
-        """Disconnect cleanly (no Last Will is published) and stop the network thread."""
+    async def close(self, *, timeout: float = 5.0, end_session: bool = False) -> None:
+        """Disconnect cleanly (no Last Will is published) and stop the network thread.
+
+        ``end_session`` asks the broker to discard this client's session now (MQTT 5 DISCONNECT with
+        session expiry 0): a hub worker that leaves must not keep receiving its share of requests.
+        """
         self._closing = True
         if self._connected.is_set():
-            self._client.disconnect()
+            props = None
+            if end_session and self.config.session_expiry_s:
+                props = _properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+            self._client.disconnect(properties=props)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._disconnected.wait(), timeout)
         else:

@@ -42,7 +42,9 @@ class Broker:
     def config_path(self) -> Path:
         template = (REPO / "mosquitto" / "mosquitto.conf").read_text()
         conf = template.replace("{port}", str(self.port)).replace("{certdir}", str(self.certdir))
-        conf = conf.replace("{acl}", str(REPO / "mosquitto" / "acl"))
+        conf = conf.replace("{acl}", str(REPO / "mosquitto" / "acl")).replace(
+            "{persistence}", str(self.workdir)
+        )
         # Run as the test user: the certificates live in the user's private temp directory.
         conf += f"\nuser {getpass.getuser()}\n"
         path = self.workdir / "mosquitto.conf"
@@ -87,6 +89,8 @@ class Broker:
     def client_config(
         self, cn: str, *, client_id: str | None = None, will: Outgoing | None = None, **kw: object
     ) -> MqttConfig:
+        if cn == "hub":  # hub workers: short sessions (see hub.sync_cmd.HUB_SESSION_EXPIRY_S)
+            kw.setdefault("session_expiry_s", 120)
         return MqttConfig(
             host="127.0.0.1",
             port=self.port,

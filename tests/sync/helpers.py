@@ -92,8 +92,8 @@ class Hub:
 
 
 @asynccontextmanager
-async def running_hub(broker: Broker, repo_dir: Path, client_id: str = "hub-1") -> AsyncIterator[Hub]:
-    client = MqttClient(broker.client_config("hub", client_id=client_id))
+async def running_hub(broker: Broker, repo_dir: Path, client_id: str | None = None) -> AsyncIterator[Hub]:
+    client = MqttClient(broker.client_config("hub", client_id=client_id or f"hub-{os.urandom(4).hex()}"))
     await client.start()
     await client.wait_connected(10)
     meta = MetaPublisher(client, repo_dir)
@@ -109,7 +109,7 @@ async def running_hub(broker: Broker, repo_dir: Path, client_id: str = "hub-1") 
         yield Hub(client, meta, blobs)
     finally:
         blobs.close()
-        await client.close()
+        await client.close(end_session=True)
 
 
 @dataclass

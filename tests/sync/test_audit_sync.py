@@ -138,3 +138,25 @@ async def test_10000_records_written_while_broker_is_down_arrive_exactly_once(
     assert (records, problems) == (head, [])
     stored = store.audit_records("dev-a")
     assert [r["seq"] for r in stored] == list(range(1, head + 1))
+
+
+def test_first_contact_does_not_adopt_a_gap_as_anchor(tmp_path: Path) -> None:
+    """Batches 1..k lost in transit: a later batch must not become the device's chain start."""
+    key = DeviceKey.generate()
+    rows = seal_all(entries(30), 0, GENESIS, time.time())
+    store = HubStore(tmp_path / "hub.db")
+    ack = store.store_audit("dev-a", batch_of(key, rows[10:]))
+    assert ack.up_to_seq == 0
+    assert store.audit_count("dev-a") == (0, 0)
+    assert store.store_audit("dev-a", batch_of(key, rows)).up_to_seq == 30
+
+
+def test_a_pruned_device_is_anchored_where_it_says(tmp_path: Path) -> None:
+    key = DeviceKey.generate()
+    rows = seal_all(entries(30), 0, GENESIS, time.time())
+    store = HubStore(tmp_path / "hub.db")
+    pruned = AuditBatch(
+        "dev-a", tuple((r.seq, r.body, r.hash) for r in rows[10:]), (), key.public.raw.hex(), 10
+    )
+    assert store.store_audit("dev-a", pruned).up_to_seq == 30
+    assert store.verify_device("dev-a") == (20, [])

@@ -1,0 +1,63 @@
+"""A device that refreshes its registry over MQTT once, in its own process (for SIGKILL tests).
+
+    python -m tests.sync.device_proc STATE_DIR PORT CERTDIR DEVICE_ID [WINDOW]
+
+Prints one JSON line with the transfer statistics when the update completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from agent.sync.fetcher import MqttFetcher, RetainedMetadata, trusted_plans
+from agent.sync.mqtt import MqttClient, MqttConfig
+from registry.device import DeviceRegistry
+
+
+async def main(state_dir: Path, port: int, certdir: Path, device_id: str, window: int) -> int:
+    client = MqttClient(
+        MqttConfig(
+            "127.0.0.1",
+            port,
+            device_id,
+            certdir / "ca.crt",
+            certdir / f"{device_id}.crt",
+            certdir / f"{device_id}.key",
+            backoff_min_s=0.1,
+            backoff_max_s=1.0,
+        )
+    )
+    await client.start()
+    await client.wait_connected(20)
+    metadata = RetainedMetadata(client, wait_s=10)
+    await metadata.start()
+    registry = DeviceRegistry(state_dir)
+    fetcher = MqttFetcher(
+        asyncio.get_running_loop(),
+        client,
+        device_id,
+        metadata,
+        trusted_plans(registry.metadata_dir),
+        state_dir / "sync" / "partial",
+        window=window,
+        chunk_timeout_s=5,
+    )
+    result = await asyncio.to_thread(registry.update, fetcher)
+    await client.close()
+    stats = [
+        {"resumed": t.resumed_chunks, "requested": sum(t.requested.values()), "refused": t.refused_chunks}
+        for t in fetcher.transfers
+    ]
+    print(
+        json.dumps({"installed": list(result.installed), "already": list(result.already), "transfers": stats})
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    a = sys.argv[1:]
+    window = int(a[4]) if len(a) > 4 else 2
+    raise SystemExit(asyncio.run(main(Path(a[0]), int(a[1]), Path(a[2]), a[3], window)))

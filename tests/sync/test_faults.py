@@ -1,0 +1,250 @@
+"""Fault and attack tests with the real Mosquitto: broker restart mid-transfer, SIGKILL of the device
+at random points, stale metadata from a rogue publisher, two blob worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.sync.messages import Outgoing, meta_topic
+from agent.sync.mqtt import MqttClient
+from hub.sync_meta import refresh_timestamp
+from registry.metadata import digest_file
+from tests.sync.broker import REPO, Broker
+from tests.sync.helpers import (
+    enrolled_device,
+    make_blob,
+    new_repo,
+    publish_model,
+    running_device,
+    running_hub,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def store_is_sound(state_dir: Path) -> list[str]:
+    """Every blob under its final name hashes to that name; returns the installed digests."""
+    blobs = state_dir / "registry" / "blobs" / "sha256"
+    names = sorted(p.name for p in blobs.iterdir() if not p.name.startswith(".")) if blobs.is_dir() else []
+    for name in names:
+        assert hashlib.sha256((blobs / name).read_bytes()).hexdigest() == name, f"corrupt blob {name}"
+    return names
+
+
+async def test_broker_restart_mid_transfer_completes_without_refetching(
+    own_broker: Broker, tmp_path: Path
+) -> None:
+    repo = new_repo(tmp_path / "repo")
+    model = make_blob(tmp_path / "m.gguf", 48 << 20)
+    manifest = publish_model(repo, model, "m", chunk_size=512 << 10)
+    enrolled_device(tmp_path / "dev", repo.path, "dev-a")
+    window = 4
+    async with (
+        running_hub(own_broker, repo.path),
+        running_device(own_broker, tmp_path / "dev", "dev-a", window=window, chunk_timeout_s=5) as dev,
+    ):
+        update = asyncio.create_task(dev.update())
+        partial = tmp_path / "dev" / "sync" / "partial" / f"{manifest.sha256}.part"
+        deadline = time.monotonic() + 60
+        while not partial.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        own_broker.restart(down_s=1.0)
+        result = await asyncio.wait_for(update, 120)
+    assert manifest.target_path in result.installed
+    stats = dev.fetcher.transfers[-1]
+    assert dev.client.connects >= 2, "the broker restart did not interrupt the transfer"
+    twice = [i for i, n in stats.requested.items() if n > 1]
+    assert len(twice) <= window, f"chunks fetched again beyond one window: {twice}"
+    assert sum(n - 1 for n in stats.requested.values()) <= window
+    assert manifest.sha256 in store_is_sound(tmp_path / "dev")
+
+
+KILL_POINTS = 20
+
+
+def test_sigkill_at_random_points_never_exposes_a_partial_model(broker: Broker, tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "repo")
+    model = make_blob(tmp_path / "m.gguf", 24 << 20)
+    manifest = publish_model(repo, model, "m", chunk_size=256 << 10)
+
+    async def hub_forever(stop: asyncio.Event) -> None:
+        async with running_hub(broker, repo.path):
+            await stop.wait()
+
+    def run_device(state: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.sync.device_proc",
+                str(state),
+                str(broker.port),
+                str(broker.certdir),
+                "dev-a",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        hub = asyncio.create_task(hub_forever(stop))
+        await asyncio.sleep(0.5)
+        try:
+            # Measure one whole run to spread the kill points over it.
+            ref = tmp_path / "ref"
+            enrolled_device(ref, repo.path, "dev-a")
+            t0 = time.monotonic()
+            proc = run_device(ref)
+            out, _ = await asyncio.to_thread(proc.communicate, None, 120)
+            duration = time.monotonic() - t0
+            assert proc.returncode == 0, out
+            state = tmp_path / "dev"
+            enrolled_device(state, repo.path, "dev-a")
+            rnd = random.Random(7)
+            resumed = 0
+            mid_transfer = 0
+            partial = state / "sync" / "partial" / f"{manifest.sha256}.part"
+            for _ in range(KILL_POINTS):
+                proc = run_device(state)
+                await asyncio.sleep(rnd.uniform(0.05, duration))
+                proc.send_signal(signal.SIGKILL)
+                out, _ = await asyncio.to_thread(proc.communicate, None, 30)
+                installed = store_is_sound(state)  # never a corrupt blob under its final name
+                mid_transfer += partial.exists()
+                index = (
+                    json.loads((state / "registry" / "installed.json").read_text())
+                    if (state / "registry" / "installed.json").exists()
+                    else {}
+                )
+                if manifest.sha256 not in installed:
+                    assert manifest.target_path not in json.dumps(index), "index names a blob not installed"
+                if out:
+                    break  # it completed before the kill
+            assert mid_transfer >= KILL_POINTS // 4, f"only {mid_transfer} kills landed mid-transfer"
+            proc = run_device(state)
+            out, _ = await asyncio.to_thread(proc.communicate, None, 120)
+            assert proc.returncode == 0
+            report = json.loads(out.decode().strip().splitlines()[-1])
+            resumed = sum(t["resumed"] for t in report["transfers"])
+            assert manifest.sha256 in store_is_sound(state)
+            assert report["installed"] or report["already"]
+            # The final run resumed from chunks earlier runs left on disk (unless one finished).
+            assert resumed > 0 or not report["transfers"]
+        finally:
+            stop.set()
+            await hub
+
+    asyncio.run(scenario())
+    installed = tmp_path / "dev" / "registry" / "blobs" / "sha256" / manifest.sha256
+    assert digest_file(installed).sha256 == manifest.sha256
+
+
+async def test_stale_metadata_from_a_rogue_publisher_is_refused_and_audited(
+    broker: Broker, tmp_path: Path
+) -> None:
+    repo = new_repo(tmp_path / "repo")
+    publish_model(repo, make_blob(tmp_path / "m.gguf", 1 << 20), "m")
+    stale = (repo.path / "metadata" / "timestamp.json").read_bytes()
+    refresh_timestamp(repo.path)  # the hub re-signs: devices see a newer timestamp
+    enrolled_device(tmp_path / "dev", repo.path, "dev-a")
+    rogue = MqttClient(broker.client_config("hub", client_id="rogue"))
+    async with (
+        running_hub(broker, repo.path) as hub,
+        running_device(broker, tmp_path / "dev", "dev-a") as dev,
+    ):
+        await dev.update()  # trusts the current timestamp
+        await rogue.start()
+        await rogue.wait_connected(10)
+        try:
+            await rogue.publish(Outgoing(meta_topic("timestamp.json"), stale, retain=True))
+            await asyncio.sleep(0.3)
+            from registry.exceptions import Refused
+
+            with pytest.raises(Refused) as err:
+                await dev.update()
+            assert err.value.reason.value == "rollback"
+            assert any(reason == "rollback" for reason, _ in dev.refusals)
+        finally:
+            await rogue.close()
+            await hub.meta.sync(force=True)  # the hub restores the real metadata
+
+
+async def test_two_blob_worker_processes_share_the_requests(broker: Broker, tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "repo")
+    model = make_blob(tmp_path / "m.gguf", 16 << 20)
+    manifest = publish_model(repo, model, "m", chunk_size=256 << 10)
+    enrolled_device(tmp_path / "dev", repo.path, "dev-a")
+    cert = broker.certdir
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hub.serve",
+                "--role",
+                "blobs",
+                "--repo",
+                str(repo.path),
+                "--db",
+                str(tmp_path / "hub.db"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(broker.port),
+                "--ca",
+                str(cert / "ca.crt"),
+                "--cert",
+                str(cert / "hub.crt"),
+                "--key",
+                str(cert / "hub.key"),
+                "--client-id",
+                f"worker-{i}",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    try:
+        meta_client = MqttClient(broker.client_config("hub", client_id="meta-only"))
+        await meta_client.start()
+        await meta_client.wait_connected(10)
+        from hub.sync_meta import MetaPublisher
+
+        await MetaPublisher(meta_client, repo.path).sync(force=True)
+        await asyncio.sleep(1.5)  # both workers subscribed
+        async with running_device(broker, tmp_path / "dev", "dev-a", window=8) as dev:
+            result = await dev.update()
+        await meta_client.close()
+    finally:
+        outputs = []
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            out, _ = w.communicate(timeout=20)
+            outputs.append(out.decode())
+    assert manifest.target_path in result.installed
+    served = [_served(o) for o in outputs]
+    assert all(n > 0 for n in served), f"chunks served per worker: {served}"
+    assert sum(served) >= 64
+
+
+def _served(output: str) -> int:
+    for line in output.splitlines():
+        if "blob_worker_stats" in line:
+            return int(json.loads(line)["chunks"])
+    raise AssertionError(f"no stats in worker output: {output[-2000:]}")
