@@ -43,7 +43,7 @@ GIB = 1 << 30
 KV_PAD = 256
 """llama.cpp pads the KV cache size (and the number of cells a graph attends to) to 256."""
 KV_TYPE_BYTES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-RUNTIME_OVERHEAD_BASE = 48 * MIB
+RUNTIME_OVERHEAD_BASE = 32 * MIB
 RUNTIME_OVERHEAD_PER_TOKEN = 128
 """Bytes per vocabulary entry held by the tokenizer and its caches (about 32 MiB for 262k tokens)."""
 ONNX_OVERHEAD_FACTOR = 1.5

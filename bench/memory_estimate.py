@@ -1,7 +1,8 @@
 """Validate agent.memory's estimate against real llama.cpp loads of Gemma 3 270M.
 
-For each context size, a fresh subprocess imports llama_cpp, records its RSS, loads the model the way
-the engine does (n_batch 512, 2 threads, default context parameters), evaluates a prompt that fills
+For each context size, a fresh subprocess imports llama_cpp, records its RSS, loads the model with
+the daemon's own engine (``agent.app.build_engine``: n_batch 512, 4 slots sharing a unified KV
+cache, full-size SWA cache, 2 threads), runs a completion whose prompt fills
 ``min(n_ctx, --fill)`` tokens of the context (so the attention scratch is really written) plus a few
 generated tokens, and reports its peak RSS (``ru_maxrss``) minus the RSS before the load. The
 estimate is computed for the same ``context_used``; the worst case (context full) is shown too.
@@ -19,35 +20,54 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from agent.memory import MIB, RuntimeParams, estimate, shape_from_gguf
-from registry.gguf_info import read_gguf_info
+from agent.memory import MIB, RuntimeParams, estimate, shape_from_gguf  # noqa: E402
+from registry.gguf_info import read_gguf_info  # noqa: E402
 
 CHILD = r"""
-import json, os, resource, sys
+import asyncio, json, resource, sys
 import psutil
-import llama_cpp
-path, n_ctx, fill = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+from agent.app import build_engine
+from agent.catalog import info_for_file
+from agent.config import EngineSettings, Settings
+from agent.engine.base import CompletionRequest, SamplingParams
+import llama_cpp  # noqa: F401  (imported before the baseline, as in the daemon)
+
+path, n_ctx, fill = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 proc = psutil.Process()
-base = proc.memory_info().rss
-llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=2, n_threads_batch=2,
-                      verbose=False)
-after_load = proc.memory_info().rss
-words = " ".join(f"Edge box {i} reports temperature, memory and load." for i in range(4000))
-tokens = llm.tokenize(words.encode())[: max(16, min(n_ctx, fill) - 8)]
-llm.eval(tokens)
-for _ in range(4):
-    tok = llm.sample(temp=0.0)
-    llm.eval([tok])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"base": base, "load": after_load - base, "peak": peak - base, "used": llm.n_tokens}))
+
+async def main():
+    settings = Settings(engine=EngineSettings(n_ctx=n_ctx, n_threads=2))
+    engine = build_engine(info_for_file(path), settings)
+    base = proc.memory_info().rss
+    await engine.load()
+    after_load = proc.memory_info().rss
+    words = " ".join(f"Edge box {i} reports temperature, memory and load." for i in range(4000))
+    tokens = engine.count_tokens(words)
+    keep = max(16, min(n_ctx, fill) - 8)
+    prompt = words[: int(len(words) * keep / tokens)]
+    greedy = SamplingParams(temperature=0.0, top_k=1)
+    request = CompletionRequest(prompt=prompt, max_tokens=4, sampling=greedy)
+    usage = None
+    async for chunk in engine.generate(request):
+        usage = chunk.usage or usage
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    await engine.close()
+    used = usage.prompt_tokens + usage.completion_tokens
+    print(json.dumps({"base": base, "load": after_load - base, "peak": peak - base, "used": used,
+                      "n_seq": settings.engine.n_parallel}))
+
+asyncio.run(main())
 """
 
 
 def measure(path: Path, n_ctx: int, fill: int) -> dict[str, int]:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(n_ctx), str(fill)],
+        [sys.executable, "-c", CHILD, str(path), str(n_ctx), str(fill), str(ROOT)],
         check=True,
         capture_output=True,
         text=True,
@@ -81,8 +101,8 @@ def main() -> int:
     worst_error = 0.0
     for n_ctx in args.ctx:
         m = measure(path, n_ctx, args.fill)
-        est = estimate(shape, RuntimeParams(n_ctx=n_ctx, context_used=m["used"]))
-        worst = estimate(shape, RuntimeParams(n_ctx=n_ctx))
+        est = estimate(shape, RuntimeParams(n_ctx=n_ctx, n_seq=m["n_seq"], context_used=m["used"]))
+        worst = estimate(shape, RuntimeParams(n_ctx=n_ctx, n_seq=m["n_seq"]))
         error = (est.total - m["peak"]) / m["peak"]
         worst_error = max(worst_error, abs(error))
         print(

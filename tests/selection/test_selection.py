@@ -105,7 +105,7 @@ PROFILE_CASES = [
         "best quality that fits",
         {
             "llama-3.2-3b": "below the floor of 2 tok/s",
-            "phi-3.5-mini": "needs 4.1 GiB, 2.9 GiB available",
+            "phi-3.5-mini": "needs 4.0 GiB, 2.9 GiB available",
             "llama-3.1-8b": "needs 5.4 GiB, 2.9 GiB available",
             "mistral-7b-avx512": "CPU lacks avx512f",
             "minilm-l6-int8": "task is embedding, completion wanted",
@@ -145,9 +145,9 @@ PROFILE_CASES = [
         {},
         "gemma-3-270m-q8_0",
         "best quality that fits",
-        {"gemma-3-270m-f16": "needs 836 MiB, 740 MiB available", "qwen2.5-1.5b": "needs 1.4 GiB"},
+        {"gemma-3-270m-f16": "needs 820 MiB, 740 MiB available", "qwen2.5-1.5b": "needs 1.4 GiB"},
     ),
-    ("container-512m", {}, {}, None, "", {"gemma-3-270m-q4_0": "needs 436 MiB, 232 MiB available"}),
+    ("container-512m", {}, {}, None, "", {"gemma-3-270m-q4_0": "needs 420 MiB, 232 MiB available"}),
 ]
 
 
@@ -194,7 +194,7 @@ def test_nothing_fits_says_what_is_missing(candidates: list[Candidate]) -> None:
     result = select(profile("container-512m"), candidates, POLICY)
     assert result.choice is None
     assert result.message == (
-        "nothing fits: the smallest candidate, gemma-3-270m-q4_0, needs 436 MiB, 232 MiB available "
+        "nothing fits: the smallest candidate, gemma-3-270m-q4_0, needs 420 MiB, 232 MiB available "
         "(after 256 MiB headroom)"
     )
 
