@@ -157,6 +157,9 @@ RESPONSE_TYPES: dict[str, type] = {
 }
 """The 200 body of the routes whose shape is known here; other routes document a JSON object."""
 
+TEXT_PATHS: dict[str, str] = {"/metrics": "text/plain"}
+"""Routes whose 200 answer is text (Prometheus exposition format), not JSON."""
+
 STREAMING_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 """Routes that answer ``stream: true`` with Server-Sent Events."""
 
@@ -240,6 +243,8 @@ def _responses(method: str, path: str, components: _Components) -> dict[str, Any
     ok_type = RESPONSE_TYPES.get(path)
     ok_schema = components.ref(ok_type, "serialization") if ok_type is not None else {"type": "object"}
     ok_content: dict[str, Any] = {"application/json": {"schema": ok_schema}}
+    if path in TEXT_PATHS:
+        ok_content = {TEXT_PATHS[path]: {"schema": {"type": "string"}}}
     if path in STREAMING_PATHS:
         ok_content["text/event-stream"] = {"schema": _SSE_EVENT}
     responses: dict[str, Any] = {"200": {"description": "OK", "content": ok_content}}
@@ -324,6 +329,7 @@ def register(router: web.UrlDispatcher) -> None:
 __all__ = [
     "RESPONSE_TYPES",
     "STREAMING_PATHS",
+    "TEXT_PATHS",
     "ChatCompletion",
     "Completion",
     "EmbeddingList",
