@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,18 +82,31 @@ class Sealed:
         return value
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` with what JSON cannot carry exactly (NaN, infinities, other types) as strings."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return str(value)
+
+
 def seal(entry: Entry, seq: int, prev: str, ts: float) -> Sealed:
     """The record that follows ``prev`` at position ``seq``."""
     body = canonical(
         {
             "seq": seq,
             "time": iso_time(ts),
-            "actor": entry.actor,
-            "action": entry.action,
-            "resource": entry.resource,
-            "outcome": entry.outcome,
-            "reason": entry.reason,
-            "details": entry.details,
+            "actor": jsonable(entry.actor),
+            "action": str(entry.action),
+            "resource": None if entry.resource is None else str(entry.resource),
+            "outcome": str(entry.outcome),
+            "reason": str(entry.reason),
+            "details": jsonable(entry.details),
             "prev": prev,
         }
     )
@@ -339,6 +353,7 @@ __all__ = [
     "canonical",
     "chunked",
     "iso_time",
+    "jsonable",
     "make_checkpoint",
     "record_hash",
     "seal",

@@ -45,7 +45,9 @@ log = get_logger(__name__)
 ROW_OVERHEAD = 96
 """Bytes counted per record beyond its body (hash, rowid, b-tree cell), for the storage cap."""
 RESERVE_FRACTION = 0.02
-"""A request admitted under the cap may still be recorded up to this much beyond it."""
+RESERVE_MIN = 256 << 10
+"""A request admitted under the cap may still be recorded up to this much beyond it (the larger
+of the fraction and the minimum): room for the records of requests in flight."""
 PRUNE_AT = 0.8
 """Uploaded records are pruned once the log holds this fraction of ``max_bytes``."""
 
@@ -349,7 +351,7 @@ class AuditLog:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:  # the writer must outlive any failure; callers get a 503
             log.error("audit_write_failed", error=str(exc), records=len(items))
             failure = AuditUnavailable(f"the audit log cannot be written: {exc}")
             results = [failure] * len(items)
@@ -399,7 +401,7 @@ class AuditLog:
                 head_hash = anchor_hash
 
         used_base = used
-        hard_cap = self.max_bytes * (1 + RESERVE_FRACTION)
+        hard_cap = self.max_bytes + max(self.max_bytes * RESERVE_FRACTION, RESERVE_MIN)
         to_write: list[Entry] = []
         slots: list[int] = []  # index in items of each entry to write
         for i, (kind, payload, _) in enumerate(items):

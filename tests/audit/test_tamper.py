@@ -222,7 +222,10 @@ def test_intact_log_verifies_with_the_hub_copy_of_the_public_key(
     hub_copy.write_text(pub.read_text())
     assert main(["--state-dir", str(tmp_path), "audit", "verify", "--public-key", str(hub_copy)]) == 0
     out = capsys.readouterr().out
-    assert f"records 1..{RECORDS} ({RECORDS})" in out and f"{RECORDS // CHECKPOINT_EVERY} signed checkpoint(s)" in out
+    assert (
+        f"records 1..{RECORDS} ({RECORDS})" in out
+        and f"{RECORDS // CHECKPOINT_EVERY} signed checkpoint(s)" in out
+    )
     hub_copy.write_text(DeviceKey.generate().public.raw.hex())
     assert main(["--state-dir", str(tmp_path), "audit", "verify", "--public-key", str(hub_copy)]) == 1
     assert "signed by unknown key" in capsys.readouterr().err
