@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -24,11 +25,16 @@ from agent.catalog import discover, info_for_file
 from agent.config import Settings
 from agent.engine.base import Engine, ModelInfo
 from agent.engine.llama import LlamaEngine
-from agent.engine.pool import ModelPool
+from agent.engine.pool import ModelPool, pool_options
 from agent.log import get_logger
+from agent.metrics import HubState, Metrics, StatusSources
+from agent.server.admin_routes import install_metrics
 from agent.server.http import ApiServer, build_app
 from agent.server.limits import ServerLimits
 from agent.server.listener import bind_unix, systemd_socket
+
+if TYPE_CHECKING:
+    from agent.scheduler import Scheduler
 
 log = get_logger(__name__)
 
@@ -77,15 +83,54 @@ def build_pool(settings: Settings) -> ModelPool:
     from agent.select_cmd import model_memory_estimate, prefer_selected
 
     pool = ModelPool(  # the factory lets sync and the re-probe swap models
-        lambda info: build_engine(info, settings), estimate=model_memory_estimate(settings)
+        lambda info: build_engine(info, settings),
+        estimate=model_memory_estimate(settings),
+        **pool_options(settings.pool),
     )
     infos = prefer_selected(settings, list(discover(settings)))  # the best fit (or the pin) first
     extra = embedding_info(settings)
     if extra is not None and all(i.id != extra.id for i in infos):
         infos.append(extra)
     for info in infos:
-        pool.add(build_engine(info, settings))
+        pool.add(build_engine(info, settings), pinned=info.id in settings.pool.pinned)
     return pool
+
+
+def _sources(pool: ModelPool, guard: Any) -> StatusSources:
+    """What /metrics and /admin/status read: the pool, the audit backlog, the policy version."""
+    audit = getattr(guard, "audit", None)
+    policies = getattr(guard, "policies", None)
+    return StatusSources(
+        pool=pool,
+        audit_backlog=getattr(audit, "backlog", None),
+        policy_version=(lambda: policies.current().version) if policies is not None else None,
+    )
+
+
+def _hub_state(sync: Any) -> Callable[[], HubState]:
+    def read() -> HubState:
+        return HubState(True, bool(sync.client.is_connected), sync.last_sync)
+
+    return read
+
+
+def _start_scheduler(settings: Settings, pool: ModelPool) -> Scheduler:
+    """Periodic jobs owned by the daemon itself; other parts add theirs with ``every``."""
+    from agent.scheduler import Scheduler  # apscheduler: imported after READY=1
+
+    sv = settings.service
+    scheduler = Scheduler(
+        jitter_s=sv.jitter_s, maintenance_window=sv.maintenance_window, intervals_s=sv.intervals_s
+    )
+    scheduler.every("idle_unload", pool.unload_idle, jitter_s=0.0)
+    if (settings.state_dir / "registry").is_dir():
+        from registry.device import DeviceRegistry
+
+        device = DeviceRegistry(settings.state_dir)
+        scheduler.every("rehash", lambda: asyncio.to_thread(device.verify), maintenance=True)
+        scheduler.every("gc", lambda: asyncio.to_thread(device.gc), maintenance=True)
+    scheduler.start()
+    return scheduler
 
 
 def _loading_status(pool: ModelPool) -> str:
@@ -132,6 +177,9 @@ class Daemon:
             started,
         )
         guard = install_guard(app, s)  # authorize and audit every request
+        metrics = Metrics(s.metrics.latency_buckets_s, _sources(pool, guard))
+        if s.metrics.enabled:
+            install_metrics(app, metrics)  # outermost: times and counts every request
         server = ApiServer(
             app,
             sock,
@@ -172,11 +220,15 @@ class Daemon:
             reprobe = loop.create_task(Reselector(s, pool).run(), name="reprobe")
             service = sdnotify.ServiceNotifier.from_env(s.service.notify)
             service.start(_loading_status(pool), _serving_status(pool))
+            scheduler = _start_scheduler(s, pool)
+            metrics.sources.scheduler, metrics.sources.watchdog = scheduler, service.watchdog
             from agent.sync.service import start_sync
 
             sync = await start_sync(s, pool, guard)  # None unless [hub] host is set
+            metrics.sources.hub = _hub_state(sync) if sync is not None else lambda: HubState(False)
             await self._stop.wait()
             log.info("stopping", grace_s=s.server.shutdown_grace_s)
+            scheduler.shutdown()
             reprobe.cancel()
             if sync is not None:
                 await sync.close()

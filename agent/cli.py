@@ -74,25 +74,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps({"health": health, "status": detail}, indent=2))
         return 0
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
-    console.print(
-        f"[bold]edge-agent {health['version']}[/bold]  status: {health['status']}  "
-        f"uptime: {health['uptime_s']:.0f}s  socket: {_socket(args, settings)}"
-    )
-    table = Table("model", "state", "format", "task", "size", "queue")
-    for m in detail["models"]:
-        default = " (default)" if m["id"] == detail["default_model"] else ""
-        table.add_row(
-            m["id"] + default,
-            m["state"],
-            m["format"],
-            m["task"],
-            f"{m['size_bytes'] / 2**20:.0f} MiB",
-            str(m["queue_depth"]),
-        )
-    console.print(table)
+    from agent.status_view import render
+
+    Console().print(render(health, detail))
     return 0
 
 

@@ -33,7 +33,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from agent.config import PoolSettings
 from agent.engine.base import CompletionRequest, Engine, EngineState, ModelInfo, SamplingParams
 from agent.errors import EngineError, ModelLoadError, ModelNotReady, NotFound, Overloaded
 from agent.log import get_logger
@@ -106,6 +108,18 @@ def default_memory_budget(fraction: float = 0.75, cgroup_root: Path = Path("/sys
     return int(limit * fraction)
 
 
+def pool_options(settings: PoolSettings) -> dict[str, Any]:
+    """``ModelPool`` keyword arguments from the ``[pool]`` settings."""
+    budget = settings.memory_budget_mb
+    return {
+        "memory_budget": (budget << 20) if budget is not None else default_memory_budget(),
+        "max_loaded": settings.max_loaded,
+        "keep_alive_s": settings.keep_alive_s,
+        "smoke_test": smoke_generate if settings.smoke_test else None,
+        "drain_timeout_s": settings.drain_timeout_s,
+    }
+
+
 @dataclass
 class _Entry:
     info: ModelInfo
@@ -133,6 +147,8 @@ class ModelStatus:
     default: bool
     pinned: bool
     memory_bytes: int
+    """Estimated memory while loaded (0 when unloaded)."""
+    size_bytes: int
     queue_depth: int
     idle_s: float | None
     format: str
@@ -424,6 +440,7 @@ class ModelPool:
             default=entry is not None and info.id == self._default,
             pinned=entry is not None and entry.pinned,
             memory_bytes=self._estimate(info) if state in ("ready", "loading", "retiring") else 0,
+            size_bytes=info.size_bytes,
             queue_depth=queue if queue is not None else (engine.queue_depth if engine is not None else 0),
             idle_s=round(now - entry.last_used, 3) if entry is not None and entry.loaded else None,
             format=info.format,
@@ -557,6 +574,7 @@ __all__ = [
     "SwapFailed",
     "SwapResult",
     "default_memory_budget",
+    "pool_options",
     "size_estimate",
     "smoke_generate",
 ]

@@ -1,18 +1,42 @@
-"""Operational routes: health, model list, status."""
+"""Operational routes: health, model list, status, metrics; and the metrics middleware.
+
+``GET /health`` is a liveness probe (``loading`` until the models have loaded). ``GET
+/admin/status`` is everything an operator needs at a glance (models, memory, queue, hub, policy,
+audit backlog, jobs, watchdog) as JSON; ``edge-agent status`` renders it. ``GET /metrics`` is
+the Prometheus text format (404 when ``[metrics] enabled = false``).
+
+The metrics middleware, installed outermost by :func:`install_metrics`, times every request
+from its arrival to the end of its response (streams included) and counts it by route pattern,
+status and model; tokens come from the response's ``usage`` or from what a streaming route
+noted in ``request["audit_usage"]``.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
 
 from aiohttp import web
 
 from agent import __version__
+from agent.metrics import CONTENT_TYPE, Metrics
 from agent.server.keys import POOL_KEY, STARTED_KEY
+
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+_MAX_PARSED_BODY = 256 << 10
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def health(request: web.Request) -> web.Response:
     pool = request.app[POOL_KEY]
-    states = {e.info.id: e.state.value for e in pool.engines()}
+    states = {row.id: row.state for row in pool.status() if row.state != "retiring"}
     if not states:
         status = "no_model"
     elif pool.loading:
@@ -40,34 +64,176 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _process() -> dict[str, Any]:
+    import psutil
+
+    proc = psutil.Process()
+    with proc.oneshot():
+        mem = proc.memory_info()
+        cpu = proc.cpu_times()
+        return {
+            "pid": os.getpid(),
+            "rss_bytes": mem.rss,
+            "cpu_seconds": round(cpu.user + cpu.system, 3),
+            "threads": proc.num_threads(),
+        }
+
+
 async def status(request: web.Request) -> web.Response:
+    """The operator's view (``edge-agent status``); the keys of the first version are kept."""
     pool = request.app[POOL_KEY]
-    models = [
-        {
-            "id": e.info.id,
-            "state": e.state.value,
-            "format": e.info.format,
-            "task": e.info.task,
-            "path": str(e.info.path),
-            "size_bytes": e.info.size_bytes,
-            "queue_depth": e.queue_depth,
-        }
-        for e in pool.engines()
-    ]
-    return web.json_response(
-        {
-            "version": __version__,
-            "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 3),
-            "default_model": pool.default_id,
-            "models": models,
-        }
-    )
+    metrics = request.app.get(METRICS_KEY)
+    rows = pool.status()
+    body: dict[str, Any] = {
+        "version": __version__,
+        "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 3),
+        "default_model": pool.default_id,
+        "models": [asdict(row) for row in rows],
+        "queue_depth": sum(row.queue_depth for row in rows),
+        "memory": {"used_bytes": pool.memory_used(), "budget_bytes": pool.memory_budget},
+        "max_loaded": pool.max_loaded,
+        "keep_alive_s": pool.keep_alive_s,
+        "swaps": dict(pool.swaps),
+        "process": await asyncio.to_thread(_process),
+        "hub": None,
+        "policy_version": None,
+        "audit_backlog": None,
+        "jobs": [],
+        "watchdog": None,
+    }
+    if metrics is not None:
+        src = metrics.sources
+        snap = await metrics.refresh()
+        body["audit_backlog"] = snap.audit_backlog
+        body["requests_in_flight"] = metrics.active
+        if src.hub is not None:
+            body["hub"] = _call(lambda: asdict(src.hub()) if src.hub else None)
+        if src.policy_version is not None:
+            body["policy_version"] = _call(src.policy_version)
+        if src.scheduler is not None:
+            body["jobs"] = [
+                {**asdict(job), "last_run": _iso(job.last_run), "next_run": _iso(job.next_run)}
+                for job in src.scheduler.jobs()
+            ]
+        if src.watchdog is not None:
+            dog = src.watchdog
+            body["watchdog"] = {"interval_s": dog.interval, "lag_s": round(dog.lag_s, 4), "pings": dog.pings}
+    return web.json_response(body, dumps=lambda o: json.dumps(o, default=str))
+
+
+def _call(read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except Exception as exc:  # one broken source must not hide the rest of the status
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is None:
+        raise web.HTTPNotFound(reason="metrics are disabled ([metrics] enabled = false)")
+    await metrics.refresh()
+    body = await asyncio.to_thread(metrics.render)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE
+    return response
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "other"
+
+
+def _usage(request: web.Request, response: web.StreamResponse | None) -> tuple[str, int, int]:
+    """(model, prompt tokens, completion tokens) of a response, as far as they are known."""
+    noted = request.get("audit_usage") or {}
+    model = noted.get("model")
+    prompt = noted.get("prompt_tokens", 0)
+    completion = noted.get("completion_tokens", 0)
+    if model is None and isinstance(response, web.Response) and response.content_type == "application/json":
+        raw = response.body
+        if isinstance(raw, bytes) and len(raw) <= _MAX_PARSED_BODY:
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("model"), str):
+                model = data["model"]
+                usage = data.get("usage")
+                if isinstance(usage, dict):
+                    prompt = usage.get("prompt_tokens") or 0
+                    completion = usage.get("completion_tokens") or 0
+    return (model if isinstance(model, str) else "-"), int(prompt or 0), int(completion or 0)
+
+
+async def _requested_model(request: web.Request) -> str:
+    """The served model a JSON request named (else the default); ``-`` for anything unknown, so a
+    client cannot create label values. The body was read (and cached by aiohttp) by the handler."""
+    if request.method != "POST" or request.content_type != "application/json":
+        return "-"
+    pool = request.app[POOL_KEY]
+    try:
+        data = json.loads(await request.read()) if request.body_exists else None
+    except (ValueError, UnicodeDecodeError, web.HTTPException, ConnectionError):
+        return "-"
+    named = data.get("model") if isinstance(data, dict) else None
+    wanted = named if isinstance(named, str) and named else pool.default_id
+    return wanted if wanted is not None and wanted in {m.id for m in pool.models()} else "-"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app.get(METRICS_KEY)
+    if metrics is None:
+        return await handler(request)
+    started = time.monotonic()
+    metrics.request_started()
+    response: web.StreamResponse | None = None
+    code = 500
+    try:
+        response = await handler(request)
+        code = response.status
+        return response
+    except asyncio.CancelledError:
+        code = 499  # the client went away
+        raise
+    except web.HTTPException as exc:
+        code = exc.status
+        raise
+    finally:
+        metrics.request_finished()
+        model, prompt, completion = _usage(request, response)
+        if model == "-" and response is not None and response.status < 400:
+            model = await _requested_model(request)
+        metrics.observe_request(
+            _route_label(request), request.method, code, model, time.monotonic() - started, prompt, completion
+        )
+
+
+def install_metrics(app: web.Application, metrics: Metrics) -> None:
+    """Serve ``/metrics`` from ``metrics`` and time every request (outermost middleware)."""
+    app[METRICS_KEY] = metrics
+    app.middlewares.insert(0, metrics_middleware)
 
 
 def register(router: web.UrlDispatcher) -> None:
     router.add_get("/health", health)
     router.add_get("/v1/models", list_models)
     router.add_get("/admin/status", status)
+    router.add_get("/metrics", metrics_text)
 
 
-__all__ = ["health", "list_models", "register", "status"]
+__all__ = [
+    "METRICS_KEY",
+    "health",
+    "install_metrics",
+    "list_models",
+    "metrics_middleware",
+    "metrics_text",
+    "register",
+    "status",
+]
