@@ -112,6 +112,25 @@ def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes
         chunks.append(chunk)
 
 
+def read_responses(sock: socket.socket, count: int = 1, timeout: float = 10.0) -> list[RawResponse]:
+    """Read from a kept-alive connection until ``count`` complete responses have arrived."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        responses = parse_responses(data, at_eof=False)
+        if len(responses) >= count:
+            return responses
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return parse_responses(data, at_eof=False)
+
+
 def exchange(path: Path, raw: bytes, timeout: float = 10.0) -> tuple[list[RawResponse], str]:
     """Send ``raw`` on a fresh connection, read until the server closes; the responses and how it ended."""
     with connect(path, timeout) as sock:
@@ -161,6 +180,7 @@ __all__ = [
     "connect",
     "exchange",
     "parse_responses",
+    "read_responses",
     "read_until_closed",
     "request",
 ]
