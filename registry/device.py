@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -187,8 +188,6 @@ class DeviceRegistry:
         return enrollment
 
     def _reset_trust(self) -> None:
-        import shutil
-
         shutil.rmtree(self.metadata_dir, ignore_errors=True)
         save_index(self.index_path, Index())
 
