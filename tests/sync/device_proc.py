@@ -18,6 +18,9 @@ from registry.device import DeviceRegistry
 
 
 async def main(state_dir: Path, port: int, certdir: Path, device_id: str, window: int) -> int:
+    from agent import log
+
+    log.configure("warning", "json", stream=sys.stderr)  # stdout carries only "ready" and the result
     client = MqttClient(
         MqttConfig(
             "127.0.0.1",
@@ -34,6 +37,7 @@ async def main(state_dir: Path, port: int, certdir: Path, device_id: str, window
     await client.wait_connected(20)
     metadata = RetainedMetadata(client, wait_s=10)
     await metadata.start()
+    print("ready", flush=True)  # the transfer starts now (the SIGKILL test aims after this line)
     registry = DeviceRegistry(state_dir)
     fetcher = MqttFetcher(
         asyncio.get_running_loop(),
