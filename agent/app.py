@@ -48,11 +48,14 @@ def build_engine(info: ModelInfo, settings: Settings) -> Engine:
     threads = settings.engine.n_threads or default_threads()
     if info.format == "onnx":
         from agent.engine.onnx import OnnxEmbeddingEngine
+        from agent.store_catalog import companion_path
 
         emb = settings.embedding
         return OnnxEmbeddingEngine(
             info,
-            tokenizer_path=emb.tokenizer if emb.path == info.path else None,
+            tokenizer_path=emb.tokenizer
+            if emb.path == info.path
+            else companion_path(settings, info, "tokenizer.json"),  # the signed one, re-hashed
             n_threads=threads,
             max_length=emb.max_length,
             batch_size=emb.batch_size,

@@ -59,8 +59,11 @@ def test_demo_store_is_built_with_the_registry_tools_and_served(tmp_path: Path, 
                     "temperature": 0,
                 },
             )
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["text"].strip()
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"].strip()
+            e = client.post("/v1/embeddings", json={"model": EMBED_MODEL_ID, "input": "a signed edge model"})
+            assert e.status_code == 200, e.text
+            assert len(e.json()["data"][0]["embedding"]) == 384
         served_from = {
             line.get("path") for line in daemon.log_lines() if line.get("event") == "model_loading"
         }
