@@ -61,7 +61,8 @@ class KeyStore:
         """Write the private key (0600, encrypted if a passphrase is set); refuse to overwrite."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.directory, 0o700)
-        key = signer._private_key  # CryptoSigner exposes PEM only unencrypted; re-encode ourselves
+        # CryptoSigner exports unencrypted PKCS#8 only: parse it back and re-encode (encrypted).
+        key = load_pem_private_key(signer.private_bytes, None)
         encryption = BestAvailableEncryption(self.passphrase) if self.passphrase else NoEncryption()
         pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, encryption)
         path = self._path(signer.public_key.keyid)
