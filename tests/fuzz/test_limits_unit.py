@@ -128,7 +128,7 @@ def test_bad_limit_settings_are_refused(values: dict[str, Any], key: str) -> Non
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError) as info:
-        Settings(server=values)
+        Settings(server=values)  # type: ignore[arg-type]
     line = format_validation_error(info.value, "config error")
     assert line.startswith(f"config error: {key} = "), line
 
