@@ -76,7 +76,7 @@ MiniLM), small 1.5B-13.9B, medium 14B-30B. Larger models are not edge models and
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CPU_FEATURE = re.compile(r"[a-z0-9_.]{1,32}")
 
 

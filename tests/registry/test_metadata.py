@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from registry.exceptions import ManifestError, Reason, Refused
 from registry.metadata import (
@@ -16,6 +18,7 @@ from registry.metadata import (
     DeploymentEntry,
     ModelManifest,
     digest_file,
+    model_target_path,
     parse_target_path,
     size_class,
 )
@@ -236,3 +239,25 @@ def test_companion_round_trip_and_digest_file_matches_hashlib(tmp_path: Path) ->
     assert CompanionFile.from_custom(c.to_custom()) == c
     with pytest.raises(ManifestError, match="chunk hashes"):
         dataclasses.replace(c, chunk_sha256=d.chunk_sha256[:-1])
+
+
+@given(st.text(max_size=80))
+def test_any_text_is_either_a_safe_target_path_or_refused_as_bad_path(text: str) -> None:
+    try:
+        ref = parse_target_path(text)
+    except Refused as exc:
+        assert exc.reason is Reason.BAD_PATH
+        return
+    parts = ref.path.split("/")
+    assert not ref.path.startswith("/") and ".." not in parts and "" not in parts
+    assert all(p[0] not in "._-" and p.isascii() and " " not in p for p in parts)
+
+
+@given(
+    st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,10}", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True),
+)
+def test_model_target_paths_round_trip(model_id: str, version: str, file_name: str) -> None:
+    ref = parse_target_path(model_target_path(model_id, version, file_name))
+    assert (ref.kind, ref.name, ref.version, ref.file_name) == ("model", model_id, version, file_name)
