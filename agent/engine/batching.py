@@ -36,7 +36,7 @@ from typing import Protocol
 from agent.engine.base import FinishReason, GenerationChunk, SamplingParams, Usage
 from agent.engine.slots import PrefillWork, SlotView, choose_slot, plan_step
 from agent.engine.textstream import TextStream
-from agent.errors import EngineError, Overloaded
+from agent.errors import ContextOverflow, EngineError, Overloaded
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -317,6 +317,10 @@ class BatchRunner:
             slot = self._slots[index]
             reserved = sum(len(j.tokens) + j.max_tokens for j in self._active)
             need = len(job.tokens) + job.max_tokens
+            if need > capacity:
+                self._waiting.popleft()
+                self._fail(job, ContextOverflow(f"{need} tokens exceed the context of {capacity} tokens"))
+                continue
             if reserved + need > capacity:
                 return  # wait for running jobs to finish
             idle = sorted((s for s in free if s is not slot), key=lambda s: s.last_used)

@@ -10,7 +10,7 @@ import pytest
 
 from agent.engine.base import GenerationChunk, SamplingParams
 from agent.engine.batching import BatchRunner, Job
-from agent.errors import EngineError, Overloaded
+from agent.errors import ContextOverflow, EngineError, Overloaded
 from tests.fakes.decode_backend import FakeDecodeBackend, next_token, piece_of, reference
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -307,6 +307,24 @@ def test_jobs_that_do_not_fit_the_kv_budget_wait_instead_of_failing() -> None:
             for p, (text, _) in zip(ps, results, strict=True):
                 assert text == reference(p, 20)[0]
             assert max(len(set(bt.seqs)) for bt in backend.batches) <= 2, "only two fit at a time"
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_job_larger_than_the_context_is_refused_not_left_waiting() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_ctx=32)
+        runner = BatchRunner(backend)
+        try:
+            j = job([1, 2, 3], 40)
+            runner.submit(j)
+            with pytest.raises(ContextOverflow, match="43 tokens exceed the context of 32"):
+                await drain(j)
+            ok = job([1, 2, 3], 5)
+            runner.submit(ok)
+            assert (await drain(ok))[0] == reference([1, 2, 3], 5)[0]
         finally:
             runner.close()
 
