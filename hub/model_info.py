@@ -51,6 +51,7 @@ class OnnxGraphInfo:
     context_length: int | None
     vocab_size: int | None
     producer: str
+    """The model family when the weight names reveal it (``bert``), else the exporter's name."""
 
 
 def model_format(path: Path) -> str:
@@ -113,8 +114,17 @@ def read_onnx_info(path: Path) -> OnnxGraphInfo:
         embedding_length=embedding,
         context_length=context,
         vocab_size=vocab,
-        producer=model.producer_name or "onnx",
+        producer=_family(init_names) or model.producer_name or "onnx",
     )
+
+
+def _family(initializer_names: set[str]) -> str | None:
+    """Recognise common encoder families by their weight names (BERT-style sentence encoders)."""
+    if any("embeddings.word_embeddings" in n for n in initializer_names) and any(
+        "encoder.layer." in n for n in initializer_names
+    ):
+        return "bert"
+    return None
 
 
 def build_manifest(

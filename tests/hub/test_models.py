@@ -49,7 +49,7 @@ def float_onnx(path: Path, width: int = 256) -> Path:
 
 def test_minilm_manifest_describes_the_onnx_graph() -> None:
     m = build_manifest(minilm(), model_id="minilm", task="embedding")
-    assert m.format == "onnx" and m.quantization == "int8" and m.opset == 17
+    assert m.format == "onnx" and m.quantization == "int8" and m.opset == 17 and m.family == "bert"
     assert m.inputs == ("input_ids", "attention_mask", "token_type_ids")
     assert m.outputs == ("last_hidden_state",)
     assert (m.n_layers, m.embedding_length, m.context_length, m.vocab_size) == (6, 384, 512, 30522)
