@@ -31,10 +31,19 @@ from agent.log import get_logger
 
 log = get_logger(__name__)
 
-__all__ = ["NativeContext", "NativeModel", "NativeSampler", "PENALTY_LAST_N", "silence_llama_logs"]
+__all__ = [
+    "GREEDY_PENALTY_TOP_K",
+    "PENALTY_LAST_N",
+    "NativeContext",
+    "NativeModel",
+    "NativeSampler",
+    "silence_llama_logs",
+]
 
 PENALTY_LAST_N = 64
 """Tokens of history the repeat/frequency/presence penalties look at (llama.cpp's default)."""
+GREEDY_PENALTY_TOP_K = 64
+"""Candidates kept before the penalties when sampling greedily with penalties."""
 
 _GGML_LOG_ERROR = 4
 _log_lock = threading.Lock()
@@ -147,19 +156,30 @@ class NativeModel:
 
 
 class NativeSampler:
-    """llama.cpp's native sampler chain for one sequence (see :func:`NativeContext.make_sampler`)."""
+    """llama.cpp's native sampler chain for one sequence (see :func:`NativeContext.make_sampler`).
 
-    def __init__(self, lib: Any, chain: Any, ctx: Any) -> None:
+    ``chain is None`` means plain greedy without bias or penalties: the argmax of the logits row,
+    which is what llama.cpp's greedy sampler returns (first maximum), without building its
+    262k-entry candidate array for every token.
+    """
+
+    def __init__(self, lib: Any, chain: Any, ctx: Any, n_vocab: int) -> None:
         self._lib = lib
         self._chain = chain
         self._ctx = ctx
+        self._n_vocab = n_vocab
 
     def sample(self, batch_index: int) -> int:
         """Sample from the logits of ``batch_index`` in the last batch; the token is accepted."""
+        if self._chain is None:
+            import numpy as np
+
+            row = self._lib.llama_get_logits_ith(self._ctx, batch_index)
+            return int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
         return int(self._lib.llama_sampler_sample(self._chain, self._ctx, batch_index))
 
     def close(self) -> None:
-        if self._chain:
+        if self._chain is not None:
             self._lib.llama_sampler_free(self._chain)
             self._chain = None
 
@@ -243,15 +263,23 @@ class NativeContext:
             self._lib.llama_kv_self_clear(self._ctx)
 
     def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> NativeSampler:
-        """The native chain: logit bias, penalties, then greedy or top-k/top-p/min-p/temp/dist.
+        """The native chain: logit bias, top-k, penalties, then greedy or top-p/min-p/temp/dist.
 
-        Penalties see the prompt (``history``) too, as llama-cpp-python's ``create_completion``
-        does. Samplers that would be neutral are left out, so plain greedy costs one argmax.
+        Top-k runs before the penalties (llama.cpp warns that penalties over the whole vocabulary
+        are slow: 262k hash look-ups per token for Gemma); greedy with penalties keeps the top
+        ``GREEDY_PENALTY_TOP_K``. Penalties see the prompt (``history``) too, as
+        llama-cpp-python's ``create_completion`` does. Neutral samplers are left out.
         """
         lib = self._lib
+        n_vocab = self._model.n_vocab
+        greedy = params.temperature <= 0.0
+        penalised = (
+            params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+        )
+        if greedy and not penalised and not params.logit_bias:
+            return NativeSampler(lib, None, self._ctx, n_vocab)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lib.llama_sampler_chain_add
-        n_vocab = self._model.n_vocab
         if params.logit_bias:
             items = [(t, b) for t, b in params.logit_bias.items() if 0 <= t < n_vocab]
             arr = (lib.llama_logit_bias * max(1, len(items)))()
@@ -259,9 +287,9 @@ class NativeContext:
                 arr[i].token = t
                 arr[i].bias = b
             add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr))
-        penalised = (
-            params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
-        )
+        top_k = GREEDY_PENALTY_TOP_K if greedy else max(0, params.top_k)
+        if top_k and (penalised or not greedy):
+            add(chain, lib.llama_sampler_init_top_k(top_k))
         if penalised:
             pen = lib.llama_sampler_init_penalties(
                 n_vocab,
@@ -273,11 +301,9 @@ class NativeContext:
             for t in history[-PENALTY_LAST_N:]:
                 lib.llama_sampler_accept(pen, t)
             add(chain, pen)
-        if params.temperature <= 0.0:
+        if greedy:
             add(chain, lib.llama_sampler_init_greedy())
         else:
-            if params.top_k > 0:
-                add(chain, lib.llama_sampler_init_top_k(params.top_k))
             if params.top_p < 1.0:
                 add(chain, lib.llama_sampler_init_top_p(params.top_p, 1))
             if params.min_p > 0.0:
@@ -285,7 +311,7 @@ class NativeContext:
             add(chain, lib.llama_sampler_init_temp(params.temperature))
             seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
             add(chain, lib.llama_sampler_init_dist(seed))
-        return NativeSampler(lib, chain, self._ctx)
+        return NativeSampler(lib, chain, self._ctx, n_vocab)
 
     def is_eog(self, token: int) -> bool:
         return self._model.is_eog(token)
