@@ -37,6 +37,8 @@ class ModelInfo:
     size_bytes: int = 0
     created: int = 0
     chat_template: str | None = None
+    tokenizer_path: Path | None = None
+    """ONNX models: the tokenizer.json shipped with the model (e.g. a second registry target)."""
 
 
 @dataclass(frozen=True, slots=True)

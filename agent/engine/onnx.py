@@ -55,7 +55,8 @@ def packaged_tokenizer() -> Path | None:
 
 
 def find_tokenizer(model_path: Path, configured: Path | None = None) -> Path:
-    """The tokenizer for ``model_path``: the configured file, else ``tokenizer.json`` or
+    """The tokenizer for ``model_path``: the configured file (``[embedding] tokenizer`` or the
+    manifest's :attr:`ModelInfo.tokenizer_path`), else ``tokenizer.json`` or
     ``<stem>.tokenizer.json`` next to the model, else the packaged one; raise if none exists."""
     candidates = [
         configured,
@@ -126,7 +127,7 @@ class OnnxEmbeddingEngine:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        tok_path = find_tokenizer(self._info.path, self._tokenizer_path)
+        tok_path = find_tokenizer(self._info.path, self._tokenizer_path or self._info.tokenizer_path)
         tokenizer = Tokenizer.from_file(str(tok_path))
         tokenizer.no_padding()
         tokenizer.enable_truncation(self._max_length)
