@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.memory import MIB, RuntimeParams, estimate, shape_from_gguf  # noqa: E402
+from agent.memory import MIB, ModelShape, RuntimeParams, estimate, shape_from_gguf  # noqa: E402
 from registry.gguf_info import read_gguf_info  # noqa: E402
 
 CHILD = r"""
@@ -65,6 +65,25 @@ asyncio.run(main())
 """
 
 
+def ollama_formula(shape: ModelShape, n_ctx: int, batch: int = 512, n_parallel: int = 1) -> int:
+    """Ollama's estimate for the same header, written out from llm/memory.go and GraphSize (gemma
+    branch): weights + per-layer f16 KV (sliding layers at parallel x window + batch) + graph."""
+    ctx = n_ctx * n_parallel
+    width = shape.key_length + shape.value_length
+    kv = 0
+    for layer in range(shape.n_layers):
+        cells = ctx
+        if shape.is_swa(layer) and shape.sliding_window:
+            cells = n_parallel * shape.sliding_window + batch
+        kv += cells * width * shape.kv_heads(layer) * 2
+    heads = shape.n_head
+    graph = max(
+        4 * batch * (shape.n_embd + shape.n_vocab),
+        4 * batch * (2 + ctx + ctx * heads + 2 * shape.n_embd + 2 * shape.key_length * heads),
+    )
+    return shape.file_size + kv + graph
+
+
 def measure(path: Path, n_ctx: int, fill: int) -> dict[str, int]:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(path), str(n_ctx), str(fill), str(ROOT)],
@@ -95,19 +114,21 @@ def main() -> int:
     print(f"model: {path.name}, fill: up to {args.fill} tokens, peak RSS increase over the pre-load RSS\n")
     print(
         "| n_ctx | tokens in context | measured peak | estimate (same context) | error | worst-case estimate "
-        "(context full) | llama.cpp compute reservation |"
+        "(context full) | llama.cpp compute reservation | Ollama's formula | its error |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     worst_error = 0.0
     for n_ctx in args.ctx:
         m = measure(path, n_ctx, args.fill)
         est = estimate(shape, RuntimeParams(n_ctx=n_ctx, n_seq=m["n_seq"], context_used=m["used"]))
         worst = estimate(shape, RuntimeParams(n_ctx=n_ctx, n_seq=m["n_seq"]))
+        ollama = ollama_formula(shape, n_ctx)
         error = (est.total - m["peak"]) / m["peak"]
         worst_error = max(worst_error, abs(error))
         print(
             f"| {n_ctx} | {m['used']} | {m['peak'] / MIB:.0f} MiB | {est.total / MIB:.0f} MiB | "
-            f"{error:+.1%} | {worst.total / MIB:.0f} MiB | {est.compute_reserved / MIB:.0f} MiB |"
+            f"{error:+.1%} | {worst.total / MIB:.0f} MiB | {est.compute_reserved / MIB:.0f} MiB | "
+            f"{ollama / MIB:.0f} MiB | {(ollama - m['peak']) / m['peak']:+.1%} |"
         )
     print(f"\nlargest error: {worst_error:.1%} (bound: 20%)")
     return 0 if worst_error <= 0.20 else 1
