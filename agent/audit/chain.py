@@ -44,9 +44,12 @@ RECORD_KEYS = frozenset(
 MAX_PROBLEMS = 20
 
 
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical(obj: Any) -> str:
     """Canonical JSON text: sorted keys, compact separators, non-ASCII kept as is."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(obj)
 
 
 def record_hash(body: str) -> str:
@@ -95,30 +98,41 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def seal(entry: Entry, seq: int, prev: str, ts: float) -> Sealed:
-    """The record that follows ``prev`` at position ``seq``."""
-    body = canonical(
-        {
-            "seq": seq,
-            "time": iso_time(ts),
-            "actor": jsonable(entry.actor),
-            "action": str(entry.action),
-            "resource": None if entry.resource is None else str(entry.resource),
-            "outcome": str(entry.outcome),
-            "reason": str(entry.reason),
-            "details": jsonable(entry.details),
-            "prev": prev,
-        }
-    )
+def seal(entry: Entry, seq: int, prev: str, ts: float | str) -> Sealed:
+    """The record that follows ``prev`` at position ``seq`` (``ts``: epoch seconds or ISO time)."""
+    record = {
+        "seq": seq,
+        "time": ts if isinstance(ts, str) else iso_time(ts),
+        "actor": entry.actor,
+        "action": entry.action,
+        "resource": entry.resource,
+        "outcome": entry.outcome,
+        "reason": entry.reason,
+        "details": entry.details,
+        "prev": prev,
+    }
+    try:
+        body = canonical(record)
+    except (TypeError, ValueError):  # rare: NaN, infinities or objects in the details
+        record.update(
+            actor=jsonable(entry.actor),
+            details=jsonable(entry.details),
+            **{
+                k: None if record[k] is None else str(record[k])
+                for k in ("action", "resource", "outcome", "reason")
+            },
+        )
+        body = canonical(record)
     return Sealed(seq, body, record_hash(body))
 
 
 def seal_all(entries: Iterable[Entry], head_seq: int, head_hash: str, ts: float) -> list[Sealed]:
     out: list[Sealed] = []
     seq, prev = head_seq, head_hash
+    when = iso_time(ts)  # one commit, one time
     for entry in entries:
         seq += 1
-        sealed = seal(entry, seq, prev, ts)
+        sealed = seal(entry, seq, prev, when)
         out.append(sealed)
         prev = sealed.hash
     return out

@@ -332,6 +332,7 @@ def install_guard(app: web.Application, settings: Settings) -> Guard:
         on_full=a.on_full,
         checkpoint_every=a.checkpoint_every,
         checkpoint_interval_s=a.checkpoint_interval_s,
+        synchronous=a.synchronous,
     )
     audit.start()
     holder = PolicyHolder(policy, settings.state_dir)

@@ -6,7 +6,9 @@ Invariants:
   uploaded and acknowledged (``mark_uploaded``), remembering the last deleted one as the anchor
   from which the chain resumes.
 - Durable before acknowledged: :meth:`AuditLog.append` (and :meth:`record`) return only after the
-  transaction holding the record has committed with ``synchronous=FULL`` (the WAL is fsynced).
+  transaction holding the record has committed with ``synchronous=FULL`` (the WAL is fsynced;
+  ``synchronous="normal"`` only hands it to the OS: it then survives a crash of the agent but
+  not of the machine).
   Records submitted while a commit is running are committed together in the next one (group
   commit): one fsync for a whole batch.
 - The chain head is read inside each ``BEGIN IMMEDIATE`` transaction, so several processes (the
@@ -162,6 +164,7 @@ class AuditLog:
         checkpoint_interval_s: float = 300.0,
         clock: Callable[[], float] = time.time,
         batch_max: int = 8192,
+        synchronous: Literal["full", "normal"] = "full",
     ) -> None:
         self.path = path
         self._key = key
@@ -171,6 +174,7 @@ class AuditLog:
         self._cp_interval = checkpoint_interval_s
         self._clock = clock
         self._batch_max = batch_max
+        self._synchronous = "NORMAL" if synchronous == "normal" else "FULL"
         self._cond = threading.Condition()
         self._queue: list[tuple[str, Any, _Waiter]] = []
         self._thread: threading.Thread | None = None
@@ -209,7 +213,7 @@ class AuditLog:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
         return conn
 
     def start(self) -> None:
@@ -255,12 +259,14 @@ class AuditLog:
 
     async def append(self, entry: Entry) -> int:
         """Record ``entry`` and return its seq once it is on disk (0: not recorded, gap mode)."""
-        if self._thread is None:
-            return await asyncio.get_running_loop().run_in_executor(None, self._append_sync, entry)
         loop = asyncio.get_running_loop()
+        if self._thread is None:
+            return await loop.run_in_executor(None, self._append_sync, entry)
         fut: asyncio.Future[int] = loop.create_future()
         self._submit("rec", entry, _Waiter(loop=loop, afut=fut))
-        return await asyncio.shield(fut)
+        # Once queued the record is written even if this task is cancelled (the future is then
+        # cancelled and its result dropped).
+        return await fut
 
     def _append_sync(self, entry: Entry) -> int:
         return self.submit(entry).result()
