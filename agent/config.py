@@ -188,6 +188,10 @@ class AuditSettings(_Section):
     """... or this many seconds after the last one, whichever comes first."""
     audit_reads: bool = False
     """Also record allowed reads (models.list, status, health); denials are always recorded."""
+    synchronous: Literal["full", "normal"] = "full"
+    """``full``: each commit is fsynced before the request completes (survives power loss);
+    ``normal``: written to the OS before it completes, fsynced at WAL checkpoints (survives a
+    crash or kill of the agent, not of the machine; saves one fsync of latency per request)."""
 
 
 class AccessSettings(_Section):
