@@ -75,7 +75,20 @@ SYNTHETIC = [
     manifest(
         "mistral-7b-avx512", "llama", 7_248_023_552, 4_368_439_584, 32, 32, 8, 4096, 32768, cpu=("avx512f",)
     ),
-    manifest("minilm-l6-int8", "bert", 22_713_216, 23_000_000, 0, 0, 0, 0, 0, task="embedding", fmt="onnx"),
+    manifest(
+        "minilm-l6-int8",
+        "bert",
+        22_713_216,
+        23_000_000,
+        0,
+        0,
+        0,
+        0,
+        0,
+        task="embedding",
+        fmt="onnx",
+        quant="INT8",
+    ),
 ]
 
 
