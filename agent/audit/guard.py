@@ -38,6 +38,7 @@ from aiohttp import web
 from agent.access import Action, Decision, Policy, RateLimiter, Subject, check_max_tokens, decide
 from agent.audit.chain import Entry
 from agent.audit.store import AuditFull, AuditLog, AuditUnavailable
+from agent.audit.usage import note_usage, noted_usage
 from agent.config import Settings
 from agent.errors import (
     BadRequest,
@@ -65,6 +66,7 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("GET", "/admin/status"): Action.STATUS,
     ("GET", "/metrics"): Action.STATUS,
     ("GET", "/admin/audit"): Action.AUDIT_READ,
+    ("GET", "/openapi.json"): Action.STATUS,
 }
 PREFIX_ACTIONS: tuple[tuple[str, str, Action], ...] = (
     ("GET", "/v1/models/", Action.MODELS_LIST),
@@ -179,15 +181,6 @@ def _status_of(exc: BaseException) -> int:
     return 500
 
 
-def note_usage(request: web.Request, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-    """Routes that stream call this with the final usage, so the audit record carries tokens."""
-    request["audit_usage"] = {
-        "model": model,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-    }
-
-
 def _usage_from(response: web.StreamResponse) -> dict[str, Any]:
     if not isinstance(response, web.Response) or response.content_type != "application/json":
         return {}
@@ -296,7 +289,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     if not audited:
         return response
-    extra = {**_usage_from(response), **request.get("audit_usage", {}), "status": response.status}
+    extra = {**_usage_from(response), **noted_usage(request), "status": response.status}
     outcome = "ok" if response.status < 400 else "error"
     try:
         await record(outcome, decision.reason if outcome == "ok" else f"HTTP {response.status}", **extra)
