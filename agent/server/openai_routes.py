@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.audit.usage import note_usage
 from agent.engine.base import GenerationChunk, Usage
 from agent.errors import BadRequest, EngineError, RequestError
 from agent.log import get_logger
@@ -152,6 +153,8 @@ async def _stream(
             await response.write(_sse(chunk_json(chunk, is_first)))
             is_first = False
             if chunk.finish_reason is not None:
+                if chunk.usage is not None:  # the audit record carries the tokens
+                    note_usage(request, chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 if include_usage and chunk.usage is not None:
                     await response.write(_sse(usage_json(chunk.usage)))
                 break
