@@ -82,15 +82,32 @@ def embedding_info(settings: Settings) -> ModelInfo | None:
     return replace(info, task="embedding")
 
 
-def build_pool(settings: Settings) -> ModelPool:
-    from agent.select_cmd import model_memory_estimate, prefer_selected
+def _memory_estimate(settings: Settings) -> Callable[[ModelInfo], int]:
+    """The GGUF-based estimate, imported on first use (gguf and numpy cost ~20 MB and ~0.4 s of
+    start-up; a daemon with no model yet never pays them)."""
+    estimate: list[Callable[[ModelInfo], int]] = []
 
+    def lazy(info: ModelInfo) -> int:
+        if not estimate:
+            from agent.select_cmd import model_memory_estimate
+
+            estimate.append(model_memory_estimate(settings))
+        return estimate[0](info)
+
+    return lazy
+
+
+def build_pool(settings: Settings) -> ModelPool:
     pool = ModelPool(  # the factory lets sync and the re-probe swap models
         lambda info: build_engine(info, settings),
-        estimate=model_memory_estimate(settings),
+        estimate=_memory_estimate(settings),
         **pool_options(settings.pool),
     )
-    infos = prefer_selected(settings, list(discover(settings)))  # the best fit (or the pin) first
+    infos = list(discover(settings))
+    if infos:
+        from agent.select_cmd import prefer_selected
+
+        infos = prefer_selected(settings, infos)  # the best fit (or the pin) first
     extra = embedding_info(settings)
     if extra is not None and all(i.id != extra.id for i in infos):
         infos.append(extra)
@@ -198,6 +215,10 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         try:
             await server.start()
+            # READY=1 as soon as the socket accepts; the models load after (the STATUS= line
+            # follows once they have: the task waits for the loads started below, no await between).
+            service = sdnotify.ServiceNotifier.from_env(s.service.notify)
+            service.start(_loading_status(pool), _serving_status(pool))
             where = "systemd socket" if inherited else str(s.socket_path)
             log.info(
                 "listening",
@@ -221,8 +242,6 @@ class Daemon:
 
             # Scheduled re-probe: may hot-swap to a smaller/bigger model (with hysteresis).
             reprobe = loop.create_task(Reselector(s, pool).run(), name="reprobe")
-            service = sdnotify.ServiceNotifier.from_env(s.service.notify)
-            service.start(_loading_status(pool), _serving_status(pool))
             scheduler = _start_scheduler(s, pool)
             metrics.sources.scheduler, metrics.sources.watchdog = scheduler, service.watchdog
             from agent.sync.service import start_sync

@@ -86,7 +86,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 COMMAND_MODULES: tuple[str, ...] = ("agent.audit_cmd", "agent.registry_cmd", "agent.select_cmd")
 
 
-def build_parser() -> argparse.ArgumentParser:
+_BUILTIN = frozenset({"run", "demo", "complete", "status"})
+
+
+def _builtin_command(argv: list[str]) -> bool:
+    """Whether ``argv`` runs a command of this module: then the command modules (and their imports:
+    tuf, gguf, numpy ...) are not loaded, which keeps the daemon's start-up and memory small."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--state-dir")
+    _, rest = pre.parse_known_args(argv)
+    return bool(rest) and rest[0] in _BUILTIN
+
+
+def build_parser(load_modules: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("--config", type=Path, default=None, help="TOML config file")
@@ -115,13 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if load_modules else ():
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(load_modules=not _builtin_command(argv)).parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigError as exc:

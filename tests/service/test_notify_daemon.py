@@ -25,7 +25,10 @@ def test_ready_before_model_loaded_watchdog_and_stopping(
 ) -> None:
     env = {"NOTIFY_SOCKET": str(notify_listener.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
     with running_daemon(tmp_path / "state", gemma_path, env=env, wait=False) as d:
-        ready = notify_listener.wait_for("READY", "1")
+        try:
+            ready = notify_listener.wait_for("READY", "1", timeout=30)
+        except TimeoutError:
+            raise AssertionError(f"exit {d.proc.poll()}: {d.log_path.read_text()[-3000:]}") from None
         assert ready.get("MAINPID") == str(d.proc.pid)
         assert "loading" in str(ready.get("STATUS"))
         # The API socket accepts as soon as READY=1 has been sent.
