@@ -308,9 +308,8 @@ class DeviceRegistry:
         save_index(self.index_path, index.without(stale_docs).with_targets(fresh))
         taken = {t.path for t in fresh}
         skipped = tuple(p for p in sorted(by_path) if p not in taken)
-        _log.info(
-            "registry_imported", targets_version=version, installed=len(installed), already=len(already)
-        )
+        log = _log.info if installed else _log.debug  # a sync that finds nothing new stays quiet
+        log("registry_imported", targets_version=version, installed=len(installed), already=len(already))
         return ImportResult(version, tuple(installed), tuple(already), skipped)
 
     def _trusted_root(self) -> Root | None:
