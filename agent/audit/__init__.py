@@ -10,6 +10,7 @@ from agent.audit.store import (
     agent_actor,
     audit_path,
     open_existing,
+    open_log,
 )
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "agent_actor",
     "audit_path",
     "open_existing",
+    "open_log",
     "verify",
 ]

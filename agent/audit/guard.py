@@ -300,6 +300,27 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+async def audit_tail(request: web.Request) -> web.Response:
+    """``GET /admin/audit?n=50``: the newest records (needs ``audit.read``), with the log's state."""
+    guard = request.app[GUARD_KEY]
+    raw = request.query.get("n", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise BadRequest(f"n must be an integer between 1 and 1000, got {raw!r}", param="n")
+    rows = await asyncio.to_thread(guard.audit.tail, int(raw))
+    stats = await asyncio.to_thread(guard.audit.stats)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [r.record() for r in rows],
+            "head_seq": stats.head_seq,
+            "backlog": stats.backlog,
+            "checkpoint_seq": stats.checkpoint_seq,
+            "used_bytes": stats.used_bytes,
+            "max_bytes": stats.max_bytes,
+        }
+    )
+
+
 def install_guard(app: web.Application, settings: Settings) -> Guard:
     """Open the audit log (device key, writer thread), load the policy, and guard ``app``.
 
@@ -308,7 +329,7 @@ def install_guard(app: web.Application, settings: Settings) -> Guard:
     """
     import hashlib
 
-    from agent.audit.store import agent_actor, audit_path
+    from agent.audit.store import agent_actor, open_log
     from agent.device_key import ensure_device_key
     from agent.policy import PolicyError, local_policy
 
@@ -317,16 +338,7 @@ def install_guard(app: web.Application, settings: Settings) -> Guard:
     except PolicyError as exc:
         raise ConfigError(f"config error: access: {exc}") from None
     key = ensure_device_key(settings.state_dir)
-    a = settings.audit
-    audit = AuditLog(
-        audit_path(settings.state_dir),
-        key=key,
-        max_bytes=a.max_bytes,
-        on_full=a.on_full,
-        checkpoint_every=a.checkpoint_every,
-        checkpoint_interval_s=a.checkpoint_interval_s,
-        synchronous=a.synchronous,
-    )
+    audit = open_log(settings)
     audit.start()
     holder = PolicyHolder(policy, settings.state_dir)
 
@@ -359,13 +371,14 @@ def install_guard(app: web.Application, settings: Settings) -> Guard:
                 "policy": in_force.source,
                 "policy_version": in_force.version,
                 "device_key": key.key_id,
-                "audit_on_full": a.on_full,
+                "audit_on_full": settings.audit.on_full,
             },
         )
     ).result()
-    guard = Guard(audit, holder, audit_reads=a.audit_reads)
+    guard = Guard(audit, holder, audit_reads=settings.audit.audit_reads)
     app[GUARD_KEY] = guard
     app.middlewares.append(guard_middleware)
+    app.router.add_get("/admin/audit", audit_tail)
     return guard
 
 
@@ -378,6 +391,7 @@ __all__ = [
     "Guard",
     "action_for",
     "actor_of",
+    "audit_tail",
     "guard_middleware",
     "install_guard",
     "note_usage",

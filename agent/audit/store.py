@@ -35,12 +35,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.audit.chain import GENESIS, Checkpoint, Entry, Report, Sealed, make_checkpoint, seal_all, verify
 from agent.device_key import DeviceKey, DevicePublicKey
 from agent.errors import AgentError, Overloaded
 from agent.log import get_logger
+
+if TYPE_CHECKING:
+    from agent.config import Settings
 
 log = get_logger(__name__)
 
@@ -607,6 +610,24 @@ def _iso(ts: float) -> str:
     return iso_time(ts)
 
 
+def open_log(settings: Settings) -> AuditLog:
+    """The device's audit log as configured, for a command that records an event outside the
+    daemon (``edge-agent enroll``, ``registry import``): ``open_log(s).record(...)``. Safe while
+    the daemon runs (each append is its own transaction on the shared chain)."""
+    from agent.device_key import ensure_device_key
+
+    a = settings.audit
+    return AuditLog(
+        audit_path(settings.state_dir),
+        key=ensure_device_key(settings.state_dir),
+        max_bytes=a.max_bytes,
+        on_full=a.on_full,
+        checkpoint_every=a.checkpoint_every,
+        checkpoint_interval_s=a.checkpoint_interval_s,
+        synchronous=a.synchronous,
+    )
+
+
 def open_existing(path: Path) -> AuditLog:
     """An :class:`AuditLog` on a log that must already exist (the CLI's read commands)."""
     if not path.is_file():
@@ -625,4 +646,5 @@ __all__ = [
     "agent_actor",
     "audit_path",
     "open_existing",
+    "open_log",
 ]

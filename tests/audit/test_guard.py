@@ -171,3 +171,31 @@ def test_newer_hub_policy_applies_without_restart_and_is_recorded(tmp_path: Path
     loads = [r for r in records(tmp_path) if r["action"] == "policy.load"]
     assert len(loads) == 1 and loads[0]["resource"] == "hub v2"
     assert loads[0]["details"]["previous"] == "config [access]"
+
+
+@pytest.mark.parametrize(
+    ("access", "query", "status", "expected"),
+    [
+        pytest.param({}, "?n=2", 200, None, id="admin-reads-the-tail"),
+        pytest.param({}, "?n=0", 400, "n must be an integer between 1 and 1000", id="bad-count"),
+        pytest.param(app_policy(["audit.read"]), "", 200, None, id="audit-read-permission"),
+        pytest.param(app_policy(["infer", "status"]), "", 403, "'audit.read'", id="without-audit-read"),
+    ],
+)
+def test_audit_route(
+    tmp_path: Path, access: dict[str, Any], query: str, status: int, expected: str | None
+) -> None:
+    settings = Settings(state_dir=tmp_path, access=access)
+
+    async def run() -> tuple[int, Any, Any]:
+        async with serving(settings) as (s, _):
+            await call(s, "POST", "/v1/completions", {"prompt": "x"})  # one more record (503: no model)
+            return await call(s, "GET", f"/admin/audit{query}")
+
+    got, body, _ = asyncio.run(run())
+    assert got == status
+    if expected is not None:
+        assert expected in body["error"]["message"]
+    else:
+        actions = [r["action"] for r in body["data"]]
+        assert actions[-2:] == ["config.load", "infer"] and body["head_seq"] == 2 and body["backlog"] == 2
