@@ -20,8 +20,10 @@ TEMP_PREFIX = ".tmp-"
 
 def translate_os_error(exc: OSError, what: str) -> StoreError:
     """``ENOSPC``/``EDQUOT``/``EFBIG`` -> :class:`StoreFull`; anything else -> :class:`StoreError`."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StoreFull(f"{what}: no space left ({exc.strerror})")
+    if exc.errno == errno.EFBIG:
+        return StoreFull(f"{what}: file size limit reached ({exc.strerror})")
     if exc.errno == errno.ENOENT:
         return StoreError(f"{what}: {exc.strerror or exc}", reason=Reason.MISSING)
     return StoreError(f"{what}: {exc.strerror or exc}")
