@@ -25,8 +25,9 @@ For a GGUF model served by llama.cpp (through llama-cpp-python, CPU backend)::
   (``RUNTIME_OVERHEAD_BASE`` + ``RUNTIME_OVERHEAD_PER_TOKEN`` x ``n_vocab``; calibrated by
   ``bench/memory_estimate.py``).
 
-For ONNX: ``initializer_bytes x ONNX_OVERHEAD_FACTOR`` (onnxruntime keeps a prepacked copy of some
-weights and an arena), plus the same runtime constant.
+For ONNX (encoders): ``initializer_bytes x ONNX_OVERHEAD_FACTOR`` (session creation: graph
+optimisations, prepacked and dequantised weights) ``+ batch x max_length^2 x ONNX_ATTENTION_BYTES``
+(the arena a full batch of attention leaves behind); both factors are measured.
 
 Invariants: every function is pure and total over valid inputs; all sizes are non-negative ints in
 bytes; the estimate is monotonic in ``n_ctx``, ``context_used``, ``n_ubatch`` and file size.
@@ -46,7 +47,11 @@ KV_TYPE_BYTES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 
 RUNTIME_OVERHEAD_BASE = 32 * MIB
 RUNTIME_OVERHEAD_PER_TOKEN = 128
 """Bytes per vocabulary entry held by the tokenizer and its caches (about 32 MiB for 262k tokens)."""
-ONNX_OVERHEAD_FACTOR = 1.5
+ONNX_OVERHEAD_FACTOR = 9.4
+"""onnxruntime CPU session (graph optimisations, prepacked and dequantised copies, arena) per
+initializer byte: measured 214 MiB peak for MiniLM-L6 INT8's 21.8 MiB (bench/memory_estimate.py --onnx)."""
+ONNX_ATTENTION_BYTES = 304
+"""Arena bytes per (batch x sequence^2) element of a forward pass, measured on the same 12-head encoder."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,9 @@ class RuntimeParams:
     n_seq: int = 1
     context_used: int | None = None
     """Tokens in the context when the peak is measured; ``None`` means ``n_ctx`` (worst case)."""
+    onnx_batch: int = 32
+    onnx_max_length: int = 256
+    """ONNX encoders: texts per batch and tokens per text (``[embedding]`` settings)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,20 +201,22 @@ def estimate_gguf(shape: ModelShape, params: RuntimeParams) -> MemoryEstimate:
     )
 
 
-def estimate_onnx(shape: ModelShape) -> MemoryEstimate:
-    """onnxruntime CPU session: initializers x the measured overhead factor, plus the runtime."""
+def estimate_onnx(shape: ModelShape, params: RuntimeParams | None = None) -> MemoryEstimate:
+    """onnxruntime CPU session: initializers x the measured factor + the attention arena of a batch."""
+    p = params or RuntimeParams()
     weights = shape.initializer_bytes or shape.file_size
+    session = int(weights * ONNX_OVERHEAD_FACTOR)
     return MemoryEstimate(
         weights=weights,
         kv_cache=0,
-        compute=int(weights * (ONNX_OVERHEAD_FACTOR - 1.0)),
+        compute=session - weights + p.onnx_batch * p.onnx_max_length**2 * ONNX_ATTENTION_BYTES,
         output=0,
-        overhead=RUNTIME_OVERHEAD_BASE,
+        overhead=0,
     )
 
 
 def estimate(shape: ModelShape, params: RuntimeParams) -> MemoryEstimate:
-    return estimate_onnx(shape) if shape.format == "onnx" else estimate_gguf(shape, params)
+    return estimate_onnx(shape, params) if shape.format == "onnx" else estimate_gguf(shape, params)
 
 
 def shape_from_gguf(info: GGUFInfo) -> ModelShape:
@@ -235,6 +245,7 @@ def fmt_bytes(n: int) -> str:
 
 __all__ = [
     "GIB",
+    "ONNX_ATTENTION_BYTES",
     "KV_TYPE_BYTES",
     "MIB",
     "ONNX_OVERHEAD_FACTOR",

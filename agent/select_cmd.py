@@ -109,11 +109,33 @@ def measured_speeds(data: Mapping[str, Any], infos: list[ModelInfo]) -> dict[str
 # --- candidates -----------------------------------------------------------------------------------
 
 
+def onnx_initializers(path: Path) -> tuple[int, int]:
+    """(bytes, elements) of the graph's initializers (shape x element size; external data unread)."""
+    import math
+
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    total = elements = 0
+    for t in model.graph.initializer:
+        n = math.prod(t.dims)
+        elements += n
+        total += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return total, elements
+
+
 def candidate_for(info: ModelInfo) -> Candidate:
-    """A candidate from an installed model: its GGUF header, or its size for ONNX."""
+    """A candidate from an installed model: its GGUF header, or its initializers for ONNX."""
     if info.format == "gguf":
         return candidate_from_gguf(read_gguf_info(info.path), info.id, task=info.task)
     size = info.size_bytes or info.path.stat().st_size
+    try:
+        weights, params = onnx_initializers(info.path)
+    except Exception as exc:  # a malformed graph: fall back to the file size (and say so)
+        log.warning("onnx_initializers_unreadable", model=info.id, error=f"{type(exc).__name__}: {exc}")
+        weights, params = size, 0
     shape = ModelShape(
         file_size=size,
         n_layers=0,
@@ -124,9 +146,10 @@ def candidate_for(info: ModelInfo) -> Candidate:
         value_length=0,
         n_vocab=0,
         format="onnx",
-        initializer_bytes=size,
+        initializer_bytes=weights,
     )
-    return Candidate(info.id, "onnx", 0, "onnx", 0.0, "onnx", info.task, shape)
+    bpw = weights * 8 / params if params else 0.0
+    return Candidate(info.id, "onnx", params, "onnx", bpw, "onnx", info.task, shape)
 
 
 def installed_candidates(infos: list[ModelInfo]) -> tuple[list[Candidate], list[str]]:
@@ -153,6 +176,8 @@ def policy_from_settings(settings: Settings, profile: HardwareProfile, task: str
             n_batch=settings.engine.n_batch,
             n_ubatch=settings.engine.n_batch,
             n_seq=settings.engine.n_parallel,
+            onnx_batch=settings.embedding.batch_size,
+            onnx_max_length=settings.embedding.max_length,
         ),
         headroom_bytes=sel.headroom_mb * MIB,
         speed_floor_tps=sel.speed_floor_tps,
@@ -607,6 +632,7 @@ __all__ = [
     "installed_candidates",
     "load_speeds",
     "measured_speeds",
+    "onnx_initializers",
     "policy_from_settings",
     "register",
     "run_selection",

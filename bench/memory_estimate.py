@@ -9,6 +9,7 @@ estimate is computed for the same ``context_used``; the worst case (context full
 
     .venv/bin/python bench/memory_estimate.py            # prints a markdown table
     .venv/bin/python bench/memory_estimate.py --fill 4096 --ctx 2048 8192 32768
+    .venv/bin/python bench/memory_estimate.py --onnx     # the MiniLM INT8 encoder (onnxruntime)
 """
 
 from __future__ import annotations
@@ -84,6 +85,64 @@ def ollama_formula(shape: ModelShape, n_ctx: int, batch: int = 512, n_parallel: 
     return shape.file_size + kv + graph
 
 
+ONNX_CHILD = r"""
+import json, resource, sys
+import numpy as np
+import onnxruntime as ort
+import psutil
+path, batch, length = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+proc = psutil.Process()
+base = proc.memory_info().rss
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = 2
+session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+feeds = {i.name: np.ones((batch, length), dtype=np.int64) for i in session.get_inputs()}
+session.run(None, feeds)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak": peak - base}))
+"""
+
+
+def onnx_table() -> float:
+    """The demo MiniLM INT8 encoder: session + one batch, fresh process per shape."""
+    from agent.demo import embedding_model_files
+    from agent.memory import ModelShape, estimate_onnx
+    from agent.select_cmd import onnx_initializers
+
+    path, _ = embedding_model_files()
+    weights, params = onnx_initializers(path)
+    shape = ModelShape(
+        file_size=path.stat().st_size,
+        n_layers=0,
+        n_embd=0,
+        n_head=0,
+        n_head_kv=(0,),
+        key_length=0,
+        value_length=0,
+        n_vocab=0,
+        format="onnx",
+        initializer_bytes=weights,
+    )
+    print(f"model: {path.name}, {params:,} parameters, initializers {weights / MIB:.1f} MiB\n")
+    print("| batch x tokens | measured peak | estimate | error |")
+    print("|---|---:|---:|---:|")
+    worst = 0.0
+    for batch, length in ((1, 16), (8, 128), (32, 256)):
+        out = subprocess.run(
+            [sys.executable, "-c", ONNX_CHILD, str(path), str(batch), str(length)],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        peak = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+        est = estimate_onnx(shape, RuntimeParams(onnx_batch=batch, onnx_max_length=length)).total
+        error = (est - peak) / peak
+        worst = max(worst, abs(error))
+        print(f"| {batch} x {length} | {peak / MIB:.0f} MiB | {est / MIB:.0f} MiB | {error:+.1%} |")
+    return worst
+
+
 def measure(path: Path, n_ctx: int, fill: int) -> dict[str, int]:
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(path), str(n_ctx), str(fill), str(ROOT)],
@@ -104,7 +163,12 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the demo model)")
     parser.add_argument("--ctx", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--fill", type=int, default=2048, help="tokens of context to fill (cap)")
+    parser.add_argument("--onnx", action="store_true", help="validate the ONNX estimate instead")
     args = parser.parse_args()
+    if args.onnx:
+        worst_onnx = onnx_table()
+        print(f"\nlargest error: {worst_onnx:.1%} (bound: 20%)")
+        return 0 if worst_onnx <= 0.20 else 1
     path = args.model
     if path is None:
         from agent.demo import demo_model_file

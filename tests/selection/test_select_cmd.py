@@ -124,3 +124,29 @@ def test_save_speeds_is_atomic_and_round_trips(tmp_path: Path) -> None:
     save_speeds(path, {"models": {"m": {"gen_tps": 2.0}}})
     assert load_speeds(path) == {"models": {"m": {"gen_tps": 2.0}}}
     assert [p.name for p in path.parent.iterdir()] == ["speeds.json"]
+
+
+def test_onnx_candidate_reads_the_initializers() -> None:
+    from agent.catalog import info_for_file
+    from agent.demo import embedding_model_files
+    from agent.select_cmd import candidate_for, onnx_initializers
+
+    path, _ = embedding_model_files()
+    weights, params = onnx_initializers(path)
+    assert 22_000_000 < params < 23_000_000  # all-MiniLM-L6-v2
+    assert weights < path.stat().st_size  # INT8 weights plus float norms and biases, no graph bytes
+    candidate = candidate_for(info_for_file(path))
+    assert candidate.task == "embedding" and candidate.parameters == params
+    assert 7.5 < candidate.bits_per_weight < 9.0
+    assert candidate.shape.initializer_bytes == weights
+
+
+def test_unreadable_onnx_falls_back_to_the_file_size(tmp_path: Path) -> None:
+    from agent.catalog import info_for_file
+    from agent.select_cmd import candidate_for
+
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"\x08\x07 not a protobuf graph" * 100)
+    candidate = candidate_for(info_for_file(path))
+    assert candidate.shape.initializer_bytes == path.stat().st_size
+    assert candidate.parameters == 0
