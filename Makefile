@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install demo run test lint fmt clean bench
+.PHONY: install demo run test lint fmt clean bench install-service
 
 $(VENV)/.installed: pyproject.toml scripts/install-llama.sh
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: install
 fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# As root on the box: dedicated user, venv in /opt/edge-agent, units, /etc/edge-agent/config.toml,
+# then enable and start the socket and the service (docs/operations.md). HUB=1 adds edge-hub.service.
+install-service:
+	bash systemd/install.sh $(if $(filter 1,$(HUB)),--hub)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

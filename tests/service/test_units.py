@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason=
 def _installed_copy(tmp_path: Path) -> list[Path]:
     """The units as `make install-service` writes them: ExecStart pointing at real executables."""
     out = []
-    for unit in sorted(UNITS.iterdir()):
+    for unit in sorted(p for p in UNITS.iterdir() if p.suffix in (".service", ".socket")):
         text = unit.read_text().replace("/usr/local/bin/", f"{BIN}/")
         target = tmp_path / unit.name
         target.write_text(text)
@@ -108,3 +108,47 @@ def test_socket_path_matches_the_service_environment() -> None:
     listen = dict(_items("edge-agent.socket", "Socket"))["ListenStream"]
     env = [v for k, v in _items("edge-agent.service", "Service") if k == "Environment"]
     assert f"EDGE_AGENT_SERVER__SOCKET_PATH={listen}" in env
+
+
+def test_install_service_stages_units_config_and_links(tmp_path: Path) -> None:
+    """`make install-service` with DESTDIR: the real script, no user created, systemd untouched."""
+    stage = tmp_path / "stage"
+    env = {"PATH": "/usr/sbin:/usr/bin:/bin", "DESTDIR": str(stage), "PREFIX": "/opt/edge-agent"}
+    result = subprocess.run(
+        ["make", "-s", "install-service", "HUB=1"],
+        cwd=UNITS.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    units = stage / "etc/systemd/system"
+    assert sorted(p.name for p in units.iterdir()) == [
+        "edge-agent.service",
+        "edge-agent.socket",
+        "edge-hub.service",
+    ]
+    assert (stage / "usr/local/bin/edge-agent").readlink() == Path("/opt/edge-agent/bin/edge-agent")
+    config = (stage / "etc/edge-agent/config.toml").read_text()
+    assert 'state_dir = "/var/lib/edge-agent"' in config
+    assert 'socket_path = "/run/edge-agent/edge-agent.sock"' in config
+    assert (stage / "etc/edge-agent/config.toml").stat().st_mode & 0o777 == 0o640
+    # The installed configuration is valid for the agent, and points where the units listen.
+    from agent.config import Settings, read_toml
+
+    settings = Settings(**read_toml(stage / "etc/edge-agent/config.toml"))
+    listen = dict(_items("edge-agent.socket", "Socket"))["ListenStream"]
+    assert str(settings.socket_path) == listen
+    # A second run keeps an edited configuration.
+    (stage / "etc/edge-agent/config.toml").write_text(config + "\n# edited\n")
+    again = subprocess.run(
+        ["make", "-s", "install-service"],
+        cwd=UNITS.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert again.returncode == 0 and "kept" in again.stdout
+    assert (stage / "etc/edge-agent/config.toml").read_text().endswith("# edited\n")
