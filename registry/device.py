@@ -277,6 +277,11 @@ class DeviceRegistry:
         already: list[str] = []
         deployments: list[Deployment] = []
         for e in wanted_docs:
+            if e.length > DOCUMENT_MAX_BYTES:
+                raise Refused(
+                    f"{e.path} is {e.length} bytes, documents are capped at {DOCUMENT_MAX_BYTES}",
+                    reason=Reason.METADATA_TOO_LARGE,
+                )
             was_there = self.store.has(e.sha256, e.length)
             fresh.append(self._install(tracking, e, version))
             (already if was_there else installed).append(e.path)
@@ -303,8 +308,11 @@ class DeviceRegistry:
                 (already if was_there else installed).append(path)
 
         index = load_index(self.index_path)
-        # Deployments of this device's groups are replaced as a whole (a removed one disappears).
-        stale_docs = [t.path for t in index.of_kind("deployment") if t.path not in by_path]
+        # Policies and deployments follow the signed set: one the hub removed disappears here too.
+        wanted = {e.path for e in wanted_docs}
+        stale_docs = [
+            t.path for t in [*index.of_kind("deployment"), *index.of_kind("policy")] if t.path not in wanted
+        ]
         save_index(self.index_path, index.without(stale_docs).with_targets(fresh))
         taken = {t.path for t in fresh}
         skipped = tuple(p for p in sorted(by_path) if p not in taken)

@@ -13,7 +13,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.store_catalog import verified_models
 from registry.device import DeviceRegistry
 from registry.exceptions import ManifestError, NotEnrolled, Reason, Refused, StoreError
-from registry.metadata import Deployment, DeploymentEntry
+from registry.metadata import DOCUMENT_MAX_BYTES, Deployment, DeploymentEntry
 from tests.registry.fleet import Box, Fleet
 
 
@@ -192,3 +192,22 @@ def test_index_is_plain_json_naming_verified_targets(fleet: Fleet) -> None:
     data = json.loads(box.registry.index_path.read_bytes())
     assert [t["path"] for t in data["targets"]] == [a.target_path]
     assert data["targets"][0]["sha256"] == a.sha256
+
+
+def test_documents_follow_the_signed_set_and_oversized_ones_are_refused(fleet: Fleet) -> None:
+    fleet.repo.add_bytes("policies/default.json", b'{"roles": {}}', {"kind": "policy"})
+    fleet.deploy("lab")
+    box = fleet.box()
+    box.import_bundle(fleet.bundle())
+    assert box.registry.policy_bytes("default") is not None
+    fleet.repo.remove_target("policies/default.json")
+    fleet.repo.remove_target("deployments/lab.json")
+    fleet.repo.publish()
+    box.import_bundle(fleet.bundle())
+    assert box.registry.policy_bytes("default") is None
+    assert box.registry.deployments() == []
+    fleet.repo.add_bytes("policies/huge.json", b" " * (DOCUMENT_MAX_BYTES + 1), {"kind": "policy"})
+    fleet.repo.publish()
+    with pytest.raises(Refused) as info:
+        box.import_bundle(fleet.bundle())
+    assert info.value.reason is Reason.METADATA_TOO_LARGE
