@@ -321,11 +321,13 @@ class HubStore:
 
 
 def _time_of(body: str) -> str | None:
-    try:
-        value = json.loads(body).get("time")
-    except (ValueError, AttributeError):
+    """The record's ``time`` from its canonical body without parsing it again (verify did)."""
+    start = body.find('"time":"')
+    if start == -1:
         return None
-    return value if isinstance(value, str) else None
+    start += 8
+    end = body.find('"', start)
+    return body[start:end] if 0 < end - start <= 40 else None
 
 
 __all__ = ["DeviceRow", "HubStore"]
