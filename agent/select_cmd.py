@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -194,6 +195,7 @@ def run_selection(
     infos: list[ModelInfo] | None = None,
     reclaimable_bytes: int = 0,
     pin: str | None = None,
+    below: tuple[int, float] | None = None,
 ) -> tuple[HardwareProfile, Selection, list[str]]:
     """Probe (unless given), read the models' headers (``infos``, default: the installed ones), select.
 
@@ -213,7 +215,7 @@ def run_selection(
         infos = discover(settings)
     candidates, notes = installed_candidates(infos)
     policy = policy_from_settings(settings, profile, task)
-    policy = replace(policy, reclaimable_bytes=reclaimable_bytes, pin=pin or policy.pin)
+    policy = replace(policy, reclaimable_bytes=reclaimable_bytes, pin=pin or policy.pin, below=below)
     return profile, select(profile, candidates, policy, measured_speeds(data, infos)), notes
 
 
@@ -343,8 +345,17 @@ class Reselector:
         reclaim = self.pool.memory_of(current) if current else 0
         infos = [i for i in self.pool.models() if i.task != "embedding"]
         pin = await asyncio.to_thread(effective_pin, s)
+        below = None
+        recent = self.history.observations[-s.selection.down_after :]
+        if current and len(recent) >= s.selection.down_after and all(o.throttled for o in recent):
+            serving = next((i for i in infos if i.id == current), None)
+            if serving is not None and serving.format == "gguf":
+                below = (await asyncio.to_thread(candidate_for, serving)).quality
         _, result, _ = await asyncio.to_thread(
-            run_selection, s, "completion", profile, infos=infos, reclaimable_bytes=reclaim, pin=pin
+            partial(run_selection, infos=infos, reclaimable_bytes=reclaim, pin=pin, below=below),
+            s,
+            "completion",
+            profile,
         )
         decision = should_switch(current, result, self.history, self._switch_policy(pin))
         self.last = decision

@@ -14,7 +14,9 @@ The steps, each leaving a reason on every candidate it rejects:
 4. among the rest, the best quality: most parameters, then highest precision (bits per weight),
    then the smaller estimate, then the id -- a total order, so the choice is deterministic.
 
-A pin overrides the ranking and the speed floor, never the filters or the memory budget.
+A pin overrides the ranking and the speed floor, never the filters or the memory budget. Under
+sustained thermal throttling the re-probe sets ``below`` to the serving model's quality, so that
+the choice steps down (memory pressure needs no such help: the budget itself shrinks).
 
 Invariants (property-tested): the choice's estimate never exceeds the budget; more memory never
 yields a lower-quality choice; the result does not depend on the order of the candidates.
@@ -93,6 +95,9 @@ class SelectionPolicy:
     backends: frozenset[str] = frozenset({"gguf", "onnx"})
     allowed: Callable[[Candidate], bool] | None = None
     """The access policy: False refuses the candidate."""
+    below: tuple[int, float] | None = None
+    """Only candidates of lower quality than this (parameters, bits per weight): set by the
+    re-probe under sustained thermal throttling, to step down from the serving model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +246,8 @@ def _assess(
         reason = f"needs {fmt_bytes(mem.total)}, {fmt_bytes(budget)} available"
         return Assessment(c, "rejected", reason, mem, speed, source)
     pinned = policy.pin == c.id
+    if policy.below is not None and c.quality >= policy.below and not pinned:
+        return Assessment(c, "rejected", "throttled: stepping down to a smaller model", mem, speed, source)
     if speed is not None and speed < policy.speed_floor_tps and not pinned:
         reason = f"{speed:.1f} tok/s ({source}) is below the floor of {policy.speed_floor_tps:g} tok/s"
         return Assessment(c, "rejected", reason, mem, speed, source)

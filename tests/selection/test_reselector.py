@@ -102,3 +102,37 @@ def test_a_failing_probe_never_raises(tmp_path: Path) -> None:
         raise OSError("sysfs went away")
 
     assert asyncio.run(Reselector(settings, pool, probe_fn=broken).tick()) is None
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_sustained_throttling_steps_down_although_memory_is_plentiful(
+    tmp_path: Path, gemma_variants: dict[str, Path]
+) -> None:
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        engine=EngineSettings(n_threads=2, n_ctx=512, n_parallel=1),
+        selection=SelectionSettings(down_after=2, speed_floor_tps=0),
+    )
+    small = info_for_file(gemma_variants["Q4_0"], "gemma-q4_0")
+    large = info_for_file(gemma_variants["Q8_0"], "gemma-q8_0")
+    throttled = replay(MACHINES / "rpi4-4gb")  # firmware reports throttling now; 3 GiB free
+    assert throttled.throttled is True
+
+    async def scenario() -> None:
+        pool = ModelPool(lambda info: build_engine(info, settings), estimate=model_memory_estimate(settings))
+        pool.add(build_engine(large, settings))
+        pool.register(small)
+        reselector = Reselector(settings, pool, probe_fn=lambda: throttled)
+        try:
+            pool.start_loading()
+            await pool.wait_loaded()
+            first = await reselector.tick()
+            assert first is not None and not first.switch and pool.default_id == "gemma-q8_0", first
+            second = await reselector.tick()
+            assert second is not None and second.switch and second.target == "gemma-q4_0", second
+            assert pool.default_id == "gemma-q4_0"
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())

@@ -234,6 +234,7 @@ def test_gemma_variants_rank_by_precision(candidates: list[Candidate]) -> None:
         ({"backends": frozenset({"onnx"})}, None, "no candidate qualifies"),
         ({"task": "embedding"}, "minilm-l6-int8", "the only candidate that fits"),
         ({"headroom_bytes": 3 * 1024 * MIB}, None, "nothing fits"),
+        ({"below": (1_543_714_304, 5.11)}, "gemma-3-270m-f16", "best quality"),
     ],
     ids=[
         "pin-small",
@@ -244,6 +245,7 @@ def test_gemma_variants_rank_by_precision(candidates: list[Candidate]) -> None:
         "no-backend",
         "embedding-task",
         "headroom",
+        "throttled-step-down",
     ],
 )
 def test_policy_knobs_on_a_pi4(
@@ -252,6 +254,8 @@ def test_policy_knobs_on_a_pi4(
     result = select(profile("rpi4-4gb"), candidates, replace(POLICY, **changes))  # type: ignore[arg-type]
     assert (result.choice.id if result.choice else None) == pick
     assert message in (result.rows[0].reason if pick else result.message)
+    if "below" in changes:
+        assert result.row("qwen2.5-1.5b").reason == "throttled: stepping down to a smaller model"  # type: ignore[union-attr]
     if "allowed" in changes:
         assert result.row("qwen2.5-1.5b") is not None
         assert result.row("qwen2.5-1.5b").reason == "denied by the access policy"  # type: ignore[union-attr]
