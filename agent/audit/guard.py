@@ -37,6 +37,7 @@ from aiohttp import web
 
 from agent.access import Action, Decision, Policy, RateLimiter, Subject, check_max_tokens, decide
 from agent.audit.chain import Entry
+from agent.audit.routes import AUDIT_KEY
 from agent.audit.store import AuditFull, AuditLog, AuditUnavailable
 from agent.audit.usage import note_usage, noted_usage
 from agent.config import Settings
@@ -229,10 +230,13 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     body: dict[str, Any] | None = None
     body_error: RequestError | None = None
     resource: str | None = None
-    if action in (Action.INFER, Action.EMBED):
+    if action in (Action.INFER, Action.EMBED) or (action is Action.MODELS_ADMIN and request.method == "POST"):
         body, body_error = await _peek_json(request)
         named = body.get("model") if body is not None else None
-        resource = named if isinstance(named, str) and named else request.app[POOL_KEY].default_id
+        if isinstance(named, str) and named:
+            resource = named
+        elif action is not Action.MODELS_ADMIN:
+            resource = request.app[POOL_KEY].default_id
     decision = decide(subject, action, resource, guard.policies.current())
     actor = actor_of(subject, decision)
 
@@ -300,27 +304,6 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
-async def audit_tail(request: web.Request) -> web.Response:
-    """``GET /admin/audit?n=50``: the newest records (needs ``audit.read``), with the log's state."""
-    guard = request.app[GUARD_KEY]
-    raw = request.query.get("n", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise BadRequest(f"n must be an integer between 1 and 1000, got {raw!r}", param="n")
-    rows = await asyncio.to_thread(guard.audit.tail, int(raw))
-    stats = await asyncio.to_thread(guard.audit.stats)
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [r.record() for r in rows],
-            "head_seq": stats.head_seq,
-            "backlog": stats.backlog,
-            "checkpoint_seq": stats.checkpoint_seq,
-            "used_bytes": stats.used_bytes,
-            "max_bytes": stats.max_bytes,
-        }
-    )
-
-
 def install_guard(app: web.Application, settings: Settings) -> Guard:
     """Open the audit log (device key, writer thread), load the policy, and guard ``app``.
 
@@ -377,8 +360,8 @@ def install_guard(app: web.Application, settings: Settings) -> Guard:
     ).result()
     guard = Guard(audit, holder, audit_reads=settings.audit.audit_reads)
     app[GUARD_KEY] = guard
+    app[AUDIT_KEY] = audit
     app.middlewares.append(guard_middleware)
-    app.router.add_get("/admin/audit", audit_tail)
     return guard
 
 
@@ -391,7 +374,6 @@ __all__ = [
     "Guard",
     "action_for",
     "actor_of",
-    "audit_tail",
     "guard_middleware",
     "install_guard",
     "note_usage",

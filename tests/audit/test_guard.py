@@ -199,3 +199,15 @@ def test_audit_route(
     else:
         actions = [r["action"] for r in body["data"]]
         assert actions[-2:] == ["config.load", "infer"] and body["head_seq"] == 2 and body["backlog"] == 2
+
+
+def test_model_administration_is_scoped_by_the_model_named_in_the_body(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path, access=app_policy(["models.admin"], ["gemma-*"]))
+
+    async def run() -> tuple[int, Any, Any]:
+        async with serving(settings) as (s, _):
+            return await call(s, "POST", "/admin/select", {"model": "llama-3"})
+
+    status, body, _ = asyncio.run(run())
+    assert status == 403 and "models.admin on model 'llama-3'" in body["error"]["message"]
+    assert records(tmp_path)[-1]["resource"] == "llama-3"
