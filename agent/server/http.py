@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from agent.audit import routes as audit_routes
 from agent.engine.pool import ModelPool
 from agent.errors import ModelNotReady, RequestError
 from agent.log import get_logger
@@ -85,6 +86,7 @@ def build_app(pool: ModelPool, limits: dict[str, Any], started: float | None = N
     app[STARTED_KEY] = started if started is not None else time.monotonic()
     admin_routes.register(app.router)
     openai_routes.register(app.router)
+    audit_routes.register(app.router)
     openapi.register(app.router)
     return app
 
