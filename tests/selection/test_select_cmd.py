@@ -150,3 +150,35 @@ def test_unreadable_onnx_falls_back_to_the_file_size(tmp_path: Path) -> None:
     candidate = candidate_for(info_for_file(path))
     assert candidate.shape.initializer_bytes == path.stat().st_size
     assert candidate.parameters == 0
+
+
+@pytest.mark.model
+def test_startup_puts_the_best_fit_or_the_pin_first(tmp_path: Path, gemma_variants: dict[str, Path]) -> None:
+    from agent.catalog import info_for_file
+    from agent.config import SelectionSettings, Settings
+    from agent.select_cmd import prefer_selected
+
+    infos = [info_for_file(gemma_variants[q], f"gemma-{q.lower()}") for q in ("Q4_0", "Q8_0", "F16")]
+    settings = Settings(state_dir=tmp_path)
+    # This box has gigabytes free: the highest precision wins.
+    assert [i.id for i in prefer_selected(settings, infos)] == ["gemma-f16", "gemma-q4_0", "gemma-q8_0"]
+    pinned = settings.model_copy(update={"selection": SelectionSettings(pin="gemma-q8_0")})
+    assert prefer_selected(pinned, infos)[0].id == "gemma-q8_0"
+    # An unreadable file is skipped by the selection, never fatal.
+    broken = [*infos, info_for_file(gemma_variants["Q4_0"], "gone")]
+    object.__setattr__(broken[-1], "path", tmp_path / "missing.gguf")
+    assert prefer_selected(settings, broken)[0].id == "gemma-f16"
+
+
+def test_hub_pin_of_an_unenrolled_device_is_none(tmp_path: Path) -> None:
+    from agent.config import Settings
+    from agent.select_cmd import effective_pin, hub_pin
+
+    assert hub_pin(Settings(state_dir=tmp_path)) is None
+    assert effective_pin(Settings(state_dir=tmp_path)) is None
+
+
+def test_measure_bandwidth_is_positive() -> None:
+    from agent.hardware.probe import measure_bandwidth
+
+    assert measure_bandwidth(mib=16, repeats=2) > 0.1
