@@ -167,6 +167,14 @@ def _serving_status(pool: ModelPool) -> Callable[[], Awaitable[str]]:
     return wait
 
 
+def _swap_status(service: sdnotify.ServiceNotifier, pool: ModelPool, event: str, model: str) -> None:
+    """A STATUS= line (``systemctl status``) when the model changes."""
+    if event == "swapped":
+        service.status(f"serving {model}")
+    elif event == "swap_failed":
+        service.status(f"serving {pool.default_id}; switch to {model} failed (see the journal)")
+
+
 class Daemon:
     """The running agent. ``run()`` returns the process exit status."""
 
@@ -217,8 +225,9 @@ class Daemon:
             await server.start()
             # READY=1 as soon as the socket accepts; the models load after (the STATUS= line
             # follows once they have: the task waits for the loads started below, no await between).
-            service = sdnotify.ServiceNotifier.from_env(s.service.notify)
+            service = sdnotify.ServiceNotifier.from_env(s.service.notify, healthy=lambda: sock.fileno() != -1)
             service.start(_loading_status(pool), _serving_status(pool))
+            pool.add_listener(lambda event, model: _swap_status(service, pool, event, model))
             where = "systemd socket" if inherited else str(s.socket_path)
             log.info(
                 "listening",

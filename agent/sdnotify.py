@@ -176,16 +176,19 @@ class ServiceNotifier:
     drain) -> :meth:`close` (tasks cancelled).
     """
 
-    def __init__(self, notifier: Notifier, interval: float | None = None) -> None:
+    def __init__(
+        self, notifier: Notifier, interval: float | None = None, healthy: Callable[[], bool] = lambda: True
+    ) -> None:
         self.notifier = notifier
-        self.watchdog = Watchdog(notifier, interval) if interval else None
+        self.watchdog = Watchdog(notifier, interval, healthy) if interval else None
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    def from_env(cls, enabled: bool = True) -> ServiceNotifier:
+    def from_env(cls, enabled: bool = True, healthy: Callable[[], bool] = lambda: True) -> ServiceNotifier:
+        """``healthy`` is asked before each WATCHDOG=1 (e.g. "is the API socket still open?")."""
         if not enabled:
             return cls(NullNotifier())
-        return cls(notifier_from_env(), watchdog_interval())
+        return cls(notifier_from_env(), watchdog_interval(), healthy)
 
     def start(self, status_text: str, later: Callable[[], Awaitable[str]] | None = None) -> None:
         ready(self.notifier, status_text)

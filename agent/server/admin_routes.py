@@ -1,9 +1,11 @@
-"""Operational routes: health, model list, status, metrics; and the metrics middleware.
+"""Operational routes: health, model list, status, metrics, select and pin; the metrics middleware.
 
 ``GET /health`` is a liveness probe (``loading`` until the models have loaded). ``GET
 /admin/status`` is everything an operator needs at a glance (models, memory, queue, hub, policy,
 audit backlog, jobs, watchdog) as JSON; ``edge-agent status`` renders it. ``GET /metrics`` is
-the Prometheus text format (404 when ``[metrics] enabled = false``).
+the Prometheus text format (404 when ``[metrics] enabled = false``). ``POST /admin/select`` hot-swaps
+the default model (409 naming the reason when the new one fails and the old one keeps serving);
+``POST /admin/pin`` keeps a model loaded. Who may call what is the access policy's business.
 
 The metrics middleware, installed outermost by :func:`install_metrics`, times every request
 from its arrival to the end of its response (streams included) and counts it by route pattern,
@@ -25,7 +27,10 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__
+from agent.engine.pool import SwapFailed
+from agent.errors import BadRequest, NotFound
 from agent.metrics import CONTENT_TYPE, Metrics
+from agent.server.common import error_response, read_json
 from agent.server.keys import POOL_KEY, STARTED_KEY
 
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
@@ -143,6 +148,41 @@ async def metrics_text(request: web.Request) -> web.Response:
     return response
 
 
+def _model_of(request: web.Request, body: Any) -> str:
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
+        raise BadRequest("expected a JSON object with a 'model' id", param="model")
+    model: str = body["model"]
+    if model not in {m.id for m in request.app[POOL_KEY].models()}:
+        known = ", ".join(sorted(m.id for m in request.app[POOL_KEY].models())) or "none"
+        raise NotFound(f"model {model!r} is not served here (available: {known})", param="model")
+    return model
+
+
+async def select(request: web.Request) -> web.Response:
+    """``POST /admin/select {"model": id}``: hot-swap the default model (smoke test, rollback)."""
+    pool = request.app[POOL_KEY]
+    model = _model_of(request, await read_json(request))
+    info = next(m for m in pool.models() if m.id == model)
+    try:
+        result = await pool.swap(info)
+    except SwapFailed as exc:
+        return error_response(409, str(exc), "server_error", exc.reason, "model")
+    return web.json_response(asdict(result))
+
+
+async def pin(request: web.Request) -> web.Response:
+    """``POST /admin/pin {"model": id, "pinned": true|false}``: keep a model loaded (or not)."""
+    pool = request.app[POOL_KEY]
+    body = await read_json(request)
+    model = _model_of(request, body)
+    pinned = body.get("pinned", True)
+    if not isinstance(pinned, bool):
+        raise BadRequest("'pinned' must be true or false", param="pinned")
+    pool.pin(model, pinned)
+    row = next(r for r in pool.status() if r.id == model and r.state != "retiring")
+    return web.json_response(asdict(row))
+
+
 def _route_label(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "other"
@@ -225,6 +265,8 @@ def register(router: web.UrlDispatcher) -> None:
     router.add_get("/v1/models", list_models)
     router.add_get("/admin/status", status)
     router.add_get("/metrics", metrics_text)
+    router.add_post("/admin/select", select)
+    router.add_post("/admin/pin", pin)
 
 
 __all__ = [
@@ -234,6 +276,8 @@ __all__ = [
     "list_models",
     "metrics_middleware",
     "metrics_text",
+    "pin",
     "register",
+    "select",
     "status",
 ]
