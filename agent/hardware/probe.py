@@ -490,6 +490,7 @@ def probe(
     *,
     store_dir: Path | None = None,
     timeout_s: float = 2.0,
+    library_timeout_s: float = 20.0,
     gpus: Callable[[], tuple[GpuInfo, ...]] | None = None,
     onnx_providers: Callable[[], tuple[str, ...]] | None = None,
     bandwidth_gbps: float | None = None,
@@ -497,7 +498,9 @@ def probe(
     """Probe the machine under ``root``. Never raises; failed probes are listed in ``notes``.
 
     ``gpus`` and ``onnx_providers`` default to NVML and onnxruntime when ``root`` is ``/``, and are
-    not probed for a replayed root (they would describe this machine, not the snapshot).
+    not probed for a replayed root (they would describe this machine, not the snapshot). They get
+    ``library_timeout_s``: importing onnxruntime takes seconds on a small or busy board, which is
+    slow but not stuck; file probes get ``timeout_s``.
     """
     live = root == Path("/")
     notes: list[str] = []
@@ -530,9 +533,9 @@ def probe(
         memory=run("memory", lambda: probe_memory(root), MemoryInfo()),
         cgroup=cgroup,
         disk_free_bytes=disk,
-        gpus=run("gpus", gpu_fn, ()) if gpu_fn else (),
+        gpus=guarded("gpus", gpu_fn, (), library_timeout_s, notes) if gpu_fn else (),
         accelerators=run("accelerators", lambda: probe_accelerators(root), ()),
-        onnx_providers=run("onnx_providers", ort_fn, ()) if ort_fn else (),
+        onnx_providers=guarded("onnx_providers", ort_fn, (), library_timeout_s, notes) if ort_fn else (),
         thermal=zones,
         throttled=throttled,
         power=run("power", lambda: probe_power(root), PowerInfo()),

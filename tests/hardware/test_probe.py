@@ -156,7 +156,9 @@ def test_hanging_library_probe_does_not_block(tmp_path: Path) -> None:
         return ()
 
     started = time.monotonic()
-    profile = probe(MACHINES / "rpi5-8gb", gpus=hang, onnx_providers=lambda: (), timeout_s=0.3)
+    profile = probe(
+        MACHINES / "rpi5-8gb", gpus=hang, onnx_providers=lambda: (), timeout_s=0.3, library_timeout_s=0.3
+    )
     assert time.monotonic() - started < 3.0
     assert "gpus: timed out after 0.3s" in profile.notes
     assert profile.cpu.model == "Cortex-A76"
