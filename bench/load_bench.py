@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "EDGE_AGENT_ENGINE__REQUEST_TIMEOUT_S": "120",
         "EDGE_AGENT_SERVER__MAX_CONNECTIONS": str(max(256, args.clients * 2)),
     }
-    report: dict[str, Any] = {"args": vars(args), "checks": {}}
+    report: dict[str, Any] = {"args": vars(args), "checks": {}, "loadavg_start": round(os.getloadavg()[0], 2)}
     with (
         tempfile.TemporaryDirectory(prefix="load-bench-") as tmp,
         running_daemon(Path(tmp), model, env=env) as daemon,
@@ -160,6 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report["checks"]["soak_rss_within_10pct"] = soak_rss <= warm_rss * RSS_BOUND
         report["checks"]["soak_health_ok"] = health == "ok"
         print("soak", json.dumps(report["soak"]), file=sys.stderr)
+    report["loadavg_end"] = round(os.getloadavg()[0], 2)
     report["ratios"] = {
         "p50_load_vs_alone": _ratio(report["load"]["p50_s"], report["baseline"]["p50_s"]),
         "p99_load_vs_alone": _ratio(report["load"]["p99_s"], report["baseline"]["p99_s"]),
@@ -181,7 +182,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{a['soak_clients']} clients with {int(a['cancel'] * 100)} % abandoned mid-flight; max_tokens "
         f"{a['max_tokens']} (soak {a['soak_max_tokens']}); Gemma 3 270M Q4_K_M, {a['threads']} llama "
         "threads). "
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, shared with other work while measured. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, shared with other work while measured "
+        f"(load average {report['loadavg_start']} at the start, {report['loadavg_end']} at the end). "
         "Short forms in the suite: `tests/load/test_load_short.py`.",
         "",
         f"Mix (weights): {', '.join(f'{k} {v}' for k, v in report['mix'].items())}. "
