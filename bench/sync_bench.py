@@ -270,16 +270,18 @@ def main() -> int:
             broker.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    size = len(data)
+    ratios = sorted(r / o for o, r in zip(ours, raw, strict=True))  # paired: each round's peer / ours
+    ratio = ratios[len(ratios) // 2]
     ours.sort()
     raw.sort()
     t_ours, t_raw = ours[len(ours) // 2], raw[len(raw) // 2]
-    size = len(data)
-    ratio = (size / t_ours) / (size / t_raw)
     env = (
         f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, Mosquitto from "
         "Debian on 127.0.0.1 with TLS and client certificates; the machine was shared with other work, "
-        "so absolute numbers vary; the ratio is measured in the same run, median of "
-        f"{args.rounds} alternating rounds"
+        "so absolute numbers vary; throughputs are medians of "
+        f"{args.rounds} alternating rounds, the ratio is the median of the per-round ratios "
+        f"({', '.join(f'{r:.2f}' for r in ratios)})"
     )
     rows = [
         "| measurement | ours | peer | ratio |",

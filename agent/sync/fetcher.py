@@ -306,7 +306,7 @@ class ChunkTransfer:
         )
 
     async def run(self) -> Path:
-        """Fetch the missing chunks; return the partial file's path, complete and fsynced."""
+        """Fetch the missing chunks; return the partial file's path, every chunk verified."""
         started = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -320,7 +320,8 @@ class ChunkTransfer:
                 await self._loop()
             finally:
                 await self._quiet_unsubscribe()
-            os.fsync(self._fd)
+            # No fsync here: the store's install fsyncs the verified copy, and a resume re-hashes
+            # every chunk of the partial file, so unsynced or torn chunks are simply fetched again.
         finally:
             os.close(self._fd)
             self._fd = -1

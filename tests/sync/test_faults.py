@@ -143,7 +143,9 @@ def test_sigkill_at_random_points_never_exposes_a_partial_model(broker: Broker, 
                 elif partial.exists():
                     kills += 1
             assert kills == KILL_POINTS, f"{kills} kills mid-transfer in {runs} runs"
-            print(f"{kills} kills mid-transfer in {runs} runs over {n} devices; whole transfer {duration:.2f}s")
+            print(
+                f"{kills} kills mid-transfer in {runs} runs over {n} devices; whole transfer {duration:.2f}s"
+            )
             had_partial = (state / "sync" / "partial" / f"{manifest.sha256}.part").exists()
             proc = run_device(state)
             out, _ = await asyncio.to_thread(proc.communicate, None, 120)
