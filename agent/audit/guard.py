@@ -14,9 +14,10 @@ Invariants:
   ``requests_per_minute`` beyond the role's budget is a 429 with ``Retry-After``. Both recorded.
 - Durable before acknowledged: for an audited request the record is committed before the
   response is released to aiohttp (which sends a plain body, or the end of a chunked stream, only
-  after this middleware returns). If the record cannot be written, a plain response becomes a 503
-  and a stream is cut off without its final chunk, so the client never sees a completed request
-  that has no record.
+  after this middleware returns); a stream writes it even before its ``data: [DONE]`` event
+  (:func:`agent.audit.usage.record_before_done`). If the record cannot be written, a plain
+  response becomes a 503 and a stream ends with an error event, or is cut off without its final
+  chunk, so the client never sees a completed request that has no record.
 - :data:`PUBLIC` routes (``/health``) are neither authorized nor audited: a liveness probe.
 """
 
@@ -39,7 +40,7 @@ from agent.access import Action, Decision, Policy, RateLimiter, Subject, check_m
 from agent.audit.chain import Entry
 from agent.audit.routes import AUDIT_KEY
 from agent.audit.store import AuditFull, AuditLog, AuditUnavailable
-from agent.audit.usage import note_usage, noted_usage
+from agent.audit.usage import FINISH_KEY, Finisher, note_usage, noted_usage
 from agent.config import Settings
 from agent.errors import (
     BadRequest,
@@ -268,8 +269,17 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             reason = f"rate limit of {rpm} requests per minute for role(s) {','.join(decision.roles)}"
             await record("refused", reason, status=429)
             raise Overloaded(f"{reason} reached; retry after {wait:.1f} s", retry_after=wait, status=429)
+    recorded = False
+
+    async def finish() -> None:  # a stream, right before its final event
+        nonlocal recorded
+        if not recorded:
+            await record("ok", decision.reason, **noted_usage(request), status=200)
+            recorded = True
+
     if audited:
         guard.audit.admit()
+        request[FINISH_KEY] = Finisher(finish)
     try:
         if body_error is not None:
             raise body_error
@@ -291,16 +301,17 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         if audited:
             await record("error", str(exc)[:300] or type(exc).__name__, status=_status_of(exc))
         raise
-    if not audited:
+    if not audited or recorded:
         return response
     extra = {**_usage_from(response), **noted_usage(request), "status": response.status}
     outcome = "ok" if response.status < 400 else "error"
     try:
         await record(outcome, decision.reason if outcome == "ok" else f"HTTP {response.status}", **extra)
     except (AuditFull, AuditUnavailable):
-        if response.prepared and request.transport is not None:
+        if not response.prepared:
+            raise  # the client gets the 503 instead of the result
+        if request.transport is not None:
             request.transport.close()  # no final chunk: the client cannot take this as completed
-        raise
     return response
 
 

@@ -1,16 +1,33 @@
-"""What a route tells the audit guard about a request it served (kept free of server imports).
+"""What a route tells the audit guard about a request it serves (kept free of server imports).
 
-Invariant: the guard (:mod:`agent.audit.guard`) reads these notes after the handler returns and
-before the response completes, so they end up in the request's audit record.
+Invariants: the guard (:mod:`agent.audit.guard`) reads the notes after the handler returns and
+before the response completes, so they end up in the request's audit record. A streaming route
+calls :func:`record_before_done` right before its final event (``data: [DONE]``): the record is
+then on disk before the client can see the stream as complete, even a client that stops reading
+at ``[DONE]`` instead of at the end of the HTTP body.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 USAGE_KEY: web.RequestKey[dict[str, Any]] = web.RequestKey("audit_usage", dict)
+
+
+class Finisher:
+    """Set on the request by the guard: calling it writes the request's record (once)."""
+
+    def __init__(self, write: Callable[[], Awaitable[None]]) -> None:
+        self._write = write
+
+    async def __call__(self) -> None:
+        await self._write()
+
+
+FINISH_KEY: web.RequestKey[Finisher] = web.RequestKey("audit_finish", Finisher)
 
 
 def note_usage(request: web.Request, prompt_tokens: int, completion_tokens: int) -> None:
@@ -24,4 +41,12 @@ def noted_usage(request: web.Request) -> dict[str, Any]:
     return noted if noted is not None else {}
 
 
-__all__ = ["USAGE_KEY", "note_usage", "noted_usage"]
+async def record_before_done(request: web.Request) -> None:
+    """Write the request's audit record now (durably); raises the audit log's 503 errors if it
+    cannot be written, in which case the stream must not send its final event."""
+    finish = request.get(FINISH_KEY)
+    if finish is not None:
+        await finish()
+
+
+__all__ = ["FINISH_KEY", "USAGE_KEY", "Finisher", "note_usage", "noted_usage", "record_before_done"]

@@ -211,3 +211,50 @@ def test_model_administration_is_scoped_by_the_model_named_in_the_body(tmp_path:
     status, body, _ = asyncio.run(run())
     assert status == 403 and "models.admin on model 'llama-3'" in body["error"]["message"]
     assert records(tmp_path)[-1]["resource"] == "llama-3"
+
+
+def test_stream_record_is_on_disk_before_done_event(tmp_path: Path) -> None:
+    from agent.audit.usage import note_usage, record_before_done
+
+    settings = Settings(state_dir=tmp_path)
+    sock = tmp_path / "t.sock"
+
+    async def streaming(request: web.Request) -> web.StreamResponse:
+        """What openai_routes._stream does at its end, with a slow tail after [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": []}\n\n')
+        note_usage(request, 3, 5)
+        await record_before_done(request)
+        await response.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.5)
+        return response
+
+    async def run() -> list[dict[str, Any]]:
+        app = build_app(
+            ModelPool(), {"max_body_bytes": 1 << 16, "default_max_tokens": 16, "request_timeout_s": 30}
+        )
+        app.router.add_post("/admin/models/stream", streaming)  # an audited action (models.admin)
+        guard = install_guard(app, settings)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.UnixSite(runner, str(sock)).start()
+        seen: list[dict[str, Any]] = []
+        try:
+            async with (
+                ClientSession(connector=UnixConnector(path=str(sock))) as s,
+                s.post("http://localhost/admin/models/stream", json={}) as r,
+            ):
+                async for line in r.content:
+                    if line.strip() == b"data: [DONE]":
+                        seen = [x for x in records(tmp_path) if x["action"] == "models.admin"]  # at [DONE]
+                        break
+        finally:
+            await runner.cleanup()
+            guard.close()
+        return seen
+
+    seen = asyncio.run(run())
+    assert len(seen) == 1
+    assert seen[0]["outcome"] == "ok" and seen[0]["details"]["completion_tokens"] == 5
+    assert [r["action"] for r in records(tmp_path)].count("models.admin") == 1  # not recorded twice

@@ -1,7 +1,7 @@
 """kill -9 a real daemon under concurrent clients, repeatedly, at random moments.
 
 After every kill `edge-agent audit verify` passes, and every request that completed at a client
-(its whole response read: a plain body, or a stream to its final chunk) has its record.
+(a plain body read whole; a stream as soon as its ``data: [DONE]`` arrives) has its record.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ def client_loop(
             rid = uuid.uuid4().hex
             try:
                 if stream:
+                    ok = False
                     with c.stream("POST", "/v1/completions", json=body, headers={"X-Request-Id": rid}) as r:
-                        lines = list(r.iter_lines())  # to the end of the chunked body
-                        ok = r.status_code == 200 and "data: [DONE]" in lines
+                        for line in r.iter_lines():
+                            if line == "data: [DONE]":  # the strictest client: done at [DONE]
+                                ok = r.status_code == 200
+                                break
                 else:
                     r = c.post("/v1/completions", json=body, headers={"X-Request-Id": rid})
                     ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
