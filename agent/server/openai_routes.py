@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.audit.usage import note_usage
+from agent.audit.usage import note_usage, record_before_done
 from agent.engine.base import GenerationChunk, Usage
 from agent.errors import BadRequest, EngineError, RequestError
 from agent.log import get_logger
@@ -159,6 +159,7 @@ async def _stream(
                     await response.write(_sse(usage_json(chunk.usage)))
                 break
             chunk = await anext(iterator, None)
+        await record_before_done(request)  # durable before the client sees the stream complete
         await response.write(_sse("[DONE]"))
     except (ConnectionResetError, ConnectionAbortedError):
         log.info("client_gone", request_id=request["request_id"])
