@@ -188,3 +188,58 @@ def test_rate_limiter_forgets_idle_buckets() -> None:
     now[0] += 61.0
     limiter.hit("fresh", 60)
     assert set(limiter._buckets) == {"fresh"}
+
+
+lower = st.text(alphabet="abcdefghij", min_size=1, max_size=6)
+upper = st.text(alphabet="KLMNOPQRST", min_size=1, max_size=6)
+policies = st.fixed_dictionaries(
+    {
+        "roles": st.dictionaries(
+            lower,
+            st.fixed_dictionaries(
+                {
+                    "permissions": st.lists(
+                        st.fixed_dictionaries(
+                            {
+                                "actions": st.lists(st.sampled_from([a.value for a in Action]), min_size=1),
+                                "models": st.lists(st.sampled_from(["*", "gemma-*", "x"]), min_size=1),
+                            }
+                        ),
+                        max_size=3,
+                    )
+                }
+            ),
+            min_size=1,
+            max_size=4,
+        ),
+    }
+).flatmap(
+    lambda doc: st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(sorted(doc["roles"])),
+                "users": st.lists(lower, max_size=3),
+                "groups": st.lists(lower, max_size=3),
+                "uids": st.lists(st.integers(0, 999), min_size=1, max_size=3),
+            }
+        ),
+        max_size=5,
+    ).map(lambda bindings: {**doc, "bindings": bindings})
+)
+
+
+@given(
+    document=policies,
+    uid=st.integers(1000, 2**31 - 1),
+    user=upper,
+    groups=st.lists(upper, max_size=4),
+    action=st.sampled_from(list(Action)),
+    resource=st.one_of(st.none(), st.sampled_from(["gemma-3", "x", "y"])),
+)
+def test_unbound_subject_is_denied_under_any_policy(
+    document: dict[str, object], uid: int, user: str, groups: list[str], action: Action, resource: str | None
+) -> None:
+    """Bindings name lower-case users/groups and uids < 1000; the subject has none of those."""
+    policy = parse_policy(document)
+    decision = decide(Subject(uid=uid, gid=uid, user=user, groups=tuple(groups)), action, resource, policy)
+    assert not decision.allowed and decision.roles == ()

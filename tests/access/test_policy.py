@@ -247,3 +247,18 @@ def test_holder_picks_up_accepted_policy_and_keeps_current_on_damage(tmp_path: P
     now[0] += 1.0
     assert holder.current().version == 3  # damaged file: the policy in force stays
     assert changes == [("built-in default", "hub v3")]
+
+
+def test_daemon_refuses_to_start_with_a_bad_policy_file(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "policy.json"
+    bad.write_text(json.dumps({"roles": {"a": {}}, "bindings": [{"role": "ghost", "users": ["x"]}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    env.update(EDGE_AGENT_STATE_DIR=str(tmp_path / "state"), EDGE_AGENT_ACCESS__POLICY_FILE=str(bad))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "names role 'ghost', which is not defined" in proc.stderr
