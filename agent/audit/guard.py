@@ -285,7 +285,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise body_error
         response = await handler(request)
     except asyncio.CancelledError:
-        if audited:  # the client went away: still recorded, without waiting
+        if audited and not recorded:  # the client went away: still recorded, without waiting
             guard.audit.submit(
                 Entry(
                     action.value,
@@ -298,7 +298,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             )
         raise
     except Exception as exc:
-        if audited:
+        if audited and not recorded:
             await record("error", str(exc)[:300] or type(exc).__name__, status=_status_of(exc))
         raise
     if not audited or recorded:
