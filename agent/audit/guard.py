@@ -127,6 +127,13 @@ class Guard:
 
 GUARD_KEY: web.AppKey[Guard] = web.AppKey("guard", Guard)
 
+_POOL_EVENTS = {
+    "loaded": ("models.load", "ok"),
+    "unloaded": ("models.unload", "ok"),
+    "swapped": ("models.switch", "ok"),
+    "swap_failed": ("models.switch", "failed"),
+}
+
 
 def _resolve(uid: int, gid: int) -> tuple[str, tuple[str, ...]]:
     try:
@@ -369,6 +376,15 @@ def install_guard(app: web.Application, settings: Settings) -> Guard:
             },
         )
     ).result()
+    pool = app[POOL_KEY]
+
+    def pool_event(event: str, model_id: str) -> None:
+        action, outcome = _POOL_EVENTS.get(event, (f"models.{event}", "ok"))
+        audit.submit(
+            Entry(action, model_id, outcome, f"model {model_id} {event}", agent_actor(), {"event": event})
+        )
+
+    pool.add_listener(pool_event)  # loads, unloads and switches of the served model
     guard = Guard(audit, holder, audit_reads=settings.audit.audit_reads)
     app[GUARD_KEY] = guard
     app[AUDIT_KEY] = audit
