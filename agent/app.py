@@ -104,7 +104,9 @@ def build_pool(settings: Settings) -> ModelPool:
         **pool_options(settings.pool),
     )
     infos = list(discover(settings))
-    if infos:
+    # prefer_selected only reorders when there is a choice (two generative models, or a pin);
+    # otherwise skip its import (gguf, numpy: ~0.4 s before the socket accepts).
+    if sum(i.task != "embedding" for i in infos) > 1 or settings.selection.pin:
         from agent.select_cmd import prefer_selected
 
         infos = prefer_selected(settings, infos)  # the best fit (or the pin) first
