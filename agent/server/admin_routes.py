@@ -10,7 +10,7 @@ the default model (409 naming the reason when the new one fails and the old one 
 The metrics middleware, installed outermost by :func:`install_metrics`, times every request
 from its arrival to the end of its response (streams included) and counts it by route pattern,
 status and model; tokens come from the response's ``usage`` or from what a streaming route
-noted in ``request["audit_usage"]``.
+noted with :func:`agent.audit.usage.note_usage`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__
+from agent.audit.usage import noted_usage
 from agent.engine.pool import SwapFailed
 from agent.errors import BadRequest, NotFound
 from agent.metrics import CONTENT_TYPE, Metrics
@@ -190,7 +191,7 @@ def _route_label(request: web.Request) -> str:
 
 def _usage(request: web.Request, response: web.StreamResponse | None) -> tuple[str, int, int]:
     """(model, prompt tokens, completion tokens) of a response, as far as they are known."""
-    noted = request.get("audit_usage") or {}
+    noted = noted_usage(request)
     model = noted.get("model")
     prompt = noted.get("prompt_tokens", 0)
     completion = noted.get("completion_tokens", 0)

@@ -26,11 +26,24 @@ def served(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterat
                 "/v1/completions", json={"prompt": "Edge computing is", "max_tokens": 5, "temperature": 0}
             )
             assert r.status_code == 200
-            with c.stream(
-                "POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "stream": True}
-            ) as s:
+            usages = [r.json()["usage"]]
+            body = {
+                "prompt": "Hello",
+                "max_tokens": 3,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            with c.stream("POST", "/v1/completions", json=body) as s:
                 assert s.status_code == 200
-                s.read()
+                for line in s.iter_lines():
+                    data = line.removeprefix("data: ")
+                    if line.startswith("data: ") and data != "[DONE]" and json.loads(data).get("usage"):
+                        usages.append(json.loads(data)["usage"])
+            assert len(usages) == 2
+            d.expected_tokens = {  # type: ignore[attr-defined]
+                "in": sum(u["prompt_tokens"] for u in usages),
+                "out": sum(u["completion_tokens"] for u in usages),
+            }
             assert c.post("/v1/completions", json={"prompt": "x", "model": "nope"}).status_code == 404
             assert c.get("/no/such/path").status_code == 404
         yield d
@@ -66,9 +79,10 @@ def test_request_counts_latency_and_tokens(served: Daemon) -> None:
     )
     assert count == inf == 2
     assert _value(m, "edge_agent_request_duration_seconds_sum", route="/v1/completions", model=MODEL) > 0
-    # The non-streamed completion's usage: 5 tokens out, its prompt in.
-    assert _value(m, "edge_agent_tokens_total", model=MODEL, direction="out") >= 5
-    assert _value(m, "edge_agent_tokens_total", model=MODEL, direction="in") >= 4
+    # Tokens of the plain and the streamed completion, as their responses reported them.
+    expected = served.expected_tokens  # type: ignore[attr-defined]
+    assert _value(m, "edge_agent_tokens_total", model=MODEL, direction="out") == expected["out"]
+    assert _value(m, "edge_agent_tokens_total", model=MODEL, direction="in") == expected["in"]
 
 
 def test_state_series(served: Daemon) -> None:
