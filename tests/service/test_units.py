@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 BIN = Path(sys.executable).parent
+NO_SUCH_USER = re.compile(r"(user|group)\b.*\b(edge-agent|edge-hub)\b", re.IGNORECASE)
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 
@@ -36,8 +38,14 @@ def test_units_verify_cleanly(tmp_path: Path) -> None:
         cwd=tmp_path,
         check=False,
     )
-    # verify exits 0 on unknown keys and bad values; it only warns. Any line naming our units is a defect.
-    problems = [line for line in result.stderr.splitlines() if any(u.name in line for u in units)]
+    # verify exits 0 on unknown keys and bad values; it only warns. Any line naming our units is a
+    # defect, except that the service users do not exist on a build machine (the install creates
+    # them; systemd 252 does not check, other versions may warn).
+    problems = [
+        line
+        for line in result.stderr.splitlines()
+        if any(u.name in line for u in units) and not NO_SUCH_USER.search(line)
+    ]
     assert result.returncode == 0, result.stderr
     assert problems == []
 
