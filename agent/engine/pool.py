@@ -460,8 +460,11 @@ class ModelPool:
         async with self._swap_lock:
             previous = self._default
             current = self._entries.get(info.id)
-            if current is not None and current.info == info and info.id == previous and current.loaded:
+            if current is not None and current.info == info and self._serving(current):
+                # Already loaded and serving (by id): promote it, no second copy.
                 current.pinned = current.pinned or pin
+                if info.id != previous:
+                    self._promote(current, previous)
                 return SwapResult(previous, info.id, 0.0, 0.0)
             if self._factory is None:
                 raise SwapFailed("this pool has no engine factory", reason="load_failed")
@@ -503,6 +506,20 @@ class ModelPool:
             log.info("model_swapped", model=info.id, previous=previous, load_s=round(result.load_s, 3))
             self._emit("swapped", info.id)
             return result
+
+    @staticmethod
+    def _serving(entry: _Entry) -> bool:
+        return entry.task is None and entry.engine is not None and entry.engine.state is EngineState.READY
+
+    def _promote(self, entry: _Entry, previous: str | None) -> None:
+        self._default = entry.info.id
+        entry.last_used = self._clock()
+        old = self._entries.get(previous) if previous is not None else None
+        if old is not None and not old.pinned and old.engine is not None:
+            self._unload(old)
+        self.swaps["ok"] += 1
+        log.info("model_swapped", model=entry.info.id, previous=previous, load_s=0.0)
+        self._emit("swapped", entry.info.id)
 
     def _failure(self, info: ModelInfo, reason: str, detail: str) -> SwapFailed:
         self.swaps[reason] += 1

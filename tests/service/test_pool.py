@@ -344,3 +344,26 @@ def test_default_memory_budget(tmp_path: Path, memory_max: str, expected: int | 
     (tmp_path / "memory.max").write_text(memory_max + "\n")
     budget = default_memory_budget(0.75, tmp_path)
     assert budget == (expected if expected is not None else int(psutil.virtual_memory().total * 0.75))
+
+
+def test_swap_to_a_loaded_model_promotes_it_without_a_second_copy() -> None:
+    async def main() -> None:
+        factory = FakeFactory()
+        pool = ModelPool(factory, settle_s=0.0)
+        pool.register(fake_info("a"))
+        pool.register(fake_info("b"))
+        pool.start_loading()
+        with pytest.raises(ModelNotReady):
+            pool.resolve("b")
+        await pool.wait_loaded()
+        b = pool.resolve("b")
+        result = await pool.swap(fake_info("b"))
+        assert (result.previous, result.current) == ("a", "b")
+        assert pool.resolve(None) is b
+        assert len(factory.built) == 2  # a and b, nothing more
+        await pool.wait_retired()
+        assert {s.id: s.state for s in pool.status()} == {"b": "ready", "a": "unloaded"}
+        assert pool.swaps["ok"] == 1
+        await pool.close()
+
+    run(main())
