@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ def _log(args: argparse.Namespace) -> Any:
 
     settings = settings_from_args(args)
     path = args.db if getattr(args, "db", None) else audit_path(settings.state_dir)
-    return settings, open_existing(path)
+    return settings, open_existing(path, settings)
 
 
 def _line(record: dict[str, Any]) -> str:
@@ -92,25 +93,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """JSON lines: every record after ``--since-seq``, then every checkpoint."""
+    """JSON lines: the anchor, every record after ``--since-seq``, then every checkpoint."""
     _, log = _log(args)
+    if args.mark_uploaded and args.output is None:
+        print("edge-agent: --mark-uploaded needs --output (a file, fsynced first)", file=sys.stderr)
+        return 2
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+    last = 0
     try:
         anchor_seq, anchor_hash = log.anchor()
         out.write(json.dumps({"type": "anchor", "seq": anchor_seq, "hash": anchor_hash}) + "\n")
         for sealed in log.iter_records(args.since_seq):
-            out.write(
-                json.dumps({"type": "record", "seq": sealed.seq, "hash": sealed.hash, "body": sealed.body})
-                + "\n"
-            )
+            record = {"type": "record", "seq": sealed.seq, "hash": sealed.hash, "body": sealed.body}
+            out.write(json.dumps(record) + "\n")
+            last = sealed.seq
         for cp in log.checkpoints():
-            out.write(
-                json.dumps({"type": "checkpoint", "seq": cp.seq, "body": cp.body, "signature": cp.signature})
-                + "\n"
-            )
+            checkpoint = {"type": "checkpoint", "seq": cp.seq, "body": cp.body, "signature": cp.signature}
+            out.write(json.dumps(checkpoint) + "\n")
+        if args.mark_uploaded:
+            out.flush()
+            os.fsync(out.fileno())
     finally:
         if out is not sys.stdout:
             out.close()
+    if args.mark_uploaded and last:
+        marked = log.mark_uploaded(last)
+        pruned = log.prune_uploaded()
+        print(
+            f"exported and marked uploaded up to record {marked}; pruned {pruned} record(s)", file=sys.stderr
+        )
     return 0
 
 
@@ -205,6 +216,11 @@ def register(sub: Any) -> None:
     p = asub.add_parser("export", help="write records and checkpoints as JSON lines")
     p.add_argument("--since-seq", type=int, default=0)
     p.add_argument("--output", "-o", type=Path, default=None)
+    p.add_argument(
+        "--mark-uploaded",
+        action="store_true",
+        help="air-gapped boxes: count the exported records as uploaded, so they can be pruned",
+    )
     p.add_argument("--db", type=Path, default=None)
     p.set_defaults(func=cmd_export)
 

@@ -55,6 +55,8 @@ RESERVE_MIN = 256 << 10
 of the fraction and the minimum): room for the records of requests in flight."""
 PRUNE_AT = 0.8
 """Uploaded records are pruned once the log holds this fraction of ``max_bytes``."""
+RECOUNT_S = 1.0
+"""Near the cap, the size is recounted from the table at most this often (see ``_transact``)."""
 
 OnFull = Literal["fail_closed", "record_gap"]
 
@@ -188,6 +190,7 @@ class AuditLog:
         self._unrecorded_pending = 0
         self._refused_pending = 0
         self._last_cp_time = clock()
+        self._last_recount = float("-inf")
         self._create()
 
     # -- set-up -------------------------------------------------------------------------------
@@ -391,11 +394,17 @@ class AuditLog:
         head_seq, head_hash = (
             (int(head[0]), str(head[1])) if head else (int(meta["anchor_seq"]), meta["anchor_hash"])
         )
-        used = self._used  # kept in memory: summing the table on every commit would be O(n)
+        now = self._clock()
+        used = self._used  # kept in memory: summing the table on every commit would be O(n) ...
+        if used >= PRUNE_AT * self.max_bytes and now - self._last_recount >= RECOUNT_S:
+            # ... but near the cap, recount now and then: another process (`audit export
+            # --mark-uploaded`) may have pruned records behind our back.
+            row = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM records").fetchone()
+            used = int(row[1]) + ROW_OVERHEAD * int(row[0])
+            self._last_recount = now
         unrecorded = int(meta["unrecorded"])
         refused = int(meta["refused"])
         gap_since = meta["gap_since"]
-        now = self._clock()
         updates: dict[str, str] = {}
 
         # Prune uploaded records first when the log is getting full (or when asked to).
@@ -628,11 +637,15 @@ def open_log(settings: Settings) -> AuditLog:
     )
 
 
-def open_existing(path: Path) -> AuditLog:
-    """An :class:`AuditLog` on a log that must already exist (the CLI's read commands)."""
+def open_existing(path: Path, settings: Settings | None = None) -> AuditLog:
+    """An :class:`AuditLog` on a log that must already exist (the CLI's commands), with the
+    configured cap when ``settings`` is given; it signs no checkpoints."""
     if not path.is_file():
         raise AuditError(f"no audit log at {path}")
-    return AuditLog(path)
+    if settings is None:
+        return AuditLog(path)
+    a = settings.audit
+    return AuditLog(path, max_bytes=a.max_bytes, on_full=a.on_full, synchronous=a.synchronous)
 
 
 __all__ = [

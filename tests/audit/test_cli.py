@@ -91,3 +91,18 @@ def test_policy_show_prefers_the_accepted_hub_policy(
     assert main(["--state-dir", str(tmp_path), "policy", "check", "nobody", "status"]) == 0
     assert "limits: max_tokens=None requests_per_minute=5" in capsys.readouterr().out
     assert main(["--state-dir", str(tmp_path), "policy", "check", "root", "status"]) == 1
+
+
+def test_export_mark_uploaded_prunes_and_the_log_still_verifies(
+    state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--state-dir", str(state), "audit", "export", "--mark-uploaded"]) == 2
+    assert "needs --output" in capsys.readouterr().err
+    out = tmp_path / "usb.jsonl"
+    assert main(["--state-dir", str(state), "audit", "export", "-o", str(out), "--mark-uploaded"]) == 0
+    assert "marked uploaded up to record 6; pruned 6 record(s)" in capsys.readouterr().err
+    assert len([line for line in out.read_text().splitlines() if '"type": "record"' in line]) == 6
+    log = AuditLog(audit_path(state), key=ensure_device_key(state))
+    log.record("infer", "gemma", "ok", "after the export")
+    assert main(["--state-dir", str(state), "audit", "verify"]) == 0
+    assert "records 7..7 (1)" in capsys.readouterr().out

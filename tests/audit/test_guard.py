@@ -258,3 +258,39 @@ def test_stream_record_is_on_disk_before_done_event(tmp_path: Path) -> None:
     assert len(seen) == 1
     assert seen[0]["outcome"] == "ok" and seen[0]["details"]["completion_tokens"] == 5
     assert [r["action"] for r in records(tmp_path)].count("models.admin") == 1  # not recorded twice
+
+
+def test_export_mark_uploaded_reopens_a_full_log_while_serving(tmp_path: Path) -> None:
+    from agent.cli import main
+
+    settings = Settings(state_dir=tmp_path, audit={"max_bytes": 65536})
+    log = AuditLog(audit_path(tmp_path), key=ensure_device_key(tmp_path))
+    while log.stats().used_bytes < 65536:
+        log.record("infer", "m", "ok", "x" * 500)
+    argv = [
+        "--state-dir",
+        str(tmp_path),
+        "audit",
+        "export",
+        "-o",
+        str(tmp_path / "x.jsonl"),
+        "--mark-uploaded",
+    ]
+
+    async def run() -> list[str]:
+        async with serving(settings) as (s, _):
+            before = (await call(s, "POST", "/v1/completions", {"prompt": "x"}))[1]["error"]["code"]
+            assert await asyncio.to_thread(main, argv) == 0
+            await asyncio.sleep(1.2)  # the writer recounts the log's size at most once a second
+            await call(s, "POST", "/v1/completions", {"prompt": "x"})  # its refusal triggers the recount
+            after = (await call(s, "POST", "/v1/completions", {"prompt": "x"}))[1]["error"]["code"]
+            return [before, after]
+
+    before, after = asyncio.run(run())
+    assert before == "audit_full"
+    assert after == "model_not_ready"  # admitted again (this app has no model to serve it)
+    gap = next(r for r in records(tmp_path) if r["action"] == "audit.gap")
+    assert gap["details"]["refused"] >= 1
+    assert records(tmp_path)[-1]["action"] == "infer"
+    report = AuditLog(audit_path(tmp_path)).verify([ensure_device_key(tmp_path).public])
+    assert report.ok, report.problems
