@@ -86,6 +86,8 @@ class Job:
     deadline: float | None
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Item] = field(default_factory=asyncio.Queue)
+    stop_tokens: frozenset[int] = frozenset()
+    """Token ids that end the generation like a stop string (e.g. a template's turn marker)."""
     cancelled: bool = False
     # decode-thread state
     slot: int = -1
@@ -205,6 +207,7 @@ class BatchRunner:
                 log.exception("decode_step_failed")
                 for job in list(self._active):
                     self._fail(job, exc)
+                self._reset_caches()
             self._flush()
         for job in [*self._active, *self._waiting, *self._intake]:
             self._fail(job, EngineError("the engine was shut down"))
@@ -279,7 +282,7 @@ class BatchRunner:
     def _sample(self, job: Job, index: int) -> None:
         assert job.sampler is not None and job.text is not None
         token = job.sampler.sample(index)
-        if self._backend.is_eog(token):
+        if token in job.stop_tokens or self._backend.is_eog(token):
             self._finish(job, "stop")
             return
         job.generated += 1
@@ -352,6 +355,13 @@ class BatchRunner:
         slot.job = job
         slot.last_used = self._tick
         self._active.append(job)
+
+    def _reset_caches(self) -> None:
+        """After an unexpected failure the caches may not match the bookkeeping: drop them all."""
+        for slot in self._slots:
+            with contextlib.suppress(Exception):
+                self._backend.seq_rm(slot.index, 0)
+            slot.cached.clear()
 
     def _drop_cache(self, slot: _Slot) -> None:
         if slot.cached:

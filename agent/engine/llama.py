@@ -198,9 +198,24 @@ class LlamaEngine:
         tokens = model.tokenize(prompt, add_bos=model.add_bos and not has_bos)
         stops = tuple(dict.fromkeys((*request.stop, *template.stops)))
         async for chunk in self._stream(
-            tokens, request.max_tokens, request.sampling, stops, request.deadline
+            tokens,
+            request.max_tokens,
+            request.sampling,
+            stops,
+            request.deadline,
+            self._stop_tokens(model, template.stops),
         ):
             yield chunk
+
+    def _stop_tokens(self, model: Any, stops: tuple[str, ...]) -> frozenset[int]:
+        """Template turn markers that are single control tokens: those render as no text, so they
+        must stop the generation by id (a base model may write ``<start_of_turn>`` itself)."""
+        ids: set[int] = set()
+        for stop in stops:
+            toks = model.tokenize(stop, add_bos=False)
+            if len(toks) == 1:
+                ids.add(toks[0])
+        return frozenset(ids)
 
     def render_prompt(self, request: ChatRequest) -> str:
         """The prompt a chat request becomes (for tests and debugging)."""
@@ -215,6 +230,7 @@ class LlamaEngine:
         sampling: SamplingParams,
         stops: tuple[str, ...],
         deadline: float | None,
+        stop_tokens: frozenset[int] = frozenset(),
     ) -> AsyncIterator[GenerationChunk]:
         if not tokens:
             raise BadRequest("prompt is empty", param="prompt")
@@ -234,6 +250,7 @@ class LlamaEngine:
             stops=stops,
             deadline=deadline,
             loop=asyncio.get_running_loop(),
+            stop_tokens=stop_tokens,
         )
         started = time.monotonic()
         first: float | None = None

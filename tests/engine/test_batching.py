@@ -294,6 +294,27 @@ def test_stop_string_cuts_text_before_it() -> None:
     run(main)
 
 
+def test_stop_token_ends_generation_without_text() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend()
+        runner = BatchRunner(backend)
+        try:
+            p = prompts(1)[0]
+            full, _ = reference(p, 20)
+            history = list(p)
+            for _ in range(4):
+                history.append(next_token(history))
+            j = job(p, 20, stop_tokens=frozenset({history[-1]}))
+            runner.submit(j)
+            text, final = await drain(j)
+            assert final.finish_reason == "stop"
+            assert full.startswith(text) and len(text) < 4
+        finally:
+            runner.close()
+
+    run(main)
+
+
 def test_jobs_that_do_not_fit_the_kv_budget_wait_instead_of_failing() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=4, n_ctx=64, n_batch=64)
