@@ -146,11 +146,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from hub.publish import set_deployment
     from hub.repo_cmd import open_repo
+    from hub.sync_meta import repo_lock
 
-    repo = open_repo(args)
-    dep = set_deployment(
-        repo, args.group, args.model, version=args.model_version, pin=args.pin, maintenance_window=args.window
-    )
+    with repo_lock(_repo_dir(args)):  # not while `edge-hub serve` re-signs the timestamp
+        repo = open_repo(args)
+        dep = set_deployment(
+            repo,
+            args.group,
+            args.model,
+            version=args.model_version,
+            pin=args.pin,
+            maintenance_window=args.window,
+        )
     print(
         f"deployments/{dep.group}.json: {', '.join(m.model for m in dep.models)} "
         f"(targets v{repo.targets.signed.version})"
@@ -163,9 +170,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_policy_push(args: argparse.Namespace) -> int:
     from hub.publish import add_policy
     from hub.repo_cmd import open_repo
+    from hub.sync_meta import repo_lock
 
-    repo = open_repo(args)
-    path = add_policy(repo, Path(args.file), args.name)
+    with repo_lock(_repo_dir(args)):
+        repo = open_repo(args)
+        path = add_policy(repo, Path(args.file), args.name)
     print(f"published {path} (targets v{repo.targets.signed.version})")
     if args.wait <= 0:
         return 0
