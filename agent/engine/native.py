@@ -158,16 +158,26 @@ class NativeModel:
 class NativeSampler:
     """llama.cpp's native sampler chain for one sequence (see :func:`NativeContext.make_sampler`).
 
-    ``chain is None`` means plain greedy without bias or penalties: the argmax of the logits row,
-    which is what llama.cpp's greedy sampler returns (first maximum), without building its
-    262k-entry candidate array for every token.
+    ``chain is None`` means greedy without penalties: the argmax of the logits row plus the
+    logit bias, which is what llama.cpp's ``logit_bias`` + ``greedy`` chain returns (biases are
+    added to the logits, the first maximum wins), without building its 262k-entry candidate
+    array for every token.
     """
 
-    def __init__(self, lib: Any, chain: Any, ctx: Any, n_vocab: int) -> None:
+    def __init__(
+        self, lib: Any, chain: Any, ctx: Any, n_vocab: int, bias: dict[int, float] | None = None
+    ) -> None:
         self._lib = lib
         self._chain = chain
         self._ctx = ctx
         self._n_vocab = n_vocab
+        self._bias_ids: Any = None
+        self._bias_values: Any = None
+        if bias:
+            import numpy as np
+
+            self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64)
+            self._bias_values = np.fromiter(bias.values(), dtype=np.float32)
 
     def sample(self, batch_index: int) -> int:
         """Sample from the logits of ``batch_index`` in the last batch; the token is accepted."""
@@ -175,7 +185,11 @@ class NativeSampler:
             import numpy as np
 
             row = self._lib.llama_get_logits_ith(self._ctx, batch_index)
-            return int(np.ctypeslib.as_array(row, shape=(self._n_vocab,)).argmax())
+            logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+            if self._bias_ids is not None:
+                logits = logits.copy()
+                logits[self._bias_ids] += self._bias_values
+            return int(logits.argmax())
         return int(self._lib.llama_sampler_sample(self._chain, self._ctx, batch_index))
 
     def close(self) -> None:
@@ -276,17 +290,17 @@ class NativeContext:
         penalised = (
             params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
         )
-        if greedy and not penalised and not params.logit_bias:
-            return NativeSampler(lib, None, self._ctx, n_vocab)
+        bias = {t: b for t, b in params.logit_bias.items() if 0 <= t < n_vocab}
+        if greedy and not penalised:
+            return NativeSampler(lib, None, self._ctx, n_vocab, bias)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lib.llama_sampler_chain_add
-        if params.logit_bias:
-            items = [(t, b) for t, b in params.logit_bias.items() if 0 <= t < n_vocab]
-            arr = (lib.llama_logit_bias * max(1, len(items)))()
-            for i, (t, b) in enumerate(items):
+        if bias:
+            arr = (lib.llama_logit_bias * len(bias))()
+            for i, (t, b) in enumerate(bias.items()):
                 arr[i].token = t
                 arr[i].bias = b
-            add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(items), arr))
+            add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
         top_k = GREEDY_PENALTY_TOP_K if greedy else max(0, params.top_k)
         if top_k and (penalised or not greedy):
             add(chain, lib.llama_sampler_init_top_k(top_k))
