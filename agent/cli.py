@@ -83,7 +83,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # Each area of the agent registers its own subcommands: a module with ``register(sub)`` that adds
 # parsers whose ``func`` takes the parsed arguments and returns the exit status.
-COMMAND_MODULES: tuple[str, ...] = ("agent.audit_cmd", "agent.registry_cmd", "agent.select_cmd")
+COMMAND_MODULES: tuple[str, ...] = (
+    "agent.audit_cmd",
+    "agent.registry_cmd",
+    "agent.select_cmd",
+    "agent.sync.cli",
+)
 
 
 _BUILTIN = frozenset({"run", "demo", "complete", "status"})

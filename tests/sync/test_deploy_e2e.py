@@ -1,6 +1,7 @@
 """End to end with the real Gemma model: `edge-hub serve` logic in-process, a device's sync service
 with a real model pool. A deployment activates the model; a broken new version fails to load and
-the previous version keeps serving, the failure reported to the hub."""
+the previous version keeps serving; a version that loads but fails its smoke test is refused the
+same way; the failures are reported to the hub."""
 
 from __future__ import annotations
 
@@ -14,14 +15,43 @@ from agent.audit import AuditLog
 from agent.device_key import DeviceKey
 from agent.engine.base import ModelInfo
 from agent.engine.llama import LlamaEngine
-from agent.engine.pool import ModelPool, smoke_generate
+from agent.engine.pool import SMOKE_PROMPT, ModelPool, smoke_generate
 from agent.sync.service import SyncOptions, SyncService
 from hub.publish import set_deployment
+from hub.repo import Repository
 from hub.serve import HubServer, ServeConfig
 from tests.sync.broker import Broker
 from tests.sync.helpers import enrolled_device, new_repo, publish_model
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+
+def make_silent_model(source: Path, dest: Path) -> None:
+    """A copy of ``source`` whose end-of-generation token is the first token it generates for the
+    pool's smoke prompt (greedy): it loads, but its smoke test produces no tokens."""
+    import shutil
+
+    from gguf import GGUFReader
+    from llama_cpp import Llama
+
+    llm = Llama(str(source), n_ctx=128, n_threads=2, verbose=False)
+    try:
+        text = llm.create_completion(SMOKE_PROMPT, max_tokens=1, temperature=0.0, top_k=1)["choices"][0][
+            "text"
+        ]
+        prompt = llm.tokenize(SMOKE_PROMPT.encode())
+        full = llm.tokenize((SMOKE_PROMPT + text).encode())
+    finally:
+        llm.close()
+    assert full[: len(prompt)] == prompt and len(full) > len(prompt), (text, prompt, full)
+    first = full[len(prompt)]
+    shutil.copyfile(source, dest)
+    reader = GGUFReader(dest, "r+")
+    field = reader.get_field("tokenizer.ggml.eos_token_id")
+    assert field is not None
+    field.parts[field.data[0]][0] = first
+    reader.data.flush()
+    del reader
 
 
 def make_pool() -> ModelPool:
@@ -74,8 +104,16 @@ async def test_deploy_activates_then_broken_version_keeps_previous(
         assert serving.path.name == v1.sha256
         print(f"deploy -> serving: {time.monotonic() - started:.1f}s")
 
-        publish_model(repo, broken, "gemma", "2", chunk_size=1 << 20, group=None, name="model.gguf")
-        set_deployment(repo, "edge", "gemma", version="2", pin=True)
+        publish_model(
+            Repository.open(repo.path),
+            broken,
+            "gemma",
+            "2",
+            chunk_size=1 << 20,
+            group=None,
+            name="model.gguf",
+        )
+        set_deployment(Repository.open(repo.path), "edge", "gemma", version="2", pin=True)
         await wait_for(
             lambda: any(e.status in ("load_failed", "smoke_test_failed") for e in sync.events_sent),
             120,
@@ -84,6 +122,21 @@ async def test_deploy_activates_then_broken_version_keeps_previous(
         assert pool.default_id == "gemma"
         assert pool.models()[0].path.name == v1.sha256  # the previous version keeps serving
         await smoke_generate(pool.resolve("gemma"))  # and answers
+
+        # v3 loads fine but fails its smoke test: its end-of-generation token is the very token the
+        # smoke prompt produces first, so it answers nothing.
+        eos = tmp_path / "eos.gguf"
+        make_silent_model(gemma_path, eos)
+        publish_model(
+            Repository.open(repo.path), eos, "gemma", "3", chunk_size=4 << 20, group=None, name="model.gguf"
+        )
+        set_deployment(Repository.open(repo.path), "edge", "gemma", version="3", pin=True)
+        await wait_for(
+            lambda: any(e.status == "smoke_test_failed" for e in sync.events_sent), 240, "v3 smoke failure"
+        )
+        assert pool.models()[0].path.name == v1.sha256  # still the previous version
+        await smoke_generate(pool.resolve("gemma"))
+
         store = hub.store
         assert store is not None
         await wait_for(
