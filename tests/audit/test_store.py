@@ -238,3 +238,23 @@ def test_log_file_is_private(tmp_path: Path) -> None:
     log.record("infer", "m", "ok", "r")
     assert audit_path(tmp_path).stat().st_mode & 0o777 == 0o600
     assert audit_path(tmp_path).parent.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(b"this is not a database" * 100, "file is not a database", id="garbage"),
+        pytest.param(
+            b"SQLite format 3\x00" + b"\xff" * 200, "cannot open the audit log", id="damaged-header"
+        ),
+    ],
+)
+def test_unusable_file_is_refused_at_open(tmp_path: Path, content: bytes, message: str) -> None:
+    from agent.audit.store import AuditError
+
+    path = audit_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(AuditError, match=message):
+        AuditLog(path)
+    assert path.read_bytes() == content  # left as found, for whoever investigates
