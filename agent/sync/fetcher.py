@@ -19,9 +19,10 @@ Invariants of a transfer:
   chunk that does not is refused, reported through ``on_refusal`` (-> audit log) and asked again.
 - The partial file ``<partial_dir>/<sha256>.part`` survives disconnects and restarts (even
   SIGKILL): on start every chunk already in it is re-hashed, the good ones are kept, so a transfer
-  resumes and a torn write is simply fetched again. It is never visible as a model: the registry's
-  store installs the blob atomically after checking the whole file's sha256, and only then is the
-  partial file deleted.
+  resumes and a torn write is simply fetched again. It is never visible as a model: the verified
+  chunks are streamed, in order and while the transfer runs, into the registry's store, which
+  installs the blob atomically after checking the whole file's sha256; only then is the partial
+  file deleted.
 - Free disk is checked before the first request: what is still missing plus one full copy (the
   store's install) must fit, with a margin.
 - Each chunk is requested once per attempt; after a reconnect only the chunks that were in flight
@@ -37,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
@@ -67,7 +69,6 @@ log = get_logger(__name__)
 
 RefusalSink = Callable[[str, str], None]
 DISK_MARGIN_BYTES = 64 << 20
-READ_BLOCK = 1 << 20
 
 
 def _no_refusal_sink(reason: str, detail: str) -> None:
@@ -218,6 +219,9 @@ class ChunkTransfer:
         self.on_progress = on_progress
         self.stats = TransferStats()
         self._have: set[int] = set()
+        self._cond = threading.Condition()
+        self.ready = threading.Event()
+        """Set once the partial file exists at its full length (readers may open it)."""
         self._inflight: dict[int, float] = {}
         self._wake = asyncio.Event()
         self._fd = -1
@@ -238,6 +242,7 @@ class ChunkTransfer:
             if len(data) == length and hashlib.sha256(data).hexdigest() == self.plan.chunk_sha256[i]:
                 self._have.add(i)
         self.stats.resumed_chunks = len(self._have)
+        self._notify()
 
     def _check_disk(self) -> None:
         missing = sum(self.plan.span(i)[1] for i in range(self.plan.count) if i not in self._have)
@@ -284,6 +289,7 @@ class ChunkTransfer:
         if written != length:
             raise TransferError(f"short write of chunk {index}", status=Status.ERROR.value)
         self._have.add(index)
+        self._notify()
         self._inflight.pop(index, None)
         self.stats.bytes_received += length
         if self.on_progress is not None:
@@ -315,6 +321,7 @@ class ChunkTransfer:
             self._check_disk()
             if os.fstat(self._fd).st_size != self.plan.length:
                 os.ftruncate(self._fd, self.plan.length)
+            self.ready.set()
             await self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
             try:
                 await self._loop()
@@ -364,6 +371,23 @@ class ChunkTransfer:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_chunk(self, index: int, running: Future[Any], deadline: float) -> None:
+        """Block (another thread) until chunk ``index`` is verified on disk; raise the transfer's
+        error if it ended without it, TransferError(timeout) after ``deadline`` (monotonic)."""
+        with self._cond:
+            while index not in self._have:
+                if running.done():
+                    running.result()  # raises the transfer's error
+                    if index not in self._have:
+                        raise TransferError(f"chunk {index} never arrived", status=Status.ERROR.value)
+                if time.monotonic() > deadline:
+                    raise TransferError(f"chunk {index} not in time", status=Status.TIMEOUT.value)
+                self._cond.wait(0.5)
 
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -441,24 +465,40 @@ class MqttFetcher(RegistryFetcher):
             on_refusal=self.on_refusal,
             on_progress=progress,
         )
-        path = self._run(transfer.run(), self.transfer_timeout_s)
-        self.transfers.append(transfer.stats)
-        return _stream_then_discard(path)
+        return self._stream(transfer)
 
-
-def _stream_then_discard(path: Path) -> Iterator[bytes]:
-    """Blocks of the complete partial file; the file is removed once the store consumed it all
-    (installed, or refused as a whole: then it is corrupt and must not be resumed from)."""
-    done = False
-    try:
-        with path.open("rb", buffering=0) as fh:
-            while block := fh.read(READ_BLOCK):
-                yield block
-        done = True
-    finally:
-        if done:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+    def _stream(self, transfer: ChunkTransfer) -> Iterator[bytes]:
+        """Yield the blob's chunks in order *while* the transfer runs on the loop, so the store
+        hashes and writes its copy as the bytes arrive; each chunk is yielded only once verified
+        and on disk in the partial file. The partial file is removed once everything was yielded
+        (the store then installs or refuses the whole); if the consumer stops early (disk full,
+        shutdown) the transfer is cancelled and the partial file kept for a resume."""
+        running: Future[Any] = asyncio.run_coroutine_threadsafe(transfer.run(), self.loop)
+        deadline = time.monotonic() + self.transfer_timeout_s
+        plan = transfer.plan
+        complete = False
+        fd = -1
+        try:
+            while not transfer.ready.wait(0.2):
+                if running.done():
+                    running.result()
+                if time.monotonic() > deadline:
+                    raise TransferError("transfer did not start", status=Status.TIMEOUT.value)
+            fd = os.open(transfer.path, os.O_RDONLY)
+            for index in range(plan.count):
+                transfer.wait_chunk(index, running, deadline)
+                offset, length = plan.span(index)
+                yield os.pread(fd, length, offset)
+            running.result(max(1.0, deadline - time.monotonic()))
+            self.transfers.append(transfer.stats)
+            complete = True
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if complete:
+                transfer.discard()
+            else:
+                running.cancel()
 
 
 __all__ = [
