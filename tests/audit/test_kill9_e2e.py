@@ -60,7 +60,8 @@ def test_kill9_under_load_loses_no_completed_request(tmp_path: Path, gemma_path:
         completed: list[str] = []
         lock = threading.Lock()
         stop = threading.Event()
-        with running_daemon(state, gemma_path, env={"EDGE_AGENT_ENGINE__N_THREADS": "2"}) as d:
+        env = {"EDGE_AGENT_ENGINE__N_THREADS": "2", "EDGE_AGENT_AUDIT__CHECKPOINT_EVERY": "3"}
+        with running_daemon(state, gemma_path, env=env) as d:  # checkpoints get killed mid-way too
             threads = [
                 threading.Thread(target=client_loop, args=(d.socket, i % 2 == 1, stop, completed, lock))
                 for i in range(CLIENTS)
@@ -89,3 +90,4 @@ def test_kill9_under_load_loses_no_completed_request(tmp_path: Path, gemma_path:
         missing = [rid for rid in all_completed if rid not in recorded]
         assert not missing, f"round {round_}: {len(missing)} completed requests have no record"
     assert len(all_completed) >= ROUNDS  # the clients really were served between kills
+    assert AuditLog(audit_path(state)).checkpoints()  # and signed checkpoints were verified
