@@ -259,7 +259,7 @@ class HubSettings(_Section):
     backoff_max_s: float = Field(default=300.0, gt=0, le=86400)
     refresh_interval_s: float = Field(default=900.0, ge=5, le=86400)
     """Metadata refresh when no new timestamp was announced in the meantime."""
-    chunk_window: int = Field(default=4, ge=1, le=64)
+    chunk_window: int = Field(default=8, ge=1, le=64)
     """Chunk requests in flight during a model transfer."""
     chunk_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     audit_batch: int = Field(default=1000, ge=1, le=10000)

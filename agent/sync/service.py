@@ -67,7 +67,7 @@ class SyncOptions:
     device_id: str
     mqtt: MqttConfig
     refresh_interval_s: float = 900.0
-    chunk_window: int = 4
+    chunk_window: int = 8
     chunk_timeout_s: float = 30.0
     audit_batch: int = 1000
     state_interval_s: float = 60.0
