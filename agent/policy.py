@@ -27,13 +27,15 @@ Signature checking is the registry's job (TUF): :func:`accept_policy` receives v
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import grp
 import hashlib
 import json
 import os
 import pwd
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -332,6 +334,18 @@ class AuditSink(Protocol):
     ) -> int: ...
 
 
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    directory = policy_dir(state_dir)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -374,22 +388,23 @@ def accept_policy(
     if policy.version not in (0, version):
         raise refuse(f"policy document says version {policy.version}, the registry target says {version}")
     digest = hashlib.sha256(document).hexdigest()
-    current = load_hub_policy(state_dir)
-    if current is not None:
-        if version == current.policy.version and digest == current.sha256:
-            return current.policy
-        if version <= current.policy.version:
-            raise refuse(
-                f"policy version {version} is not newer than the current version {current.policy.version}"
-            )
-    envelope = {
-        "version": version,
-        "source": source,
-        "accepted_at": time.time(),
-        "sha256": digest,
-        "document": document.decode("utf-8"),
-    }
-    _write_atomic(policy_dir(state_dir) / HUB_POLICY_FILE, json.dumps(envelope).encode())
+    with _locked(state_dir):  # compare-and-write: two importers cannot race a version backwards
+        current = load_hub_policy(state_dir)
+        if current is not None:
+            if version == current.policy.version and digest == current.sha256:
+                return current.policy
+            if version <= current.policy.version:
+                raise refuse(
+                    f"policy version {version} is not newer than the current version {current.policy.version}"
+                )
+        envelope = {
+            "version": version,
+            "source": source,
+            "accepted_at": time.time(),
+            "sha256": digest,
+            "document": document.decode("utf-8"),
+        }
+        _write_atomic(policy_dir(state_dir) / HUB_POLICY_FILE, json.dumps(envelope).encode())
     if audit is not None:
         before = current.policy.version if current is not None else None
         audit.record(

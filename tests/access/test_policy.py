@@ -262,3 +262,30 @@ def test_daemon_refuses_to_start_with_a_bad_policy_file(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "names role 'ghost', which is not defined" in proc.stderr
+
+
+RACE = """
+import json, sys
+from pathlib import Path
+from agent.policy import PolicyError, accept_policy
+version = int(sys.argv[2])
+doc = {"version": version, "roles": {"app": {"permissions": [{"actions": ["status"]}]}},
+       "bindings": [{"role": "app", "groups": ["apps"]}]}
+try:
+    accept_policy(Path(sys.argv[1]), json.dumps(doc).encode(), version)
+except PolicyError:
+    pass
+"""
+
+
+def test_racing_importers_never_move_the_version_backwards(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path), str(v)])
+        for v in (3, 8, 1, 6, 2, 7, 5, 4)
+    ]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    stored = load_hub_policy(tmp_path)
+    assert stored is not None and stored.policy.version == 8
