@@ -43,10 +43,24 @@ def _line(record: dict[str, Any]) -> str:
     )
 
 
+def _tail_over_socket(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``GET /admin/audit``: for callers granted ``audit.read`` who cannot read the file."""
+    from agent.cli import settings_from_args
+    from agent.client import LocalClient
+
+    settings = settings_from_args(args)
+    with LocalClient(args.socket or settings.socket_path, timeout=30.0) as client:
+        data: list[dict[str, Any]] = client.get(f"/admin/audit?n={args.n}")["data"]
+    return data
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
-    _, log = _log(args)
-    for sealed in log.tail(args.n):
-        record = sealed.record()
+    if args.via_socket:
+        records = _tail_over_socket(args)
+    else:
+        _, log = _log(args)
+        records = [sealed.record() for sealed in log.tail(args.n)]
+    for record in records:
         print(json.dumps(record, sort_keys=True) if args.json else _line(record))
     return 0
 
@@ -200,6 +214,12 @@ def register(sub: Any) -> None:
     p = asub.add_parser("tail", help="show the newest records")
     p.add_argument("-n", type=int, default=20)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--via-socket",
+        action="store_true",
+        help="ask the daemon (needs the audit.read permission) instead of reading the file",
+    )
+    p.add_argument("--socket", type=Path, default=None)
     p.add_argument(
         "--db", type=Path, default=None, help="audit database (default: <state_dir>/audit/audit.db)"
     )

@@ -297,3 +297,35 @@ def test_export_mark_uploaded_reopens_a_full_log_while_serving(tmp_path: Path) -
     assert records(tmp_path)[-1]["action"] == "infer"
     report = AuditLog(audit_path(tmp_path)).verify([ensure_device_key(tmp_path).public])
     assert report.ok, report.problems
+
+
+@pytest.mark.parametrize(
+    ("access", "code", "expected"),
+    [
+        pytest.param({}, 0, "config.load", id="granted"),
+        pytest.param(app_policy(["status"]), 1, "HTTP 403: permission 'audit.read' denied", id="denied"),
+    ],
+)
+def test_cli_tail_via_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], access: dict[str, Any], code: int, expected: str
+) -> None:
+    from agent.cli import main
+
+    settings = Settings(state_dir=tmp_path, access=access)
+    argv = [
+        "--state-dir",
+        str(tmp_path),
+        "audit",
+        "tail",
+        "--via-socket",
+        "--socket",
+        str(tmp_path / "t.sock"),
+    ]
+
+    async def run() -> int:
+        async with serving(settings):
+            return await asyncio.to_thread(main, argv)
+
+    assert asyncio.run(run()) == code
+    captured = capsys.readouterr()
+    assert expected in captured.out + captured.err
