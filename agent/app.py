@@ -136,6 +136,24 @@ def _hub_state(sync: Any) -> Callable[[], HubState]:
     return read
 
 
+def _reprobe(settings: Settings, pool: ModelPool) -> Callable[[], Awaitable[object]]:
+    """The selection's scheduled re-probe (probe, select with hysteresis, hot-swap), built on its
+    first run: a daemon with no model to choose between never imports the selection code (gguf,
+    numpy: ~15 MB)."""
+    reselector: list[Any] = []
+
+    async def tick() -> object:
+        if not pool.models():
+            return None
+        if not reselector:
+            from agent.select_cmd import Reselector
+
+            reselector.append(Reselector(settings, pool))
+        return await reselector[0].tick()
+
+    return tick
+
+
 def _start_scheduler(settings: Settings, pool: ModelPool) -> Scheduler:
     """Periodic jobs owned by the daemon itself; other parts add theirs with ``every``."""
     from agent.scheduler import Scheduler  # apscheduler: imported after READY=1
@@ -145,6 +163,8 @@ def _start_scheduler(settings: Settings, pool: ModelPool) -> Scheduler:
         jitter_s=sv.jitter_s, maintenance_window=sv.maintenance_window, intervals_s=sv.intervals_s
     )
     scheduler.every("idle_unload", pool.unload_idle, jitter_s=0.0)
+    every = settings.selection.reprobe_interval_s
+    scheduler.every("reprobe", _reprobe(settings, pool), interval_s=every, jitter_s=0.1 * every)
     if (settings.state_dir / "registry").is_dir():
         from registry.device import DeviceRegistry
 
@@ -249,11 +269,7 @@ class Daemon:
             if not pool.models():
                 log.warning("no_model", hint="run `edge-agent demo` or import a model bundle")
             pool.start_loading()
-            from agent.select_cmd import Reselector
-
-            # Scheduled re-probe: may hot-swap to a smaller/bigger model (with hysteresis).
-            reprobe = loop.create_task(Reselector(s, pool).run(), name="reprobe")
-            scheduler = _start_scheduler(s, pool)
+            scheduler = _start_scheduler(s, pool)  # with the re-probe, which may hot-swap models
             metrics.sources.scheduler, metrics.sources.watchdog = scheduler, service.watchdog
             from agent.sync.service import start_sync
 
@@ -262,7 +278,6 @@ class Daemon:
             await self._stop.wait()
             log.info("stopping", grace_s=s.server.shutdown_grace_s)
             scheduler.shutdown()
-            reprobe.cancel()
             if sync is not None:
                 await sync.close()
             service.stopping()

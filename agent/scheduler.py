@@ -1,10 +1,10 @@
 """Periodic jobs of the daemon, on apscheduler's AsyncIOScheduler (the only importer of apscheduler).
 
-Other modules register their jobs through :meth:`Scheduler.every` by a well-known name (the
-interval comes from ``[service] intervals_s`` when set there, else from :data:`DEFAULT_INTERVALS_S`,
-else from the caller). Every job fires up to ``jitter_s`` late, so a fleet does not act in
-lockstep. A job marked ``maintenance=True`` (re-hash of installed blobs, garbage collection) only
-fires inside the maintenance window, if one is configured.
+Other modules register their jobs through :meth:`Scheduler.every` by a well-known name. The
+interval comes from ``[service] intervals_s`` when set there, else from the caller (who may have
+its own setting), else from :data:`DEFAULT_INTERVALS_S`. Every job fires up to ``jitter_s`` late,
+so a fleet does not act in lockstep. A job marked ``maintenance=True`` (re-hash of installed
+blobs, garbage collection) only fires inside the maintenance window, if one is configured.
 
 Invariants: at most one instance of a job runs at a time and missed runs coalesce into one; a job
 that raises is logged and counted, and runs again at its next time (one bad job never stops the
@@ -173,7 +173,7 @@ class Scheduler:
         self.jitter_s = jitter_s
         window = maintenance_window
         self.window = MaintenanceWindow.parse(window) if isinstance(window, str) else window
-        self.intervals_s = {**DEFAULT_INTERVALS_S, **(intervals_s or {})}
+        self.overrides_s = dict(intervals_s or {})
         self._rng = rng or random.Random()  # noqa: S311 -- spreading jobs in time, not secrets
         self._scheduler: AsyncIOScheduler | None = None
         self._jobs: dict[str, JobStatus] = {}
@@ -192,7 +192,9 @@ class Scheduler:
         """Run ``func`` (sync or async) periodically; the configured interval for ``name`` wins."""
         if name in self._jobs:
             raise ValueError(f"job {name!r} is already registered")
-        interval = self.intervals_s.get(name, interval_s)
+        interval = self.overrides_s.get(
+            name, interval_s if interval_s is not None else DEFAULT_INTERVALS_S.get(name)
+        )
         if interval is None:
             raise ValueError(f"job {name!r} has no interval: pass interval_s or configure it")
         if interval <= 0:

@@ -136,3 +136,15 @@ def test_real_scheduler_runs_sync_and_async_jobs_and_survives_failures() -> None
         assert status.runs >= 4
 
     asyncio.run(main())
+
+
+def test_interval_precedence_config_then_caller_then_default() -> None:
+    scheduler = Scheduler(intervals_s={"reprobe": 120})
+    scheduler.every("reprobe", lambda: None, interval_s=300)  # [service] intervals_s wins
+    scheduler.every("gc", lambda: None, interval_s=3600)  # the caller's own setting beats the default
+    scheduler.every("state_publish", lambda: None)  # the default table
+    assert {j.name: j.interval_s for j in scheduler.jobs()} == {
+        "gc": 3600,
+        "reprobe": 120,
+        "state_publish": 300.0,
+    }
