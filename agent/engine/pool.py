@@ -128,6 +128,8 @@ class _Entry:
     last_used: float = 0.0
     task: asyncio.Task[None] | None = None
     error: str | None = None
+    broken: bool = False
+    """The engine raised something other than ModelLoadError while loading: it was closed."""
 
     @property
     def loaded(self) -> bool:
@@ -247,7 +249,7 @@ class ModelPool:
         for entry in order:
             wanted = entry.engine is not None or entry.pinned or entry.info.id == self._default
             idle = entry.engine is None or entry.engine.state is EngineState.IDLE
-            if wanted and idle and entry.task is None:
+            if wanted and idle and entry.task is None and not entry.broken:
                 try:
                     self._begin_load(entry)
                 except Overloaded as exc:
@@ -274,6 +276,14 @@ class ModelPool:
         except ModelLoadError as exc:
             entry.error = str(exc)
             log.error("model_load_failed", model=engine.info.id, error=str(exc))
+            return
+        except Exception as exc:  # an engine bug: contain it, never leave the model "loading"
+            entry.error = f"{type(exc).__name__}: {exc}"
+            entry.broken = True
+            log.exception("model_load_crashed", model=engine.info.id)
+            entry.engine = None
+            with contextlib.suppress(Exception):
+                await engine.close()
             return
         finally:
             entry.task = None
@@ -367,7 +377,9 @@ class ModelPool:
         """Models that can be requested (loaded or loadable on demand), the default first."""
         entries = sorted(self._entries.values(), key=lambda e: e.info.id != self._default)
         return [
-            e.info for e in entries if not (e.engine is not None and e.engine.state is EngineState.FAILED)
+            e.info
+            for e in entries
+            if not e.broken and not (e.engine is not None and e.engine.state is EngineState.FAILED)
         ]
 
     def engines(self) -> list[Engine]:
@@ -383,8 +395,8 @@ class ModelPool:
             known = ", ".join(sorted(self._entries)) or "none"
             raise NotFound(f"model {key!r} is not served here (available: {known})", param="model")
         engine = entry.engine
-        if engine is not None and engine.state is EngineState.FAILED:
-            raise EngineError(f"model {key!r} failed to load")
+        if entry.broken or (engine is not None and engine.state is EngineState.FAILED):
+            raise EngineError(f"model {key!r} failed to load: {entry.error}")
         if engine is None or (engine.state is EngineState.IDLE and entry.task is None):
             if entry.task is None:
                 self._begin_load(entry)  # Overloaded (503 + Retry-After) when it cannot fit
@@ -420,7 +432,7 @@ class ModelPool:
         for entry in sorted(self._entries.values(), key=lambda e: e.info.id != self._default):
             engine = entry.engine
             if engine is None:
-                state = "loading" if entry.task is not None else "unloaded"
+                state = "loading" if entry.task is not None else "failed" if entry.broken else "unloaded"
             else:
                 state = "loading" if entry.task is not None else engine.state.value
             out.append(self._status_row(entry.info, state, entry, now))

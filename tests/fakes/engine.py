@@ -30,6 +30,8 @@ def fake_info(model_id: str, size_mb: int = 100, task: str = "completion") -> Mo
 @dataclass
 class FakeBehaviour:
     fail_load: bool = False
+    crash_load: bool = False
+    """Raise a plain RuntimeError from load (an engine bug), not ModelLoadError."""
     finish_reason: str = "length"
     """What the final chunk says; ``error`` makes a smoke test fail."""
     produce_tokens: bool = True
@@ -68,6 +70,8 @@ class FakeEngine:
         self._state = EngineState.LOADING
         if self.behaviour.load_delay_s:
             await asyncio.sleep(self.behaviour.load_delay_s)
+        if self.behaviour.crash_load:
+            raise RuntimeError("segfault averted by luck")
         if self.behaviour.fail_load:
             self._state = EngineState.FAILED
             raise ModelLoadError(f"cannot load {self._info.path}: not a GGUF file")

@@ -367,3 +367,22 @@ def test_swap_to_a_loaded_model_promotes_it_without_a_second_copy() -> None:
         await pool.close()
 
     run(main())
+
+
+def test_an_engine_crashing_while_loading_is_contained() -> None:
+    async def main() -> None:
+        factory = FakeFactory({"bad": FakeBehaviour(crash_load=True)})
+        pool = ModelPool(factory)
+        pool.register(fake_info("bad"))
+        pool.register(fake_info("good"))
+        pool.start_loading()
+        await pool.wait_loaded()
+        assert not pool.loading  # never stuck "loading"
+        with pytest.raises(EngineError, match="RuntimeError: segfault averted by luck"):
+            pool.resolve("bad")
+        assert [m.id for m in pool.models()] == ["good"]
+        assert {s.id: s.state for s in pool.status()}["bad"] == "failed"
+        assert factory.built[0].closed
+        await pool.close()
+
+    run(main())
