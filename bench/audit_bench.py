@@ -262,8 +262,8 @@ the ratios are measured in the same run, alternating, median of {args.rounds} ro
 
 Every record is on disk (fsynced) before its writer is told so. Ours: hash chain + SQLite WAL
 `synchronous=FULL` + one writer thread committing whatever arrived meanwhile (group commit), fed by
-{args.concurrency} concurrent asyncio appenders (each awaits its record, as a request does),
-{args.records} records of an inference request
+{", ".join(args.concurrency.split(","))} concurrent asyncio appenders (each awaits its record, as a
+request does), {args.records} records of an inference request
 (~{len(_bodies(entries(1))[0][1])} bytes each). Peers write the same sealed bodies.
 
 | writer | records/s | ours relative |
