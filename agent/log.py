@@ -45,9 +45,14 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     structlog.configure(
         processors=[*shared_processors(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.PrintLoggerFactory(file=stream) if stream is not None else _current_stdout,
         cache_logger_on_first_use=False,
     )
+
+
+def _current_stdout(*_: Any) -> structlog.PrintLogger:
+    """A logger on whatever ``sys.stdout`` is *now* (it may be replaced after configuration)."""
+    return structlog.PrintLogger(sys.stdout)
 
 
 def _isatty(stream: Any) -> bool:

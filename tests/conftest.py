@@ -5,12 +5,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.daemon import Daemon, running_daemon
 
 MODEL_CACHE = Path(
     os.environ.get("EDGE_AGENT_TEST_MODELS", Path.home() / ".cache" / "edge-agent" / "test-models")
 )
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """A test that configures structlog (e.g. by running a CLI command in-process) must not leave
+    loggers bound to its captured, later closed, stdout for the tests after it."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="session")
