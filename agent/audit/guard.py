@@ -1,6 +1,6 @@
 """The HTTP guard: authorize every request by the caller's Unix identity, and audit it.
 
-Runs as an aiohttp middleware inside ``request_context`` (which supplies ``request["peer"]`` and
+Runs as an aiohttp middleware inside ``request_context`` (which supplies ``request[PEER_KEY]`` and
 translates the errors raised here into OpenAI-shaped responses).
 
 Invariants:
@@ -53,7 +53,7 @@ from agent.errors import (
 )
 from agent.log import get_logger
 from agent.policy import PolicyHolder
-from agent.server.keys import LIMITS_KEY, POOL_KEY
+from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY
 
 log = get_logger(__name__)
 
@@ -230,9 +230,9 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     if guard is None or action is None:
         return await handler(request)
     started = time.monotonic()
-    subject = guard.subject(request.get("peer"))
+    subject = guard.subject(request.get(PEER_KEY))
     details: dict[str, Any] = {
-        "request_id": request.get("request_id"),
+        "request_id": request.get(REQUEST_ID_KEY),
         "route": f"{request.method} {request.path}",
     }
     body: dict[str, Any] | None = None

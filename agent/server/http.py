@@ -3,7 +3,7 @@
 Every response, including aiohttp's own 404/405/413, is JSON in the OpenAI error shape; no
 traceback ever reaches a client. Each request carries a request id (``X-Request-Id``, generated
 unless the client sent a well-formed one) that appears on every log line of that request. The
-caller's Unix identity (SO_PEERCRED) is attached to the request as ``request["peer"]``.
+caller's Unix identity (SO_PEERCRED) is attached to the request as ``request[PEER_KEY]``.
 
 Shutdown: :meth:`ApiServer.stop` stops accepting, lets in-flight requests (streams included)
 finish within the grace period, cancels what remains, and removes the socket file it created.
@@ -30,7 +30,7 @@ from agent.errors import ModelNotReady, RequestError
 from agent.log import get_logger
 from agent.server import admin_routes, openai_routes, openapi
 from agent.server.common import translate
-from agent.server.keys import LIMITS_KEY, POOL_KEY, STARTED_KEY
+from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY, STARTED_KEY
 from agent.server.limits import GuardedSite, ServerLimits
 from agent.server.peercred import peer_credentials
 
@@ -47,8 +47,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     rid = sent if _REQUEST_ID.match(sent) else uuid.uuid4().hex
     sock = request.transport.get_extra_info("socket") if request.transport is not None else None
     peer = peer_credentials(sock)
-    request["request_id"] = rid
-    request["peer"] = peer
+    request[REQUEST_ID_KEY] = rid
+    request[PEER_KEY] = peer
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(
         request_id=rid,

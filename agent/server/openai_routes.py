@@ -23,7 +23,7 @@ from agent.errors import BadRequest, EngineError, RequestError
 from agent.log import get_logger
 from agent.server import schemas
 from agent.server.common import read_json, translate
-from agent.server.keys import LIMITS_KEY, POOL_KEY
+from agent.server.keys import LIMITS_KEY, POOL_KEY, REQUEST_ID_KEY
 
 log = get_logger(__name__)
 
@@ -42,7 +42,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     pool = request.app[POOL_KEY]
     engine = pool.resolve(body.model)
     limits = request.app[LIMITS_KEY]
-    rid = request["request_id"]
+    rid = request[REQUEST_ID_KEY]
     req = body.to_request(limits["default_max_tokens"], rid, time.monotonic() + limits["request_timeout_s"])
     cid = f"cmpl-{rid}"
     created = int(time.time())
@@ -77,7 +77,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     pool = request.app[POOL_KEY]
     engine = pool.resolve(body.model)
     limits = request.app[LIMITS_KEY]
-    rid = request["request_id"]
+    rid = request[REQUEST_ID_KEY]
     req = body.to_request(limits["default_max_tokens"], rid, time.monotonic() + limits["request_timeout_s"])
     cid = f"chatcmpl-{rid}"
     created = int(time.time())
@@ -142,7 +142,7 @@ async def _stream(
         headers={
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache",
-            "X-Request-Id": request["request_id"],
+            "X-Request-Id": request[REQUEST_ID_KEY],
         }
     )
     await response.prepare(request)
@@ -162,7 +162,7 @@ async def _stream(
         await record_before_done(request)  # durable before the client sees the stream complete
         await response.write(_sse("[DONE]"))
     except (ConnectionResetError, ConnectionAbortedError):
-        log.info("client_gone", request_id=request["request_id"])
+        log.info("client_gone", request_id=request[REQUEST_ID_KEY])
     except (RequestError, EngineError) as exc:
         err = translate(exc)
         with suppress(ConnectionResetError):
