@@ -108,7 +108,7 @@ def test_watchdog_pings_from_the_loop_and_stops_when_unhealthy(receiver: tuple[s
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    asyncio.run(run())
+    asyncio.run(asyncio.wait_for(run(), 10))  # bounded: a broken watchdog fails, never hangs
     received = []
     sock.settimeout(0.2)
     while True:
