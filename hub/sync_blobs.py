@@ -37,7 +37,7 @@ _BLOB_NAME = re.compile(r"([0-9a-f]{64})\.")
 class BlobIndex:
     """sha256 -> file, from the names of the repository's target files (rescanned on a miss)."""
 
-    def __init__(self, targets_dir: Path, rescan_after_s: float = 1.0) -> None:
+    def __init__(self, targets_dir: Path, rescan_after_s: float = 0.25) -> None:
         self.targets_dir = targets_dir
         self.rescan_after_s = rescan_after_s
         self._paths: dict[str, Path] = {}

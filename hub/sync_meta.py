@@ -2,13 +2,14 @@
 
 What is published (all retained, QoS 1) under ``edge/v1/repo/meta/``:
 every ``<N>.root.json`` (a device walks the root chain one version at a time), the current
-``<N>.targets.json`` and ``<N>.snapshot.json``, ``timestamp.json``, then ``index.json`` naming
-them. Files that are no longer current (older snapshots and targets) are cleared with an empty
+``<N>.targets.json`` and ``<N>.snapshot.json``, ``index.json`` naming them, then
+``timestamp.json``. Files that are no longer current (older snapshots and targets) are cleared with an empty
 retained message, so the broker holds one consistent set plus the root history.
 
-Invariants: a file is republished only when its bytes changed; ``timestamp.json`` goes out after
-the snapshot and targets it names and the index last, so a device that sees a new timestamp finds
-what it points to. Nothing here signs: :class:`hub.repo.Repository` does, and
+Invariants: a file is republished only when its bytes changed; ``timestamp.json`` goes out last,
+after the snapshot and targets it names and after the index that lists them, so a device that
+sees a new timestamp finds what it points to; files no longer current are cleared only after it.
+Nothing here signs: :class:`hub.repo.Repository` does, and
 :func:`refresh_timestamp` only opens the repository and asks it to re-sign the timestamp.
 """
 
@@ -78,12 +79,16 @@ class MetaPublisher:
             }
         changed = [n for n, data in files.items() if force or self.published.get(n) != data]
         order = sorted(changed, key=lambda n: (n == "timestamp.json", n))
+        stale = [n for n in self.published if n not in files]
         for name in order:
+            if name == "timestamp.json" and (changed or stale or force):
+                # The index goes out before the timestamp that makes devices look for the new files.
+                await self.client.publish(
+                    Outgoing(meta_topic(META_INDEX), MetaIndex(tuple(files)).encode(), qos=1, retain=True)
+                )
             await self.client.publish(Outgoing(meta_topic(name), files[name], qos=1, retain=True))
             self.published[name] = files[name]
-        stale = [n for n in self.published if n not in files]
-        index_changed = bool(changed or stale or force)
-        if index_changed:
+        if "timestamp.json" not in order and (stale or force):
             await self.client.publish(
                 Outgoing(meta_topic(META_INDEX), MetaIndex(tuple(files)).encode(), qos=1, retain=True)
             )

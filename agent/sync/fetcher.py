@@ -16,13 +16,16 @@ Invariants of a transfer:
 - The chunk plan (length, chunk size, per-chunk sha256) comes from the device's *trusted* targets
   metadata (written by python-tuf only after verification), never from the network message.
 - A chunk is written to the partial file only after its sha256 equals the signed chunk hash; a
-  chunk that does not is refused, reported through ``on_refusal`` (-> audit log) and asked again.
+  chunk that does not is refused and reported through ``on_refusal`` (-> audit log); the request
+  stays in flight for the genuine reply, and a chunk that never arrives intact is asked again after
+  ``chunk_timeout_s``, at most ``max_attempts`` times.
 - The partial file ``<partial_dir>/<sha256>.part`` survives disconnects and restarts (even
   SIGKILL): on start every chunk already in it is re-hashed, the good ones are kept, so a transfer
-  resumes and a torn write is simply fetched again. It is never visible as a model: the verified
-  chunks are streamed, in order and while the transfer runs, into the registry's store, which
-  installs the blob atomically after checking the whole file's sha256; only then is the partial
-  file deleted.
+  resumes and a torn write is simply fetched again. It is never visible as a model: with
+  :class:`AdoptingStore` (what the agent uses) the complete partial file is checked as a whole
+  against the signed sha256, fsynced, made read-only and renamed into the store; through the
+  generic fetcher path the verified chunks are streamed, in order and while the transfer runs,
+  into the store's own atomic install, and the partial file is deleted afterwards.
 - Free disk is checked before the first request: what is still missing plus one full copy (the
   store's install) must fit, with a margin.
 - Each chunk is requested once per attempt; after a reconnect only the chunks that were in flight
@@ -40,7 +43,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +66,12 @@ from agent.sync.messages import (
     parse_correlation,
 )
 from agent.sync.mqtt import MqttClient
+from registry.device import DeviceRegistry
+from registry.exceptions import Refused
 from registry.fetch import METADATA_BASE, TARGETS_BASE, RegistryFetcher
+from registry.files import fsync_dir, translate_os_error
+from registry.store import BlobStore
+from registry.trust import BlobVerifier
 
 log = get_logger(__name__)
 
@@ -204,17 +212,20 @@ class ChunkTransfer:
         *,
         window: int = 4,
         chunk_timeout_s: float = 30.0,
-        max_refusals: int = 16,
+        max_attempts: int = 8,
         on_refusal: RefusalSink = _no_refusal_sink,
         on_progress: Callable[[int, int], None] | None = None,
+        adopted: bool = False,
     ) -> None:
         self.client = client
         self.device_id = device_id
         self.plan = plan
+        self.adopted = adopted
+        """The partial file becomes the store's blob (renamed): no second copy needs disk space."""
         self.path = partial_dir / f"{plan.sha256}.part"
         self.window = max(1, window)
         self.chunk_timeout_s = chunk_timeout_s
-        self.max_refusals = max_refusals
+        self.max_attempts = max_attempts
         self.on_refusal = on_refusal
         self.on_progress = on_progress
         self.stats = TransferStats()
@@ -225,7 +236,7 @@ class ChunkTransfer:
         self._inflight: dict[int, float] = {}
         self._wake = asyncio.Event()
         self._fd = -1
-        self._failure: TransferError | None = None
+        self._last_status: str | None = None
 
     @property
     def reply_topic(self) -> str:
@@ -246,7 +257,7 @@ class ChunkTransfer:
 
     def _check_disk(self) -> None:
         missing = sum(self.plan.span(i)[1] for i in range(self.plan.count) if i not in self._have)
-        need = missing + self.plan.length + DISK_MARGIN_BYTES
+        need = missing + (0 if self.adopted else self.plan.length) + DISK_MARGIN_BYTES
         free = shutil.disk_usage(self.path.parent).free
         if free < need:
             raise TransferError(
@@ -262,28 +273,23 @@ class ChunkTransfer:
             return
         status = msg.prop("status") or Status.OK.value
         if status != Status.OK.value:
-            if status == Status.NOT_FOUND.value:
-                self._failure = TransferError(
-                    f"the hub does not have {sha[:16]} ({msg.payload[:200]!r})", status=status
-                )
-            self._inflight.pop(index, None)
-            self._wake.set()
+            # A worker whose view of the repository lags (a blob published a moment ago) says
+            # not_found: ask again in a second, at most ``max_attempts`` times in all.
+            self._last_status = status
+            if index in self._inflight:
+                self._inflight[index] = time.monotonic() - self.chunk_timeout_s + 1.0
             return
         data = msg.payload
         offset, length = self.plan.span(index)
         if len(data) != length or hashlib.sha256(data).hexdigest() != self.plan.chunk_sha256[index]:
+            # Refused and reported; the request stays in flight: the real reply may still come
+            # (a forged one does not cost a new request). A chunk that never arrives intact is
+            # asked again after the timeout, at most ``max_attempts`` times.
             self.stats.refused_chunks += 1
             self.on_refusal(
                 Status.CHUNK_HASH_MISMATCH.value,
                 f"chunk {index} of {sha[:16]}: {len(data)} bytes do not match the signed chunk hash",
             )
-            self._inflight.pop(index, None)
-            if self.stats.refused_chunks > self.max_refusals:
-                self._failure = TransferError(
-                    f"{self.stats.refused_chunks} refused chunks for {sha[:16]}",
-                    status=Status.CHUNK_HASH_MISMATCH.value,
-                )
-            self._wake.set()
             return
         written = os.pwrite(self._fd, data, offset)
         if written != length:
@@ -343,8 +349,6 @@ class ChunkTransfer:
         order = [i for i in range(self.plan.count) if i not in self._have]
         next_pos = 0
         while len(self._have) < self.plan.count:
-            if self._failure is not None:
-                raise self._failure
             if not self.client.is_connected:
                 self._inflight.clear()  # replies to a lost session may never come: ask again
                 await self.client.wait_connected(None)
@@ -353,6 +357,19 @@ class ChunkTransfer:
             for index, sent in list(self._inflight.items()):
                 if now - sent > self.chunk_timeout_s:
                     self._inflight.pop(index)
+                    if self.stats.requested[index] >= self.max_attempts:
+                        status = Status.CHUNK_HASH_MISMATCH if self.stats.refused_chunks else Status.TIMEOUT
+                        if self._last_status is not None:
+                            status = (
+                                Status(self._last_status)
+                                if self._last_status in set(Status)
+                                else Status.ERROR
+                            )
+                        raise TransferError(
+                            f"chunk {index} of {self.plan.sha256[:16]} did not arrive intact after "
+                            f"{self.max_attempts} requests",
+                            status=status.value,
+                        )
             retry = [i for i in order[:next_pos] if i not in self._have and i not in self._inflight]
             try:
                 for index in retry:
@@ -467,6 +484,28 @@ class MqttFetcher(RegistryFetcher):
         )
         return self._stream(transfer)
 
+    def adopt(self, sha256: str, length: int) -> Path:
+        """Fetch blob ``sha256`` into its partial file and return it, every chunk verified (for
+        :class:`AdoptingStore`, which checks the whole file and renames it into the store)."""
+        plan = self.plans(sha256)
+        if plan.length != length:
+            raise TransferError(
+                f"{sha256[:16]}: plan says {plan.length} bytes, target {length}", status="bad_request"
+            )
+        transfer = ChunkTransfer(
+            self.client,
+            self.device_id,
+            plan,
+            self.partial_dir,
+            window=self.window,
+            chunk_timeout_s=self.chunk_timeout_s,
+            on_refusal=self.on_refusal,
+            adopted=True,
+        )
+        path: Path = self._run(transfer.run(), self.transfer_timeout_s)
+        self.transfers.append(transfer.stats)
+        return path
+
     def _stream(self, transfer: ChunkTransfer) -> Iterator[bytes]:
         """Yield the blob's chunks in order *while* the transfer runs on the loop, so the store
         hashes and writes its copy as the bytes arrive; each chunk is yielded only once verified
@@ -501,12 +540,63 @@ class MqttFetcher(RegistryFetcher):
                 running.cancel()
 
 
+class AdoptingStore(BlobStore):
+    """The registry's blob store, installing MQTT transfers by renaming their partial file.
+
+    :class:`~registry.store.BlobStore` copies the bytes a fetcher yields into a temp file; for a
+    blob the MQTT fetcher has already written (to resume after a restart) that is a second full
+    write. This store keeps the store's invariant — a file under its final name has exactly the
+    bytes of its sha256, fsynced before the rename, the directory fsynced after — but gets there
+    by verifying the partial file as a whole, fsyncing it, making it read-only and renaming it.
+    Attach it with :func:`attach`.
+    """
+
+    def __init__(self, root: Path, adopt: Callable[[str, int], Path]) -> None:
+        super().__init__(root)
+        self._adopt = adopt
+
+    def install(self, blocks: Iterable[bytes], *, name: str, length: int, sha256: str) -> Path:
+        final = self.path(sha256)
+        if self.has(sha256, length):
+            return final
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()  # the generic path (a fetcher generator) is not used
+        part = self._adopt(sha256, length)
+        verifier = BlobVerifier(name, length, sha256)
+        try:
+            with part.open("r+b", buffering=0) as fh:
+                buf = bytearray(1 << 20)
+                view = memoryview(buf)
+                while n := fh.readinto(buf):
+                    verifier.update(view[:n])
+                verifier.finish()
+                os.fsync(fh.fileno())
+            os.chmod(part, 0o444)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            os.replace(part, final)
+            fsync_dir(self.dir)
+        except Refused:
+            part.unlink(missing_ok=True)  # whole-file mismatch: never resume from these bytes
+            raise
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot install {name}") from None
+        return final
+
+
+def attach(registry: DeviceRegistry, fetcher: MqttFetcher) -> None:
+    """Make ``registry`` install ``fetcher``'s transfers by renaming them (see AdoptingStore)."""
+    registry.store = AdoptingStore(registry.store.root, fetcher.adopt)
+
+
 __all__ = [
+    "AdoptingStore",
     "ChunkPlan",
     "ChunkTransfer",
     "MqttFetcher",
     "RetainedMetadata",
     "TransferStats",
+    "attach",
     "plan_from_target",
     "trusted_plans",
 ]

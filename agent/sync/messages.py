@@ -159,7 +159,9 @@ def _loads(raw: bytes, what: str) -> dict[str, Any]:
     return data
 
 
-def _fields(data: Mapping[str, Any], what: str, required: set[str], optional: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+def _fields(
+    data: Mapping[str, Any], what: str, required: set[str], optional: frozenset[str] | set[str] = frozenset()
+) -> None:
     missing = required - set(data)
     unknown = set(data) - required - set(optional)
     if missing:

@@ -34,7 +34,7 @@ from agent.engine.base import ModelInfo
 from agent.log import get_logger
 from agent.sync.audit_upload import AuditSource, AuditUploader
 from agent.sync.errors import MqttError, SyncError
-from agent.sync.fetcher import MqttFetcher, RetainedMetadata, trusted_plans
+from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
 from agent.sync.messages import Event, Outgoing, Status, device_topic, offline_will, online_status
 from agent.sync.mqtt import MqttClient, MqttConfig
 from agent.sync.reconcile import Activate, Defer, Missing, plan
@@ -143,6 +143,7 @@ class SyncService:
             chunk_timeout_s=o.chunk_timeout_s,
             on_refusal=self._refused,
         )
+        attach(self.registry, self.fetcher)  # transfers are renamed into the store, not copied
         self.client.on_connect(self._on_connect)
         await self.client.start()
         await self.metadata.start()
@@ -334,7 +335,9 @@ class SyncService:
     async def report(self, event: Event) -> None:
         if not event.at:
             event = Event(event.kind, event.status, event.target, event.detail, time.time())
-        log.info("sync_event", kind=event.kind, status=event.status, target=event.target)
+        log.info(
+            "sync_event", kind=event.kind, status=event.status, target=event.target, detail=event.detail[:300]
+        )
         self._events.append(event)
         await self._flush_events()
 

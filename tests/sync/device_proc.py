@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from agent.sync.fetcher import MqttFetcher, RetainedMetadata, trusted_plans
+from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
 from agent.sync.mqtt import MqttClient, MqttConfig
 from registry.device import DeviceRegistry
 
@@ -49,6 +49,7 @@ async def main(state_dir: Path, port: int, certdir: Path, device_id: str, window
         window=window,
         chunk_timeout_s=5,
     )
+    attach(registry, fetcher)
     result = await asyncio.to_thread(registry.update, fetcher)
     await client.close()
     stats = [

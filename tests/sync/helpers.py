@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.sync.fetcher import MqttFetcher, RetainedMetadata, trusted_plans
+from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
 from agent.sync.mqtt import MqttClient
 from hub.repo import Repository
 from hub.sync_blobs import BlobIndex, BlobServer
@@ -127,7 +127,13 @@ class Device:
 
 @asynccontextmanager
 async def running_device(
-    broker: Broker, state_dir: Path, device_id: str, *, window: int = 4, chunk_timeout_s: float = 10.0
+    broker: Broker,
+    state_dir: Path,
+    device_id: str,
+    *,
+    window: int = 4,
+    chunk_timeout_s: float = 10.0,
+    adopt: bool = True,
 ) -> AsyncIterator[Device]:
     client = MqttClient(broker.client_config(device_id))
     await client.start()
@@ -147,6 +153,8 @@ async def running_device(
         chunk_timeout_s=chunk_timeout_s,
         on_refusal=lambda r, d: refusals.append((r, d)),
     )
+    if adopt:
+        attach(registry, fetcher)
     try:
         yield Device(client, registry, metadata, fetcher, refusals)
     finally:

@@ -115,7 +115,9 @@ async def test_refusals_are_audited_and_a_pushed_policy_is_applied(broker: Broke
             doc.write_text(json.dumps(policy))
             add_policy(Repository.open(repo.path), doc, "fleet")  # as `edge-hub policy push` does
             await hub.meta.sync()
-            await wait_for(lambda: any(e.status == "policy_applied" for e in sync.events_sent), 30, "policy")
+            await wait_for(
+                lambda: any(e.status == "policy_applied" for e in sync.events_sent), 30, f"policy {sync.events_sent}"
+            )
             assert policy_version() == "7"
             assert any(r["action"] == "policy.change" and r["outcome"] == "ok" for r in audit_actions(audit))
     finally:

@@ -23,12 +23,18 @@ from tests.sync.helpers import (
 )
 
 
-async def test_device_installs_deployed_model_over_mqtt(broker: Broker, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "adopt", [pytest.param(True, id="renamed-into-store"), pytest.param(False, id="streamed-copy")]
+)
+async def test_device_installs_deployed_model_over_mqtt(broker: Broker, tmp_path: Path, adopt: bool) -> None:
     repo = new_repo(tmp_path / "repo")
     model = make_blob(tmp_path / "tiny.gguf", 5 * (1 << 20) + 123)
     manifest = publish_model(repo, model, "tiny")
     enrolled_device(tmp_path / "dev", repo.path, "dev-a")
-    async with running_hub(broker, repo.path), running_device(broker, tmp_path / "dev", "dev-a") as dev:
+    async with (
+        running_hub(broker, repo.path),
+        running_device(broker, tmp_path / "dev", "dev-a", adopt=adopt) as dev,
+    ):
         result = await dev.update()
         assert manifest.target_path in result.installed
         assert manifest.sha256 in installed_files(tmp_path / "dev")
@@ -44,10 +50,10 @@ async def test_device_installs_deployed_model_over_mqtt(broker: Broker, tmp_path
 
 
 async def test_tampered_chunk_is_refused_and_reported(broker: Broker, tmp_path: Path) -> None:
-    """A rogue publisher with hub rights injects bad bytes for every chunk: each is refused, the
-    refusal reported, and the real chunks still complete the transfer."""
+    """A rogue publisher with hub rights keeps injecting bad bytes for every chunk: each is refused,
+    the refusal reported, and the real chunks still complete the transfer."""
     repo = new_repo(tmp_path / "repo")
-    model = make_blob(tmp_path / "m.gguf", 3 << 20)
+    model = make_blob(tmp_path / "m.gguf", 8 << 20)
     manifest = publish_model(repo, model, "m")
     enrolled_device(tmp_path / "dev", repo.path, "dev-a")
     from agent.sync.mqtt import MqttClient
@@ -55,10 +61,11 @@ async def test_tampered_chunk_is_refused_and_reported(broker: Broker, tmp_path: 
     rogue = MqttClient(broker.client_config("hub", client_id="rogue"))
     await rogue.start()
     await rogue.wait_connected(10)
+    stop = asyncio.Event()
 
     async def inject() -> None:
-        for _ in range(50):
-            for i in range(3):
+        while not stop.is_set():
+            for i in range(8):
                 corr = f"{manifest.sha256}:{i}".encode()
                 await rogue.publish(
                     Outgoing(
@@ -68,16 +75,22 @@ async def test_tampered_chunk_is_refused_and_reported(broker: Broker, tmp_path: 
                         user=(("status", "ok"),),
                     )
                 )
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)
 
     try:
-        async with running_hub(broker, repo.path), running_device(broker, tmp_path / "dev", "dev-a") as dev:
+        async with (
+            running_hub(broker, repo.path),
+            running_device(broker, tmp_path / "dev", "dev-a", window=1) as dev,
+        ):
             injector = asyncio.create_task(inject())
+            await asyncio.sleep(0.2)  # junk is flowing before the transfer starts
             result = await dev.update()
+            stop.set()
             await injector
             assert manifest.target_path in result.installed
             assert any(r == "chunk_hash_mismatch" for r, _ in dev.refusals)
     finally:
+        stop.set()
         await rogue.close()
     installed = tmp_path / "dev" / "registry" / "blobs" / "sha256" / manifest.sha256
     assert digest_file(installed).sha256 == manifest.sha256
@@ -151,3 +164,21 @@ async def test_not_enough_disk_is_refused_before_any_request(broker: Broker, tmp
         assert not transfer.stats.requested
     finally:
         await client.close()
+
+
+def test_adopting_store_refuses_a_partial_file_that_is_not_the_signed_blob(tmp_path: Path) -> None:
+    """Chunks that each matched a plan but do not make the signed whole: refused, nothing installed,
+    and the partial file deleted so no later resume starts from it."""
+    from agent.sync.fetcher import AdoptingStore
+    from registry.exceptions import Refused
+
+    part = tmp_path / "partial" / "x.part"
+    part.parent.mkdir()
+    part.write_bytes(b"not the model" * 1000)
+    signed = "e" * 64
+    store = AdoptingStore(tmp_path / "blobs", lambda sha, length: part)
+    with pytest.raises(Refused) as err:
+        store.install(iter(()), name="models/m/1/f", length=13000, sha256=signed)
+    assert err.value.reason.value == "blob_hash_mismatch"
+    assert not store.has(signed)
+    assert not part.exists()
