@@ -180,7 +180,11 @@ class ServiceNotifier:
         self, notifier: Notifier, interval: float | None = None, healthy: Callable[[], bool] = lambda: True
     ) -> None:
         self.notifier = notifier
-        self.watchdog = Watchdog(notifier, interval, healthy) if interval else None
+        self._stopping = False
+        # While draining after STOPPING=1 the API socket is closed on purpose: keep pinging.
+        self.watchdog = (
+            Watchdog(notifier, interval, lambda: self._stopping or healthy()) if interval else None
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -205,6 +209,7 @@ class ServiceNotifier:
         status(self.notifier, text)
 
     def stopping(self, text: str = "stopping: draining requests") -> None:
+        self._stopping = True
         stopping(self.notifier, text)
 
     async def close(self) -> None:

@@ -123,3 +123,39 @@ def test_watchdog_pings_from_the_loop_and_stops_when_unhealthy(receiver: tuple[s
 def test_watchdog_rejects_a_zero_interval() -> None:
     with pytest.raises(ValueError, match="positive"):
         sdnotify.Watchdog(sdnotify.NullNotifier(), 0)
+
+
+def test_service_notifier_lifecycle_keeps_pinging_while_draining(receiver: tuple[str, socket.socket]) -> None:
+    address, sock = receiver
+
+    async def main() -> sdnotify.ServiceNotifier:
+        # The API socket is "closed" (unhealthy) from the start: no pings until STOPPING=1, when
+        # closing it is expected and the pings must go on while requests drain.
+        service = sdnotify.ServiceNotifier(sdnotify.SocketNotifier(address), 0.02, healthy=lambda: False)
+
+        async def later() -> str:
+            return "serving m"
+
+        service.start("accepting; loading m", later)
+        assert service.watchdog is not None
+        while service.watchdog.skipped < 2:
+            await asyncio.sleep(0.01)
+        service.stopping()
+        while service.watchdog.pings < 2:
+            await asyncio.sleep(0.01)
+        await service.close()
+        return service
+
+    service = asyncio.run(main())
+    sock.settimeout(0.3)
+    received = []
+    while True:
+        try:
+            received.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+    assert received[0].startswith("READY=1\nSTATUS=accepting; loading m")
+    assert "STATUS=serving m" in received
+    stop = received.index("STOPPING=1\nSTATUS=stopping: draining requests")
+    assert "WATCHDOG=1" not in received[:stop]
+    assert received[stop + 1 :].count("WATCHDOG=1") == service.watchdog.pings >= 2  # type: ignore[union-attr]
