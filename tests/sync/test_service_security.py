@@ -35,7 +35,10 @@ def audit_actions(log: AuditLog) -> list[dict[str, object]]:
     return [s.record() for s in log.iter_records()]
 
 
-async def test_refusals_are_audited_and_a_pushed_policy_is_applied(broker: Broker, tmp_path: Path) -> None:
+async def test_refusals_are_audited_and_a_pushed_policy_is_applied(
+    own_broker: Broker, tmp_path: Path
+) -> None:
+    broker = own_broker  # a fresh broker: no retained metadata left by other tests
     repo = new_repo(tmp_path / "repo")
     manifest = publish_model(repo, make_blob(tmp_path / "m.gguf", 3 << 20), "m")
     state = tmp_path / "dev"
@@ -116,7 +119,9 @@ async def test_refusals_are_audited_and_a_pushed_policy_is_applied(broker: Broke
             add_policy(Repository.open(repo.path), doc, "fleet")  # as `edge-hub policy push` does
             await hub.meta.sync()
             await wait_for(
-                lambda: any(e.status == "policy_applied" for e in sync.events_sent), 30, f"policy {sync.events_sent}"
+                lambda: any(e.status == "policy_applied" for e in sync.events_sent),
+                30,
+                f"policy {sync.events_sent}",
             )
             assert policy_version() == "7"
             assert any(r["action"] == "policy.change" and r["outcome"] == "ok" for r in audit_actions(audit))
