@@ -75,6 +75,22 @@ class ModelShape:
     initializer_bytes: int = 0
     """ONNX only: total size of the graph's initializers."""
 
+    @classmethod
+    def onnx(cls, file_size: int, initializer_bytes: int) -> ModelShape:
+        """An ONNX encoder's shape: only the file and initializer sizes enter its estimate."""
+        return cls(
+            file_size=file_size,
+            n_layers=0,
+            n_embd=0,
+            n_head=0,
+            n_head_kv=(0,),
+            key_length=0,
+            value_length=0,
+            n_vocab=0,
+            format="onnx",
+            initializer_bytes=initializer_bytes,
+        )
+
     def kv_heads(self, layer: int) -> int:
         return self.n_head_kv[0] if len(self.n_head_kv) == 1 else self.n_head_kv[layer]
 

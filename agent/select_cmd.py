@@ -137,18 +137,7 @@ def candidate_for(info: ModelInfo) -> Candidate:
     except Exception as exc:  # a malformed graph: fall back to the file size (and say so)
         log.warning("onnx_initializers_unreadable", model=info.id, error=f"{type(exc).__name__}: {exc}")
         weights, params = size, 0
-    shape = ModelShape(
-        file_size=size,
-        n_layers=0,
-        n_embd=0,
-        n_head=0,
-        n_head_kv=(0,),
-        key_length=0,
-        value_length=0,
-        n_vocab=0,
-        format="onnx",
-        initializer_bytes=weights,
-    )
+    shape = ModelShape.onnx(size, weights)
     bpw = weights * 8 / params if params else 0.0
     return Candidate(info.id, "onnx", params, "onnx", bpw, "onnx", info.task, shape)
 

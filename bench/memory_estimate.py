@@ -111,18 +111,7 @@ def onnx_table() -> float:
 
     path, _ = embedding_model_files()
     weights, params = onnx_initializers(path)
-    shape = ModelShape(
-        file_size=path.stat().st_size,
-        n_layers=0,
-        n_embd=0,
-        n_head=0,
-        n_head_kv=(0,),
-        key_length=0,
-        value_length=0,
-        n_vocab=0,
-        format="onnx",
-        initializer_bytes=weights,
-    )
+    shape = ModelShape.onnx(path.stat().st_size, weights)
     print(f"model: {path.name}, {params:,} parameters, initializers {weights / MIB:.1f} MiB\n")
     print("| batch x tokens | measured peak | estimate | error |")
     print("|---|---:|---:|---:|")

@@ -72,18 +72,7 @@ def test_grouped_query_heads_shrink_the_cache() -> None:
 
 
 def test_onnx_estimate_uses_initializers() -> None:
-    shape = ModelShape(
-        file_size=30 * MIB,
-        n_layers=0,
-        n_embd=0,
-        n_head=0,
-        n_head_kv=(0,),
-        key_length=0,
-        value_length=0,
-        n_vocab=0,
-        format="onnx",
-        initializer_bytes=22 * MIB,
-    )
+    shape = ModelShape.onnx(30 * MIB, 22 * MIB)
     est = estimate(shape, RuntimeParams())
     assert est.weights == 22 * MIB
     assert est.kv_cache == 0
