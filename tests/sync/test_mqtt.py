@@ -97,6 +97,8 @@ ACL_SUBSCRIBE_CASES = [
     pytest.param("edge/v1/devices/dev-b/audit/ack", id="read-other-device-acks"),
     pytest.param("edge/v1/devices/+/state", id="wildcard-all-devices"),
     pytest.param("edge/v1/repo/blobs/get", id="read-chunk-requests"),
+    pytest.param("$share/hub/edge/v1/repo/blobs/get", id="pose-as-hub-worker"),
+    pytest.param("$share/hub/edge/v1/devices/+/audit", id="steal-audit-batches"),
     pytest.param("#", id="everything"),
 ]
 
@@ -116,11 +118,14 @@ async def test_device_cannot_read_as_another(broker: Broker, topic_filter: str) 
             # then nothing of dev-b's may arrive.
             await hub.publish(Outgoing("edge/v1/devices/dev-b/blobs", b"secret"))
             await hub.publish(Outgoing("edge/v1/devices/dev-b/state", b"secret"))
+            for _ in range(4):  # several: a shared subscription would get its share of them
+                await hub.publish(Outgoing("edge/v1/repo/blobs/get", b"{}"))
+                await hub.publish(Outgoing("edge/v1/devices/dev-b/audit", b"{}"))
             await asyncio.sleep(0.5)
             received = []
             while not inbox.messages.empty():
                 received.append(inbox.messages.get_nowait().topic)
-            leaked = [t for t in received if "/devices/dev-b/" in t or t.endswith("/blobs/get")]
+            leaked = [t for t in received if "/devices/dev-b/" in t or t.endswith(("/blobs/get", "/audit"))]
             assert not leaked, f"dev-a received {leaked}"
         finally:
             await dev.close()
