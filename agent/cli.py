@@ -12,7 +12,11 @@ from pathlib import Path
 
 from agent import __version__
 from agent.config import Settings, load_settings
-from agent.errors import AgentError, ClientError, ConfigError
+from agent.errors import AgentError, ConfigError
+from registry.exit_status import ExitRule, run_command
+
+EXIT_RULES = (ExitRule(ConfigError, 2, ""), ExitRule(AgentError, 1, "edge-agent: "))
+"""A configuration error prints as it is (it names the file); any other agent error is a runtime one."""
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -141,20 +145,7 @@ def build_parser(load_modules: bool = True) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(load_modules=not _builtin_command(argv)).parse_args(argv)
-    try:
-        code: int = args.func(args)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    except ClientError as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
-        return 1
-    except AgentError as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code
+    return run_command(args.func, args, EXIT_RULES)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 from agent import __version__
 from registry.exceptions import ManifestError, RegistryError
+from registry.exit_status import ExitRule, run_command
 
 # Each area of the hub registers its own subcommands: a module with ``register(sub)`` that adds
 # parsers whose ``func`` takes the parsed arguments and returns the exit status.
 COMMAND_MODULES: tuple[str, ...] = ("hub.repo_cmd", "hub.sync_cmd")
+EXIT_RULES = (ExitRule(ManifestError, 2, "edge-hub: "), ExitRule(RegistryError, 1, "edge-hub: "))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,17 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    try:
-        code: int = func(args)
-    except ManifestError as exc:
-        print(f"edge-hub: {exc}", file=sys.stderr)
-        return 2
-    except RegistryError as exc:
-        print(f"edge-hub: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return code
+    return run_command(func, args, EXIT_RULES)
 
 
 if __name__ == "__main__":
