@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _report import DOC, write_section
 from aiohttp import ClientSession, UnixConnector, web
 
 from agent.audit.chain import GENESIS, Entry, seal_all
@@ -46,7 +47,6 @@ from agent.policy import PolicyHolder, default_policy
 from agent.server.http import request_context
 from agent.server.keys import LIMITS_KEY, POOL_KEY
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Audit"
 
 
@@ -298,17 +298,6 @@ move with it; the ratios to the peers of the same run are the stable result.
 """
 
 
-def write_section(text: str) -> None:
-    existing = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = existing.find(f"\n{SECTION}\n")
-    if start == -1:
-        updated = existing.rstrip("\n") + "\n\n" + text
-    else:
-        end = existing.find("\n## ", start + 1)
-        updated = existing[: start + 1] + text + (existing[end:] if end != -1 else "")
-    DOC.write_text(updated.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -328,7 +317,7 @@ def main() -> int:
     text = render(args, tp, lat)
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 

@@ -32,13 +32,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _report import DOC, write_section
+
 from hub.publish import add_model
 from hub.repo import Repository
 from registry.device import DeviceRegistry
 from registry.quantize import quantize_gguf
 
 MiB = 1 << 20
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 SECTION = "## Registry"
 
 
@@ -78,12 +79,12 @@ def bench_verify(source: Path, work: Path, rounds: int) -> list[str]:
     plain_sha256(blob)  # warm the page cache for both
     pairs: list[tuple[float, float]] = []
     for i in range(rounds):
-        ours = lambda: device.store.verify(manifest.sha256, manifest.file_size)  # noqa: E731
-        theirs = lambda: plain_sha256(blob)  # noqa: E731
+        run_ours = lambda: device.store.verify(manifest.sha256, manifest.file_size)  # noqa: E731
+        run_theirs = lambda: plain_sha256(blob)  # noqa: E731
         if i % 2:
-            t_plain, t_ours = timed(theirs), timed(ours)
+            t_plain, t_ours = timed(run_theirs), timed(run_ours)
         else:
-            t_ours, t_plain = timed(ours), timed(theirs)
+            t_ours, t_plain = timed(run_ours), timed(run_theirs)
         pairs.append((t_plain, t_ours))
     size = manifest.file_size / MiB
     plain = statistics.median(p for p, _ in pairs)
@@ -118,17 +119,6 @@ def bench_quantize(source: Path, work: Path, variants: list[str], threads: int) 
         rows.append(f"| {name} | {v.size / MiB:.1f} MiB | {v.size / src_size:.2f}x | {v.seconds:.1f} s |")
         v.path.unlink()
     return rows
-
-
-def write_section(text: str) -> None:
-    existing = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = existing.find(f"\n{SECTION}\n")
-    if start == -1:
-        updated = existing.rstrip("\n") + "\n\n" + text
-    else:
-        end = existing.find("\n## ", start + 1)
-        updated = existing[: start + 1] + text + (existing[end:] if end != -1 else "")
-    DOC.write_text(updated.rstrip("\n") + "\n")
 
 
 def main() -> int:
@@ -172,7 +162,7 @@ def main() -> int:
     )
     print(text)
     if args.write:
-        write_section(text)
+        write_section(SECTION, text)
     return 0
 
 
