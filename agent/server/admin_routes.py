@@ -142,8 +142,8 @@ async def metrics_text(request: web.Request) -> web.Response:
     metrics = request.app.get(METRICS_KEY)
     if metrics is None:
         raise web.HTTPNotFound(reason="metrics are disabled ([metrics] enabled = false)")
-    await metrics.refresh()
-    body = await asyncio.to_thread(metrics.render)
+    await metrics.refresh()  # the blocking sources, in a thread
+    body = metrics.render()  # on the loop: it reads the pool, which only the loop may touch
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE
     return response
