@@ -51,6 +51,7 @@ from registry.files import atomic_write, fsync_dir, read_bounded, temp_name, tra
 from registry.metadata import DEFAULT_CHUNK_SIZE, DEFAULT_EXPIRY, METADATA_MAX_BYTES, parse_target_path
 
 CONFIG_NAME = "repo.json"
+ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 _SERIALIZER = JSONSerializer(compact=False)
 
 
@@ -220,33 +221,39 @@ class Repository:
         for s in signers:
             md.sign(s, append=True)
 
+    def _sign_next(self, md: Metadata[Any]) -> None:
+        """Sign ``md`` (its content already updated) as its next version with a fresh expiry, and
+        write it (by version too, except the timestamp, which clients always fetch by name)."""
+        role = md.signed.type
+        md.signed.version += 1
+        md.signed.expires = self.expiry(role)
+        self._sign(md, role)
+        _write_metadata(self.path, md, versioned=role != Timestamp.type)
+
     def publish(self) -> None:
         """Sign a new targets version, then snapshot, then timestamp."""
-        t = self.targets.signed
-        t.version += 1
-        t.expires = self.expiry("targets")
-        self._sign(self.targets, "targets")
-        _write_metadata(self.path, self.targets, versioned=True)
+        self._sign_next(self.targets)
         self.publish_snapshot()
 
     def publish_snapshot(self) -> None:
         """Sign a new snapshot of the current targets version, then a new timestamp."""
-        s = self.snapshot.signed
-        s.version += 1
-        s.expires = self.expiry("snapshot")
-        s.meta["targets.json"] = MetaFile(version=self.targets.signed.version)
-        self._sign(self.snapshot, "snapshot")
-        _write_metadata(self.path, self.snapshot, versioned=True)
+        self.snapshot.signed.meta["targets.json"] = MetaFile(version=self.targets.signed.version)
+        self._sign_next(self.snapshot)
         self.refresh_timestamp()
 
     def refresh_timestamp(self) -> None:
         """Re-sign the timestamp with a new version and expiry (run on a schedule)."""
-        ts = self.timestamp.signed
-        ts.version += 1
-        ts.expires = self.expiry("timestamp")
-        ts.snapshot_meta = _meta_for(self.snapshot)
-        self._sign(self.timestamp, "timestamp")
-        _write_metadata(self.path, self.timestamp, versioned=False)
+        self.timestamp.signed.snapshot_meta = _meta_for(self.snapshot)
+        self._sign_next(self.timestamp)
+
+    def _republish(self, role: str) -> None:
+        """Re-sign ``role``'s metadata and what depends on it after its keys changed in a new root."""
+        if role == Targets.type:
+            self.publish()
+        elif role == Snapshot.type:
+            self.publish_snapshot()
+        elif role == Timestamp.type:
+            self.refresh_timestamp()
 
     # --- targets -----------------------------------------------------------------------------
 
@@ -357,7 +364,7 @@ class Repository:
 
         Returns the new keyid. The new root is signed by the old root keys, so a client that
         trusts the old root accepts it."""
-        if role not in ("root", "targets", "snapshot", "timestamp"):
+        if role not in ROLES:
             raise RepositoryError(f"unknown role {role!r}")
         old_root = copy.deepcopy(self.root.signed)
         new_root = copy.deepcopy(self.root.signed)
@@ -377,18 +384,13 @@ class Repository:
         new_root.version += 1
         self._publish_root(new_root, old_root, [fresh] if role == Root.type else [])
         self.keys.retire(keyid)
-        if role == "targets":
-            self.publish()
-        elif role == "snapshot":
-            self.publish_snapshot()
-        elif role == "timestamp":
-            self.refresh_timestamp()
+        self._republish(role)
         return fresh.public_key.keyid
 
     def add_key(self, role: str, *, threshold: int | None = None) -> str:
         """Give ``role`` one more key (and optionally a new threshold) in a new root version;
         returns the new keyid. Metadata of ``role`` is re-signed with all its keys."""
-        if role not in ("root", "targets", "snapshot", "timestamp"):
+        if role not in ROLES:
             raise RepositoryError(f"unknown role {role!r}")
         old_root = copy.deepcopy(self.root.signed)
         new_root = copy.deepcopy(self.root.signed)
@@ -402,12 +404,7 @@ class Repository:
             new_root.roles[role].threshold = threshold
         new_root.version += 1
         self._publish_root(new_root, old_root, [fresh] if role == Root.type else [])
-        if role == "targets":
-            self.publish()
-        elif role == "snapshot":
-            self.publish_snapshot()
-        elif role == "timestamp":
-            self.refresh_timestamp()
+        self._republish(role)
         return fresh.public_key.keyid
 
     def role_keys(self) -> dict[str, Role]:
@@ -422,18 +419,9 @@ class Repository:
         for v in range(1, self.root.signed.version + 1):
             files.append((f"metadata/{v}.root.json", meta / f"{v}.root.json"))
         files.append(("metadata/timestamp.json", meta / "timestamp.json"))
-        files.append(
-            (
-                f"metadata/{self.snapshot.signed.version}.snapshot.json",
-                meta / f"{self.snapshot.signed.version}.snapshot.json",
-            )
-        )
-        files.append(
-            (
-                f"metadata/{self.targets.signed.version}.targets.json",
-                meta / f"{self.targets.signed.version}.targets.json",
-            )
-        )
+        for md in (self.snapshot, self.targets):
+            name = f"{md.signed.version}.{md.signed.type}.json"
+            files.append((f"metadata/{name}", meta / name))
         for path, target in sorted(self.targets.signed.targets.items()):
             parse_target_path(path)
             source = self._target_file_path(path, target.hashes["sha256"])
