@@ -386,3 +386,49 @@ def test_an_engine_crashing_while_loading_is_contained() -> None:
         await pool.close()
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        pytest.param({"memory_budget_mb": 512}, {"memory_budget": 512 * MiB}, id="budget-in-mib"),
+        pytest.param({"smoke_test": False}, {"smoke_test": None}, id="smoke-test-off"),
+        pytest.param({"keep_alive_s": 5, "max_loaded": 2}, {"keep_alive_s": 5, "max_loaded": 2}, id="limits"),
+    ],
+)
+def test_pool_options_from_settings(section: dict[str, Any], expected: dict[str, Any]) -> None:
+    from agent.config import PoolSettings
+    from agent.engine.pool import pool_options, smoke_generate
+
+    options = pool_options(PoolSettings(**section))
+    assert {k: options[k] for k in expected} == expected
+    if "smoke_test" not in section:
+        assert options["smoke_test"] is smoke_generate
+    if "memory_budget_mb" not in section:
+        assert options["memory_budget"] == default_memory_budget()
+
+
+@pytest.mark.parametrize(
+    ("toml", "match"),
+    [
+        pytest.param(
+            "memory_budget_mb = 1", r"pool.memory_budget_mb = 1: .*greater than or equal to 16", id="tiny"
+        ),
+        pytest.param(
+            "max_loaded = 0", r"pool.max_loaded = 0: .*greater than or equal to 1", id="none-allowed"
+        ),
+        pytest.param(
+            "keep_alive_s = -1", r"pool.keep_alive_s = -1: .*greater than or equal to 0", id="negative"
+        ),
+        pytest.param("drain_timeout_s = 0", r"pool.drain_timeout_s = 0: .*greater than 0", id="zero-drain"),
+        pytest.param('pined = ["x"]', r"pool.pined = \['x'\]: unknown setting", id="typo"),
+    ],
+)
+def test_bad_pool_settings_are_refused(tmp_path: Path, toml: str, match: str) -> None:
+    from agent.config import load_settings
+    from agent.errors import ConfigError
+
+    config = tmp_path / "config.toml"
+    config.write_text(f"[pool]\n{toml}\n")
+    with pytest.raises(ConfigError, match=match):
+        load_settings(config)
