@@ -5,7 +5,6 @@ with one :meth:`Repository.publish`, so a reader never sees half of an operation
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from hub.model_info import build_manifest, model_format
 from hub.repo import Repository
 from registry.exceptions import ManifestError
+from registry.files import translate_os_error
 from registry.metadata import (
     DOCUMENT_MAX_BYTES,
     CompanionFile,
@@ -23,6 +23,7 @@ from registry.metadata import (
     canonical_json,
     deployment_target_path,
     digest_file,
+    load_json_object,
     model_target_path,
     policy_target_path,
 )
@@ -125,15 +126,12 @@ def quantize_and_add(
 def add_policy(repo: Repository, source: Path, name: str | None = None) -> str:
     """Publish a policy document (a JSON object) as ``policies/<name>.json``."""
     name = name or source.stem
-    raw = source.read_bytes()
-    if len(raw) > DOCUMENT_MAX_BYTES:
-        raise ManifestError(f"{source} is larger than {DOCUMENT_MAX_BYTES} bytes")
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{source} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{source}: a policy must be a JSON object")
+        with source.open("rb") as fh:
+            raw = fh.read(DOCUMENT_MAX_BYTES + 1)  # one byte more than allowed shows a larger file
+    except OSError as exc:
+        raise translate_os_error(exc, f"cannot read policy {source}") from None
+    data = load_json_object(raw, f"policy {source}")
     path = policy_target_path(name)
     repo.add_bytes(path, canonical_json(data), {"kind": "policy"})
     repo.publish()

@@ -262,7 +262,7 @@ class ModelManifest:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ModelManifest:
-        return cls.from_json_dict(_loads(raw, "manifest"))
+        return cls.from_json_dict(load_json_object(raw, "manifest"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +359,7 @@ class Deployment:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Deployment:
-        data = _loads(raw, "deployment")
+        data = load_json_object(raw, "deployment")
         if set(data) - {"group", "models", "maintenance_window"}:
             raise ManifestError("unknown deployment fields")
         models = data.get("models", [])
@@ -451,7 +451,9 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def _loads(raw: bytes | str, what: str) -> dict[str, Any]:
+def load_json_object(raw: bytes | str, what: str) -> dict[str, Any]:
+    """Parse a signed document: at most :data:`DOCUMENT_MAX_BYTES`, valid JSON, an object;
+    anything else is a :class:`ManifestError` that names ``what``."""
     if len(raw) > DOCUMENT_MAX_BYTES:
         raise ManifestError(f"{what} is larger than {DOCUMENT_MAX_BYTES} bytes")
     try:
@@ -506,6 +508,7 @@ __all__ = [
     "canonical_json",
     "deployment_target_path",
     "digest_file",
+    "load_json_object",
     "model_target_path",
     "parse_target_path",
     "policy_target_path",
