@@ -82,6 +82,19 @@ def embedding_info(settings: Settings) -> ModelInfo | None:
     return replace(info, task="embedding")
 
 
+def _cgroup_memory_limit() -> int | None:
+    """The tightest cgroup memory limit over this process (the unit's ``MemoryMax=``), if any."""
+    from pathlib import Path
+
+    from agent.hardware.probe import probe_cgroup
+
+    try:
+        return probe_cgroup(Path("/"))[0].limit_bytes
+    except Exception as exc:  # the budget then falls back to physical RAM
+        log.warning("cgroup_probe_failed", error=str(exc))
+        return None
+
+
 def _memory_estimate(settings: Settings) -> Callable[[ModelInfo], int]:
     """The GGUF-based estimate, imported on first use (gguf and numpy cost ~20 MB and ~0.4 s of
     start-up; a daemon with no model yet never pays them)."""
@@ -101,7 +114,7 @@ def build_pool(settings: Settings) -> ModelPool:
     pool = ModelPool(  # the factory lets sync and the re-probe swap models
         lambda info: build_engine(info, settings),
         estimate=_memory_estimate(settings),
-        **pool_options(settings.pool),
+        **pool_options(settings.pool, _cgroup_memory_limit()),
     )
     infos = list(discover(settings))
     # prefer_selected only reorders when there is a choice (two generative models, or a pin);

@@ -32,7 +32,6 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from agent.config import PoolSettings
@@ -96,23 +95,21 @@ def size_estimate(info: ModelInfo) -> int:
     return info.size_bytes
 
 
-def default_memory_budget(fraction: float = 0.75, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """``fraction`` of this process's memory limit: its cgroup v2 ``memory.max``, else physical RAM."""
+def default_memory_budget(fraction: float = 0.75, limit_bytes: int | None = None) -> int:
+    """``fraction`` of the memory this process may use: ``limit_bytes`` (its cgroup's limit, as the
+    hardware probe reads it; e.g. the unit's ``MemoryMax=``) when lower than physical RAM."""
     import psutil
 
-    limit = psutil.virtual_memory().total
-    with contextlib.suppress(OSError, ValueError):
-        raw = (cgroup_root / "memory.max").read_text().strip()
-        if raw != "max":
-            limit = min(limit, int(raw))
+    total = psutil.virtual_memory().total
+    limit = min(total, limit_bytes) if limit_bytes else total
     return int(limit * fraction)
 
 
-def pool_options(settings: PoolSettings) -> dict[str, Any]:
-    """``ModelPool`` keyword arguments from the ``[pool]`` settings."""
+def pool_options(settings: PoolSettings, limit_bytes: int | None = None) -> dict[str, Any]:
+    """``ModelPool`` keyword arguments from the ``[pool]`` settings and the cgroup memory limit."""
     budget = settings.memory_budget_mb
     return {
-        "memory_budget": (budget << 20) if budget is not None else default_memory_budget(),
+        "memory_budget": (budget << 20) if budget is not None else default_memory_budget(0.75, limit_bytes),
         "max_loaded": settings.max_loaded,
         "keep_alive_s": settings.keep_alive_s,
         "smoke_test": smoke_generate if settings.smoke_test else None,
