@@ -108,10 +108,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """JSON lines: the anchor, every record after ``--since-seq``, then every checkpoint."""
-    _, log = _log(args)
+    from agent.audit.store import AuditError
+
     if args.mark_uploaded and args.output is None:
         print("edge-agent: --mark-uploaded needs --output (a file, fsynced first)", file=sys.stderr)
         return 2
+    _, log = _log(args)
+    try:
+        last = _write_export(log, args)
+    except OSError as exc:
+        raise AuditError(f"cannot write {args.output or 'stdout'}: {exc.strerror or exc}") from None
+    if args.mark_uploaded and last:
+        marked = log.mark_uploaded(last)
+        pruned = log.prune_uploaded()
+        print(
+            f"exported and marked uploaded up to record {marked}; pruned {pruned} record(s)", file=sys.stderr
+        )
+    return 0
+
+
+def _write_export(log: Any, args: argparse.Namespace) -> int:
+    """Write the export to ``--output`` (fsynced with ``--mark-uploaded``) or stdout; the last seq."""
     out = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
     last = 0
     try:
@@ -130,24 +147,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    if args.mark_uploaded and last:
-        marked = log.mark_uploaded(last)
-        pruned = log.prune_uploaded()
-        print(
-            f"exported and marked uploaded up to record {marked}; pruned {pruned} record(s)", file=sys.stderr
-        )
-    return 0
+    return last
+
+
+def _policy(args: argparse.Namespace) -> Any:
+    """The policy in force; an unusable policy file is a configuration error (exit status 2)."""
+    from agent.cli import settings_from_args
+    from agent.policy import PolicyError, effective_policy
+
+    try:
+        return effective_policy(settings_from_args(args))
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_policy_show(args: argparse.Namespace) -> int:
-    from agent.cli import settings_from_args
-    from agent.policy import PolicyError, effective_policy, policy_to_dict
+    from agent.policy import policy_to_dict
 
-    settings = settings_from_args(args)
-    try:
-        policy = effective_policy(settings)
-    except PolicyError as exc:
-        raise ConfigError(str(exc)) from None
+    policy = _policy(args)
     doc = policy_to_dict(policy)
     doc["source"] = policy.source
     print(json.dumps(doc, indent=2))
@@ -157,7 +174,6 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
 def subject_for(user: str) -> Any:
     """A :class:`~agent.access.Subject` for a user name or numeric uid, with its groups."""
     import grp
-    import os
     import pwd
 
     from agent.access import Subject
@@ -179,8 +195,6 @@ def subject_for(user: str) -> Any:
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
     from agent.access import Action, decide
-    from agent.cli import settings_from_args
-    from agent.policy import PolicyError, effective_policy
 
     try:
         action = Action(args.action)
@@ -188,11 +202,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         known = ", ".join(a.value for a in Action)
         print(f"edge-agent: unknown action {args.action!r} (known: {known})", file=sys.stderr)
         return 2
-    settings = settings_from_args(args)
-    try:
-        policy = effective_policy(settings)
-    except PolicyError as exc:
-        raise ConfigError(str(exc)) from None
+    policy = _policy(args)
     subject = subject_for(args.user)
     resource = None if args.resource in ("", "-") else args.resource
     decision = decide(subject, action, resource, policy)

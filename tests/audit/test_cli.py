@@ -106,3 +106,25 @@ def test_export_mark_uploaded_prunes_and_the_log_still_verifies(
     log.record("infer", "gemma", "ok", "after the export")
     assert main(["--state-dir", str(state), "audit", "verify"]) == 0
     assert "records 7..7 (1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "message"),
+    [
+        (["--mark-uploaded"], 2, "needs --output"),
+        (["-o", "{tmp}/no/such/dir/export.jsonl"], 1, "cannot write"),
+        (["-o", "{tmp}"], 1, "cannot write"),
+    ],
+    ids=["mark-uploaded-without-output", "output-dir-missing", "output-is-a-directory"],
+)
+def test_export_bad_output(
+    state: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    code: int,
+    message: str,
+) -> None:
+    argv = [a.format(tmp=tmp_path) for a in extra]
+    assert main(["--state-dir", str(state), "audit", "export", *argv]) == code
+    assert message in capsys.readouterr().err
