@@ -70,6 +70,7 @@ def build_engine(info: ModelInfo, settings: Settings) -> Engine:
         n_parallel=e.n_parallel,
         prefill_chunk=e.prefill_chunk,
         batch_invariant=e.batch_invariant,
+        kv_unified=e.kv_unified,
     )
 
 

@@ -92,6 +92,8 @@ class EngineSettings(_Section):
     """Prompt tokens processed per step while other sequences are generating."""
     batch_invariant: bool = True
     """Plain CPU kernels, so a stream's greedy output does not depend on its batch neighbours."""
+    kv_unified: bool = False
+    """True: the slots share n_ctx cells; False: each slot has its own n_ctx cells (more memory)."""
 
 
 class EmbeddingSettings(_Section):

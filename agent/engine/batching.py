@@ -3,9 +3,12 @@
 The asyncio side only *submits* jobs and *receives* chunks; the decode thread owns the context.
 Each step the thread (1) takes newly submitted jobs, (2) drops cancelled and expired ones,
 (3) admits waiting jobs into free slots (longest cached prefix first, within the KV budget),
-(4) decodes one batch holding the next token of every generating sequence plus a chunk of prompt
-tokens, (5) samples each sequence with its own native sampler chain, and (6) hands the step's
-chunks to the event loop with one ``call_soon_threadsafe`` per loop.
+(4) decodes one batch holding the next token of every generating sequence, then the step's prompt
+chunks, each chunk alone in its batch and cut at fixed positions (llama.cpp's CPU numerics depend
+on how a sequence's tokens are grouped into a batch, so a prompt must always be grouped the same
+way for its greedy output not to depend on its neighbours or on prefix reuse), (5) samples each
+sequence with its own native sampler chain right after the batch that produced its logits, and
+(6) hands the step's chunks to the event loop with one ``call_soon_threadsafe`` per loop.
 
 Invariants:
 
@@ -14,10 +17,13 @@ Invariants:
 * Every submitted job receives exactly one final chunk (``finish_reason`` set, usage attached) or
   one exception, and nothing after it.
 * A slot's ``cached`` list equals the tokens held in the KV cache for that sequence, position by
-  position; a prompt reuses the longest common prefix and the rest is removed with ``seq_rm``.
-* KV budget: the prompt + ``max_tokens`` of all running jobs plus the tokens cached by idle slots
-  never exceed the context; idle caches are evicted (least recently used first) to make room, and a
-  job that does not fit yet waits (FIFO) rather than fail.
+  position; a prompt reuses the longest common prefix that was computed in whole prompt chunks
+  (rounded down to a chunk boundary) and the rest is removed with ``seq_rm``. A stream's greedy
+  output is therefore the same alone, batched, or after a reuse.
+* KV budget, when the slots share one context (``shared_kv``): the prompt + ``max_tokens`` of all
+  running jobs plus the tokens cached by idle slots never exceed the context; idle caches are
+  evicted (least recently used first) to make room, and a job that does not fit yet waits (FIFO)
+  rather than fail. With a stream per slot, each slot simply has ``n_ctx`` cells of its own.
 * Admitted + waiting jobs never exceed ``n_slots + max_queue``; beyond that ``submit`` raises
   :class:`agent.errors.Overloaded` (HTTP 429 with Retry-After).
 """
@@ -56,8 +62,11 @@ class DecodeBackend(Protocol):
     """What the runner needs from a llama context (real: :class:`agent.engine.native.NativeContext`)."""
 
     n_ctx: int
+    """Cells one sequence may use."""
     n_batch: int
     n_slots: int
+    shared_kv: bool
+    """True when the slots share ``n_ctx`` cells (then admission keeps a budget)."""
 
     def decode(
         self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], logits: Sequence[bool]
@@ -108,6 +117,8 @@ class _Slot:
     cached: list[int] = field(default_factory=list)
     job: Job | None = None
     last_used: int = 0
+    canonical: int = 0
+    """Leading cached tokens computed in whole prompt chunks: the only ones a new prompt reuses."""
 
 
 @dataclass
@@ -135,7 +146,8 @@ class BatchRunner:
     ) -> None:
         self._backend = backend
         self._max_queue = max_queue
-        self._prefill_chunk = max(1, prefill_chunk)
+        self._chunk = max(1, min(prefill_chunk, backend.n_batch))
+        self._snapshot: list[Job] = []
         self._clock = clock
         self._slots = [_Slot(i) for i in range(backend.n_slots)]
         self._cv = threading.Condition()
@@ -222,62 +234,68 @@ class BatchRunner:
         self._admit()
         if not self._active:
             return
+        self._snapshot = list(self._active)
         gen = [j for j in self._active if j.next_token is not None]
         prefill = [
-            PrefillWork(i, len(j.tokens) - j.done) for i, j in enumerate(self._active) if j.next_token is None
+            PrefillWork(i, j.done, len(j.tokens)) for i, j in enumerate(self._active) if j.next_token is None
         ]
-        plan = plan_step(len(gen), prefill, self._backend.n_batch, self._prefill_chunk)
-        tokens: list[int] = []
-        positions: list[int] = []
-        seqs: list[int] = []
-        logits: list[bool] = []
-        outputs: list[tuple[Job, int]] = []
-        for job in gen:
-            assert job.next_token is not None
-            outputs.append((job, len(tokens)))
-            tokens.append(job.next_token)
-            positions.append(len(self._slots[job.slot].cached))
-            seqs.append(job.slot)
-            logits.append(True)
-        taken: list[tuple[Job, int]] = []
-        for key, count in plan:
-            job = self._active[key]
-            start = job.done
-            last = start + count == len(job.tokens)
-            for k in range(count):
-                tokens.append(job.tokens[start + k])
-                positions.append(start + k)
-                seqs.append(job.slot)
-                logits.append(last and k == count - 1)
-            if last:
-                outputs.append((job, len(tokens) - 1))
-            taken.append((job, count))
-        if not tokens:
-            return
+        plan = plan_step(len(gen), prefill, self._backend.n_batch, self._chunk)
+        if gen:
+            self._decode_generating(gen)
+        for key, start, end in plan:
+            job = self._snapshot[key]
+            if not job.finished:
+                self._decode_chunk(job, start, end)
+        self.stats.steps += 1
+
+    def _decode(
+        self, jobs: list[Job], tokens: list[int], positions: list[int], seqs: list[int], logits: list[bool]
+    ) -> bool:
         status = self._backend.decode(tokens, positions, seqs, logits)
         if status == DECODE_NO_SLOT:
             self._evict_idle(everything=True)
             status = self._backend.decode(tokens, positions, seqs, logits)
-        if status != 0:
-            err = EngineError(f"llama_decode failed with status {status} (batch of {len(tokens)} tokens)")
-            for job in {*(j for j, _ in outputs), *(j for j, _ in taken)}:
-                self._slots[job.slot].cached.clear()
-                self._backend.seq_rm(job.slot, 0)
-                self._fail(job, err)
+        if status == 0:
+            self.stats.decoded_tokens += len(tokens)
+            return True
+        err = EngineError(f"llama_decode failed with status {status} (batch of {len(tokens)} tokens)")
+        for job in jobs:
+            slot = self._slots[job.slot]
+            slot.cached.clear()
+            slot.canonical = 0
+            self._backend.seq_rm(job.slot, 0)
+            self._fail(job, err)
+        return False
+
+    def _decode_generating(self, gen: list[Job]) -> None:
+        """One batch with the next token of every generating sequence (one row each)."""
+        tokens = [j.next_token for j in gen if j.next_token is not None]
+        positions = [len(self._slots[j.slot].cached) for j in gen]
+        if not self._decode(gen, tokens, positions, [j.slot for j in gen], [True] * len(gen)):
             return
-        self.stats.steps += 1
-        self.stats.decoded_tokens += len(tokens)
-        for job in gen:
+        for index, job in enumerate(gen):
             assert job.next_token is not None
             self._slots[job.slot].cached.append(job.next_token)
             job.next_token = None
-        for job, count in taken:
-            self._slots[job.slot].cached.extend(job.tokens[job.done : job.done + count])
-            job.done += count
-            self.stats.prompt_tokens += count
-        for job, index in outputs:
-            if not job.finished:
-                self._sample(job, index)
+            self._sample(job, index)
+
+    def _decode_chunk(self, job: Job, start: int, end: int) -> None:
+        """One prompt chunk of one sequence, alone in its batch (see :func:`plan_step`)."""
+        n = end - start
+        last = end == len(job.tokens)
+        logits = [False] * n
+        logits[-1] = last
+        chunk = job.tokens[start:end]
+        if not self._decode([job], chunk, list(range(start, end)), [job.slot] * n, logits):
+            return
+        slot = self._slots[job.slot]
+        slot.cached.extend(chunk)
+        if end % self._chunk == 0:
+            slot.canonical = end
+        job.done = end
+        self.stats.prompt_tokens += n
+        if last:
+            self._sample(job, n - 1)
 
     def _sample(self, job: Job, index: int) -> None:
         assert job.sampler is not None and job.text is not None
@@ -316,13 +334,18 @@ class BatchRunner:
             if not free:
                 return
             job = self._waiting[0]
-            index, keep = choose_slot([SlotView(s.index, s.cached, s.last_used) for s in free], job.tokens)
+            views = [SlotView(s.index, s.cached, s.last_used, s.canonical) for s in free]
+            index, keep = choose_slot(views, job.tokens, self._chunk)
             slot = self._slots[index]
             reserved = sum(len(j.tokens) + j.max_tokens for j in self._active)
             need = len(job.tokens) + job.max_tokens
             if need > capacity:
                 self._waiting.popleft()
                 self._fail(job, ContextOverflow(f"{need} tokens exceed the context of {capacity} tokens"))
+                continue
+            if not self._backend.shared_kv:
+                self._waiting.popleft()
+                self._start(job, slot, keep)
                 continue
             if reserved + need > capacity:
                 return  # wait for running jobs to finish
@@ -342,6 +365,7 @@ class BatchRunner:
                 self._backend.seq_rm(slot.index, 0)
                 keep = 0
             del slot.cached[keep:]
+        slot.canonical = min(slot.canonical, keep)
         try:
             job.sampler = self._backend.make_sampler(job.sampling, job.tokens)
         except Exception as exc:
@@ -362,11 +386,13 @@ class BatchRunner:
             with contextlib.suppress(Exception):
                 self._backend.seq_rm(slot.index, 0)
             slot.cached.clear()
+            slot.canonical = 0
 
     def _drop_cache(self, slot: _Slot) -> None:
         if slot.cached:
             self._backend.seq_rm(slot.index, 0)
             slot.cached.clear()
+        slot.canonical = 0
 
     def _evict_idle(self, *, everything: bool) -> None:
         for slot in self._slots:

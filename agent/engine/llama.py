@@ -61,6 +61,7 @@ class LlamaEngine:
         prefill_chunk: int = 256,
         embed_batch: int = 512,
         batch_invariant: bool = True,
+        kv_unified: bool = False,
     ) -> None:
         self._info = info
         self._n_ctx = n_ctx
@@ -71,6 +72,7 @@ class LlamaEngine:
         self._prefill_chunk = prefill_chunk
         self._embed_batch = embed_batch
         self._batch_invariant = batch_invariant
+        self._kv_unified = kv_unified
         self._state = EngineState.IDLE
         self._model: Any = None
         self._ctx: Any = None
@@ -134,10 +136,11 @@ class LlamaEngine:
         try:
             ctx = NativeContext(
                 model,
-                n_ctx=self._n_ctx,
+                n_ctx=self._n_ctx if self._kv_unified else self._n_ctx * self._n_parallel,
                 n_batch=self._n_batch,
                 n_slots=self._n_parallel,
                 n_threads=self._n_threads,
+                unified=self._kv_unified,
             )
         except Exception:
             model.close()

@@ -9,10 +9,13 @@ Invariants:
 * A :class:`NativeContext` is used by exactly one thread (the decode thread) after construction;
   a :class:`NativeModel` is shared read-only (tokenize, pieces, metadata are thread-safe in
   llama.cpp).
-* The KV cache is unified (``kv_unified``: every sequence may use the whole context) and, for
-  sliding-window models, full-size (``swa_full``), so that a sequence can be truncated to any
-  common prefix with ``llama_memory_seq_rm`` (llama-cpp-python 0.3.36 binds the
-  ``llama_memory_*`` API; the older ``llama_kv_self_*`` names are used when it is absent).
+* By default every sequence slot has its own KV stream (``kv_unified = false``): a sequence's
+  attention then never spans other sequences' cells, which with llama.cpp's CPU kernels changes
+  its numerics (measured: greedy outputs diverged when another request joined); ``unified``
+  shares the cells instead. For sliding-window models the cache is full-size (``swa_full``), so
+  that a sequence can be truncated to any common prefix with ``llama_memory_seq_rm``
+  (llama-cpp-python 0.3.36 binds the ``llama_memory_*`` API; the older ``llama_kv_self_*`` names
+  are used when it is absent).
 * Every C object created here is freed exactly once by ``close()``.
 * llama.cpp's own logging is routed into our structlog logger (errors only), never to stdout.
 """
@@ -238,7 +241,12 @@ class NativeContext:
             raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens")
         self._ctx = ctx
         self._mem = lib.llama_get_memory(ctx) if hasattr(lib, "llama_get_memory") else None
-        self.n_ctx: int = lib.llama_n_ctx(ctx)
+        self.shared_kv = unified
+        """True: the slots share the context's cells; False: each slot has its own stream."""
+        total = int(lib.llama_n_ctx(ctx))
+        per_seq = getattr(lib, "llama_n_ctx_seq", None)
+        self.n_ctx: int = total if unified else int(per_seq(ctx)) if per_seq else total // n_slots
+        """Cells one sequence may use (the whole context when unified)."""
         self.n_batch = n_batch
         self.n_slots = n_slots
         self._batch = lib.llama_batch_init(n_batch, 0, 1)

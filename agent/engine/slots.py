@@ -9,9 +9,11 @@ Invariants:
   the slot that holds its first turn.
 * :func:`reusable_prefix` always leaves at least one prompt token to decode, because the first
   sampled token needs fresh logits.
-* :func:`plan_step` puts every generating sequence's next token in the batch first (running streams
-  never stall), then fills what is left with prompt chunks, at most ``prefill_chunk`` prompt
-  tokens while any sequence is generating, and never more than ``n_batch`` tokens in total.
+* :func:`plan_step` cuts prompts into chunks at fixed positions (multiples of ``prefill_chunk``),
+  so a prompt is split the same way alone, next to other requests, or after a prefix reuse
+  (which :func:`reusable_prefix` rounds down to a chunk boundary); while any sequence is
+  generating at most ``prefill_chunk`` prompt tokens are taken per step, so running streams never
+  stall behind a long prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "PrefillWork",
     "SlotView",
     "choose_slot",
+    "chunk_end",
     "common_prefix",
     "plan_step",
     "reusable_prefix",
@@ -38,9 +41,20 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def reusable_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
-    """How many cached tokens a prompt can keep: the common prefix, minus one if it is all of it."""
-    return min(common_prefix(cached, prompt), max(0, len(prompt) - 1))
+def reusable_prefix(
+    cached: Sequence[int], prompt: Sequence[int], canonical: int | None = None, align: int = 1
+) -> int:
+    """How many cached tokens a prompt can keep.
+
+    The common prefix, minus one if it is all of the prompt, limited to the ``canonical`` part of
+    the cache (tokens computed in whole prompt chunks) and rounded down to a multiple of
+    ``align`` (the chunk size), so that the tokens left to decode are cut into exactly the chunks a
+    fresh run would use.
+    """
+    keep = min(common_prefix(cached, prompt), max(0, len(prompt) - 1))
+    if canonical is not None:
+        keep = min(keep, canonical)
+    return keep - keep % max(1, align)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,41 +62,58 @@ class SlotView:
     index: int
     cached: Sequence[int]
     last_used: int
+    canonical: int | None = None
+    """Leading cached tokens that were computed in whole prompt chunks (None: all of them)."""
 
 
-def choose_slot(free: Sequence[SlotView], prompt: Sequence[int]) -> tuple[int, int]:
+def choose_slot(free: Sequence[SlotView], prompt: Sequence[int], align: int = 1) -> tuple[int, int]:
     """``(slot index, reusable prefix length)`` of the best free slot; ``free`` must not be empty."""
     if not free:
         raise ValueError("no free slot")
-    best = max(free, key=lambda s: (reusable_prefix(s.cached, prompt), -s.last_used))
-    return best.index, reusable_prefix(best.cached, prompt)
+
+    def reuse(s: SlotView) -> int:
+        return reusable_prefix(s.cached, prompt, s.canonical, align)
+
+    best = max(free, key=lambda s: (reuse(s), -s.last_used))
+    return best.index, reuse(best)
 
 
 @dataclass(frozen=True, slots=True)
 class PrefillWork:
-    """A sequence that still has prompt tokens to process: ``remaining`` of them."""
+    """A sequence with prompt tokens left: ``done`` of ``total`` are in the cache."""
 
     key: int
-    remaining: int
+    done: int
+    total: int
+
+
+def chunk_end(done: int, total: int, chunk: int) -> int:
+    """End of the prompt chunk that starts at ``done``: the next multiple of ``chunk``, or ``total``."""
+    return min(total, (done // chunk + 1) * chunk)
 
 
 def plan_step(
     n_generating: int, prefill: Sequence[PrefillWork], n_batch: int, prefill_chunk: int
-) -> list[tuple[int, int]]:
-    """Prompt tokens to take this step, as ``(key, count)`` in ``prefill`` order.
+) -> list[tuple[int, int, int]]:
+    """Prompt chunks to decode this step, as ``(key, start, end)`` in ``prefill`` order.
 
-    The ``n_generating`` decode tokens are always in the batch (the caller guarantees
-    ``n_generating <= n_batch``); prompt tokens fill the rest.
+    Chunks are cut at multiples of ``prefill_chunk`` counted from position 0, whatever else runs,
+    so a prompt is always split the same way (llama.cpp's numerics depend on how tokens are
+    grouped into batches). At most ``prefill_chunk`` prompt tokens are taken while sequences are
+    generating, at most ``n_batch - n_generating`` otherwise, and only whole chunks.
     """
+    chunk = max(1, min(prefill_chunk, n_batch))
     budget = n_batch - n_generating
     if n_generating:
-        budget = min(budget, prefill_chunk)
-    out: list[tuple[int, int]] = []
+        budget = min(budget, chunk)
+    out: list[tuple[int, int, int]] = []
     for work in prefill:
-        if budget <= 0:
-            break
-        take = min(work.remaining, budget)
-        if take > 0:
-            out.append((work.key, take))
-            budget -= take
+        start = work.done
+        while start < work.total:
+            end = chunk_end(start, work.total, chunk)
+            if end - start > budget:
+                return out
+            out.append((work.key, start, end))
+            budget -= end - start
+            start = end
     return out

@@ -141,7 +141,7 @@ def test_long_prompt_is_chunked_while_another_sequence_generates() -> None:
 def test_second_turn_reuses_the_cached_prefix() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=2, n_batch=64)
-        runner = BatchRunner(backend)
+        runner = BatchRunner(backend, prefill_chunk=8)
         try:
             turn1 = [3 + k % 50 for k in range(40)]
             j1 = job(turn1, 6)
@@ -155,7 +155,7 @@ def test_second_turn_reuses_the_cached_prefix() -> None:
             text2, _ = await drain(j2)
             assert text2 == reference(turn2, 6)[0]
             assert j2.slot == j1.slot
-            assert j2.reused >= len(turn1)
+            assert j2.reused == len(turn1)  # 40 = five whole chunks of 8
             assert runner.stats.prompt_tokens - decoded_before == len(turn2) - j2.reused
         finally:
             runner.close()
@@ -163,18 +163,46 @@ def test_second_turn_reuses_the_cached_prefix() -> None:
     run(main)
 
 
-def test_identical_prompt_keeps_one_token_to_decode() -> None:
+def test_identical_prompt_reuses_whole_chunks_and_decodes_the_rest() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=1)
-        runner = BatchRunner(backend)
+        runner = BatchRunner(backend, prefill_chunk=8)
         try:
-            p = prompts(1)[0]
+            p = [1 + k % 40 for k in range(20)]
             for _ in range(2):
                 j = job(p, 4)
                 runner.submit(j)
                 text, _ = await drain(j)
                 assert text == reference(p, 4)[0]
-            assert j.reused == len(p) - 1
+            assert j.reused == 16  # chunks [0, 8) and [8, 16); [16, 20) is decoded again
+            second = [b for b in backend.batches if b.positions[0] == 16 and len(b.tokens) == 4]
+            assert len(second) == 2, "the tail chunk is cut the same way both times"
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_prompt_chunks_start_at_fixed_positions_and_run_alone() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=3, n_batch=64, n_ctx=512)
+        runner = BatchRunner(backend, prefill_chunk=8)
+        try:
+            ps = [[1 + (i + k) % 50 for k in range(13 + 7 * i)] for i in range(3)]
+            jobs = [job(p, 10) for p in ps]
+            for j in jobs:
+                runner.submit(j)
+                await asyncio.sleep(0.01)
+            for p, j in zip(ps, jobs, strict=True):
+                assert (await drain(j))[0] == reference(p, 10)[0]
+            for b in backend.batches:
+                if len(b.tokens) > 1 and len(set(b.seqs)) == 1 and b.positions == sorted(b.positions):
+                    prompt_rows = b.positions
+                    assert prompt_rows[0] % 8 == 0, b
+                    assert prompt_rows[-1] // 8 == prompt_rows[0] // 8, "a chunk never crosses a boundary"
+            for b in backend.batches:
+                if len(set(b.seqs)) > 1:
+                    assert all(b.logits), "only generating rows share a batch"
         finally:
             runner.close()
 
@@ -346,6 +374,25 @@ def test_job_larger_than_the_context_is_refused_not_left_waiting() -> None:
             ok = job([1, 2, 3], 5)
             runner.submit(ok)
             assert (await drain(ok))[0] == reference([1, 2, 3], 5)[0]
+        finally:
+            runner.close()
+
+    run(main)
+
+
+def test_separate_kv_streams_run_jobs_that_would_not_fit_together() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=4, n_ctx=64, n_batch=64, shared_kv=False)
+        runner = BatchRunner(backend)
+        try:
+            ps = [[1 + i, 2, 3, 4, 5, 6, 7, 8, 9, 10] for i in range(4)]  # 10 + 40 = 50 cells each
+            jobs = [job(p, 40) for p in ps]
+            for j in jobs:
+                runner.submit(j)
+            results = await asyncio.gather(*(drain(j) for j in jobs))
+            for p, (text, _) in zip(ps, results, strict=True):
+                assert text == reference(p, 40)[0]
+            assert max(len(set(bt.seqs)) for bt in backend.batches) >= 3, "they ran together"
         finally:
             runner.close()
 

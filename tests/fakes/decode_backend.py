@@ -59,6 +59,8 @@ class FakeDecodeBackend:
     n_ctx: int = 256
     n_batch: int = 32
     n_slots: int = 4
+    shared_kv: bool = True
+    """False: every sequence has its own ``n_ctx`` cells (llama.cpp's non-unified KV cache)."""
     partial_rm: bool = True
     """False imitates a cache that can only drop a sequence whole."""
     fail_status: int | None = None
@@ -93,9 +95,13 @@ class FakeDecodeBackend:
             return self.fail_status
         if len(tokens) > self.n_batch or not tokens:
             return -1
-        used = sum(len(v) for v in self.kv.values())
-        if used + len(tokens) > self.n_ctx:
-            return 1
+        if self.shared_kv:
+            if sum(len(v) for v in self.kv.values()) + len(tokens) > self.n_ctx:
+                return 1
+        else:
+            for seq in set(seqs):
+                if len(self.kv.get(seq, [])) + seqs.count(seq) > self.n_ctx:
+                    return 1
         for tok, pos, seq in zip(tokens, positions, seqs, strict=True):
             cache = self.kv.setdefault(seq, [])
             if pos != len(cache):
