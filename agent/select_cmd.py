@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -46,7 +44,8 @@ from agent.selection import (
     select,
     should_switch,
 )
-from registry.exceptions import RegistryError
+from registry.exceptions import RegistryError, StoreError
+from registry.files import atomic_write
 from registry.gguf_info import read_gguf_info
 
 log = get_logger(__name__)
@@ -78,18 +77,11 @@ def load_speeds(path: Path) -> dict[str, Any]:
 
 
 def save_speeds(path: Path, data: Mapping[str, Any]) -> None:
-    """Atomic write: temp file in the same directory, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".speeds-", suffix=".tmp")
+    """Atomic and durable (:func:`registry.files.atomic_write`); a failed write is an AgentError."""
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, json.dumps(data, indent=2, sort_keys=True).encode())
+    except StoreError as exc:
+        raise AgentError(f"cannot store the measured speeds: {exc.detail}") from None
 
 
 def measured_speeds(data: Mapping[str, Any], infos: list[ModelInfo]) -> dict[str, float]:
@@ -519,8 +511,6 @@ def bench_model(info: ModelInfo, settings: Settings, n_gen: int) -> dict[str, An
     Prompt tokens/s = prompt tokens / time to the first chunk; generation tokens/s = the tokens
     after the first / the time after the first chunk.
     """
-    import asyncio
-
     return asyncio.run(_bench_engine(info, settings, n_gen))
 
 
@@ -577,8 +567,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 1
     path = speeds_path(settings)
     data = load_speeds(path)
-    models = data.get("models") if isinstance(data.get("models"), dict) else {}
-    assert isinstance(models, dict)
+    models = data.get("models")
+    if not isinstance(models, dict):
+        models = {}
     threads = settings.engine.n_threads or default_threads()
     settings = settings.model_copy(
         update={"engine": settings.engine.model_copy(update={"n_threads": threads, "n_ctx": 2048})}

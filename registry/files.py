@@ -8,6 +8,7 @@ never reads more than ``limit + 1`` bytes. OS errors are translated: ``ENOSPC``/
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -44,9 +45,9 @@ def fsync_dir(directory: Path) -> None:
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` atomically and durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -55,7 +56,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # absent, or its directory cannot be made
+            tmp.unlink()
         raise translate_os_error(exc, f"cannot write {path}") from None
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from agent.cli import main
 from agent.engine.base import ModelInfo
+from agent.errors import AgentError
 from agent.select_cmd import SPEEDS_FILE, load_speeds, measured_speeds, save_speeds
 
 
@@ -124,6 +125,13 @@ def test_save_speeds_is_atomic_and_round_trips(tmp_path: Path) -> None:
     save_speeds(path, {"models": {"m": {"gen_tps": 2.0}}})
     assert load_speeds(path) == {"models": {"m": {"gen_tps": 2.0}}}
     assert [p.name for p in path.parent.iterdir()] == ["speeds.json"]
+
+
+def test_save_speeds_failure_is_an_agent_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(AgentError, match="cannot store the measured speeds"):
+        save_speeds(blocker / "speeds.json", {"models": {}})
 
 
 def test_onnx_candidate_reads_the_initializers() -> None:
