@@ -422,7 +422,7 @@ class PolicyHolder:
     """The daemon's current policy; picks up a newly accepted hub policy without a restart.
 
     ``current()`` looks at the hub policy file at most once per ``recheck_s`` (by its stat
-    signature); a damaged or invalid file is logged and the policy in force stays.
+    signature); a damaged, invalid or unreadable file is logged and the policy in force stays.
     """
 
     def __init__(
@@ -455,6 +455,10 @@ class PolicyHolder:
             sig: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             sig = None
+        except OSError as exc:  # e.g. an unreadable policy directory: requests still get an answer
+            error = f"{path}: {exc.strerror or exc}"
+            log.error("policy_load_failed", error=error, keeping=self._policy.source)
+            return
         if sig == self._stat:
             return
         self._stat = sig

@@ -136,13 +136,15 @@ _POOL_EVENTS = {
 
 
 def _resolve(uid: int, gid: int) -> tuple[str, tuple[str, ...]]:
+    """The user name (the uid as text when unknown) and the names of its groups, ``gid``'s first."""
+    gids = [gid]
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    gids = [gid]
-    with suppress(KeyError, OSError):
-        gids = os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    else:
+        with suppress(OSError):
+            gids = os.getgrouplist(user, gid)
     names: list[str] = []
     for g in [gid, *gids]:
         try:

@@ -249,6 +249,14 @@ def test_holder_picks_up_accepted_policy_and_keeps_current_on_damage(tmp_path: P
     assert changes == [("built-in default", "hub v3")]
 
 
+def test_holder_keeps_the_policy_when_the_policy_directory_cannot_be_read(tmp_path: Path) -> None:
+    local = local_policy(Settings(state_dir=tmp_path))
+    policy_dir(tmp_path).write_text("a file where the directory should be")
+    holder = PolicyHolder(local, tmp_path, recheck_s=0.0)
+    assert holder.current() is local
+    assert holder.current() is local
+
+
 def test_daemon_refuses_to_start_with_a_bad_policy_file(tmp_path: Path) -> None:
     import subprocess
     import sys
