@@ -83,12 +83,16 @@ class ProbeUnavailable(Exception):
     """A probe has nothing to read here (file absent, library not installed)."""
 
 
+def _head(path: Path, limit: int) -> str:
+    """At most ``limit`` bytes of ``path`` as text (undecodable bytes replaced); OSError as it is."""
+    with path.open("rb") as fh:
+        return fh.read(limit).decode("utf-8", "replace")
+
+
 def read_text(root: Path, rel: str, limit: int = MAX_FILE_BYTES) -> str:
     """Read ``root/rel`` (at most ``limit`` bytes) as text; raise :class:`ProbeUnavailable` if absent."""
-    path = root / rel.lstrip("/")
     try:
-        with path.open("rb") as fh:
-            return fh.read(limit).decode("utf-8", "replace")
+        return _head(root / rel.lstrip("/"), limit)
     except OSError as exc:
         raise ProbeUnavailable(f"{rel}: {exc.strerror or exc}") from None
 
@@ -164,7 +168,8 @@ def probe_cpu(root: Path, live: bool) -> CpuInfo:
         physical = logical  # no SMT on the ARM cores of edge boards
         if not features:
             try:
-                auxv = (root / "proc/self/auxv").read_bytes()[:4096]
+                with (root / "proc/self/auxv").open("rb") as fh:
+                    auxv = fh.read(4096)
             except OSError:
                 auxv = b""
             features = parse_auxv(auxv)
@@ -234,7 +239,7 @@ def _chain(base: Path, rel: str) -> list[Path]:
 
 def _int_file(path: Path) -> int | None:
     try:
-        text = path.read_text()[:64].strip()
+        text = _head(path, 64).strip()
     except OSError:
         return None
     return int(text) if text.lstrip("-").isdigit() else None
@@ -242,7 +247,7 @@ def _int_file(path: Path) -> int | None:
 
 def _stat_value(path: Path, key: str) -> int:
     try:
-        for line in path.read_text()[:MAX_FILE_BYTES].splitlines():
+        for line in _head(path, MAX_FILE_BYTES).splitlines():
             name, _, value = line.partition(" ")
             if name == key and value.strip().isdigit():
                 return int(value)
@@ -265,7 +270,7 @@ def probe_cgroup(root: Path) -> tuple[CgroupInfo, float | None]:
         quota: float | None = None
         for d in chain:
             try:
-                text, _, period = (d / "cpu.max").read_text()[:64].strip().partition(" ")
+                text, _, period = _head(d / "cpu.max", 64).strip().partition(" ")
             except OSError:
                 continue
             if text.isdigit() and period.isdigit() and int(period):
@@ -404,7 +409,7 @@ def probe_firmware_throttled(root: Path) -> bool:
     """Raspberry Pi firmware: bits 1-3 of ``get_throttled`` = capped, throttled, soft limit now."""
     for pattern in ("sys/devices/platform/*/get_throttled", "sys/devices/platform/*/*/get_throttled"):
         for path in sorted(root.glob(pattern)):
-            text = path.read_text()[:32].strip().lower().removeprefix("0x")
+            text = _head(path, 32).strip().lower().removeprefix("0x")
             if re.fullmatch(r"[0-9a-f]+", text):
                 return bool(int(text, 16) & 0b1110)
     raise ProbeUnavailable("no firmware throttling flags")
