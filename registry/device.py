@@ -276,15 +276,19 @@ class DeviceRegistry:
         installed: list[str] = []
         already: list[str] = []
         deployments: list[Deployment] = []
+
+        def take(e: TargetEntry) -> None:
+            target, fetched = self._install(tracking, e, version)
+            fresh.append(target)
+            (installed if fetched else already).append(e.path)
+
         for e in wanted_docs:
             if e.length > DOCUMENT_MAX_BYTES:
                 raise Refused(
                     f"{e.path} is {e.length} bytes, documents are capped at {DOCUMENT_MAX_BYTES}",
                     reason=Reason.METADATA_TOO_LARGE,
                 )
-            was_there = self.store.has(e.sha256, e.length)
-            fresh.append(self._install(tracking, e, version))
-            (already if was_there else installed).append(e.path)
+            take(e)
             if e.ref.kind == "deployment":
                 raw = read_bounded(self.store.path(e.sha256), DOCUMENT_MAX_BYTES)
                 try:
@@ -303,9 +307,7 @@ class DeviceRegistry:
                     raise Refused(
                         f"{e.path} names companion {path} which is not signed", reason=Reason.MISSING
                     )
-                was_there = self.store.has(part.sha256, part.length)
-                fresh.append(self._install(tracking, part, version))
-                (already if was_there else installed).append(path)
+                take(part)
 
         index = load_index(self.index_path)
         # Policies and deployments follow the signed set: one the hub removed disappears here too.
@@ -340,8 +342,7 @@ class DeviceRegistry:
             if info is None:
                 raise Refused(f"{path} is not in the verified targets", reason=Reason.UNKNOWN_TARGET)
             verified[path] = info
-        out = Targets(version=listed.signed.version, expires=listed.signed.expires, targets=verified)
-        return out
+        return Targets(version=listed.signed.version, expires=listed.signed.expires, targets=verified)
 
     @staticmethod
     def _wanted_models(entries: list[TargetEntry], deployments: list[Deployment]) -> list[TargetEntry]:
@@ -364,14 +365,19 @@ class DeviceRegistry:
                 out[best.path] = best
         return list(out.values())
 
-    def _install(self, fetcher: FetcherInterface, e: TargetEntry, version: int) -> InstalledTarget:
-        if not self.store.has(e.sha256, e.length):
+    def _install(
+        self, fetcher: FetcherInterface, e: TargetEntry, version: int
+    ) -> tuple[InstalledTarget, bool]:
+        """The index entry of ``e``, and whether its blob had to be fetched (it was not in the store)."""
+        fetched = not self.store.has(e.sha256, e.length)
+        if fetched:
             directory, _, name = e.path.rpartition("/")
             url = f"{TARGETS_BASE}{directory}/{e.sha256}.{name}"
             self.store.install(
                 _translated(fetcher, url, e.path), name=e.path, length=e.length, sha256=e.sha256
             )
-        return InstalledTarget(e.path, e.sha256, e.length, dict(e.custom), self.now().isoformat(), version)
+        target = InstalledTarget(e.path, e.sha256, e.length, dict(e.custom), self.now().isoformat(), version)
+        return target, fetched
 
     # --- the installed set -------------------------------------------------------------------
 
