@@ -114,8 +114,8 @@ async def test_device_cannot_read_as_another(broker: Broker, topic_filter: str) 
             except SubscribeRefused as exc:
                 assert exc.reason_code == 0x87
                 return
-            # Mosquitto grants some wildcard filters but filters each delivery through the ACL:
-            # then nothing of dev-b's may arrive.
+            # Mosquitto's acl_file grants subscriptions and checks each delivery against the ACL:
+            # nothing of dev-b's, no chunk request and no audit batch may arrive.
             await hub.publish(Outgoing("edge/v1/devices/dev-b/blobs", b"secret"))
             await hub.publish(Outgoing("edge/v1/devices/dev-b/state", b"secret"))
             for _ in range(4):  # several: a shared subscription would get its share of them
@@ -128,7 +128,8 @@ async def test_device_cannot_read_as_another(broker: Broker, topic_filter: str) 
             leaked = [t for t in received if "/devices/dev-b/" in t or t.endswith(("/blobs/get", "/audit"))]
             assert not leaked, f"dev-a received {leaked}"
         finally:
-            await dev.close()
+            # end the session: a granted shared subscription would otherwise outlive the test
+            await dev.close(end_session=True)
 
 
 async def test_client_id_cannot_impersonate(broker: Broker) -> None:
