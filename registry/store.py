@@ -42,17 +42,23 @@ class BlobStore:
         return self.dir / sha256
 
     def has(self, sha256: str, length: int | None = None) -> bool:
+        path = self.path(sha256)
         try:
-            st = self.path(sha256).stat()
+            st = path.stat()
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot read {path}") from None
         return length is None or st.st_size == length
 
     def digests(self) -> list[str]:
         """Every installed blob (temp files excluded)."""
         if not self.dir.is_dir():
             return []
-        return sorted(p.name for p in self.dir.iterdir() if _HEX64.fullmatch(p.name))
+        try:
+            return sorted(p.name for p in self.dir.iterdir() if _HEX64.fullmatch(p.name))
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot list {self.dir}") from None
 
     def install(self, blocks: Iterable[bytes], *, name: str, length: int, sha256: str) -> Path:
         """Write ``blocks`` as blob ``sha256`` (signed ``length``); return its path.

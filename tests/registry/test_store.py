@@ -123,3 +123,11 @@ def test_store_refuses_names_that_are_not_digests(tmp_path: Path, digest: str) -
     with pytest.raises(StoreError) as info:
         BlobStore(tmp_path).path(digest)
     assert info.value.reason is Reason.BAD_PATH
+
+
+def test_an_unreadable_store_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "sha256").write_text("a file where the blob directory should be")
+    store = BlobStore(tmp_path)
+    with pytest.raises(StoreError, match="cannot read") as info:
+        store.has(SHA)
+    assert info.value.reason is Reason.IO_ERROR
