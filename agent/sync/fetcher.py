@@ -18,7 +18,7 @@ Invariants of a transfer:
 - A chunk is written to the partial file only after its sha256 equals the signed chunk hash; a
   chunk that does not is refused and reported through ``on_refusal`` (-> audit log); the request
   stays in flight for the genuine reply, and a chunk that never arrives intact is asked again after
-  ``chunk_timeout_s``, at most ``max_attempts`` times.
+  ``chunk_timeout_s`` without any progress, at most ``max_attempts`` times.
 - The partial file ``<partial_dir>/<sha256>.part`` survives disconnects and restarts (even
   SIGKILL): on start every chunk already in it is re-hashed, the good ones are kept, so a transfer
   resumes and a torn write is simply fetched again. It is never visible as a model: with
@@ -195,6 +195,8 @@ class TransferStats:
     requested: collections.Counter[int] = field(default_factory=collections.Counter)
     """How many times each chunk index was requested."""
     resumed_chunks: int = 0
+    duplicates: int = 0
+    """Chunks received again after they were already verified and written."""
     refused_chunks: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
@@ -237,6 +239,9 @@ class ChunkTransfer:
         self._wake = asyncio.Event()
         self._fd = -1
         self._last_status: str | None = None
+        self._failure: TransferError | None = None
+        self._last_progress = time.monotonic()
+        self._retry_at: dict[int, float] = {}
 
     @property
     def reply_topic(self) -> str:
@@ -269,15 +274,20 @@ class ChunkTransfer:
             sha, index = parse_correlation(msg.correlation)
         except ProtocolError:
             return
-        if sha != self.plan.sha256 or not 0 <= index < self.plan.count or index in self._have:
+        if sha != self.plan.sha256 or not 0 <= index < self.plan.count:
+            return
+        if index in self._have:
+            self.stats.duplicates += 1  # fetched again (a re-request crossed the first reply)
             return
         status = msg.prop("status") or Status.OK.value
         if status != Status.OK.value:
             # A worker whose view of the repository lags (a blob published a moment ago) says
             # not_found: ask again in a second, at most ``max_attempts`` times in all.
             self._last_status = status
-            if index in self._inflight:
-                self._inflight[index] = time.monotonic() - self.chunk_timeout_s + 1.0
+            if self._inflight.pop(index, None) is not None:
+                self._retry_at[index] = time.monotonic() + 1.0
+                self._check_attempts(index)
+            self._wake.set()
             return
         data = msg.payload
         offset, length = self.plan.span(index)
@@ -298,6 +308,7 @@ class ChunkTransfer:
         self._notify()
         self._inflight.pop(index, None)
         self.stats.bytes_received += length
+        self._last_progress = time.monotonic()
         if self.on_progress is not None:
             self.on_progress(len(self._have), self.plan.count)
         self._wake.set()
@@ -349,28 +360,26 @@ class ChunkTransfer:
         order = [i for i in range(self.plan.count) if i not in self._have]
         next_pos = 0
         while len(self._have) < self.plan.count:
+            if self._failure is not None:
+                raise self._failure
             if not self.client.is_connected:
                 self._inflight.clear()  # replies to a lost session may never come: ask again
                 await self.client.wait_connected(None)
                 continue
+            # A request expires when nothing has arrived for chunk_timeout_s since it was sent: on
+            # a slow link a full window takes long, but chunks keep coming, so nothing is re-asked.
             now = time.monotonic()
             for index, sent in list(self._inflight.items()):
-                if now - sent > self.chunk_timeout_s:
+                if now - max(sent, self._last_progress) > self.chunk_timeout_s:
                     self._inflight.pop(index)
-                    if self.stats.requested[index] >= self.max_attempts:
-                        status = Status.CHUNK_HASH_MISMATCH if self.stats.refused_chunks else Status.TIMEOUT
-                        if self._last_status is not None:
-                            status = (
-                                Status(self._last_status)
-                                if self._last_status in set(Status)
-                                else Status.ERROR
-                            )
-                        raise TransferError(
-                            f"chunk {index} of {self.plan.sha256[:16]} did not arrive intact after "
-                            f"{self.max_attempts} requests",
-                            status=status.value,
-                        )
-            retry = [i for i in order[:next_pos] if i not in self._have and i not in self._inflight]
+                    self._check_attempts(index)
+            if self._failure is not None:
+                raise self._failure
+            retry = [
+                i
+                for i in order[:next_pos]
+                if i not in self._have and i not in self._inflight and self._retry_at.get(i, 0.0) <= now
+            ]
             try:
                 for index in retry:
                     if len(self._inflight) >= self.window:
@@ -388,6 +397,19 @@ class ChunkTransfer:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    def _check_attempts(self, index: int) -> None:
+        """Record the transfer's failure once a chunk was asked ``max_attempts`` times."""
+        if self.stats.requested[index] < self.max_attempts or self._failure is not None:
+            return
+        status = Status.CHUNK_HASH_MISMATCH if self.stats.refused_chunks else Status.TIMEOUT
+        if self._last_status is not None:
+            status = Status(self._last_status) if self._last_status in set(Status) else Status.ERROR
+        self._failure = TransferError(
+            f"chunk {index} of {self.plan.sha256[:16]} did not arrive intact "
+            f"after {self.max_attempts} requests",
+            status=status.value,
+        )
 
     def _notify(self) -> None:
         with self._cond:
