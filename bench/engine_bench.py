@@ -312,7 +312,8 @@ def report(args: argparse.Namespace, a: dict[str, Any], b: dict[str, Any] | None
         "## Inference",
         "",
         f"Gemma 3 270M Q4_K_M, {args.threads} threads, context {args.ctx}, {args.tokens}-token streaming "
-        f"completions (end-of-generation banned), edge-agent with {args.parallel} slots; one run on "
+        f"completions (end-of-generation banned), edge-agent with {args.parallel} slots (a {args.ctx}-token "
+        "KV stream each, default settings otherwise); one run on "
         f"{os.cpu_count()} cores, load average at start {args.load:.2f}. Reproduce with "
         "`pip install -e '.[bench]'` then:",
         "",
