@@ -37,7 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from agent.audit.chain import GENESIS, Checkpoint, Entry, Report, Sealed, make_checkpoint, seal_all, verify
+from agent.audit.chain import (
+    GENESIS,
+    Checkpoint,
+    Entry,
+    Report,
+    Sealed,
+    iso_time,
+    make_checkpoint,
+    seal_all,
+    verify,
+)
 from agent.device_key import DeviceKey, DevicePublicKey
 from agent.errors import AgentError, Overloaded
 from agent.log import get_logger
@@ -425,17 +435,17 @@ class AuditLog:
         for i, (kind, payload, _) in enumerate(items):
             if kind == "refused":
                 refused += 1
-                gap_since = gap_since or _iso(now)
+                gap_since = gap_since or iso_time(now)
             elif kind == "rec":
                 size = _estimate(payload)
                 if self.on_full == "record_gap" and used + size > self.max_bytes:
                     unrecorded += 1
-                    gap_since = gap_since or _iso(now)
+                    gap_since = gap_since or iso_time(now)
                     results[i] = 0
                 elif used + size > hard_cap:
                     results[i] = AuditFull(f"the audit log is full ({used} of {self.max_bytes} bytes)")
                     refused += 1
-                    gap_since = gap_since or _iso(now)
+                    gap_since = gap_since or iso_time(now)
                 else:
                     to_write.append(payload)
                     slots.append(i)
@@ -447,7 +457,7 @@ class AuditLog:
                 "gap",
                 "the audit log was full: requests went unrecorded (record_gap) or were refused (fail_closed)",
                 agent_actor(),
-                {"unrecorded": unrecorded, "refused": refused, "since": gap_since, "until": _iso(now)},
+                {"unrecorded": unrecorded, "refused": refused, "since": gap_since, "until": iso_time(now)},
             )
             to_write.insert(0, gap)
             slots.insert(0, -1)
@@ -513,7 +523,10 @@ class AuditLog:
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise AuditError(f"cannot read the audit log {self.path}: {exc}") from None
         try:
             conn.execute("PRAGMA query_only=ON")
             yield conn
@@ -550,14 +563,14 @@ class AuditLog:
             rows = conn.execute(
                 "SELECT seq, body, hash FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (uploaded, limit)
             ).fetchall()
-        return [Sealed(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+        return [_sealed(r) for r in rows]
 
     def tail(self, n: int) -> list[Sealed]:
         with self._reader() as conn:
             rows = conn.execute(
                 "SELECT seq, body, hash FROM records ORDER BY seq DESC LIMIT ?", (n,)
             ).fetchall()
-        return [Sealed(int(r[0]), str(r[1]), str(r[2])) for r in reversed(rows)]
+        return [_sealed(r) for r in reversed(rows)]
 
     def iter_records(self, after_seq: int = 0, chunk: int = 2000) -> Iterator[Sealed]:
         """Every record after ``after_seq`` in stored order, read in chunks."""
@@ -570,7 +583,7 @@ class AuditLog:
             if not rows:
                 return
             for r in rows:
-                yield Sealed(int(r[0]), str(r[1]), str(r[2]))
+                yield _sealed(r)
             last = int(rows[-1][0])
 
     def checkpoints(self) -> list[Checkpoint]:
@@ -592,13 +605,14 @@ class AuditLog:
                 Checkpoint(int(r[0]), str(r[1]), str(r[2]))
                 for r in conn.execute("SELECT seq, body, signature FROM checkpoints ORDER BY seq")
             ]
-            rows = (
-                Sealed(int(r[0]), str(r[1]), str(r[2]))
-                for r in conn.execute("SELECT seq, body, hash FROM records ORDER BY seq")
-            )
+            rows = (_sealed(r) for r in conn.execute("SELECT seq, body, hash FROM records ORDER BY seq"))
             report = verify(rows, cps, keys, (int(meta["anchor_seq"]), str(meta["anchor_hash"])))
             conn.execute("COMMIT")
         return report
+
+
+def _sealed(row: tuple[Any, ...]) -> Sealed:
+    return Sealed(int(row[0]), str(row[1]), str(row[2]))
 
 
 def _estimate(entry: Entry) -> int:
@@ -611,12 +625,6 @@ def _estimate(entry: Entry) -> int:
         + ROW_OVERHEAD
         + 24 * (len(entry.details) + len(entry.actor))
     )
-
-
-def _iso(ts: float) -> str:
-    from agent.audit.chain import iso_time
-
-    return iso_time(ts)
 
 
 def open_log(settings: Settings) -> AuditLog:
