@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.keys import passphrase_from_env
-from hub.repo import CONFIG_NAME, RepoSettings, Repository
+from hub.repo import CONFIG_NAME, ROLES, RepoSettings, Repository
 from registry.exceptions import ManifestError
 from registry.files import read_bounded
 
@@ -281,7 +281,7 @@ def register(sub: Any) -> None:
 
     key_p = sub.add_parser("key", help="role keys").add_subparsers(dest="key_cmd", required=True)
     p = key_p.add_parser("revoke", help="replace a role's key by a new one")
-    p.add_argument("--role", required=True, choices=["root", "targets", "snapshot", "timestamp"])
+    p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--keyid", default=None, help="key id (prefix) when the role has several keys")
     repo_opts(p)
     p.set_defaults(func=cmd_key_revoke)
