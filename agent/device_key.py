@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import AgentError
+from registry.files import fsync_dir
 
 KEY_FILE = "device_ed25519.pem"
 PUB_FILE = "device_ed25519.pub"
@@ -114,14 +115,6 @@ def load_device_key(path: Path) -> DeviceKey:
     return DeviceKey(key, path)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_new(path: Path, data: bytes, mode: int) -> bool:
     """Create ``path`` with ``data`` unless it exists; True when this call created it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -140,28 +133,34 @@ def _write_new(path: Path, data: bytes, mode: int) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return created
 
 
 def ensure_device_key(state_dir: Path) -> DeviceKey:
-    """The device key under ``<state_dir>/keys``, generated on first use (safe against races)."""
+    """The device key under ``<state_dir>/keys``, generated on first use (safe against races).
+
+    A key directory that cannot be created or written is a :class:`DeviceKeyError`."""
     directory = keys_dir(state_dir)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / KEY_FILE
-    if not path.exists():
-        _write_new(path, DeviceKey.generate().private_pem(), 0o600)
-    key = load_device_key(path)
-    pub = directory / PUB_FILE
-    if not pub.exists():
-        _write_new(pub, (key.public.raw.hex() + "\n").encode(), 0o644)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not path.exists():
+            _write_new(path, DeviceKey.generate().private_pem(), 0o600)
+        key = load_device_key(path)
+        pub = directory / PUB_FILE
+        if not pub.exists():
+            _write_new(pub, (key.public.raw.hex() + "\n").encode(), 0o644)
+    except OSError as exc:
+        raise DeviceKeyError(f"cannot create the device key in {directory}: {exc.strerror or exc}") from None
     return key
 
 
 def load_public_key(path: Path) -> DevicePublicKey:
     """A public key file: the hex form written next to the private key, or a PEM private key."""
     try:
-        text = path.read_bytes()[:MAX_KEY_BYTES]
+        with path.open("rb") as fh:
+            text = fh.read(MAX_KEY_BYTES)
     except OSError as exc:
         raise DeviceKeyError(f"cannot read public key {path}: {exc.strerror or exc}") from None
     if text.lstrip().startswith(b"-----BEGIN"):

@@ -87,6 +87,12 @@ def test_bad_key_file_is_refused_not_replaced(tmp_path: Path, content: bytes, me
     assert (directory / KEY_FILE).read_bytes() == content
 
 
+def test_unwritable_key_directory_is_a_device_key_error(tmp_path: Path) -> None:
+    keys_dir(tmp_path).write_text("a file where the key directory should be")
+    with pytest.raises(DeviceKeyError, match="cannot create the device key"):
+        ensure_device_key(tmp_path)
+
+
 def test_missing_key_file(tmp_path: Path) -> None:
     with pytest.raises(DeviceKeyError, match="cannot read device key"):
         load_device_key(tmp_path / "absent.pem")
