@@ -58,9 +58,16 @@ class KeyStore:
         return self.directory / f"{keyid}.pem"
 
     def save(self, signer: CryptoSigner) -> Path:
-        """Write the private key (0600, encrypted if a passphrase is set); refuse to overwrite."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
+        """Write the private key (0600, encrypted if a passphrase is set); refuse to overwrite.
+
+        A failed write leaves no key file behind and raises :class:`RepositoryError`."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.directory, 0o700)
+        except OSError as exc:
+            raise RepositoryError(
+                f"cannot create key directory {self.directory}: {exc.strerror or exc}"
+            ) from None
         # CryptoSigner exports unencrypted PKCS#8 only: parse it back and re-encode (encrypted).
         key = load_pem_private_key(signer.private_bytes, None)
         encryption = BestAvailableEncryption(self.passphrase) if self.passphrase else NoEncryption()
@@ -70,10 +77,16 @@ class KeyStore:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             raise RepositoryError(f"key file {path} already exists") from None
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
+        except OSError as exc:
+            raise RepositoryError(f"cannot write key file {path}: {exc.strerror or exc}") from None
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise RepositoryError(f"cannot write key file {path}: {exc.strerror or exc}") from None
         return path
 
     def has(self, keyid: str) -> bool:
@@ -120,8 +133,11 @@ class KeyStore:
         path = self._path(keyid)
         if path.is_file():
             retired = self.directory / "retired"
-            retired.mkdir(mode=0o700, exist_ok=True)
-            os.replace(path, retired / path.name)
+            try:
+                retired.mkdir(mode=0o700, exist_ok=True)
+                os.replace(path, retired / path.name)
+            except OSError as exc:
+                raise RepositoryError(f"cannot retire key file {path}: {exc.strerror or exc}") from None
 
 
 __all__ = ["MAX_KEY_FILE_BYTES", "KeyStore", "generate", "passphrase_from_env"]

@@ -70,6 +70,13 @@ def test_init_refuses_an_existing_repository_and_open_refuses_a_plain_directory(
         Repository.open(tmp_path)
 
 
+def test_init_where_keys_cannot_be_written_is_a_repository_error(tmp_path: Path) -> None:
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "keys").write_text("a file where the key directory should be")
+    with pytest.raises(RepositoryError, match="cannot create key directory"):
+        Repository.init(tmp_path / "r")
+
+
 def test_key_files_readable_by_others_are_refused(tmp_path: Path) -> None:
     Repository.init(tmp_path / "r")
     for k in (tmp_path / "r" / "keys").glob("*.pem"):
