@@ -77,11 +77,11 @@ def refusal_for(
 ) -> Refused:
     """Name python-tuf's verdict. ``url`` is the file being loaded when ``exc`` was raised,
     ``rejected`` its bytes (if known) and ``trusted_root`` the root trusted at that moment."""
+    if isinstance(exc, Refused):
+        return exc
     role = role_of(url) or "metadata"
     text = str(exc) or type(exc).__name__
     where = f"{role}: {text}"
-    if isinstance(exc, Refused):
-        return exc
     if isinstance(exc, tuf_exc.DownloadLengthMismatchError):
         reason = Reason.BLOB_TOO_LONG if role == "blob" else Reason.METADATA_TOO_LARGE
         return Refused(where, reason=reason)
@@ -124,7 +124,7 @@ def refusal_for(
             return Refused(f"{where} (rollback: a role disappeared)", reason=Reason.ROLLBACK)
         detail = f"{where}: {exc.__cause__}" if exc.__cause__ else where
         return Refused(detail, reason=Reason.MALFORMED)
-    return Refused(f"{where}", reason=Reason.MALFORMED)
+    return Refused(where, reason=Reason.MALFORMED)
 
 
 def verify_trust_anchor(data: bytes, now: datetime) -> Root:
