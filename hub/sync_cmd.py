@@ -80,7 +80,22 @@ def serve_config(args: argparse.Namespace) -> Any:
         role=args.role,
         blob_workers=args.blob_workers,
         timestamp_interval_s=args.timestamp_interval,
+        passphrase=_passphrase(args),
     )
+
+
+def _passphrase(args: argparse.Namespace) -> bytes | None:
+    """The key passphrase for the timestamp job: ``--passphrase-env``, else the variable named in
+    the repository's ``repo.json`` (as ``edge-hub repo`` commands do)."""
+    from hub.keys import passphrase_from_env
+    from hub.repo import CONFIG_NAME, RepoSettings
+    from registry.files import read_bounded
+
+    var = getattr(args, "passphrase_env", None)
+    config = Path(args.repo) / CONFIG_NAME
+    if var is None and config.is_file():
+        var = RepoSettings.from_json(read_bounded(config, 1 << 16)).passphrase_env
+    return passphrase_from_env(var)
 
 
 def _repo_dir(args: argparse.Namespace) -> Path:
