@@ -119,8 +119,32 @@ def onnx_initializers(path: Path) -> tuple[int, int]:
     return total, elements
 
 
+_CANDIDATES: dict[tuple[str, str, str, str, int, int], Candidate] = {}
+_MAX_CANDIDATES = 256
+
+
 def candidate_for(info: ModelInfo) -> Candidate:
-    """A candidate from an installed model: its GGUF header, or its initializers for ONNX."""
+    """A candidate from an installed model: its GGUF header, or its initializers for ONNX.
+
+    Remembered by file identity (path, size, mtime): reading a GGUF header walks its whole
+    vocabulary (about 0.25 s for Gemma 3's 262k tokens), and the re-probe asks again every
+    interval for files that do not change. A changed file is read again.
+    """
+    try:
+        st = info.path.stat()
+    except OSError:
+        return _read_candidate(info)  # raises the reader's own error for the missing file
+    key = (info.id, info.task, info.format, str(info.path), st.st_size, st.st_mtime_ns)
+    found = _CANDIDATES.get(key)
+    if found is None:
+        found = _read_candidate(info)
+        if len(_CANDIDATES) >= _MAX_CANDIDATES:
+            _CANDIDATES.clear()
+        _CANDIDATES[key] = found
+    return found
+
+
+def _read_candidate(info: ModelInfo) -> Candidate:
     if info.format == "gguf":
         return candidate_from_gguf(read_gguf_info(info.path), info.id, task=info.task)
     size = info.size_bytes or info.path.stat().st_size

@@ -160,6 +160,25 @@ def test_unreadable_onnx_falls_back_to_the_file_size(tmp_path: Path) -> None:
     assert candidate.parameters == 0
 
 
+def test_candidates_are_read_again_only_when_the_file_changes(tmp_path: Path) -> None:
+    import os
+
+    from agent.catalog import info_for_file
+    from agent.select_cmd import candidate_for
+
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"\x08\x07 not a protobuf graph" * 100)
+    first = candidate_for(info_for_file(path))
+    assert candidate_for(info_for_file(path)) is first
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    touched = candidate_for(info_for_file(path))
+    assert touched is not first and touched == first
+    path.write_bytes(b"\x08\x07 not a protobuf graph" * 200)
+    grown = candidate_for(info_for_file(path))
+    assert grown.shape.initializer_bytes == path.stat().st_size != first.shape.initializer_bytes
+
+
 @pytest.mark.model
 def test_startup_puts_the_best_fit_or_the_pin_first(tmp_path: Path, gemma_variants: dict[str, Path]) -> None:
     from agent.catalog import info_for_file
