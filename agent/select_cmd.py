@@ -127,8 +127,8 @@ def candidate_for(info: ModelInfo) -> Candidate:
     """A candidate from an installed model: its GGUF header, or its initializers for ONNX.
 
     Remembered by file identity (path, size, mtime): reading a GGUF header walks its whole
-    vocabulary (about 0.25 s for Gemma 3's 262k tokens), and the re-probe asks again every
-    interval for files that do not change. A changed file is read again.
+    vocabulary (262k tokens for Gemma 3), and the re-probe asks again every interval for files
+    that do not change. A changed file is read again.
     """
     try:
         st = info.path.stat()

@@ -43,6 +43,7 @@ MAX_KV_COUNT = 1 << 16
 MAX_TENSOR_COUNT = 1 << 20
 MAX_DIMS = 4
 SUPPORTED_VERSIONS = (2, 3)
+_U64 = struct.Struct("<Q")
 
 _SCALAR_FORMATS: dict[gguf.GGUFValueType, str] = {
     gguf.GGUFValueType.UINT8: "<B",
@@ -180,12 +181,24 @@ class _Walker:
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not UTF-8") from None
 
-    def skip_string(self, what: str) -> None:
-        n = self.u64(f"length of {what}")
-        if n > MAX_STRING_BYTES:
-            raise self.fail(f"{what} is {n} bytes, more than {MAX_STRING_BYTES}")
-        self.need(n, what)
-        self.pos += n
+    def skip_strings(self, count: int, what: str) -> None:
+        """Step over ``count`` length-prefixed strings (a vocabulary has 262k entries) in one tight
+        loop: the bounds of :meth:`string`, but no message is built unless a bound is broken."""
+        buf, pos, limit = self.buf, self.pos, self.limit
+        unpack = _U64.unpack_from
+        for _ in range(count):
+            if pos + 8 > limit:
+                self.pos = pos
+                self.need(8, f"length of {what}")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > MAX_STRING_BYTES or pos + n > limit:
+                self.pos = pos
+                if n > MAX_STRING_BYTES:
+                    raise self.fail(f"{what} is {n} bytes, more than {MAX_STRING_BYTES}")
+                self.need(n, what)
+            pos += n
+        self.pos = pos
 
     def value_type(self, what: str) -> gguf.GGUFValueType:
         raw = self.u32(f"type of {what}")
@@ -212,8 +225,7 @@ class _Walker:
         if key.endswith(_KEEP_ARRAY_SUFFIXES) and count <= 4096:
             return tuple(self.scalar(itype, key) for _ in range(count))
         if itype is gguf.GGUFValueType.STRING:
-            for _ in range(count):
-                self.skip_string(key)
+            self.skip_strings(count, key)
         else:
             size = struct.calcsize(_SCALAR_FORMATS[itype]) * count
             self.need(size, key)

@@ -149,6 +149,21 @@ MALFORMED = [
         _header(0, 1) + _s("k") + ARR + struct.pack("<IQ", gguf.GGUFValueType.UINT64, 1 << 20),
         "truncated",
     ),
+    (
+        "string-array-item-past-end",
+        _header(0, 1) + _s("k") + ARR + STR + struct.pack("<QQ", 3, 1000) + b"abc",
+        "truncated while reading k",
+    ),
+    (
+        "huge-string-in-array",
+        _header(0, 1) + _s("k") + ARR + STR + struct.pack("<QQ", 2, 1 << 40),
+        "k is 1099511627776 bytes, more than",
+    ),
+    (
+        "string-array-lengths-past-end",
+        _header(0, 1) + _s("k") + ARR + STR + struct.pack("<Q", 100) + _s("a"),
+        "truncated while reading length of k",
+    ),
     ("not-utf8", _header(0, 1) + struct.pack("<Q", 2) + b"\xff\xfe", "not UTF-8"),
     ("missing-architecture", _header(0, 0) + b"\0" * 16, "missing general.architecture"),
     ("rank-zero", _header(1, 1) + ARCH + _tensor("t", ()), "rank 0"),
