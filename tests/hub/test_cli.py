@@ -30,6 +30,12 @@ def agent(state: Path, *args: str) -> int:
     return agent_main(["--state-dir", str(state), *args])
 
 
+def enroll(box: Path, repo: Path, device_id: str) -> int:
+    """``edge-agent enroll`` of ``box`` in group ``lab`` with the repository's first root."""
+    root = str(repo / "metadata" / "1.root.json")
+    return agent(box, "enroll", "--root", root, "--device-id", device_id, "--group", "lab")
+
+
 def test_operator_to_box_round_trip(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     repo = env / "repo"
     assert (
@@ -62,19 +68,7 @@ def test_operator_to_box_round_trip(env: Path, capsys: pytest.CaptureFixture[str
     capsys.readouterr()
 
     box = env / "box"
-    assert (
-        agent(
-            box,
-            "enroll",
-            "--root",
-            str(repo / "metadata" / "1.root.json"),
-            "--device-id",
-            "box-7",
-            "--group",
-            "lab",
-        )
-        == 0
-    )
+    assert enroll(box, repo, "box-7") == 0
     assert agent(box, "registry", "import", str(env / "bundle.tar")) == 0
     out = capsys.readouterr().out
     assert "+ models/minilm/1/model.onnx" in out and "tiny-int8" not in out  # not deployed to lab
@@ -97,19 +91,7 @@ def test_refusals_name_the_reason_and_exit_1(env: Path, capsys: pytest.CaptureFi
     assert hub("model", "add", str(minilm()), "--id", "minilm") == 0
     assert hub("bundle", "export", str(env / "b")) == 0
     box = env / "box"
-    assert (
-        agent(
-            box,
-            "enroll",
-            "--root",
-            str(repo / "metadata" / "1.root.json"),
-            "--device-id",
-            "b",
-            "--group",
-            "lab",
-        )
-        == 0
-    )
+    assert enroll(box, repo, "b") == 0
     blob = next((env / "b" / "targets" / "models").rglob("*.model.onnx"))
     data = bytearray(blob.read_bytes())
     blob.unlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from securesystemslib.signer import CryptoSigner
@@ -23,7 +24,7 @@ from tests.registry.fleet import Box, Fleet, blob_file, meta_file, replace_file,
 Attack = Callable[[Fleet, Box], Path]
 
 
-def _resign(path: Path, edit: Callable[[Metadata[TargetFile]], None]) -> None:
+def _resign(path: Path, edit: Callable[[Metadata[Any]], None]) -> None:
     md = Metadata.from_bytes(path.read_bytes())
     edit(md)
     replace_file(path, md.to_bytes(JSONSerializer(compact=False)))
@@ -52,7 +53,7 @@ def unknown_key(f: Fleet, box: Box) -> Path:
     f.model("new")
     b = f.bundle()
 
-    def sign_with_stranger(md: Metadata[TargetFile]) -> None:
+    def sign_with_stranger(md: Metadata[Any]) -> None:
         md.signatures.clear()
         md.sign(CryptoSigner.generate_ed25519())
 
@@ -70,7 +71,7 @@ def below_threshold(f: Fleet, box: Box) -> Path:
     f.model("new")
     b = f.bundle()
 
-    def keep_one(md: Metadata[TargetFile]) -> None:
+    def keep_one(md: Metadata[Any]) -> None:
         first = next(iter(md.signatures))
         md.signatures = {first: md.signatures[first]}
 
@@ -150,30 +151,30 @@ def root_without_old_signatures(f: Fleet, box: Box) -> Path:
     f.repo.rotate_root()
     b = f.bundle()
 
-    def only_new_keys(md: Metadata[TargetFile]) -> None:
-        new = set(md.signed.roles["root"].keyids)  # type: ignore[attr-defined]
+    def only_new_keys(md: Metadata[Any]) -> None:
+        new = set(md.signed.roles["root"].keyids)
         md.signatures = {k: s for k, s in md.signatures.items() if k in new}
 
     _resign(b / "metadata" / "2.root.json", only_new_keys)
     return b
 
 
-def mix_and_match_snapshot(f: Fleet, box: Box) -> Path:
+def _previous_version_under_the_current_name(f: Fleet, role: str) -> Path:
+    """A bundle whose current ``role`` file holds the previous version's (validly signed) bytes."""
     f.model("new")
     b = f.bundle()
-    current = f.repo.snapshot.signed.version
-    older = (f.repo.path / "metadata" / f"{current - 1}.snapshot.json").read_bytes()
-    replace_file(b / "metadata" / f"{current}.snapshot.json", older)
+    current = (f.repo.snapshot if role == "snapshot" else f.repo.targets).signed.version
+    older = (f.repo.path / "metadata" / f"{current - 1}.{role}.json").read_bytes()
+    replace_file(b / "metadata" / f"{current}.{role}.json", older)
     return b
+
+
+def mix_and_match_snapshot(f: Fleet, box: Box) -> Path:
+    return _previous_version_under_the_current_name(f, "snapshot")
 
 
 def mix_and_match_targets(f: Fleet, box: Box) -> Path:
-    f.model("new")
-    b = f.bundle()
-    current = f.repo.targets.signed.version
-    older = (f.repo.path / "metadata" / f"{current - 1}.targets.json").read_bytes()
-    replace_file(b / "metadata" / f"{current}.targets.json", older)
-    return b
+    return _previous_version_under_the_current_name(f, "targets")
 
 
 def endless_metadata(f: Fleet, box: Box) -> Path:
