@@ -1,8 +1,10 @@
 """``edge-agent audit tail|verify|export`` and ``edge-agent policy show|check USER ACTION RESOURCE``.
 
 The audit commands read ``<state_dir>/audit/audit.db`` directly (they need the file permissions
-of the daemon's user; root can always). ``verify`` exits 0 when the chain and every checkpoint
-hold, 1 naming the first problem otherwise. ``policy check`` exits 0 when allowed, 1 when denied,
+of the daemon's user; root can always), except ``tail --via-socket``, which asks the daemon and
+needs the ``audit.read`` permission instead. ``verify`` exits 0 when the chain and every checkpoint
+hold, 1 naming the first problem otherwise. ``export`` exits 2 for ``--mark-uploaded`` without
+``--output`` and 1 when the output cannot be written. ``policy check`` exits 0 when allowed, 1 when denied,
 2 for an unknown action.
 """
 
