@@ -273,8 +273,9 @@ def verify(
         if count == 1:
             first_seq = row.seq
         last_seq = row.seq
-        body_seq = _body_seq(row)
-        if body_seq is None:
+        record = _parse(row)  # once per row: the checks below all read this
+        body_seq = _seq_of(record)
+        if record is None or body_seq is None:
             add(Problem("malformed", row.seq, f"record {row.seq} is not a well-formed record (altered)"))
         elif record_hash(row.body) != row.hash:
             add(Problem("altered", row.seq, f"record {row.seq} does not match its hash (altered)"))
@@ -301,7 +302,7 @@ def verify(
                     f"record {row.seq} appears again after record {expected - 1} (reordered)",
                 )
             )
-        elif row.record().get("prev") != prev:
+        elif record["prev"] != prev:
             add(
                 Problem(
                     "broken_link",
@@ -337,15 +338,22 @@ def _missing(first: int, last: int) -> str:
     return f"record {first} is missing" if first == last else f"records {first}..{last} are missing"
 
 
-def _body_seq(row: Sealed) -> int | None:
+def _parse(row: Sealed) -> dict[str, Any] | None:
+    """The record's fields, or None when the body is not a well-formed record."""
     try:
         record = row.record()
     except ValueError:
         return None
-    if not isinstance(record, dict) or set(record) != RECORD_KEYS:
-        return None
-    seq = record["seq"]
+    return record if isinstance(record, dict) and set(record) == RECORD_KEYS else None
+
+
+def _seq_of(record: dict[str, Any] | None) -> int | None:
+    seq = None if record is None else record["seq"]
     return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _body_seq(row: Sealed) -> int | None:
+    return _seq_of(_parse(row))
 
 
 def chunked(items: Iterable[Sealed], size: int) -> Iterator[list[Sealed]]:
