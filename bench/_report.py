@@ -6,6 +6,7 @@ A section starts at its ``## Title`` line and runs to the next ``## `` line (or 
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -23,4 +24,20 @@ def write_section(section: str, text: str, doc: Path = DOC) -> None:
     doc.write_text(updated.rstrip("\n") + "\n")
 
 
-__all__ = ["DOC", "write_section"]
+def bench_parser(description: str | None, section: str) -> argparse.ArgumentParser:
+    """The bench's argument parser, with the shared ``--write`` flag (replace ``section``)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--write", action="store_true", help=f"replace '{section}' in {DOC}")
+    return parser
+
+
+def report(section: str, text: str, *, write: bool) -> None:
+    """Print the section; with ``write`` also put it into docs/benchmarks.md."""
+    print(text)
+    if write:
+        write_section(section, text)
+
+
+__all__ = ["DOC", "bench_parser", "report", "write_section"]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _report import DOC, write_section
+from _report import bench_parser, report
 from aiohttp import ClientSession, UnixConnector, web
 
 from agent.audit.chain import GENESIS, Entry, seal_all
@@ -299,15 +299,12 @@ move with it; the ratios to the peers of the same run are the stable result.
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__, SECTION)
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--per-record", type=int, default=500, help="records for the per-record peers")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", default="16,64,256", help="appender counts, comma-separated")
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--write", action="store_true", help=f"replace '{SECTION}' in {DOC}")
     args = parser.parse_args()
     from agent import log
 
@@ -315,9 +312,7 @@ def main() -> int:
     tp = throughput(args.records, args.per_record, args.rounds, [int(x) for x in args.concurrency.split(",")])
     lat = latency(args.requests, args.rounds)
     text = render(args, tp, lat)
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
+    report(SECTION, text, write=args.write)
     return 0
 
 

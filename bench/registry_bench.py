@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import platform
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _report import DOC, write_section
+from _report import bench_parser, report
 
 from hub.publish import add_model
 from hub.repo import Repository
@@ -122,13 +121,10 @@ def bench_quantize(source: Path, work: Path, variants: list[str], threads: int) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__, SECTION)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--variants", default="q4_0,q5_1,q8_0,f16")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--write", action="store_true", help=f"replace '{SECTION}' in {DOC}")
     args = parser.parse_args()
 
     from agent.demo import demo_model_file
@@ -160,9 +156,7 @@ def main() -> int:
             "",
         ]
     )
-    print(text)
-    if args.write:
-        write_section(SECTION, text)
+    report(SECTION, text, write=args.write)
     return 0
 
 
