@@ -117,6 +117,7 @@ class SyncService:
         self.uploader: AuditUploader | None = None
         self.state = StatePublisher(self.client, options.device_id)
         self.failed: set[tuple[str, str]] = set()
+        self._standing: dict[str, str] = {}
         self.serving_versions: dict[str, str] = {}
         self.last_sync: float | None = None
         self.events_sent: list[Event] = []
@@ -279,11 +280,11 @@ class SyncService:
         for action in actions:
             target = f"models/{action.model}/{action.version or 'newest'}"
             if isinstance(action, Missing):
-                await self.report(
+                await self._report_once(
                     Event("deployment", Status.NOT_FOUND.value, target, "model is not installed")
                 )
             elif isinstance(action, Defer):
-                await self.report(
+                await self._report_once(
                     Event("deployment", Status.DEFERRED.value, target, f"waiting for window {action.window}")
                 )
             elif isinstance(action, Activate):
@@ -308,6 +309,7 @@ class SyncService:
             self._audit("deployment.activate", target, "failed", status.value, {"error": str(exc)[:500]})
             await self.report(Event("deployment", status.value, target, str(exc)[:1900]))
             return
+        self._standing.pop(target, None)
         self.serving_versions[action.model] = action.version
         self._audit("deployment.activate", target, "ok", "activated", {"default": action.make_default})
         await self.report(Event("deployment", Status.ACTIVATED.value, target, "serving"))
@@ -331,6 +333,13 @@ class SyncService:
         """Registry and transfer refusals: into the audit log (from any thread)."""
         log.warning("sync_refused", reason=reason, detail=detail)
         self._audit("sync.refused", None, "refused", reason, {"detail": detail[:1000]})
+
+    async def _report_once(self, event: Event) -> None:
+        """Report a standing condition (deferred, missing) once, not at every round."""
+        if self._standing.get(event.target) == event.status:
+            return
+        self._standing[event.target] = event.status
+        await self.report(event)
 
     async def report(self, event: Event) -> None:
         if not event.at:
