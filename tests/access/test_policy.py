@@ -116,7 +116,9 @@ def test_document_round_trips() -> None:
 
 
 def test_inline_config_policy(tmp_path: Path) -> None:
-    settings = Settings(state_dir=tmp_path, access={"roles": GOOD["roles"], "bindings": GOOD["bindings"]})
+    settings = Settings.model_validate(
+        {"state_dir": tmp_path, "access": {"roles": GOOD["roles"], "bindings": GOOD["bindings"]}}
+    )
     policy = local_policy(settings)
     assert decide(Subject(uid=5, user="x", groups=("apps",)), Action.INFER, "gemma-2", policy).allowed
     assert not decide(Subject(uid=0, user="root", groups=("root",)), Action.STATUS, None, policy).allowed
@@ -135,15 +137,17 @@ def test_bad_inline_policy_is_a_config_error(tmp_path: Path) -> None:
 def test_policy_file(tmp_path: Path) -> None:
     path = tmp_path / "policy.json"
     path.write_text(json.dumps(doc(version=0)))
-    policy = local_policy(Settings(state_dir=tmp_path, access={"policy_file": path}))
+    policy = local_policy(Settings.model_validate({"state_dir": tmp_path, "access": {"policy_file": path}}))
     assert policy.source == str(path)
     path.write_text("{broken")
     with pytest.raises(PolicyError, match="not UTF-8 JSON"):
-        local_policy(Settings(state_dir=tmp_path, access={"policy_file": path}))
+        local_policy(Settings.model_validate({"state_dir": tmp_path, "access": {"policy_file": path}}))
 
 
 def test_default_policy_binds_root_daemon_user_and_socket_group(tmp_path: Path) -> None:
-    policy = local_policy(Settings(state_dir=tmp_path, server={"socket_group": "edge-clients"}))
+    policy = local_policy(
+        Settings.model_validate({"state_dir": tmp_path, "server": {"socket_group": "edge-clients"}})
+    )
     assert policy.source == "built-in default"
     client = Subject(uid=3000, user="c", groups=("edge-clients",))
     assert decide(client, Action.INFER, "m", policy).allowed

@@ -88,7 +88,9 @@ def records(state: Path) -> list[dict[str, Any]]:
 
 
 def test_decisions_over_http_are_enforced_and_recorded(tmp_path: Path) -> None:
-    settings = Settings(state_dir=tmp_path, access=app_policy(["infer", "models.list"], ["gemma-*"]))
+    settings = Settings.model_validate(
+        {"state_dir": tmp_path, "access": app_policy(["infer", "models.list"], ["gemma-*"])}
+    )
 
     async def run() -> list[tuple[int, Any, Any]]:
         async with serving(settings) as (s, _):
@@ -124,7 +126,7 @@ def test_decisions_over_http_are_enforced_and_recorded(tmp_path: Path) -> None:
 
 
 def test_allowed_reads_recorded_when_asked(tmp_path: Path) -> None:
-    settings = Settings(state_dir=tmp_path, audit={"audit_reads": True})
+    settings = Settings.model_validate({"state_dir": tmp_path, "audit": {"audit_reads": True}})
 
     async def run() -> int:
         async with serving(settings) as (s, _):
@@ -135,7 +137,7 @@ def test_allowed_reads_recorded_when_asked(tmp_path: Path) -> None:
 
 
 def test_full_log_fails_closed_with_503(tmp_path: Path) -> None:
-    settings = Settings(state_dir=tmp_path, audit={"max_bytes": 65536})
+    settings = Settings.model_validate({"state_dir": tmp_path, "audit": {"max_bytes": 65536}})
     log = AuditLog(audit_path(tmp_path), key=ensure_device_key(tmp_path))
     while log.stats().used_bytes < 65536:
         log.record("infer", "m", "ok", "x" * 500)
@@ -151,7 +153,7 @@ def test_full_log_fails_closed_with_503(tmp_path: Path) -> None:
 
 
 def test_newer_hub_policy_applies_without_restart_and_is_recorded(tmp_path: Path) -> None:
-    settings = Settings(state_dir=tmp_path, access=app_policy(["models.list"]))
+    settings = Settings.model_validate({"state_dir": tmp_path, "access": app_policy(["models.list"])})
     newer = {"version": 2, **app_policy(["status"])}
 
     async def run() -> list[int]:
@@ -185,7 +187,7 @@ def test_newer_hub_policy_applies_without_restart_and_is_recorded(tmp_path: Path
 def test_audit_route(
     tmp_path: Path, access: dict[str, Any], query: str, status: int, expected: str | None
 ) -> None:
-    settings = Settings(state_dir=tmp_path, access=access)
+    settings = Settings.model_validate({"state_dir": tmp_path, "access": access})
 
     async def run() -> tuple[int, Any, Any]:
         async with serving(settings) as (s, _):
@@ -202,7 +204,9 @@ def test_audit_route(
 
 
 def test_model_administration_is_scoped_by_the_model_named_in_the_body(tmp_path: Path) -> None:
-    settings = Settings(state_dir=tmp_path, access=app_policy(["models.admin"], ["gemma-*"]))
+    settings = Settings.model_validate(
+        {"state_dir": tmp_path, "access": app_policy(["models.admin"], ["gemma-*"])}
+    )
 
     async def run() -> tuple[int, Any, Any]:
         async with serving(settings) as (s, _):
@@ -263,7 +267,7 @@ def test_stream_record_is_on_disk_before_done_event(tmp_path: Path) -> None:
 def test_export_mark_uploaded_reopens_a_full_log_while_serving(tmp_path: Path) -> None:
     from agent.cli import main
 
-    settings = Settings(state_dir=tmp_path, audit={"max_bytes": 65536})
+    settings = Settings.model_validate({"state_dir": tmp_path, "audit": {"max_bytes": 65536}})
     log = AuditLog(audit_path(tmp_path), key=ensure_device_key(tmp_path))
     while log.stats().used_bytes < 65536:
         log.record("infer", "m", "ok", "x" * 500)
@@ -311,7 +315,7 @@ def test_cli_tail_via_socket(
 ) -> None:
     from agent.cli import main
 
-    settings = Settings(state_dir=tmp_path, access=access)
+    settings = Settings.model_validate({"state_dir": tmp_path, "access": access})
     argv = [
         "--state-dir",
         str(tmp_path),
