@@ -40,7 +40,7 @@ async def test_refusals_are_audited_and_a_pushed_policy_is_applied(
 ) -> None:
     broker = own_broker  # a fresh broker: no retained metadata left by other tests
     repo = new_repo(tmp_path / "repo")
-    manifest = publish_model(repo, make_blob(tmp_path / "m.gguf", 3 << 20), "m")
+    manifest = publish_model(repo, make_blob(tmp_path / "m.gguf", 8 << 20), "m")
     state = tmp_path / "dev"
     enrolled_device(state, repo.path, "dev-a")
     key = DeviceKey.generate()
@@ -57,7 +57,11 @@ async def test_refusals_are_audited_and_a_pushed_policy_is_applied(
 
     sync = SyncService(
         SyncOptions(
-            "dev-a", broker.client_config("dev-a"), chunk_timeout_s=5, audit_key_hex=key.public.raw.hex()
+            "dev-a",
+            broker.client_config("dev-a"),
+            chunk_timeout_s=5,
+            chunk_window=1,  # one chunk at a time: the forged replies surely overtake some genuine ones
+            audit_key_hex=key.public.raw.hex(),
         ),
         state,
         pool,
@@ -71,7 +75,7 @@ async def test_refusals_are_audited_and_a_pushed_policy_is_applied(
 
     async def inject() -> None:  # bad bytes for every chunk, answering requests nobody made
         while True:
-            for i in range(3):
+            for i in range(8):
                 await rogue.publish(
                     Outgoing(
                         device_topic("dev-a", "blobs"),
