@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.daemon import Daemon, running_daemon, uds_client
 from tests.load.loadgen import LoadResult, available_kinds, run_load
-from tests.load.procstats import fd_count, rss_bytes, settle
+from tests.load.procstats import fd_count, fd_targets, rss_bytes, settle
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1.0)
         warm_rss = rss_bytes(pid)
         warm_fds = settle(lambda: fd_count(pid), 0, timeout=1.0)
+        warm_targets = fd_targets(pid)
         report["after_warmup"] = {"rss_mib": round(warm_rss / 2**20, 1), "fds": warm_fds}
         print("after warm-up", report["after_warmup"], file=sys.stderr)
 
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1.0)
         soak_rss = rss_bytes(pid)
         soak_fds = settle(lambda: fd_count(pid), warm_fds, timeout=10)
+        report["fds_new_after_soak"] = dict(fd_targets(pid) - warm_targets)
         health = daemon.health()["status"]
         report["after_soak"] = {"rss_mib": round(soak_rss / 2**20, 1), "fds": soak_fds, "queue_depth": depth,
                                 "health": health}  # fmt: skip
@@ -219,6 +221,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "RSS along the soak (s: MiB): "
         + ", ".join(f"{t:g}: {m}" for t, m in report["soak_rss_samples_mib"])
+        + ".",
+        "",
+        "Descriptors open after the soak that were not after warm-up: "
+        + (
+            "not recorded"
+            if "fds_new_after_soak" not in report
+            else ", ".join(f"{k} x{v}" for k, v in report["fds_new_after_soak"].items()) or "none"
+        )
         + ".",
         "",
         "Checks: " + ", ".join(f"{k} {'pass' if v else 'FAIL'}" for k, v in report["checks"].items()) + ".",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import psutil
@@ -10,6 +12,19 @@ import psutil
 
 def fd_count(pid: int) -> int:
     return psutil.Process(pid).num_fds()
+
+
+def fd_targets(pid: int) -> Counter[str]:
+    """What each open descriptor points at (``socket:[…]`` normalised to ``socket``), counted."""
+    out: Counter[str] = Counter()
+    base = f"/proc/{pid}/fd"
+    for name in os.listdir(base):
+        try:
+            target = os.readlink(f"{base}/{name}")
+        except OSError:
+            continue
+        out[target.split(":[", 1)[0] if ":[" in target else target] += 1
+    return out
 
 
 def rss_bytes(pid: int) -> int:
@@ -26,4 +41,4 @@ def settle(read: Callable[[], int], target: int, timeout: float = 5.0, slack: in
     return value
 
 
-__all__ = ["fd_count", "rss_bytes", "settle"]
+__all__ = ["fd_count", "fd_targets", "rss_bytes", "settle"]
