@@ -53,6 +53,7 @@ from agent.errors import (
 )
 from agent.log import get_logger
 from agent.policy import PolicyHolder
+from agent.server.common import read_json
 from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY
 
 log = get_logger(__name__)
@@ -167,18 +168,16 @@ def actor_of(subject: Subject, decision: Decision) -> dict[str, Any]:
 
 
 async def _peek_json(request: web.Request) -> tuple[dict[str, Any] | None, RequestError | None]:
-    """The JSON object body (aiohttp caches it for the handler), or the error reading it gives."""
-    limit = request.app[LIMITS_KEY]["max_body_bytes"]
-    if request.content_length is not None and request.content_length > limit:
-        return None, PayloadTooLarge(f"request body of {request.content_length} bytes exceeds {limit} bytes")
+    """The JSON object body (parsed once and kept for the handler), or the size error reading it gives.
+
+    A body that is not JSON is left for the handler to name: the guard then sees no model.
+    """
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return None, PayloadTooLarge(f"request body exceeds {limit} bytes")
-    try:
-        data = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        return None, None  # the handler names the problem
+        data = await read_json(request)
+    except PayloadTooLarge as exc:
+        return None, exc
+    except RequestError:
+        return None, None
     return (data if isinstance(data, dict) else None), None
 
 

@@ -48,8 +48,41 @@ def translate(exc: BaseException) -> web.Response:
     return error_response(500, "internal error; see the agent's log", "server_error", "internal_error")
 
 
+JSON_BODY_KEY: web.RequestKey[object] = web.RequestKey("json_body", object)
+
+
+def decode_json(raw: bytes) -> Any:
+    """Parse a request body; every way it can be wrong is a :class:`BadRequest` naming the problem.
+
+    Besides syntax: UTF-8 is required, nesting deeper than the parser's recursion limit is refused,
+    and so are lone UTF-16 surrogates (``"\\udfff"`` is valid JSON but not valid Unicode, and would
+    fail later in a tokenizer as a 500).
+    """
+    if not raw:
+        raise BadRequest("request body is empty; expected a JSON object")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    if b"\\ud" in raw.lower():
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("request body contains a lone UTF-16 surrogate (not valid Unicode)") from None
+    return data
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON; 413 beyond the configured size, 400 for anything not JSON."""
+    """The request body as JSON, parsed once per request (the access guard and the handler share it).
+
+    413 beyond the configured size, 400 for anything not JSON (see :func:`decode_json`).
+    """
+    if JSON_BODY_KEY in request:
+        return request[JSON_BODY_KEY]
     limit = request.app[LIMITS_KEY]["max_body_bytes"]
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds {limit} bytes")
@@ -57,14 +90,9 @@ async def read_json(request: web.Request) -> Any:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body exceeds {limit} bytes") from None
-    if not raw:
-        raise BadRequest("request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except UnicodeDecodeError:
-        raise BadRequest("request body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    data = decode_json(raw)
+    request[JSON_BODY_KEY] = data
+    return data
 
 
-__all__ = ["error_response", "read_json", "translate"]
+__all__ = ["JSON_BODY_KEY", "decode_json", "error_response", "read_json", "translate"]

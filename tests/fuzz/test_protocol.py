@@ -100,7 +100,6 @@ HOSTILE = [
         request("POST", "/v1/completions", b"[" * 60_000),
         400,
         id="deeply-nested-json",
-        marks=pytest.mark.xfail(reason="agent/server/common.py read_json lets RecursionError through (500)"),
     ),
     pytest.param(request("POST", "/v1/completions", b'{"prompt": 5}'), 400, id="wrong-type"),
     pytest.param(
