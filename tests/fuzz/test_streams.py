@@ -33,7 +33,7 @@ def _queue_depth(daemon: Daemon) -> int:
         return sum(m["queue_depth"] for m in c.get("/admin/status").json()["models"])
 
 
-def _wait_idle(daemon: Daemon, timeout: float = 10.0) -> int:
+def _wait_idle(daemon: Daemon, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     depth = _queue_depth(daemon)
     while depth and time.monotonic() < deadline:
