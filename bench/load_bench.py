@@ -34,6 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _report  # bench/_report.py: docs/benchmarks.md sections
+
 from tests.daemon import Daemon, running_daemon, uds_client
 from tests.load.loadgen import LoadResult, available_kinds, run_load
 from tests.load.procstats import fd_count, fd_targets, rss_bytes, settle
@@ -237,19 +239,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, doc: Path = DOC) -> None:
-    """Replace the ``## Load`` section of the document (or append it), keeping every other section."""
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == "## Load"), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    doc.write_text(new)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -278,7 +267,7 @@ def main() -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2, default=str))
     if args.write:
-        write_section(text)
+        _report.write_section("## Load", text)
     return 0 if all(report["checks"].values()) else 1
 
 

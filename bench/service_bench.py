@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _report  # bench/_report.py: docs/benchmarks.md sections
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 sys.path.insert(0, str(ROOT))
@@ -292,19 +294,6 @@ def _per_round(r: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def write_section(text: str, doc: Path = DOC) -> None:
-    """Replace the ``## Service`` section of the document (or append it), keeping every other section."""
-    old = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == "## Service"), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + text + ("\n" if end < len(lines) else "") + "".join(lines[end:])
-    doc.write_text(new)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -332,7 +321,7 @@ def main() -> int:
     if args.json is not None and args.from_json is None:
         args.json.write_text(json.dumps(report, indent=2))
     if args.write:
-        write_section(text)
+        _report.write_section("## Service", text)
     return 0
 
 

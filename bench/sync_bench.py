@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+import _report  # bench/_report.py: docs/benchmarks.md sections
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -214,17 +216,6 @@ async def deploy_to_serving(broker: object, model: Path, work: Path) -> float:
     return elapsed
 
 
-def write_section(text: str) -> None:
-    existing = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    start = existing.find(f"\n{SECTION}\n")
-    if start == -1:
-        updated = existing.rstrip("\n") + "\n\n" + text
-    else:
-        end = existing.find("\n## ", start + 1)
-        updated = existing[: start + 1] + text + (existing[end:] if end != -1 else "")
-    DOC.write_text(updated.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -316,7 +307,7 @@ def main() -> int:
     )
     print(text)
     if args.write:
-        write_section(text)
+        _report.write_section(SECTION, text)
     return 0
 
 
