@@ -112,6 +112,11 @@ def test_stop_string_ends_generation(daemon: Daemon) -> None:
         pytest.param(b"", 400, None, None, id="empty-body"),
         pytest.param(b'{"max_tokens": 5}', 400, None, "prompt", id="missing-prompt"),
         pytest.param(b'{"prompt": "x", "max_tokens": "many"}', 400, None, "max_tokens", id="wrong-type"),
+        pytest.param(b'{"prompt": "x", "max_tokens": "5"}', 400, None, "max_tokens", id="number-as-string"),
+        pytest.param(b'{"prompt": "x", "max_tokens": true}', 400, None, "max_tokens", id="boolean-as-number"),
+        pytest.param(
+            b'{"prompt": "x", "temperature": "0.5"}', 400, None, "temperature", id="float-as-string"
+        ),
         pytest.param(b'{"prompt": "x", "temperature": 7}', 400, None, "temperature", id="out-of-range"),
         pytest.param(b'{"prompt": "x", "n": 2}', 400, None, "n", id="n-above-one"),
         pytest.param(

@@ -26,14 +26,14 @@ from agent.errors import BadRequest
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class _SamplingBody(BaseModel):
     """Fields shared by ``/v1/completions`` and ``/v1/chat/completions``."""
 
-    model_config = ConfigDict(extra="ignore", strict=False)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
@@ -118,13 +118,13 @@ class CompletionBody(_SamplingBody):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessageBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
@@ -172,7 +172,7 @@ MAX_EMBEDDING_INPUTS = 512
 class EmbeddingBody(BaseModel):
     """``POST /v1/embeddings``. Text inputs only (token-id arrays depend on the model's tokenizer)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     input: str | list[str]
