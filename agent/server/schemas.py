@@ -227,68 +227,59 @@ def public_finish(reason: str | None) -> str | None:
     return "stop" if reason == "stop" else "length"
 
 
-def completion_json(
-    cid: str, model: str, text: str, finish: str | None, usage: Usage, created: int | None = None
+def _envelope(
+    cid: str,
+    obj: str,
+    model: str,
+    created: int | None,
+    choices: list[dict[str, Any]],
+    usage: Usage | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The fields every completion and chat object or chunk shares; ``usage`` only when given."""
+    out: dict[str, Any] = {
         "id": cid,
-        "object": "text_completion",
+        "object": obj,
         "created": created or int(time.time()),
         "model": model,
         "system_fingerprint": None,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": public_finish(finish)}],
-        "usage": usage_json(usage),
+        "choices": choices,
     }
+    if usage is not None:
+        out["usage"] = usage_json(usage)
+    return out
+
+
+def completion_json(
+    cid: str, model: str, text: str, finish: str | None, usage: Usage, created: int | None = None
+) -> dict[str, Any]:
+    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": public_finish(finish)}
+    return _envelope(cid, "text_completion", model, created, [choice], usage)
 
 
 def completion_chunk_json(cid: str, model: str, chunk: GenerationChunk, created: int) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "text": chunk.text,
-                "index": 0,
-                "logprobs": None,
-                "finish_reason": public_finish(chunk.finish_reason),
-            }
-        ],
+    choice = {
+        "text": chunk.text,
+        "index": 0,
+        "logprobs": None,
+        "finish_reason": public_finish(chunk.finish_reason),
     }
+    return _envelope(cid, "text_completion", model, created, [choice])
 
 
 def usage_chunk_json(cid: str, model: str, usage: Usage, created: int) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage_json(usage),
-    }
+    return _envelope(cid, "text_completion", model, created, [], usage)
 
 
 def chat_json(
     cid: str, model: str, text: str, finish: str | None, usage: Usage, created: int | None = None
 ) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": created or int(time.time()),
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": public_finish(finish),
-            }
-        ],
-        "usage": usage_json(usage),
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text, "refusal": None},
+        "logprobs": None,
+        "finish_reason": public_finish(finish),
     }
+    return _envelope(cid, "chat.completion", model, created, [choice], usage)
 
 
 def chat_chunk_json(
@@ -299,26 +290,12 @@ def chat_chunk_json(
         delta["role"] = "assistant"
     if content is not None:
         delta["content"] = content
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": public_finish(finish)}],
-    }
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": public_finish(finish)}
+    return _envelope(cid, "chat.completion.chunk", model, created, [choice])
 
 
 def chat_usage_chunk_json(cid: str, model: str, usage: Usage, created: int) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [],
-        "usage": usage_json(usage),
-    }
+    return _envelope(cid, "chat.completion.chunk", model, created, [], usage)
 
 
 def embedding_json(
