@@ -3,10 +3,11 @@
 The asyncio side only *submits* jobs and *receives* chunks; the decode thread owns the context.
 Each step the thread (1) takes newly submitted jobs, (2) drops cancelled and expired ones,
 (3) admits waiting jobs into free slots (longest cached prefix first, within the KV budget),
-(4) decodes one batch holding the next token of every generating sequence, then the step's prompt
-chunks, each chunk alone in its batch and cut at fixed positions (llama.cpp's CPU numerics depend
-on how a sequence's tokens are grouped into a batch, so a prompt must always be grouped the same
-way for its greedy output not to depend on its neighbours or on prefix reuse), (5) samples each
+(4) decodes one batch holding the next token of every generating sequence (rows in slot order),
+then the step's prompt chunks, each chunk alone in its batch and cut at fixed positions
+(llama.cpp's CPU numerics depend on how a sequence's tokens are grouped into a batch, so a prompt
+must always be grouped the same way for its greedy output not to depend on its neighbours or on
+prefix reuse), (5) samples each
 sequence with its own native sampler chain right after the batch that produced its logits, and
 (6) hands the step's chunks to the event loop with one ``call_soon_threadsafe`` per loop.
 
@@ -235,7 +236,9 @@ class BatchRunner:
         if not self._active:
             return
         self._snapshot = list(self._active)
-        gen = [j for j in self._active if j.next_token is not None]
+        # rows in slot order: with a KV stream per slot llama.cpp cuts a batch into one micro-batch
+        # per run of consecutive sequence ids, and each micro-batch reads all the weights again
+        gen = sorted((j for j in self._active if j.next_token is not None), key=lambda j: j.slot)
         prefill = [
             PrefillWork(i, j.done, len(j.tokens)) for i, j in enumerate(self._active) if j.next_token is None
         ]
@@ -335,7 +338,8 @@ class BatchRunner:
                 return
             job = self._waiting[0]
             views = [SlotView(s.index, s.cached, s.last_used, s.canonical) for s in free]
-            index, keep = choose_slot(views, job.tokens, self._chunk)
+            busy = () if self._backend.shared_kv else {s.index for s in self._slots if s.job is not None}
+            index, keep = choose_slot(views, job.tokens, self._chunk, busy)
             slot = self._slots[index]
             reserved = sum(len(j.tokens) + j.max_tokens for j in self._active)
             need = len(job.tokens) + job.max_tokens

@@ -5,8 +5,10 @@ No llama.cpp here: plain lists of token ids and counts, so every rule is unit-te
 Invariants:
 
 * :func:`choose_slot` picks, among free slots, the one whose cached tokens share the longest
-  prefix with the new prompt (ties: the least recently used), so a chat's second turn lands on
-  the slot that holds its first turn.
+  prefix with the new prompt, so a chat's second turn lands on the slot that holds its first
+  turn; among equals, the one next to the most busy slots (with a KV stream per slot llama.cpp
+  splits a batch into one micro-batch per run of consecutive sequence ids, and every
+  micro-batch reads all the weights again), then the least recently used.
 * :func:`reusable_prefix` always leaves at least one prompt token to decode, because the first
   sampled token needs fresh logits.
 * :func:`plan_step` cuts prompts into chunks at fixed positions (multiples of ``prefill_chunk``),
@@ -18,7 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -66,15 +68,24 @@ class SlotView:
     """Leading cached tokens that were computed in whole prompt chunks (None: all of them)."""
 
 
-def choose_slot(free: Sequence[SlotView], prompt: Sequence[int], align: int = 1) -> tuple[int, int]:
-    """``(slot index, reusable prefix length)`` of the best free slot; ``free`` must not be empty."""
+def choose_slot(
+    free: Sequence[SlotView], prompt: Sequence[int], align: int = 1, busy: Collection[int] = ()
+) -> tuple[int, int]:
+    """``(slot index, reusable prefix length)`` of the best free slot; ``free`` must not be empty.
+
+    Order: longest reusable prefix, then most neighbours among the ``busy`` slot indices (so the
+    busy slots stay in as few runs of consecutive indices as possible), then least recently used.
+    """
     if not free:
         raise ValueError("no free slot")
 
     def reuse(s: SlotView) -> int:
         return reusable_prefix(s.cached, prompt, s.canonical, align)
 
-    best = max(free, key=lambda s: (reuse(s), -s.last_used))
+    def neighbours(s: SlotView) -> int:
+        return (s.index - 1 in busy) + (s.index + 1 in busy)
+
+    best = max(free, key=lambda s: (reuse(s), neighbours(s), -s.last_used))
     return best.index, reuse(best)
 
 

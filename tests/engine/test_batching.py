@@ -399,6 +399,30 @@ def test_separate_kv_streams_run_jobs_that_would_not_fit_together() -> None:
     run(main)
 
 
+def test_generation_rows_are_in_slot_order_when_a_later_job_takes_a_lower_slot() -> None:
+    """llama.cpp splits a batch into one micro-batch per run of consecutive sequence ids (KV
+    stream per slot), so the rows must be sorted by slot, not by arrival."""
+
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=4, n_ctx=64, n_batch=64, shared_kv=False)
+        runner = BatchRunner(backend)
+        try:
+            ps = [[1 + i, 2, 3, 4, 5, 6] for i in range(5)]
+            jobs = [job(p, 2 if i == 0 else 30) for i, p in enumerate(ps)]
+            for j in jobs:
+                runner.submit(j)  # the fifth waits for the first one's slot (0)
+            results = await asyncio.gather(*(drain(j) for j in jobs))
+            for p, j, (text, _) in zip(ps, jobs, results, strict=True):
+                assert text == reference(p, j.max_tokens)[0]
+            rows = [bt.seqs for bt in backend.batches if len(bt.seqs) > 1 and all(bt.logits)]
+            assert any(0 in r and len(r) > 1 for r in rows[2:]), "the fifth job generated beside the others"
+            assert all(r == sorted(r) for r in rows), rows
+        finally:
+            runner.close()
+
+    run(main)
+
+
 def test_decode_failure_fails_the_jobs_in_that_batch() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(fail_status=-3)

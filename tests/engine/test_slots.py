@@ -60,6 +60,26 @@ def test_choose_slot_prefers_longest_prefix_then_least_recently_used() -> None:
 
 
 @pytest.mark.parametrize(
+    ("busy", "want"),
+    [
+        pytest.param(set(), 5, id="nothing-busy-least-recently-used"),
+        pytest.param({0, 1}, 2, id="extends-a-run"),
+        pytest.param({0, 1, 3}, 2, id="closes-a-gap"),
+        pytest.param({1, 2, 3, 4}, 5, id="both-ends-equal-then-lru"),
+        pytest.param({6}, 5, id="neighbour-of-the-last"),
+    ],
+)
+def test_choose_slot_keeps_busy_slots_contiguous_among_equal_prefixes(busy: set[int], want: int) -> None:
+    free = [SlotView(i, [], last_used={5: 0}.get(i, 10 - i)) for i in range(8) if i not in busy]
+    assert choose_slot(free, [4, 4], busy=busy) == (want, 0)
+
+
+def test_longer_prefix_wins_over_a_busy_neighbour() -> None:
+    free = [SlotView(2, [7, 7, 7, 7, 1], last_used=1), SlotView(6, [1, 2, 3, 4, 5], last_used=9)]
+    assert choose_slot(free, [1, 2, 3, 4, 5, 6], busy={1, 3}) == (6, 5)
+
+
+@pytest.mark.parametrize(
     ("n_gen", "work", "n_batch", "chunk", "plan"),
     [
         pytest.param(0, [(0, 0, 1000)], 512, 256, [(0, 0, 256), (0, 256, 512)], id="idle-fills-the-batch"),
