@@ -1,13 +1,14 @@
 """Inference benchmark: edge-agent against llama-cpp-python, same model, threads and context, one run.
 
-Peers, measured one after the other in the same process run:
+Peers, measured in the same process run:
 
   (a) in-process ``llama_cpp.Llama.create_completion(stream=True)``;
   (b) ``python -m llama_cpp.server`` over TCP on 127.0.0.1 (needs ``pip install -e '.[bench]'``);
   (c) ``edge-agent run`` over its Unix socket (continuous batching, ``n_parallel`` slots).
 
 Reported: single-stream generation tokens/s (after the first token), time to first token p50/p95
-(distinct prompts, so no prefix reuse), aggregate tokens/s with 1, 4 and 8 concurrent streaming
+(distinct prompts, so no prefix reuse; the requests of (a) and (c) alternate, so that drift of a
+shared machine weighs on both alike), aggregate tokens/s with 1, 4 and 8 concurrent streaming
 clients and failed streams (an error, or fewer tokens than asked), and the time to first token of
 the second turn of a ~1,000-token chat against the first. End-of-generation tokens are banned with
 ``logit_bias`` so every stream produces exactly ``--tokens`` tokens.
@@ -235,48 +236,57 @@ def edge_agent(model: Path, threads: int, n_ctx: int, parallel: int) -> Iterator
 # -- measurement ------------------------------------------------------------------------------------
 
 
-def measure_in_process(
-    model: Path, threads: int, n_ctx: int, tokens: int, runs: int, ttft_runs: int
-) -> dict[str, Any]:
-    import llama_cpp
+class InProcess:
+    """Peer (a): ``llama_cpp.Llama`` in this process, same model, threads, context and batch."""
 
-    llm = llama_cpp.Llama(
-        model_path=str(model),
-        n_ctx=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_batch=512,
-        verbose=False,
-    )
-    bias = {1: -100.0, 106: -100.0}
+    def __init__(self, model: Path, threads: int, n_ctx: int) -> None:
+        import llama_cpp
 
-    def one(i: int, n: int) -> Stream:
+        self.llm = llama_cpp.Llama(
+            model_path=str(model),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=512,
+            verbose=False,
+        )
+        self.bias = {1: -100.0, 106: -100.0}
+
+    def stream(self, i: int, n: int) -> Stream:
         t0 = time.perf_counter()
         first = last = 0.0
-        count = 0
-        for part in llm.create_completion(
-            prompt(i), max_tokens=n, temperature=0, stream=True, logit_bias=bias
+        for part in self.llm.create_completion(
+            prompt(i), max_tokens=n, temperature=0, stream=True, logit_bias=self.bias
         ):
             if part["choices"][0]["text"]:
                 now = time.perf_counter()
                 first = first or now
                 last = now
-                count += 1
         return Stream(True, first - t0, last - first, n)
 
-    one(1000, 4)  # warm-up
-    single = [one(i, tokens) for i in range(runs)]
-    ttft = [one(100 + i, 4).ttft for i in range(ttft_runs)]
-    llm.close()
-    return {
-        "single": statistics.median((s.tokens - 1) / s.gen_s for s in single),
-        "ttft": ttft,
-    }
+    def single(self, tokens: int, runs: int) -> float:
+        self.stream(1000, 4)  # warm-up
+        runs_ = [self.stream(i, tokens) for i in range(runs)]
+        return statistics.median((s.tokens - 1) / s.gen_s for s in runs_)
+
+    def close(self) -> None:
+        self.llm.close()
 
 
 def measure_server(
-    make: Callable[[], httpx.Client], tokens: int, runs: int, ttft_runs: int, conc: list[int]
+    make: Callable[[], httpx.Client],
+    tokens: int,
+    runs: int,
+    ttft_runs: int,
+    conc: list[int],
+    beside: Callable[[int], float] | None = None,
 ) -> dict[str, Any]:
+    """Single stream, TTFT, concurrent streams and chat turns of one HTTP peer.
+
+    With ``beside`` (another peer's TTFT for prompt ``i``), the TTFT requests alternate with that
+    peer's, the first of each pair swapping every time, so slow drift of the machine (other
+    tenants, clock) weighs on both sides alike; its times are returned as ``beside_ttft``.
+    """
     bias = {"1": -100.0, "106": -100.0}
     body: dict[str, Any] = {"max_tokens": tokens, "temperature": 0, "stream": True, "logit_bias": bias}
     out: dict[str, Any] = {"agg": {}, "failed": {}}
@@ -285,10 +295,14 @@ def measure_server(
         single = [sse_stream(c, "/v1/completions", body | {"prompt": prompt(i)}, tokens) for i in range(runs)]
         ok = [s for s in single if s.ok]
         out["single"] = statistics.median((s.tokens - 1) / s.gen_s for s in ok) if ok else 0.0
-        out["ttft"] = [
-            sse_stream(c, "/v1/completions", body | {"prompt": prompt(100 + i), "max_tokens": 4}, 4).ttft
-            for i in range(ttft_runs)
-        ]
+        out["ttft"], out["beside_ttft"] = [], []
+        for i in range(ttft_runs):
+            if beside is not None and i % 2:
+                out["beside_ttft"].append(beside(100 + i))
+            req = body | {"prompt": prompt(100 + i), "max_tokens": 4}
+            out["ttft"].append(sse_stream(c, "/v1/completions", req, 4).ttft)
+            if beside is not None and not i % 2:
+                out["beside_ttft"].append(beside(100 + i))
     for n in conc:
         agg, results = concurrent_streams(make, n, tokens, bias, 200 + 10 * n)
         out["agg"][n] = agg
@@ -385,7 +399,7 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=5, help="single-stream runs per peer")
-    ap.add_argument("--ttft-runs", type=int, default=10)
+    ap.add_argument("--ttft-runs", type=int, default=20)
     ap.add_argument("--parallel", type=int, default=8, help="edge-agent slots")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     ap.add_argument("--skip-server", action="store_true", help="leave out (b)")
@@ -398,15 +412,22 @@ def main() -> int:
 
         args.model = demo_model_file(Path.home() / ".cache" / "edge-agent" / "test-models")
     print(f"model {args.model}, load {args.load:.2f}", file=sys.stderr)
-    a = measure_in_process(args.model, args.threads, args.ctx, args.tokens, args.runs, args.ttft_runs)
-    print(f"(a) {a['single']:.1f} tok/s", file=sys.stderr)
-    b = None
-    if not args.skip_server:
-        with llama_cpp_server(args.model, args.threads, args.ctx) as make:
-            b = measure_server(make, args.tokens, args.runs, args.ttft_runs, args.concurrency)
-        print(f"(b) {b}", file=sys.stderr)
-    with edge_agent(args.model, args.threads, args.ctx, args.parallel) as make:
-        c = measure_server(make, args.tokens, args.runs, args.ttft_runs, args.concurrency)
+    peer = InProcess(args.model, args.threads, args.ctx)
+    try:
+        a: dict[str, Any] = {"single": peer.single(args.tokens, args.runs)}
+        print(f"(a) {a['single']:.1f} tok/s", file=sys.stderr)
+        b = None
+        if not args.skip_server:
+            with llama_cpp_server(args.model, args.threads, args.ctx) as make:
+                b = measure_server(make, args.tokens, args.runs, args.ttft_runs, args.concurrency)
+            print(f"(b) {b}", file=sys.stderr)
+        with edge_agent(args.model, args.threads, args.ctx, args.parallel) as make:
+            beside = lambda i: peer.stream(i, 4).ttft  # noqa: E731
+            c = measure_server(make, args.tokens, args.runs, args.ttft_runs, args.concurrency, beside)
+        a["ttft"] = c.pop("beside_ttft")
+    finally:
+        peer.close()
+    print(f"(a) ttft {a['ttft']}", file=sys.stderr)
     print(f"(c) {c}", file=sys.stderr)
     text = report(args, a, b, c)
     print(text)
