@@ -13,7 +13,7 @@ clients and failed streams (an error, or fewer tokens than asked), and the time 
 the second turn of a ~1,000-token chat against the first. End-of-generation tokens are banned with
 ``logit_bias`` so every stream produces exactly ``--tokens`` tokens.
 
-    .venv/bin/python bench/engine_bench.py --write docs/benchmarks.md
+    .venv/bin/python bench/engine_bench.py --write
 """
 
 from __future__ import annotations
@@ -38,6 +38,11 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _report import bench_parser, report  # noqa: E402
+
+SECTION = "## Inference"
 
 STARTS = ["Once", "In", "The", "A", "When", "After", "Every", "Long", "Under", "Before", "My", "Our"]
 TOPICS = ["a lighthouse", "a robot", "the sea", "a small town", "a library", "the mountains"]
@@ -320,10 +325,10 @@ def fmt_ms(v: float) -> str:
     return f"{v * 1000:.0f}"
 
 
-def report(args: argparse.Namespace, a: dict[str, Any], b: dict[str, Any] | None, c: dict[str, Any]) -> str:
+def render(args: argparse.Namespace, a: dict[str, Any], b: dict[str, Any] | None, c: dict[str, Any]) -> str:
     conc = args.concurrency
     lines = [
-        "## Inference",
+        SECTION,
         "",
         f"Gemma 3 270M Q4_K_M, {args.threads} threads, context {args.ctx}, {args.tokens}-token streaming "
         f"completions (end-of-generation banned), edge-agent with {args.parallel} slots (a {args.ctx}-token "
@@ -378,22 +383,16 @@ def report(args: argparse.Namespace, a: dict[str, Any], b: dict[str, Any] | None
         goals.append(("2nd chat turn TTFT / 1st (c)", f"{t2 / t1:.2f}", "<= 0.3"))
     lines += ["| goal | measured | target |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {t} |" for g, m, t in goals]
+    lines += [
+        "",
+        "What bounds these figures (llama.cpp alone: the Decode ceiling section) and why the defaults "
+        "trade some speed for batch-invariant output: docs/engine.md, Performance.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find("## Inference")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("" if end == -1 else "\n" + text[end + 1 :])
-    path.write_text(text)
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = bench_parser(__doc__, SECTION)
     ap.add_argument("--model", type=Path, help="GGUF file (default: the demo Gemma 3 270M)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ctx", type=int, default=4096)
@@ -403,7 +402,6 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=8, help="edge-agent slots")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     ap.add_argument("--skip-server", action="store_true", help="leave out (b)")
-    ap.add_argument("--write", type=Path, help="replace the Inference section of this markdown file")
     args = ap.parse_args()
     args.argv = sys.argv[1:]
     args.load = os.getloadavg()[0]
@@ -429,10 +427,7 @@ def main() -> int:
         peer.close()
     print(f"(a) ttft {a['ttft']}", file=sys.stderr)
     print(f"(c) {c}", file=sys.stderr)
-    text = report(args, a, b, c)
-    print(text)
-    if args.write:
-        write_section(args.write, text)
+    report(SECTION, render(args, a, b, c), write=args.write)
     return 0
 
 
