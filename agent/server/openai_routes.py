@@ -37,61 +37,57 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    body = schemas.parse_body(schemas.CompletionBody, await read_json(request))
-    pool = request.app[POOL_KEY]
-    engine = pool.resolve(body.model)
+async def _begin(request: web.Request, model: type[Any]) -> tuple[Any, Any, Any, str]:
+    """Parse and resolve a generation request: ``(body, engine, engine request, id prefix)``."""
+    body = schemas.parse_body(model, await read_json(request))
+    engine = request.app[POOL_KEY].resolve(body.model)
     limits = request.app[LIMITS_KEY]
     rid = request[REQUEST_ID_KEY]
-    req = body.to_request(limits["default_max_tokens"], rid, time.monotonic() + limits["request_timeout_s"])
-    cid = f"cmpl-{rid}"
-    created = int(time.time())
-    model = engine.info.id
+    deadline = time.monotonic() + limits["request_timeout_s"]
+    return body, engine, body.to_request(limits["default_max_tokens"], rid, deadline), rid
+
+
+async def _collect(chunks: AsyncIterator[GenerationChunk], prefix: str = "") -> tuple[str, GenerationChunk]:
+    """A whole generation: its text and its final chunk (``finish_reason``, ``usage``)."""
+    texts = [prefix]
+    last = GenerationChunk(text="")
+    async for chunk in chunks:
+        texts.append(chunk.text)
+        last = chunk
+    return "".join(texts), last
+
+
+def _include_usage(body: Any) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body, engine, req, rid = await _begin(request, schemas.CompletionBody)
+    cid, model, created = f"cmpl-{rid}", engine.info.id, int(time.time())
     if not body.stream:
-        texts: list[str] = [req.prompt] if body.echo else []
-        last = GenerationChunk(text="")
-        async for chunk in engine.generate(req):
-            texts.append(chunk.text)
-            last = chunk
+        text, last = await _collect(engine.generate(req), req.prompt if body.echo else "")
         usage = last.usage or Usage(0, 0)
-        return web.json_response(
-            schemas.completion_json(cid, model, "".join(texts), last.finish_reason, usage, created)
-        )
+        doc = schemas.completion_json(cid, model, text, last.finish_reason, usage, created)
+        return web.json_response(doc)
 
     def chunk_json(chunk: GenerationChunk, first: bool) -> dict[str, Any]:
         if first and body.echo:
             chunk = GenerationChunk(body.prompt_text + chunk.text, chunk.finish_reason, chunk.usage)
         return schemas.completion_chunk_json(cid, model, chunk, created)
 
-    return await _stream(
-        request,
-        engine.generate(req),
-        chunk_json,
-        lambda usage: schemas.usage_chunk_json(cid, model, usage, created),
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-    )
+    def usage_json(usage: Usage) -> dict[str, Any]:
+        return schemas.usage_chunk_json(cid, model, usage, created)
+
+    return await _stream(request, engine.generate(req), chunk_json, usage_json, _include_usage(body))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = schemas.parse_body(schemas.ChatBody, await read_json(request))
-    pool = request.app[POOL_KEY]
-    engine = pool.resolve(body.model)
-    limits = request.app[LIMITS_KEY]
-    rid = request[REQUEST_ID_KEY]
-    req = body.to_request(limits["default_max_tokens"], rid, time.monotonic() + limits["request_timeout_s"])
-    cid = f"chatcmpl-{rid}"
-    created = int(time.time())
-    model = engine.info.id
+    body, engine, req, rid = await _begin(request, schemas.ChatBody)
+    cid, model, created = f"chatcmpl-{rid}", engine.info.id, int(time.time())
     if not body.stream:
-        texts: list[str] = []
-        last = GenerationChunk(text="")
-        async for chunk in engine.chat(req):
-            texts.append(chunk.text)
-            last = chunk
+        text, last = await _collect(engine.chat(req))
         usage = last.usage or Usage(0, 0)
-        return web.json_response(
-            schemas.chat_json(cid, model, "".join(texts), last.finish_reason, usage, created)
-        )
+        return web.json_response(schemas.chat_json(cid, model, text, last.finish_reason, usage, created))
 
     def chunk_json(chunk: GenerationChunk, first: bool) -> dict[str, Any]:
         content = chunk.text if chunk.text or chunk.finish_reason is None else None
@@ -99,13 +95,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             cid, model, created, content=content, finish=chunk.finish_reason, role=first
         )
 
-    return await _stream(
-        request,
-        engine.chat(req),
-        chunk_json,
-        lambda usage: schemas.chat_usage_chunk_json(cid, model, usage, created),
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-    )
+    def usage_json(usage: Usage) -> dict[str, Any]:
+        return schemas.chat_usage_chunk_json(cid, model, usage, created)
+
+    return await _stream(request, engine.chat(req), chunk_json, usage_json, _include_usage(body))
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
@@ -129,7 +122,6 @@ async def _stream(
     chunks: AsyncIterator[GenerationChunk],
     chunk_json: ChunkJson,
     usage_json: UsageJson,
-    *,
     include_usage: bool,
 ) -> web.StreamResponse:
     """Send SSE chunks. Refusals (400/429/503) surface before the first byte is sent."""
