@@ -31,6 +31,7 @@ from agent.engine.base import (
 )
 from agent.engine.batching import BatchRunner, Job
 from agent.engine.chat import ChatTemplate, TemplateSource, pick_template, render_chat
+from agent.engine.lifecycle import EngineLifecycle
 from agent.errors import (
     AgentError,
     BadRequest,
@@ -46,7 +47,7 @@ log = get_logger(__name__)
 __all__ = ["LlamaEngine"]
 
 
-class LlamaEngine:
+class LlamaEngine(EngineLifecycle):
     """A GGUF model served by llama.cpp (see the module docstring for the invariants)."""
 
     def __init__(
@@ -63,7 +64,7 @@ class LlamaEngine:
         batch_invariant: bool = True,
         kv_unified: bool = False,
     ) -> None:
-        self._info = info
+        super().__init__(info)
         self._n_ctx = n_ctx
         self._n_threads = n_threads
         self._n_batch = n_batch
@@ -73,7 +74,6 @@ class LlamaEngine:
         self._embed_batch = embed_batch
         self._batch_invariant = batch_invariant
         self._kv_unified = kv_unified
-        self._state = EngineState.IDLE
         self._model: Any = None
         self._ctx: Any = None
         self._runner: BatchRunner | None = None
@@ -82,17 +82,8 @@ class LlamaEngine:
         self._embed_lock = asyncio.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-load")
         self._embed_pool: ThreadPoolExecutor | None = None
-        self.load_error: str | None = None
 
     # -- Engine protocol: state ----------------------------------------------------------------
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
 
     @property
     def queue_depth(self) -> int:
@@ -113,17 +104,7 @@ class LlamaEngine:
         return self._template
 
     async def load(self) -> None:
-        self._state = EngineState.LOADING
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._loader, self._load_blocking)
-        except Exception as exc:
-            self._state = EngineState.FAILED
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, ModelLoadError):
-                raise
-            raise ModelLoadError(f"cannot load {self._info.path}: {exc}") from exc
-        self._state = EngineState.READY
+        await self._load_with(self._loader, self._load_blocking)
 
     def _load_blocking(self) -> None:
         from agent.engine.native import NativeContext, NativeModel

@@ -34,6 +34,7 @@ from agent.engine.base import (
     GenerationChunk,
     ModelInfo,
 )
+from agent.engine.lifecycle import EngineLifecycle
 from agent.engine.pooling import l2_normalize, mean_pool
 from agent.errors import BadRequest, EngineError, ModelLoadError, ModelNotReady
 
@@ -73,7 +74,7 @@ def find_tokenizer(model_path: Path, configured: Path | None = None) -> Path:
     )
 
 
-class OnnxEmbeddingEngine:
+class OnnxEmbeddingEngine(EngineLifecycle):
     """An embedding model served by onnxruntime (see the module docstring)."""
 
     def __init__(
@@ -85,43 +86,19 @@ class OnnxEmbeddingEngine:
         max_length: int = 256,
         batch_size: int = 32,
     ) -> None:
-        self._info = info
+        super().__init__(info)
         self._tokenizer_path = tokenizer_path
         self._n_threads = n_threads
         self._max_length = max_length
         self._batch_size = batch_size
-        self._state = EngineState.IDLE
         self._session: Any = None
         self._tokenizer: Any = None
         self._inputs: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
-        self._running = 0
         self.dimension = 0
-        self.load_error: str | None = None
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def queue_depth(self) -> int:
-        return self._running
 
     async def load(self) -> None:
-        self._state = EngineState.LOADING
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._load_blocking)
-        except Exception as exc:
-            self._state = EngineState.FAILED
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, ModelLoadError):
-                raise
-            raise ModelLoadError(f"cannot load {self._info.path}: {exc}") from exc
-        self._state = EngineState.READY
+        await self._load_with(self._pool, self._load_blocking)
 
     def _load_blocking(self) -> None:
         import onnxruntime as ort

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.engine.base import CompletionRequest, EngineState, GenerationChunk, ModelInfo, Usage
+from agent.engine.lifecycle import EngineLifecycle
 from agent.errors import ModelLoadError, ModelNotReady
 
 
@@ -39,31 +40,17 @@ class FakeBehaviour:
     first_token_delay_s: float = 0.0
 
 
-class FakeEngine:
+class FakeEngine(EngineLifecycle):
     """Implements the Engine protocol in memory."""
 
     def __init__(self, info: ModelInfo, behaviour: FakeBehaviour | None = None) -> None:
-        self._info = info
+        super().__init__(info)
         self.behaviour = behaviour or FakeBehaviour()
-        self._state = EngineState.IDLE
-        self._running = 0
         self.gate: asyncio.Event | None = None
         """When set, each chunk after the first waits for the event (holds a stream in flight)."""
         self.served: list[str] = []
         self.closed = False
         self.loads = 0
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def queue_depth(self) -> int:
-        return self._running
 
     async def load(self) -> None:
         self.loads += 1
