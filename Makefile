@@ -6,7 +6,8 @@ PYTHON ?= python3
 
 .PHONY: install demo run test lint fmt clean bench install-service
 
-$(VENV)/.installed: pyproject.toml scripts/install-llama.sh
+$(VENV)/.installed: pyproject.toml scripts/install-llama.sh scripts/system-deps.sh
+	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	bash scripts/install-llama.sh $(PY)
