@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -43,6 +44,17 @@ def run(coro_fn: Callable[[], Any]) -> Any:
     return asyncio.run(coro_fn())
 
 
+@contextlib.asynccontextmanager
+async def running(backend: FakeDecodeBackend, **kw: Any) -> AsyncIterator[BatchRunner]:
+    """A runner over ``backend``; on the way out the backend's gate is opened and the runner closed."""
+    runner = BatchRunner(backend, **kw)
+    try:
+        yield runner
+    finally:
+        backend.run_free()
+        runner.close()
+
+
 def prompts(n: int, length: int = 5) -> list[list[int]]:
     return [[1 + (i * 7 + k) % 90 for k in range(length + i)] for i in range(n)]
 
@@ -50,8 +62,7 @@ def prompts(n: int, length: int = 5) -> list[list[int]]:
 def test_single_job_matches_the_model_run_alone() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend()
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             p = prompts(1)[0]
             j = job(p, 12)
             runner.submit(j)
@@ -60,8 +71,6 @@ def test_single_job_matches_the_model_run_alone() -> None:
             assert (text, final.finish_reason) == (want, reason)
             assert final.usage is not None and final.usage.prompt_tokens == len(p)
             assert final.usage.completion_tokens == len(want)
-        finally:
-            runner.close()
 
     run(main)
 
@@ -69,8 +78,7 @@ def test_single_job_matches_the_model_run_alone() -> None:
 def test_concurrent_jobs_share_batches_and_each_equals_its_solo_run() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=4, n_batch=64)
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             ps = prompts(4)
             jobs = [job(p, 16) for p in ps]
             for j in jobs:
@@ -79,8 +87,6 @@ def test_concurrent_jobs_share_batches_and_each_equals_its_solo_run() -> None:
             for p, (text, final) in zip(ps, results, strict=True):
                 assert (text, final.finish_reason) == reference(p, 16)
             assert any(len(set(b.seqs)) > 1 for b in backend.batches), "sequences were decoded together"
-        finally:
-            runner.close()
 
     run(main)
 
@@ -89,8 +95,7 @@ def test_new_request_joins_between_steps_of_a_running_stream() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=2, n_batch=64)
         backend.hold()
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             a, b = prompts(2)
             ja = job(a, 30)
             runner.submit(ja)
@@ -105,9 +110,6 @@ def test_new_request_joins_between_steps_of_a_running_stream() -> None:
             assert tb == reference(b, 5)[0]
             mixed = [bt for bt in backend.batches if len(set(bt.seqs)) == 2]
             assert mixed, "b's prompt went into a batch with a's next token"
-        finally:
-            backend.run_free()
-            runner.close()
 
     run(main)
 
@@ -115,8 +117,7 @@ def test_new_request_joins_between_steps_of_a_running_stream() -> None:
 def test_long_prompt_is_chunked_while_another_sequence_generates() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=2, n_batch=32, n_ctx=512)
-        runner = BatchRunner(backend, prefill_chunk=8)
-        try:
+        async with running(backend, prefill_chunk=8) as runner:
             short = [5, 6, 7]
             long = [1 + k % 80 for k in range(100)]
             js = job(short, 40)
@@ -132,8 +133,6 @@ def test_long_prompt_is_chunked_while_another_sequence_generates() -> None:
                 if others and len(prompt_rows) > 1:
                     assert len(prompt_rows) <= 8, "prompt chunk capped while a stream runs"
             assert all(len(bt.tokens) <= 32 for bt in backend.batches)
-        finally:
-            runner.close()
 
     run(main)
 
@@ -141,8 +140,7 @@ def test_long_prompt_is_chunked_while_another_sequence_generates() -> None:
 def test_second_turn_reuses_the_cached_prefix() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=2, n_batch=64)
-        runner = BatchRunner(backend, prefill_chunk=8)
-        try:
+        async with running(backend, prefill_chunk=8) as runner:
             turn1 = [3 + k % 50 for k in range(40)]
             j1 = job(turn1, 6)
             runner.submit(j1)
@@ -157,8 +155,6 @@ def test_second_turn_reuses_the_cached_prefix() -> None:
             assert j2.slot == j1.slot
             assert j2.reused == len(turn1)  # 40 = five whole chunks of 8
             assert runner.stats.prompt_tokens - decoded_before == len(turn2) - j2.reused
-        finally:
-            runner.close()
 
     run(main)
 
@@ -166,8 +162,7 @@ def test_second_turn_reuses_the_cached_prefix() -> None:
 def test_identical_prompt_reuses_whole_chunks_and_decodes_the_rest() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=1)
-        runner = BatchRunner(backend, prefill_chunk=8)
-        try:
+        async with running(backend, prefill_chunk=8) as runner:
             p = [1 + k % 40 for k in range(20)]
             for _ in range(2):
                 j = job(p, 4)
@@ -177,8 +172,6 @@ def test_identical_prompt_reuses_whole_chunks_and_decodes_the_rest() -> None:
             assert j.reused == 16  # chunks [0, 8) and [8, 16); [16, 20) is decoded again
             second = [b for b in backend.batches if b.positions[0] == 16 and len(b.tokens) == 4]
             assert len(second) == 2, "the tail chunk is cut the same way both times"
-        finally:
-            runner.close()
 
     run(main)
 
@@ -186,8 +179,7 @@ def test_identical_prompt_reuses_whole_chunks_and_decodes_the_rest() -> None:
 def test_prompt_chunks_start_at_fixed_positions_and_run_alone() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=3, n_batch=64, n_ctx=512)
-        runner = BatchRunner(backend, prefill_chunk=8)
-        try:
+        async with running(backend, prefill_chunk=8) as runner:
             ps = [[1 + (i + k) % 50 for k in range(13 + 7 * i)] for i in range(3)]
             jobs = [job(p, 10) for p in ps]
             for j in jobs:
@@ -203,8 +195,6 @@ def test_prompt_chunks_start_at_fixed_positions_and_run_alone() -> None:
             for b in backend.batches:
                 if len(set(b.seqs)) > 1:
                     assert all(b.logits), "only generating rows share a batch"
-        finally:
-            runner.close()
 
     run(main)
 
@@ -212,8 +202,7 @@ def test_prompt_chunks_start_at_fixed_positions_and_run_alone() -> None:
 def test_cache_that_cannot_be_truncated_is_dropped_whole() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=1, partial_rm=False)
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             a = [4, 5, 6, 7, 8]
             b = [4, 5, 6, 9, 9]
             for p in (a, b):
@@ -221,8 +210,6 @@ def test_cache_that_cannot_be_truncated_is_dropped_whole() -> None:
                 runner.submit(j)
                 assert (await drain(j))[0] == reference(p, 4)[0]
             assert j.reused == 0
-        finally:
-            runner.close()
 
     run(main)
 
@@ -231,8 +218,7 @@ def test_cancelled_job_frees_its_slot_at_the_next_step() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=1)
         backend.hold()
-        runner = BatchRunner(backend, max_queue=4)
-        try:
+        async with running(backend, max_queue=4) as runner:
             ja = job(prompts(1)[0], 200)
             runner.submit(ja)
             backend.step(2)
@@ -247,9 +233,6 @@ def test_cancelled_job_frees_its_slot_at_the_next_step() -> None:
             assert fa.finish_reason == "cancelled"
             assert runner.n_running == 0
             assert all(s.closed for s in backend.samplers)
-        finally:
-            backend.run_free()
-            runner.close()
 
     run(main)
 
@@ -258,8 +241,7 @@ def test_queue_beyond_slots_plus_max_queue_is_refused_with_429() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=1)
         backend.hold()
-        runner = BatchRunner(backend, max_queue=2)
-        try:
+        async with running(backend, max_queue=2) as runner:
             jobs = [job([1, 2, 3], 50) for _ in range(3)]
             for j in jobs:
                 runner.submit(j)
@@ -273,9 +255,6 @@ def test_queue_beyond_slots_plus_max_queue_is_refused_with_429() -> None:
             backend.run_free()
             for j in jobs:
                 await drain(j)
-        finally:
-            backend.run_free()
-            runner.close()
 
     run(main)
 
@@ -284,8 +263,7 @@ def test_deadline_ends_generation_with_length() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend()
         now = [0.0]
-        runner = BatchRunner(backend, clock=lambda: now[0])
-        try:
+        async with running(backend, clock=lambda: now[0]) as runner:
             backend.hold()
             j = job(prompts(1)[0], 100, deadline=5.0)
             runner.submit(j)
@@ -296,9 +274,6 @@ def test_deadline_ends_generation_with_length() -> None:
             _, final = await drain(j)
             assert final.finish_reason == "length"
             assert final.usage is not None and final.usage.completion_tokens < 100
-        finally:
-            backend.run_free()
-            runner.close()
 
     run(main)
 
@@ -306,8 +281,7 @@ def test_deadline_ends_generation_with_length() -> None:
 def test_stop_string_cuts_text_before_it() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend()
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             p = prompts(1)[0]
             full, _ = reference(p, 20)
             stop = full[6:8]
@@ -316,8 +290,6 @@ def test_stop_string_cuts_text_before_it() -> None:
             text, final = await drain(j)
             assert final.finish_reason == "stop"
             assert text == full[: full.index(stop)]
-        finally:
-            runner.close()
 
     run(main)
 
@@ -325,8 +297,7 @@ def test_stop_string_cuts_text_before_it() -> None:
 def test_stop_token_ends_generation_without_text() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend()
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             p = prompts(1)[0]
             full, _ = reference(p, 20)
             history = list(p)
@@ -337,8 +308,6 @@ def test_stop_token_ends_generation_without_text() -> None:
             text, final = await drain(j)
             assert final.finish_reason == "stop"
             assert full.startswith(text) and len(text) < 4
-        finally:
-            runner.close()
 
     run(main)
 
@@ -346,8 +315,7 @@ def test_stop_token_ends_generation_without_text() -> None:
 def test_jobs_that_do_not_fit_the_kv_budget_wait_instead_of_failing() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=4, n_ctx=64, n_batch=64)
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             ps = [[1 + i, 2, 3, 4, 5, 6, 7, 8, 9, 10] for i in range(4)]  # 10 + 20 = 30 cells each
             jobs = [job(p, 20) for p in ps]
             for j in jobs:
@@ -356,8 +324,6 @@ def test_jobs_that_do_not_fit_the_kv_budget_wait_instead_of_failing() -> None:
             for p, (text, _) in zip(ps, results, strict=True):
                 assert text == reference(p, 20)[0]
             assert max(len(set(bt.seqs)) for bt in backend.batches) <= 2, "only two fit at a time"
-        finally:
-            runner.close()
 
     run(main)
 
@@ -365,8 +331,7 @@ def test_jobs_that_do_not_fit_the_kv_budget_wait_instead_of_failing() -> None:
 def test_job_larger_than_the_context_is_refused_not_left_waiting() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_ctx=32)
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             j = job([1, 2, 3], 40)
             runner.submit(j)
             with pytest.raises(ContextOverflow, match="43 tokens exceed the context of 32"):
@@ -374,8 +339,6 @@ def test_job_larger_than_the_context_is_refused_not_left_waiting() -> None:
             ok = job([1, 2, 3], 5)
             runner.submit(ok)
             assert (await drain(ok))[0] == reference([1, 2, 3], 5)[0]
-        finally:
-            runner.close()
 
     run(main)
 
@@ -383,8 +346,7 @@ def test_job_larger_than_the_context_is_refused_not_left_waiting() -> None:
 def test_separate_kv_streams_run_jobs_that_would_not_fit_together() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=4, n_ctx=64, n_batch=64, shared_kv=False)
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             ps = [[1 + i, 2, 3, 4, 5, 6, 7, 8, 9, 10] for i in range(4)]  # 10 + 40 = 50 cells each
             jobs = [job(p, 40) for p in ps]
             for j in jobs:
@@ -393,8 +355,6 @@ def test_separate_kv_streams_run_jobs_that_would_not_fit_together() -> None:
             for p, (text, _) in zip(ps, results, strict=True):
                 assert text == reference(p, 40)[0]
             assert max(len(set(bt.seqs)) for bt in backend.batches) >= 3, "they ran together"
-        finally:
-            runner.close()
 
     run(main)
 
@@ -405,8 +365,7 @@ def test_generation_rows_are_in_slot_order_when_a_later_job_takes_a_lower_slot()
 
     async def main() -> None:
         backend = FakeDecodeBackend(n_slots=4, n_ctx=64, n_batch=64, shared_kv=False)
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             ps = [[1 + i, 2, 3, 4, 5, 6] for i in range(5)]
             jobs = [job(p, 2 if i == 0 else 30) for i, p in enumerate(ps)]
             for j in jobs:
@@ -417,8 +376,6 @@ def test_generation_rows_are_in_slot_order_when_a_later_job_takes_a_lower_slot()
             rows = [bt.seqs for bt in backend.batches if len(bt.seqs) > 1 and all(bt.logits)]
             assert any(0 in r and len(r) > 1 for r in rows[2:]), "the fifth job generated beside the others"
             assert all(r == sorted(r) for r in rows), rows
-        finally:
-            runner.close()
 
     run(main)
 
@@ -426,8 +383,7 @@ def test_generation_rows_are_in_slot_order_when_a_later_job_takes_a_lower_slot()
 def test_decode_failure_fails_the_jobs_in_that_batch() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend(fail_status=-3)
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             j = job([1, 2, 3], 5)
             runner.submit(j)
             with pytest.raises(EngineError, match="status -3"):
@@ -436,8 +392,6 @@ def test_decode_failure_fails_the_jobs_in_that_batch() -> None:
             ok = job([1, 2, 3], 5)
             runner.submit(ok)
             assert (await drain(ok))[0] == reference([1, 2, 3], 5)[0]
-        finally:
-            runner.close()
 
     run(main)
 
@@ -445,16 +399,13 @@ def test_decode_failure_fails_the_jobs_in_that_batch() -> None:
 def test_logit_bias_reaches_the_sampler() -> None:
     async def main() -> None:
         backend = FakeDecodeBackend()
-        runner = BatchRunner(backend)
-        try:
+        async with running(backend) as runner:
             p = prompts(1)[0]
             banned = next_token(p)
             j = job(p, 1, sampling=SamplingParams(temperature=0.0, logit_bias={banned: -100.0}))
             runner.submit(j)
             text, _ = await drain(j)
             assert text != piece_of(banned).decode()
-        finally:
-            runner.close()
 
     run(main)
 
