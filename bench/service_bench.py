@@ -144,21 +144,24 @@ def agent_round(work: Path, model: Path | None, threads: int, idle_s: float) -> 
             if model is not None:
                 out["serving_s"] = notify.wait_for("STATUS=serving", 120) - t0
                 time.sleep(1.0)  # let start-up work settle before the idle window
-                c0 = cpu_seconds(proc.pid)
-                time.sleep(idle_s)
-                out["idle_cpu_pct"] = 100 * (cpu_seconds(proc.pid) - c0) / idle_s
+                out["idle_cpu_pct"] = idle_cpu_pct(proc.pid, idle_s)
                 out["rss_loaded_bytes"] = rss_bytes(proc.pid)
             else:
                 time.sleep(2.0)
                 out["rss_bytes"] = rss_bytes(proc.pid)
-                c0 = cpu_seconds(proc.pid)
-                time.sleep(idle_s)
-                out["idle_cpu_pct"] = 100 * (cpu_seconds(proc.pid) - c0) / idle_s
+                out["idle_cpu_pct"] = idle_cpu_pct(proc.pid, idle_s)
             return out
         finally:
             stop(proc)
     finally:
         notify.close()
+
+
+def idle_cpu_pct(pid: int, idle_s: float) -> float:
+    """CPU use of ``pid`` over the next ``idle_s`` seconds, in percent of one core."""
+    c0 = cpu_seconds(pid)
+    time.sleep(idle_s)
+    return 100 * (cpu_seconds(pid) - c0) / idle_s
 
 
 def peer_round(work: Path, idle_s: float) -> dict[str, float]:
@@ -172,9 +175,7 @@ def peer_round(work: Path, idle_s: float) -> dict[str, float]:
             out = {"ready_s": notify.wait_for("READY=1", 60) - t0}
             time.sleep(2.0)
             out["rss_bytes"] = rss_bytes(proc.pid)
-            c0 = cpu_seconds(proc.pid)
-            time.sleep(idle_s)
-            out["idle_cpu_pct"] = 100 * (cpu_seconds(proc.pid) - c0) / idle_s
+            out["idle_cpu_pct"] = idle_cpu_pct(proc.pid, idle_s)
             return out
         finally:
             stop(proc)
