@@ -30,7 +30,7 @@ from agent.log import get_logger
 from agent.metrics import HubState, Metrics, StatusSources
 from agent.server.admin_routes import install_metrics
 from agent.server.http import ApiServer, build_app
-from agent.server.limits import ServerLimits
+from agent.server.limits import ServerLimits, install_throttle_counter
 from agent.server.listener import bind_unix, systemd_socket
 
 if TYPE_CHECKING:
@@ -244,6 +244,7 @@ class Daemon:
         metrics = Metrics(s.metrics.latency_buckets_s, _sources(pool, guard))
         if s.metrics.enabled:
             install_metrics(app, metrics)  # outermost: times and counts every request
+            install_throttle_counter(app, metrics)  # 429s by reason (rate limit, full queue)
         server = ApiServer(
             app,
             sock,
@@ -251,7 +252,7 @@ class Daemon:
             shutdown_grace_s=s.server.shutdown_grace_s,
             max_header_bytes=s.server.max_header_bytes,
             keepalive_timeout_s=s.server.keepalive_timeout_s,
-            limits=ServerLimits.from_settings(s.server),
+            limits=ServerLimits.from_settings(s.server, metrics if s.metrics.enabled else None),
         )
         loop = asyncio.get_running_loop()
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -2,13 +2,17 @@
 
 Two kinds of series:
 - event series updated as things happen: requests by route, method, status and model; request
-  latency histograms by route and model; tokens in and out by model;
+  latency histograms by route and model; tokens in and out by model; the socket server's limits
+  (connections refused, timeouts by phase, requests rejected before the application, ``429``s by
+  reason, open connections against the limit), reported through the
+  :class:`agent.server.limits.LimitEvents` methods below;
 - state series read at scrape time from :class:`StatusSources`: loaded models and their memory,
   queue depth, memory budget, selection changes (hot swaps by outcome), sync state, audit backlog,
   policy version, scheduled jobs, event-loop lag, and the process's own CPU and memory.
 
 Invariants: each :class:`Metrics` has its own registry (no global state, so tests and several
-apps in one process never collide); label values are bounded — the route label is the matched
+apps in one process never collide); label values are bounded (the limit series take one of a
+fixed set each, all present at zero from the start) — the route label is the matched
 route's pattern, never the raw path, and unknown paths are ``other``; a failing source is
 skipped for that scrape and never fails the scrape.
 """
@@ -35,6 +39,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 DEFAULT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_REJECTED = ("400", "414", "417", "431", "500")
+"""agent.server.limits.REJECTED_STATUSES (kept here so this module needs no aiohttp import)."""
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The classic text format every Prometheus server (and ``generate_latest``'s output) speaks."""
 
@@ -103,8 +109,74 @@ class Metrics:
         self.in_flight = Gauge("edge_agent_requests_in_flight", "Requests being answered now", registry=r)
         self.active = 0
         """The same number as ``in_flight``, readable without prometheus_client internals."""
+        self._init_limit_series()
         ProcessCollector(namespace="edge_agent", registry=r)
         r.register(_StateCollector(self))
+
+    def _init_limit_series(self) -> None:
+        r = self.registry
+        self.connections_open = Gauge(
+            "edge_agent_connections_open", "Connections open on the API socket now", registry=r
+        )
+        self.connections_limit = Gauge(
+            "edge_agent_connections_limit", "max_connections of the API socket", registry=r
+        )
+        self.connections_refused = Counter(
+            "edge_agent_connections_refused",
+            "Connections refused beyond max_connections: over_limit (503 and close), "
+            "dropped (closed unread, beyond twice the limit)",
+            ["reason"],
+            registry=r,
+        )
+        self.request_timeouts = Counter(
+            "edge_agent_request_timeouts",
+            "Connections closed by a timeout: idle (nothing sent), headers and body (408), "
+            "write (the client stopped reading; aborted)",
+            ["phase"],
+            registry=r,
+        )
+        self.requests_rejected = Counter(
+            "edge_agent_requests_rejected",
+            "Requests answered with an error before the application saw them (malformed HTTP, "
+            "oversized headers or request line, unknown Expect); not in edge_agent_requests_total",
+            ["status"],
+            registry=r,
+        )
+        self.requests_throttled = Counter(
+            "edge_agent_requests_throttled",
+            "Requests answered 429, by reason: rate_limit (the role's requests per minute), "
+            "queue_full (the model's queue); also counted in edge_agent_requests_total",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("over_limit", "dropped"):
+            self.connections_refused.labels(reason)
+        for phase in ("idle", "headers", "body", "write"):
+            self.request_timeouts.labels(phase)
+        for status in (*_REJECTED, "other"):
+            self.requests_rejected.labels(status)
+        for reason in ("rate_limit", "queue_full"):
+            self.requests_throttled.labels(reason)
+
+    # -- agent.server.limits.LimitEvents ----------------------------------------------------------
+
+    def connections_changed(self, open_: int, limit: int) -> None:
+        self.connections_open.set(open_)
+        self.connections_limit.set(limit)
+
+    def connection_refused(self, reason: str) -> None:
+        self.connections_refused.labels(reason).inc()
+
+    def request_timed_out(self, phase: str) -> None:
+        self.request_timeouts.labels(phase).inc()
+
+    def request_rejected(self, status: str) -> None:
+        self.requests_rejected.labels(status).inc()
+
+    def request_throttled(self, reason: str) -> None:
+        self.requests_throttled.labels(reason).inc()
+
+    # -- requests --------------------------------------------------------------------------------
 
     def request_started(self) -> None:
         self.active += 1

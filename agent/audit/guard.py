@@ -276,7 +276,9 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         if wait > 0:
             reason = f"rate limit of {rpm} requests per minute for role(s) {','.join(decision.roles)}"
             await record("refused", reason, status=429)
-            raise Overloaded(f"{reason} reached; retry after {wait:.1f} s", retry_after=wait, status=429)
+            refusal = Overloaded(f"{reason} reached; retry after {wait:.1f} s", retry_after=wait, status=429)
+            refusal.code = "rate_limit_exceeded"  # OpenAI's code; a full queue stays "overloaded"
+            raise refusal
     recorded = False
 
     async def finish() -> None:  # a stream, right before its final event

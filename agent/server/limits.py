@@ -21,6 +21,12 @@ daemon. This module bounds every resource a connection can hold:
   which cancels the handler and frees any generation slot it holds.
 - ``keepalive_timeout_s``: an idle keep-alive connection is closed after this (aiohttp's own timer).
 
+Every limit that fires is reported to the site's :class:`LimitEvents` sink (the daemon's
+:class:`agent.metrics.Metrics`, which exports them on ``GET /metrics``): refused and dropped
+connections, timeouts by phase, requests rejected before the application saw them, requests
+throttled with ``429`` (rate limit, full queue: :func:`install_throttle_counter`), and the open
+connections against the limit. Label values are bounded: each method takes one of a fixed set.
+
 Invariants: every response this module writes itself is an OpenAI-shaped JSON error with
 ``Connection: close``; a connection is counted from ``connection_made`` to ``connection_lost``
 exactly once; every timer a connection starts is cancelled when it is lost.
@@ -36,8 +42,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -60,6 +67,59 @@ _REASONS = {
 }
 
 
+RefusalReason = Literal["over_limit", "dropped"]
+"""``over_limit``: answered ``503`` and closed; ``dropped``: closed unread (beyond twice the limit)."""
+TimeoutPhase = Literal["idle", "headers", "body", "write"]
+"""``idle``: nothing sent at all; ``headers``/``body``: incomplete in time (``408``); ``write``: the
+client stopped reading (connection aborted)."""
+ThrottleReason = Literal["rate_limit", "queue_full"]
+"""Why a request was answered ``429``: the caller's role budget, or the model's full queue."""
+
+REJECTED_STATUSES = ("400", "414", "417", "431", "500")
+"""Statuses of requests rejected before the application saw them; any other one is ``other``."""
+
+
+class LimitEvents(Protocol):
+    """Where a site reports the limits that fire; every argument comes from a fixed set."""
+
+    def connections_changed(self, open_: int, limit: int) -> None:
+        """Connections now open on the site, and its ``max_connections``."""
+
+    def connection_refused(self, reason: RefusalReason) -> None: ...
+
+    def request_timed_out(self, phase: TimeoutPhase) -> None: ...
+
+    def request_rejected(self, status: str) -> None:
+        """A request answered before the application saw it; ``status`` from :func:`rejected_label`."""
+
+    def request_throttled(self, reason: ThrottleReason) -> None: ...
+
+
+class NoEvents:
+    """The sink of a site nobody watches: every event is ignored."""
+
+    def connections_changed(self, open_: int, limit: int) -> None:
+        pass
+
+    def connection_refused(self, reason: RefusalReason) -> None:
+        pass
+
+    def request_timed_out(self, phase: TimeoutPhase) -> None:
+        pass
+
+    def request_rejected(self, status: str) -> None:
+        pass
+
+    def request_throttled(self, reason: ThrottleReason) -> None:
+        pass
+
+
+def rejected_label(status: int) -> str:
+    """The bounded ``status`` label of a rejected request (pure)."""
+    text = str(status)
+    return text if text in REJECTED_STATUSES else "other"
+
+
 class RequestTimeout(RequestError):
     """The client did not send its request (headers or body) in time: HTTP 408."""
 
@@ -79,12 +139,16 @@ class ServerLimits:
     body_timeout_s: float = 30.0
     write_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    events: LimitEvents = field(default_factory=NoEvents, compare=False, repr=False)
+    """Where the site reports the limits that fire (not a limit; not read from settings)."""
 
     @classmethod
-    def from_settings(cls, server: Any) -> ServerLimits:
+    def from_settings(cls, server: Any, events: LimitEvents | None = None) -> ServerLimits:
         """Build from ``agent.config.ServerSettings`` (any object with the same attribute names)."""
         defaults = cls()
-        return cls(**{name: getattr(server, name, getattr(defaults, name)) for name in cls.__slots__})
+        names = [name for name in cls.__slots__ if name != "events"]
+        values = {name: getattr(server, name, getattr(defaults, name)) for name in names}
+        return cls(**values, events=events or NoEvents())
 
     def handler_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of aiohttp's ``RequestHandler`` (and ``AppRunner``) for these limits."""
@@ -97,19 +161,30 @@ class ServerLimits:
 
 
 class ConnectionCounter:
-    """Open connections of one site. ``refuse`` and ``drop`` say what to do with the newest one."""
+    """Open connections of one site. ``refuse`` and ``drop`` say what to do with the newest one.
 
-    def __init__(self, limit: int) -> None:
+    Every change of ``active`` is reported to ``events`` (and the limit once, at creation).
+    """
+
+    def __init__(self, limit: int, events: LimitEvents | None = None) -> None:
         self.limit = limit
         self.active = 0
         self.refused = 0
+        self.events: LimitEvents = events or NoEvents()
+        self.events.connections_changed(0, limit)
 
     def opened(self) -> int:
         self.active += 1
+        self.events.connections_changed(self.active, self.limit)
         return self.active
 
     def closed(self) -> None:
         self.active -= 1
+        self.events.connections_changed(self.active, self.limit)
+
+    def refused_one(self, reason: RefusalReason) -> None:
+        self.refused += 1
+        self.events.connection_refused(reason)
 
     def refuse(self, count: int) -> bool:
         """Above the limit: answer 503 and close."""
@@ -195,14 +270,14 @@ class GuardedRequestHandler(RequestHandler):
         count = self._counter.opened()
         self._counted = True
         if self._counter.drop(count):
-            self._counter.refused += 1
+            self._counter.refused_one("dropped")
             log.warning("connection_dropped", active=count, limit=self._counter.limit)
             transport.abort()  # type: ignore[attr-defined]
             return
         super().connection_made(transport)
         if self._counter.refuse(count):
             self._refused = True
-            self._counter.refused += 1
+            self._counter.refused_one("over_limit")
             log.warning("connection_refused", active=count, limit=self._counter.limit)
         self._arm_header_timer()
 
@@ -289,6 +364,7 @@ class GuardedRequestHandler(RequestHandler):
             return
         if self._partial:
             log.info("header_timeout", timeout_s=self._limits.header_timeout_s)
+            self._limits.events.request_timed_out("headers")
             self._write_and_close(
                 raw_error_response(
                     408,
@@ -299,6 +375,7 @@ class GuardedRequestHandler(RequestHandler):
             return
         if self._request_count == 0:
             log.info("idle_connection_closed", timeout_s=self._limits.header_timeout_s)
+            self._limits.events.request_timed_out("idle")
             self.force_close()
 
     def _arm_body_timer(self, payload: Any) -> None:
@@ -319,6 +396,7 @@ class GuardedRequestHandler(RequestHandler):
             return
         self._timed_out = True
         log.info("body_timeout", timeout_s=self._limits.body_timeout_s)
+        self._limits.events.request_timed_out("body")
         payload.set_exception(
             RequestTimeout(f"request body not received within {self._limits.body_timeout_s:g} s")
         )
@@ -341,6 +419,7 @@ class GuardedRequestHandler(RequestHandler):
         transport = self.transport
         if transport is not None and self.writing_paused:
             log.info("write_timeout", timeout_s=self._limits.write_timeout_s)
+            self._limits.events.request_timed_out("write")
             transport.abort()
 
     # -- responses -------------------------------------------------------------------------------
@@ -354,6 +433,7 @@ class GuardedRequestHandler(RequestHandler):
         it, e.g. 417 for an unknown ``Expect``) is answered as a JSON error like every other one.
         """
         if isinstance(resp, web.HTTPException) and not resp.prepared:
+            self._limits.events.request_rejected(rejected_label(resp.status))
             resp = translate(resp)
         result = await super().finish_response(request, resp, start_time)
         if self._timed_out or not request.content.is_eof():
@@ -372,6 +452,7 @@ class GuardedRequestHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error")
         code_status, code, text = classify_parse_error(exc, status)
+        self._limits.events.request_rejected(rejected_label(code_status))
         if code_status >= 500:
             log.error("request_failed_outside_app", error=repr(exc))
         else:
@@ -385,6 +466,48 @@ class GuardedRequestHandler(RequestHandler):
         return resp
 
 
+def throttle_reason(status: int, body: object) -> ThrottleReason | None:
+    """Why a response refused its request with ``429``, from its JSON error code (pure).
+
+    ``rate_limit_exceeded`` is the access policy's requests-per-minute (agent/audit/guard.py);
+    ``overloaded`` is a model's full queue (agent/engine/batching.py). Anything else is ``None``.
+    """
+    if status != 429 or not isinstance(body, bytes) or len(body) > 4096:
+        return None
+    try:
+        error = json.loads(body).get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        return None
+    if code == "rate_limit_exceeded":
+        return "rate_limit"
+    if code == "overloaded":
+        return "queue_full"
+    return None
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def install_throttle_counter(app: web.Application, events: LimitEvents) -> None:
+    """Report every ``429`` the application answers to ``events`` (outermost middleware).
+
+    Install after the middleware that turns exceptions into JSON errors, so that this one sees the
+    final response; a ``429`` is only ever sent before a response starts, so the body is whole.
+    """
+
+    @web.middleware
+    async def count_throttled(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if response.status == 429 and isinstance(response, web.Response):
+            reason = throttle_reason(response.status, response.body)
+            if reason is not None:
+                events.request_throttled(reason)
+        return response
+
+    app.middlewares.insert(0, count_throttled)
+
+
 class GuardedSite(web.BaseSite):
     """Serve a runner's application on a listening socket through :class:`GuardedRequestHandler`."""
 
@@ -396,7 +519,7 @@ class GuardedSite(web.BaseSite):
         super().__init__(runner, backlog=backlog)
         self._sock = sock
         self._limits = limits
-        self._counter = ConnectionCounter(limits.max_connections)
+        self._counter = ConnectionCounter(limits.max_connections, limits.events)
         try:
             where = sock.getsockname()
         except OSError:
@@ -428,12 +551,21 @@ class GuardedSite(web.BaseSite):
 
 
 __all__ = [
+    "REJECTED_STATUSES",
     "ConnectionCounter",
     "GuardedRequestHandler",
     "GuardedSite",
+    "LimitEvents",
+    "NoEvents",
+    "RefusalReason",
     "RequestTimeout",
     "ServerLimits",
+    "ThrottleReason",
+    "TimeoutPhase",
     "classify_parse_error",
     "error_body",
+    "install_throttle_counter",
     "raw_error_response",
+    "rejected_label",
+    "throttle_reason",
 ]

@@ -9,12 +9,17 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 
 from agent.config import ServerSettings, Settings, format_validation_error
+from agent.metrics import Metrics
 from agent.server.limits import (
+    REJECTED_STATUSES,
     ConnectionCounter,
+    NoEvents,
     RequestTimeout,
     ServerLimits,
     classify_parse_error,
     raw_error_response,
+    rejected_label,
+    throttle_reason,
 )
 from tests.fuzz.rawhttp import parse_responses
 
@@ -139,3 +144,74 @@ def test_limits_settable_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     limits = ServerLimits.from_settings(Settings().server)
     assert (limits.max_connections, limits.header_timeout_s) == (12, 2.5)
     assert json.dumps(limits.handler_kwargs())
+
+
+def _error(code: object) -> bytes:
+    return json.dumps({"error": {"message": "m", "type": "t", "param": None, "code": code}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        pytest.param(429, _error("rate_limit_exceeded"), "rate_limit", id="role-rate-limit"),
+        pytest.param(429, _error("overloaded"), "queue_full", id="full-queue"),
+        pytest.param(503, _error("overloaded"), None, id="overloaded-503-is-not-a-429"),
+        pytest.param(429, _error("something_else"), None, id="unknown-code"),
+        pytest.param(429, _error(None), None, id="no-code"),
+        pytest.param(429, b'{"error": "flat"}', None, id="error-not-an-object"),
+        pytest.param(429, b"[]", None, id="body-not-an-object"),
+        pytest.param(429, b"not json", None, id="body-not-json"),
+        pytest.param(429, None, None, id="no-body"),
+        pytest.param(429, b" " * 5000 + _error("overloaded"), None, id="body-too-large-to-parse"),
+    ],
+)
+def test_throttle_reason(status: int, body: object, expected: str | None) -> None:
+    assert throttle_reason(status, body) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "label"),
+    [
+        pytest.param(400, "400", id="malformed"),
+        pytest.param(414, "414", id="uri-too-long"),
+        pytest.param(417, "417", id="expectation-failed"),
+        pytest.param(431, "431", id="headers-too-large"),
+        pytest.param(500, "500", id="internal"),
+        pytest.param(504, "other", id="unlisted-status"),
+        pytest.param(999, "other", id="nonsense-status"),
+    ],
+)
+def test_rejected_label_is_bounded(status: int, label: str) -> None:
+    assert rejected_label(status) == label
+
+
+def test_metrics_pre_create_every_rejected_label() -> None:
+    registry = Metrics().registry
+    for status in (*REJECTED_STATUSES, "other"):
+        assert registry.get_sample_value("edge_agent_requests_rejected_total", {"status": status}) == 0
+
+
+def test_counter_reports_open_connections_and_the_limit_to_the_metrics() -> None:
+    metrics = Metrics()
+    counter = ConnectionCounter(limit=3, events=metrics)
+    gauge = metrics.registry.get_sample_value
+    assert (gauge("edge_agent_connections_open"), gauge("edge_agent_connections_limit")) == (0, 3)
+    counter.opened()
+    counter.opened()
+    assert gauge("edge_agent_connections_open") == 2
+    counter.closed()
+    assert gauge("edge_agent_connections_open") == 1
+    counter.refused_one("over_limit")
+    counter.refused_one("dropped")
+    counter.refused_one("dropped")
+    assert counter.refused == 3
+    assert gauge("edge_agent_connections_refused_total", {"reason": "over_limit"}) == 1
+    assert gauge("edge_agent_connections_refused_total", {"reason": "dropped"}) == 2
+
+
+def test_limits_carry_their_events_sink_outside_equality() -> None:
+    metrics = Metrics()
+    limits = ServerLimits.from_settings(ServerSettings(), metrics)
+    assert limits.events is metrics
+    assert limits == ServerLimits()
+    assert isinstance(ServerLimits.from_settings(ServerSettings()).events, NoEvents)
