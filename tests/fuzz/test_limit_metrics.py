@@ -9,6 +9,7 @@ a loaded machine; and an inline access policy under which ``GET /v1/models`` is 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -271,9 +272,49 @@ def test_every_limit_series_is_exported_at_zero_from_the_start(tmp_path: Path) -
         d.wait_ready(status="no_model")
         samples = scrape(d)
     limit_series = {k: v for k, v in samples.items() if k[0] in LIMIT_FAMILIES}
-    assert limit_series == {
+    assert limit_series == {  # every label value is there at zero, and no other
         **{refused(r): 0 for r in ("over_limit", "dropped")},
         **{timeout(p): 0 for p in ("idle", "headers", "body", "write")},
         **{rejected(s): 0 for s in ("400", "414", "417", "431", "500", "other")},
         **{throttled(r): 0 for r in ("rate_limit", "queue_full")},
     }
+
+
+def _queue_depth(daemon: Daemon) -> int:
+    with uds_client(daemon.socket, timeout=10) as c:
+        return sum(int(m["queue_depth"]) for m in c.get("/admin/status").json()["models"])
+
+
+@pytest.mark.model
+def test_full_queue_moves_the_queue_full_counter(tmp_path: Path, gemma_path: Path) -> None:
+    """One slot and one place in the queue: a third request is a 429 counted as ``queue_full``."""
+    env = {
+        "EDGE_AGENT_ENGINE__N_PARALLEL": "1",
+        "EDGE_AGENT_ENGINE__MAX_QUEUE": "1",
+        "EDGE_AGENT_ENGINE__N_THREADS": "2",
+    }
+    long = {"prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "temperature": 0}
+    short = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    with running_daemon(tmp_path / "queue", gemma_path, env=env) as d:
+        before = settled(d)
+        with (
+            uds_client(d.socket) as first,
+            uds_client(d.socket) as second,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
+            with first.stream("POST", "/v1/completions", json=long) as running:
+                assert running.status_code == 200
+                waiter = pool.submit(second.post, "/v1/completions", json=short)
+                deadline = time.monotonic() + 30
+                while _queue_depth(d) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                with uds_client(d.socket) as third:
+                    refused = third.post("/v1/completions", json=short)
+                assert refused.status_code == 429, refused.text
+                assert refused.json()["error"]["code"] == "overloaded"
+            assert waiter.result(timeout=120).status_code == 200  # the stream's slot was freed
+        after = settled(d)
+    expected = {throttled("queue_full"): 1, answered("/v1/completions", "POST", "429"): 1}
+    watched = {k for k in after if k[0] in LIMIT_FAMILIES} | set(expected)
+    moved = {k: after.get(k, 0) - before.get(k, 0) for k in watched}
+    assert {k: v for k, v in moved.items() if v} == expected
