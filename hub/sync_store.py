@@ -67,9 +67,15 @@ CREATE TABLE IF NOT EXISTS events (
     status TEXT NOT NULL,
     target TEXT NOT NULL,
     detail TEXT NOT NULL,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    event_id TEXT
 );
 CREATE INDEX IF NOT EXISTS events_device ON events (device, at);
+"""
+# Events carry an id unique per device since the device outbox (agent/sync/outbox.py) re-sends an
+# event whose PUBACK was lost: one id is stored once. Older databases get the column added.
+_EVENT_IDS = """
+CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events (device, event_id) WHERE event_id IS NOT NULL;
 """
 
 
@@ -100,7 +106,11 @@ class HubStore:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+        conn = self._conn()
+        conn.executescript(_SCHEMA)
+        if "event_id" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
+            conn.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+        conn.executescript(_EVENT_IDS)
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -283,9 +293,11 @@ class HubStore:
             )
 
     def record_event(self, device: str, event: Event, now: float | None = None) -> None:
+        """Store ``event``; an event whose id is already stored for ``device`` is ignored."""
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO events (device, kind, status, target, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO events (device, kind, status, target, detail, at, event_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     device,
                     event.kind,
@@ -293,18 +305,22 @@ class HubStore:
                     event.target,
                     event.detail,
                     event.at or (now or time.time()),
+                    event.id or None,
                 ),
             )
 
     def events(self, device: str | None = None, limit: int = 1000) -> list[tuple[str, Event]]:
-        sql = "SELECT device, kind, status, target, detail, at FROM events"
+        sql = "SELECT device, kind, status, target, detail, at, event_id FROM events"
         args: list[Any] = []
         if device is not None:
             sql += " WHERE device = ?"
             args.append(device)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
-        return [(d, Event(k, s, t, det, at)) for d, k, s, t, det, at in self._conn().execute(sql, args)]
+        return [
+            (d, Event(k, s, t, det, at, i or ""))
+            for d, k, s, t, det, at, i in self._conn().execute(sql, args)
+        ]
 
     def devices(self) -> list[DeviceRow]:
         out = []

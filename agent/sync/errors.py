@@ -7,7 +7,8 @@ SyncError
 │   ├── PublishRefused   the broker answered a publish with a failure reason code (e.g. ACL)
 │   └── SubscribeRefused the broker refused a subscription (reason code >= 0x80)
 ├── ProtocolError        a message does not have the shape docs/protocol.md defines
-└── TransferError        a blob transfer failed; ``status`` is a :class:`~agent.sync.messages.Status`
+├── TransferError        a blob transfer failed; ``status`` is a :class:`~agent.sync.messages.Status`
+└── LedgerError          the device's sync ledger (outbox, retries, removals) cannot be used
 """
 
 from __future__ import annotations
@@ -55,8 +56,13 @@ class TransferError(SyncError):
         self.status = status
 
 
+class LedgerError(SyncError):
+    """The sync ledger (``<state_dir>/sync/ledger.db``) cannot be opened, read or written."""
+
+
 __all__ = [
     "AckTimeout",
+    "LedgerError",
     "MqttError",
     "NotConnected",
     "ProtocolError",

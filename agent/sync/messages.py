@@ -57,6 +57,9 @@ class Status(enum.StrEnum):
     CHAIN_BROKEN = "chain_broken"
     POLICY_APPLIED = "policy_applied"
     POLICY_REFUSED = "policy_refused"
+    RETRY_SCHEDULED = "retry_scheduled"
+    UNLOADED = "unloaded"
+    REMOVED = "removed"
     ERROR = "error"
 
 
@@ -352,7 +355,10 @@ class AuditAck:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """An outcome the device reports on ``devices/<id>/events`` (QoS 1)."""
+    """An outcome the device reports on ``devices/<id>/events`` (QoS 1).
+
+    ``id`` (when not empty) is unique per device: delivery is at least once (an event is re-sent
+    when the broker's PUBACK was lost), and the hub stores an id once."""
 
     kind: str
     """``deployment``, ``policy``, ``transfer`` or ``security``."""
@@ -360,14 +366,18 @@ class Event:
     target: str = ""
     detail: str = ""
     at: float = 0.0
+    id: str = ""
 
     def encode(self) -> bytes:
-        return _dumps(asdict(self))
+        data = asdict(self)
+        if not self.id:
+            del data["id"]
+        return _dumps(data)
 
     @classmethod
     def decode(cls, raw: bytes) -> Event:
         data = _loads(raw, "event")
-        _fields(data, "event", {"kind", "status"}, {"target", "detail", "at"})
+        _fields(data, "event", {"kind", "status"}, {"target", "detail", "at", "id"})
         at = data.get("at", 0.0)
         if not isinstance(at, int | float) or isinstance(at, bool):
             raise ProtocolError("event: at must be a number")
@@ -377,6 +387,7 @@ class Event:
             _str(data, "target", "event", 400) if "target" in data else "",
             _str(data, "detail", "event", 2000) if "detail" in data else "",
             float(at),
+            _str(data, "id", "event", 64) if "id" in data else "",
         )
 
 
@@ -397,12 +408,20 @@ class StateReport:
     audit_backlog: int = 0
     last_sync: float | None = None
     at: float = 0.0
+    failing: tuple[Mapping[str, Any], ...] = ()
+    """deployments whose activation failed: ``model``, ``version``, ``attempts``, ``next_retry``
+    (epoch seconds), ``error``"""
+    events_pending: int = 0
+    """events waiting in the outbox for the broker"""
+    events_dropped: int = 0
+    """events dropped because the outbox was full (oldest first), since the outbox was created"""
 
     def encode(self) -> bytes:
         data = asdict(self)
         for key in ("groups", "loaded_models", "installed"):
             data[key] = list(data[key])
         data["hardware"] = dict(self.hardware)
+        data["failing"] = [dict(f) for f in self.failing]
         return _dumps(data)
 
     @classmethod
@@ -419,6 +438,13 @@ class StateReport:
             data[key] = tuple(value)
         if not isinstance(data.get("hardware", {}), dict):
             raise ProtocolError("state: hardware must be an object")
+        failing = data.get("failing", [])
+        if not isinstance(failing, list) or not all(isinstance(f, dict) for f in failing):
+            raise ProtocolError("state: failing must be a list of objects")
+        data["failing"] = tuple(failing)
+        for key in ("events_pending", "events_dropped"):
+            if key in data:
+                _int(data, key, "state")
         try:
             report = cls(**data)
         except TypeError as exc:

@@ -21,7 +21,6 @@ at the next round.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import time
 from collections.abc import Callable, Mapping
@@ -35,8 +34,10 @@ from agent.log import get_logger
 from agent.sync.audit_upload import AuditSource, AuditUploader
 from agent.sync.errors import MqttError, SyncError
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
+from agent.sync.ledger import Ledger
 from agent.sync.messages import Event, Outgoing, Status, device_topic, offline_will, online_status
 from agent.sync.mqtt import MqttClient, MqttConfig
+from agent.sync.outbox import DEFAULT_CAPACITY, Outbox
 from agent.sync.reconcile import Activate, Defer, Missing, plan
 from agent.sync.state import StatePublisher, build_report
 from registry.device import DeviceRegistry
@@ -74,6 +75,7 @@ class SyncOptions:
     agent_version: str = ""
     hardware: Mapping[str, Any] = field(default_factory=dict)
     audit_key_hex: str = ""
+    outbox_capacity: int = DEFAULT_CAPACITY
 
 
 def _entry(action: str, resource: str | None, outcome: str, reason: str, details: dict[str, Any]) -> Any:
@@ -121,7 +123,9 @@ class SyncService:
         self.serving_versions: dict[str, str] = {}
         self.last_sync: float | None = None
         self.events_sent: list[Event] = []
-        self._events: collections.deque[Event] = collections.deque(maxlen=1000)
+        self.ledger = Ledger.open(state_dir)
+        self.outbox = Outbox(self.ledger, options.outbox_capacity)
+        self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._state_task: asyncio.Task[None] | None = None
@@ -168,6 +172,7 @@ class SyncService:
             with contextlib.suppress(MqttError):
                 await self.client.publish(offline_will(self.options.device_id), timeout=2)
         await self.client.close()
+        self.ledger.close()
 
     def _wake_up(self) -> None:
         self._wake.set()
@@ -347,19 +352,32 @@ class SyncService:
         log.info(
             "sync_event", kind=event.kind, status=event.status, target=event.target, detail=event.detail[:300]
         )
-        self._events.append(event)
+        try:
+            self.outbox.append(event)
+        except SyncError as exc:  # a broken ledger must not stop the loop: the event is logged
+            log.error("sync_event_not_persisted", error=str(exc))
+            return
         await self._flush_events()
 
     async def _flush_events(self) -> None:
+        """Publish the outbox oldest first; an event leaves it only after the broker's PUBACK."""
         topic = device_topic(self.options.device_id, "events")
-        while self._events and self.client.is_connected:
-            event = self._events[0]
-            try:
-                await self.client.publish(Outgoing(topic, event.encode(), qos=1))
-            except MqttError:
-                return
-            self._events.popleft()
-            self.events_sent.append(event)
+        async with self._flush_lock:
+            while self.client.is_connected:
+                try:
+                    batch = self.outbox.pending(100)
+                except SyncError as exc:
+                    log.error("sync_outbox_unreadable", error=str(exc))
+                    return
+                if not batch:
+                    return
+                for event in batch:
+                    try:
+                        await self.client.publish(Outgoing(topic, event.encode(), qos=1))
+                        self.outbox.acked(event.id)
+                    except SyncError:  # not connected, no PUBACK, or the ledger: next time
+                        return
+                    self.events_sent.append(event)
 
     async def publish_state(self) -> None:
         enrollment = None
@@ -378,8 +396,20 @@ class SyncService:
             audit_backlog=await asyncio.to_thread(self.audit.backlog) if self.audit is not None else 0,
             last_sync=self.last_sync,
             at=time.time(),
+            failing=self._failing_report(),
+            **self._outbox_counts(),
         )
         await self.state.publish(report)
+
+    def _failing_report(self) -> list[dict[str, object]]:
+        return []
+
+    def _outbox_counts(self) -> dict[str, int]:
+        try:
+            return {"events_pending": len(self.outbox), "events_dropped": self.outbox.dropped}
+        except SyncError as exc:
+            log.error("sync_outbox_unreadable", error=str(exc))
+            return {}
 
     async def wait_rounds(self, n: int, timeout: float) -> None:
         """Wait until at least ``n`` sync rounds ran (tests, benchmarks)."""
@@ -478,14 +508,18 @@ async def start_sync(settings: Any, pool: ServingPool, guard: Any = None) -> Syn
     def policy_version() -> str | None:
         return str(holder.current().version) if holder is not None else None
 
-    service = SyncService(
-        options,
-        settings.state_dir,
-        pool,
-        audit=audit,
-        policy_sink=policy_sink,
-        policy_version=policy_version,
-    )
+    try:
+        service = SyncService(
+            options,
+            settings.state_dir,
+            pool,
+            audit=audit,
+            policy_sink=policy_sink,
+            policy_version=policy_version,
+        )
+    except SyncError as exc:  # the sync ledger cannot be opened: serve locally, say why
+        log.error("sync_disabled", reason=str(exc))
+        return None
     await service.start()
     log.info("sync_started", device=device_id, broker=f"{settings.hub.host}:{settings.hub.port}")
     return service

@@ -29,6 +29,9 @@ def build_report(
     audit_backlog: int,
     last_sync: float | None,
     at: float,
+    failing: Iterable[Mapping[str, Any]] = (),
+    events_pending: int = 0,
+    events_dropped: int = 0,
 ) -> StateReport:
     return StateReport(
         device=device_id,
@@ -43,6 +46,9 @@ def build_report(
         audit_backlog=audit_backlog,
         last_sync=last_sync,
         at=at,
+        failing=tuple(dict(f) for f in failing),
+        events_pending=events_pending,
+        events_dropped=events_dropped,
     )
 
 
