@@ -160,6 +160,9 @@ class PoolSettings(_Section):
     """A newly selected model must generate a few tokens before it replaces the current one."""
     drain_timeout_s: float = Field(default=300.0, gt=0)
     """After a swap, the old model serves its in-flight requests for at most this long."""
+    cold_swap: bool = True
+    """A new model that fits only in place of the current default replaces it (a brief 503 window,
+    the previous model loaded again if the new one fails); off: such a swap is refused."""
 
 
 class MetricsSettings(_Section):

@@ -12,6 +12,12 @@ engine is *retired*, no longer handed out, and closed once its queue is empty (o
 ``drain_timeout_s``). A new model that fails to load or fails its smoke test is closed and the
 previous one keeps serving: that is the rollback, and the swap raises :class:`SwapFailed`.
 
+Cold swap: when the new model fits the budget only in place of the current default (a small box
+that cannot hold two models), and ``cold_swap`` is on, the swap drains and unloads the current
+default first (requests meanwhile get 503 with ``Retry-After``: the model is switching), then loads
+and smoke-tests the new one; if that fails, the previous model is loaded again before
+:class:`SwapFailed` is raised. A pinned default is never unloaded for a cold swap.
+
 Invariants:
 - ``resolve`` never returns an engine that failed to load, nor a retired one; a request naming
   no model goes to the default; an unknown id raises :class:`NotFound` listing what exists.
@@ -19,6 +25,7 @@ Invariants:
 - the sum of the estimates of loaded models never exceeds the budget because of a load this pool
   started (models added already constructed are accounted for too).
 - swaps are serialised; the default changes only after the new engine passed its smoke test.
+- during a cold swap no other model starts loading (its memory is the new model's).
 
 The pool works through the :class:`agent.engine.base.Engine` protocol only; it creates engines
 with the ``factory`` it is given (``app.py`` chooses the concrete class).
@@ -114,6 +121,7 @@ def pool_options(settings: PoolSettings, limit_bytes: int | None = None) -> dict
         "keep_alive_s": settings.keep_alive_s,
         "smoke_test": smoke_generate if settings.smoke_test else None,
         "drain_timeout_s": settings.drain_timeout_s,
+        "cold_swap": settings.cold_swap,
     }
 
 
@@ -189,6 +197,7 @@ class ModelPool:
         drain_timeout_s: float = 300.0,
         settle_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        cold_swap: bool = True,
     ) -> None:
         self._factory = factory
         self.memory_budget = memory_budget
@@ -205,8 +214,12 @@ class ModelPool:
         self._retiring: list[_Retiring] = []
         self._swap_lock = asyncio.Lock()
         self._listeners: list[Listener] = []
+        self.cold_swap = cold_swap
+        self._switching: set[str] = set()
+        """Model ids unloaded by a cold swap in progress: not loaded again until it ends."""
         self.swaps: Counter[str] = Counter()
-        """Outcomes of :meth:`swap`: ``ok``, ``load_failed``, ``smoke_failed``, ``over_budget``."""
+        """Outcomes of :meth:`swap`: ``ok``, ``load_failed``, ``smoke_failed``, ``over_budget``;
+        ``cold`` counts the swaps (of any outcome) that replaced the default in place."""
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -254,6 +267,11 @@ class ModelPool:
                     log.warning("model_not_loaded", model=entry.info.id, reason=str(exc))
 
     def _begin_load(self, entry: _Entry) -> None:
+        if self._switching:
+            raise ModelNotReady(
+                f"model {entry.info.id!r} is not loaded while the default model is being replaced",
+                retry_after=5.0,
+            )
         freeing = self._make_room(entry.info, exclude=entry.info.id)
         if entry.engine is None or entry.engine.state is not EngineState.IDLE:
             if self._factory is None:
@@ -391,6 +409,8 @@ class ModelPool:
         if entry is None:
             known = ", ".join(sorted(self._entries)) or "none"
             raise NotFound(f"model {key!r} is not served here (available: {known})", param="model")
+        if key in self._switching:
+            raise ModelNotReady(f"model {key!r} is being replaced; retry shortly", retry_after=5.0)
         engine = entry.engine
         if entry.broken or (engine is not None and engine.state is EngineState.FAILED):
             raise EngineError(f"model {key!r} failed to load: {entry.error}")
@@ -477,29 +497,20 @@ class ModelPool:
                 return SwapResult(previous, info.id, 0.0, 0.0)
             if self._factory is None:
                 raise SwapFailed("this pool has no engine factory", reason="load_failed")
+            victims: list[_Entry] = []
             try:
                 freeing = self._make_room(info, exclude=info.id)
             except Overloaded as exc:
-                raise self._failure(info, "over_budget", str(exc)) from None
-            engine = self._factory(info)
-            started = self._clock()
-            log.info("model_swap_loading", model=info.id, previous=previous)
+                victims = self._cold_swap_victims(info, previous)
+                if not victims:
+                    raise self._failure(info, "over_budget", str(exc)) from None
             try:
-                if freeing:
-                    await asyncio.gather(*freeing, return_exceptions=True)
-                await engine.load()
-            except ModelLoadError as exc:
-                await engine.close()
-                raise self._failure(info, "load_failed", str(exc)) from exc
-            loaded_at = self._clock()
-            if self._smoke is not None:
-                try:
-                    await asyncio.wait_for(self._smoke(engine), self._smoke_timeout_s)
-                except (TimeoutError, EngineError, ValueError, RuntimeError) as exc:
-                    await engine.close()
-                    detail = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-                    raise self._failure(info, "smoke_failed", detail) from exc
-            result = SwapResult(previous, info.id, loaded_at - started, self._clock() - loaded_at)
+                if victims:
+                    freeing = await self._clear_for(info, victims)
+                engine, load_s, smoke_s = await self._load_checked(info, freeing, previous, victims)
+            finally:
+                self._switching.clear()
+            result = SwapResult(previous, info.id, load_s, smoke_s)
             replaced = self._entries.get(info.id)
             self._entries[info.id] = _Entry(
                 info, engine, pinned=pin or (replaced.pinned if replaced else False), last_used=self._clock()
@@ -515,6 +526,84 @@ class ModelPool:
             log.info("model_swapped", model=info.id, previous=previous, load_s=round(result.load_s, 3))
             self._emit("swapped", info.id)
             return result
+
+    async def _load_checked(
+        self, info: ModelInfo, freeing: list[asyncio.Task[None]], previous: str | None, victims: list[_Entry]
+    ) -> tuple[Engine, float, float]:
+        """Load ``info`` and smoke-test it: ``(engine, load seconds, smoke seconds)``. On failure the
+        new engine is closed, what a cold swap unloaded is loaded again, and SwapFailed is raised."""
+        assert self._factory is not None
+        engine = self._factory(info)
+        started = self._clock()
+        log.info("model_swap_loading", model=info.id, previous=previous, cold=bool(victims))
+        try:
+            if freeing:
+                await asyncio.gather(*freeing, return_exceptions=True)
+            await engine.load()
+        except ModelLoadError as exc:
+            raise await self._abandon(engine, victims, "load_failed", str(exc)) from exc
+        loaded_at = self._clock()
+        if self._smoke is not None:
+            try:
+                await asyncio.wait_for(self._smoke(engine), self._smoke_timeout_s)
+            except (TimeoutError, EngineError, ValueError, RuntimeError) as exc:
+                detail = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+                raise await self._abandon(engine, victims, "smoke_failed", detail) from exc
+        return engine, loaded_at - started, self._clock() - loaded_at
+
+    async def _abandon(self, engine: Engine, victims: list[_Entry], reason: str, detail: str) -> SwapFailed:
+        await engine.close()
+        await self._restore(victims)
+        return self._failure(engine.info, reason, detail)
+
+    def _cold_swap_victims(self, info: ModelInfo, previous: str | None) -> list[_Entry]:
+        """The loaded entries a cold swap to ``info`` would unload (the unpinned default and an older
+        copy of ``info``'s id), if unloading them (and evicting idle models) makes ``info`` fit;
+        else nothing."""
+        if not self.cold_swap:
+            return []
+        victims = [
+            e
+            for key in dict.fromkeys(k for k in (previous, info.id) if k is not None)
+            if (e := self._entries.get(key)) is not None and e.loaded and e.task is None
+            and (not e.pinned or key == info.id)
+        ]  # fmt: skip
+        if not victims:
+            return []
+        others = [e for e in self._evictable(info.id) if e not in victims]
+        freed = sum(self._estimate(e.info) for e in (*victims, *others))
+        need = self._estimate(info)
+        within = self.memory_budget is None or self.memory_used() - freed + need <= self.memory_budget
+        count_ok = self._loaded_count() - len(victims) - len(others) + 1 <= self.max_loaded
+        return victims if within and count_ok else []
+
+    async def _clear_for(self, info: ModelInfo, victims: list[_Entry]) -> list[asyncio.Task[None]]:
+        """Unload ``victims`` and wait until they are closed, then make room for ``info``."""
+        self.swaps["cold"] += 1
+        self._switching = {e.info.id for e in victims} | {info.id}
+        log.warning(
+            "model_cold_swap", model=info.id, unloading=sorted(self._switching - {info.id}),
+            budget_mib=None if self.memory_budget is None else self.memory_budget >> 20,
+        )  # fmt: skip
+        draining = [r.task for e in victims if (r := self._unload(e)) is not None and r.task is not None]
+        await asyncio.gather(*draining, return_exceptions=True)
+        try:
+            return self._make_room(info, exclude=info.id)
+        except Overloaded as exc:  # something else grew meanwhile
+            await self._restore(victims)
+            raise self._failure(info, "over_budget", str(exc)) from None
+
+    async def _restore(self, victims: list[_Entry]) -> None:
+        """After a failed cold swap: load the unloaded models again (the default first)."""
+        self._switching.clear()
+        for entry in sorted(victims, key=lambda e: e.info.id != self._default):
+            if entry.engine is None and not entry.broken:
+                try:
+                    self._begin_load(entry)
+                except (Overloaded, ModelLoadError) as exc:
+                    entry.error = str(exc)
+                    log.error("model_restore_failed", model=entry.info.id, error=str(exc))
+        await self.wait_loaded()
 
     @staticmethod
     def _serving(entry: _Entry) -> bool:

@@ -393,6 +393,8 @@ def test_an_engine_crashing_while_loading_is_contained() -> None:
         pytest.param({"memory_budget_mb": 512}, {"memory_budget": 512 * MiB}, id="budget-in-mib"),
         pytest.param({"smoke_test": False}, {"smoke_test": None}, id="smoke-test-off"),
         pytest.param({"keep_alive_s": 5, "max_loaded": 2}, {"keep_alive_s": 5, "max_loaded": 2}, id="limits"),
+        pytest.param({}, {"cold_swap": True}, id="cold-swap-default-on"),
+        pytest.param({"cold_swap": False}, {"cold_swap": False}, id="cold-swap-off"),
     ],
 )
 def test_pool_options_from_settings(section: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -431,3 +433,123 @@ def test_bad_pool_settings_are_refused(tmp_path: Path, toml: str, match: str) ->
     config.write_text(f"[pool]\n{toml}\n")
     with pytest.raises(ConfigError, match=match):
         load_settings(config)
+
+
+# -- cold swap: the new model fits only in place of the current default ------------------------
+
+
+async def small_box(
+    factory: FakeFactory, *, pin_old: bool = False, **kw: Any
+) -> tuple[ModelPool, FakeEngine]:
+    """A 150 MiB budget serving ``old`` (100 MiB): a second 100 MiB model cannot load next to it."""
+    pool = ModelPool(factory, memory_budget=150 * MiB, smoke_timeout_s=0.5, settle_s=0.0, **kw)
+    pool.register(fake_info("old", 100), pinned=pin_old)
+    pool.start_loading()
+    await pool.wait_loaded()
+    old = pool.resolve(None)
+    assert isinstance(old, FakeEngine)
+    return pool, old
+
+
+def test_cold_swap_replaces_the_default_when_both_do_not_fit() -> None:
+    async def main() -> None:
+        factory = FakeFactory({"new": FakeBehaviour(load_delay_s=0.2)})
+        pool, old = await small_box(factory)
+        old.gate = asyncio.Event()
+        stream = old.generate(CompletionRequest(prompt="x", max_tokens=3, request_id="inflight"))
+        first = await anext(stream)
+        swap = asyncio.create_task(pool.swap(fake_info("new", 100)))
+        await asyncio.sleep(0.05)
+        # The old model drains its stream before it is unloaded; new requests are told to retry.
+        with pytest.raises(ModelNotReady, match="being replaced") as refused:
+            pool.resolve(None)
+        assert refused.value.retry_after == 5.0
+        assert not swap.done() and not old.closed
+        old.gate.set()
+        rest = [c async for c in stream]
+        assert first.text + "".join(c.text for c in rest) == "old-0 old-1 old-2 "
+        result = await swap
+        assert (result.previous, result.current) == ("old", "new")
+        assert old.closed and pool.default_id == "new"
+        assert await collect(pool.resolve(None), "after") == "new-0 new-1 new-2 "
+        assert pool.memory_used() == 100 * MiB
+        assert (pool.swaps["ok"], pool.swaps["cold"]) == (1, 1)
+        await pool.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [
+        pytest.param(FakeBehaviour(fail_load=True), "load_failed", id="load-fails"),
+        pytest.param(FakeBehaviour(finish_reason="error"), "smoke_failed", id="smoke-error"),
+        pytest.param(FakeBehaviour(first_token_delay_s=5), "smoke_failed", id="smoke-timeout"),
+    ],
+)
+def test_failed_cold_swap_loads_the_previous_model_again(behaviour: FakeBehaviour, reason: str) -> None:
+    async def main() -> None:
+        factory = FakeFactory({"new": behaviour})
+        pool, old = await small_box(factory)
+        with pytest.raises(SwapFailed, match=rf"\({reason}\).*still serving 'old'") as failure:
+            await pool.swap(fake_info("new", 100))
+        assert failure.value.reason == reason
+        again = pool.resolve(None)
+        assert again is not old and again.info.id == "old" and again.state is EngineState.READY
+        assert old.closed and all(e.closed for e in factory.built if e.info.id == "new")
+        assert await collect(again, "after") == "old-0 old-1 old-2 "
+        assert (pool.swaps[reason], pool.swaps["cold"], pool.swaps["ok"]) == (1, 1, 0)
+        await pool.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("options", "size_mb", "match"),
+    [
+        pytest.param({"cold_swap": False}, 100, "does not fit", id="cold-swap-off"),
+        pytest.param({"pin_old": True}, 100, "does not fit", id="pinned-default-stays"),
+        pytest.param({}, 200, "more than the whole budget", id="bigger-than-the-budget"),
+    ],
+)
+def test_swap_that_cannot_replace_the_default_is_refused(
+    options: dict[str, Any], size_mb: int, match: str
+) -> None:
+    async def main() -> None:
+        pool, old = await small_box(FakeFactory(), **options)
+        with pytest.raises(SwapFailed, match=rf"\(over_budget\).*{match}"):
+            await pool.swap(fake_info("new", size_mb))
+        assert pool.resolve(None) is old and not old.closed
+        assert (pool.swaps["over_budget"], pool.swaps["cold"]) == (1, 0)
+        await pool.close()
+
+    run(main())
+
+
+def test_cold_swap_to_a_new_version_of_the_same_model() -> None:
+    async def main() -> None:
+        pool, old = await small_box(FakeFactory())
+        await pool.swap(fake_info("old", 120))
+        current = pool.resolve(None)
+        assert current is not old and current.info.size_bytes == 120 * MiB and old.closed
+        assert pool.swaps["cold"] == 1 and pool.memory_used() == 120 * MiB
+        await pool.close()
+
+    run(main())
+
+
+def test_no_other_model_loads_during_a_cold_swap() -> None:
+    async def main() -> None:
+        factory = FakeFactory({"new": FakeBehaviour(load_delay_s=0.2)})
+        pool, _ = await small_box(factory)
+        pool.register(fake_info("side", 40))
+        swap = asyncio.create_task(pool.swap(fake_info("new", 100)))
+        await asyncio.sleep(0.1)
+        with pytest.raises(ModelNotReady, match="being replaced"):
+            pool.resolve("side")
+        assert not [e for e in factory.built if e.info.id == "side"]
+        await swap
+        assert pool.default_id == "new"
+        await pool.close()
+
+    run(main())
