@@ -52,7 +52,8 @@ EngineFactory = Callable[[ModelInfo], Engine]
 SmokeTest = Callable[[Engine], Awaitable[None]]
 MemoryEstimate = Callable[[ModelInfo], int]
 Listener = Callable[[str, str], None]
-"""Called with (event, model id); events: ``loaded``, ``unloaded``, ``swapped``, ``swap_failed``."""
+"""Called with (event, model id); events: ``loaded``, ``unloaded``, ``swapped``, ``swap_failed``,
+``removed``."""
 
 SMOKE_PROMPT = "The capital of France is"
 
@@ -237,6 +238,29 @@ class ModelPool:
         self._entries[info.id] = _Entry(info, None, pinned=pinned)
         if default or self._default is None:
             self._default = info.id
+
+    async def remove(self, model_id: str) -> bool:
+        """Stop serving ``model_id`` (a model deleted from the store, or no longer deployed).
+
+        New requests for it get 404; requests in flight finish on its engine, which drains and
+        closes like a retired one; a load in progress is awaited first. The default model is
+        refused (:class:`EngineError`): select another one first. Returns False when the model
+        is not served here.
+        """
+        async with self._swap_lock:
+            entry = self._entries.get(model_id)
+            if entry is None:
+                return False
+            if model_id == self._default:
+                raise EngineError(f"model {model_id!r} is the default model; select another one first")
+            del self._entries[model_id]
+            if entry.task is not None:
+                await asyncio.gather(entry.task, return_exceptions=True)
+            if entry.engine is not None:
+                self._retire(entry.engine, entry.last_used)
+            log.info("model_removed", model=model_id)
+            self._emit("removed", model_id)
+            return True
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)

@@ -553,3 +553,46 @@ def test_no_other_model_loads_during_a_cold_swap() -> None:
         await pool.close()
 
     run(main())
+
+
+def test_remove_drains_in_flight_requests_and_forgets_the_model() -> None:
+    async def main() -> None:
+        factory = FakeFactory({"side": FakeBehaviour(load_delay_s=0.1)})
+        events: list[tuple[str, str]] = []
+        pool = ModelPool(factory, settle_s=0.0)
+        pool.add_listener(lambda event, model: events.append((event, model)))
+        pool.register(fake_info("main"))
+        pool.register(fake_info("side"))
+        pool.register(fake_info("loading"))
+        pool.start_loading()
+        await pool.wait_loaded()
+        with pytest.raises(ModelNotReady):
+            pool.resolve("side")
+        await pool.wait_loaded()
+        side = pool.resolve("side")
+        assert isinstance(side, FakeEngine)
+        side.gate = asyncio.Event()
+        stream = side.generate(CompletionRequest(prompt="x", max_tokens=3, request_id="inflight"))
+        first = await anext(stream)
+        assert await pool.remove("side")
+        with pytest.raises(NotFound, match="'side' is not served here"):
+            pool.resolve("side")
+        assert "side" not in [m.id for m in pool.models()] and not side.closed
+        side.gate.set()
+        rest = [c async for c in stream]
+        assert first.text + "".join(c.text for c in rest) == "side-0 side-1 side-2 "
+        await pool.wait_retired()
+        assert side.closed and ("removed", "side") in events
+        # A model still loading is awaited, then closed; an unknown one is a no-op.
+        with pytest.raises(ModelNotReady):
+            pool.resolve("loading")
+        assert await pool.remove("loading")
+        await pool.wait_retired()
+        assert all(e.closed for e in factory.built if e.info.id == "loading")
+        assert not await pool.remove("nothing-here")
+        with pytest.raises(EngineError, match="default model"):
+            await pool.remove("main")
+        assert pool.resolve(None).info.id == "main"
+        await pool.close()
+
+    run(main())
