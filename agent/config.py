@@ -286,6 +286,31 @@ class HubSettings(_Section):
         return value
 
 
+class SyncSettings(_Section):
+    """What fleet sync does with deployments (docs/protocol.md, "Deployments and policies")."""
+
+    retry_initial_s: float = Field(default=300.0, ge=1, le=86400)
+    """A failed activation is retried after this long, doubling at each failure ..."""
+    retry_max_s: float = Field(default=21600.0, ge=1, le=7 * 86400)
+    """... up to this long between attempts."""
+    retry_jitter: float = Field(default=0.2, ge=0, le=1)
+    """Each delay is shortened by a random fraction up to this, so a fleet does not retry in step."""
+    keep_previous: bool = True
+    """Keep the version before the deployed one of each model installed (the rollback target)."""
+    removal_grace_s: float = Field(default=3600.0, ge=0, le=30 * 86400)
+    """An installed model no longer deployed is deleted from the store after this long."""
+    outbox_max_events: int = Field(default=10000, ge=1, le=1_000_000)
+    """Events kept while the broker is unreachable; the oldest are dropped (and counted) beyond."""
+
+    @field_validator("retry_max_s")
+    @classmethod
+    def _retry_cap(cls, value: float, info: Any) -> float:
+        low = info.data.get("retry_initial_s")
+        if low is not None and value < low:
+            raise ValueError("must be at least retry_initial_s")
+        return value
+
+
 class Settings(BaseSettings):
     """All settings. Construct through :func:`load_settings`."""
 
@@ -309,6 +334,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     selection: SelectionSettings = SelectionSettings()
     hub: HubSettings = HubSettings()
+    sync: SyncSettings = SyncSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -400,6 +426,7 @@ __all__ = [
     "ServerSettings",
     "ServiceSettings",
     "Settings",
+    "SyncSettings",
     "format_validation_error",
     "load_settings",
     "read_toml",

@@ -57,7 +57,6 @@ class Status(enum.StrEnum):
     CHAIN_BROKEN = "chain_broken"
     POLICY_APPLIED = "policy_applied"
     POLICY_REFUSED = "policy_refused"
-    RETRY_SCHEDULED = "retry_scheduled"
     UNLOADED = "unloaded"
     REMOVED = "removed"
     ERROR = "error"

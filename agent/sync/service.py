@@ -11,7 +11,8 @@ hub is reachable); a background task waits for a connection, then for every new 
    (which refuses older versions and records the outcome in the audit log).
 3. Reconcile (:mod:`agent.sync.reconcile`) and apply: activation = load + smoke test + switch
    through the pool's ``swap``, which keeps the previous model serving when the new one fails.
-   Every outcome is an event with a status code; a failed version is not retried.
+   Every outcome is an event with a status code; a failed version is retried with exponential
+   backoff (:mod:`agent.sync.retry`, schedule kept in the sync ledger across restarts).
 4. Publish the reported state (retained) and upload the audit log.
 
 Invariant: nothing in this loop can stop the daemon: every failure is logged, reported and retried
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,11 +36,19 @@ from agent.log import get_logger
 from agent.sync.audit_upload import AuditSource, AuditUploader
 from agent.sync.errors import MqttError, SyncError
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
-from agent.sync.ledger import Ledger
+from agent.sync.ledger import Failure, FailureBook, Ledger
 from agent.sync.messages import Event, Outgoing, Status, device_topic, offline_will, online_status
 from agent.sync.mqtt import MqttClient, MqttConfig
 from agent.sync.outbox import DEFAULT_CAPACITY, Outbox
-from agent.sync.reconcile import Activate, Defer, Missing, plan
+from agent.sync.reconcile import Activate, Defer, Missing, desired_models, plan
+from agent.sync.retry import (
+    RetryPolicy,
+    after_failure,
+    deployments_basis,
+    held_back,
+    next_due,
+    stale,
+)
 from agent.sync.state import StatePublisher, build_report
 from registry.device import DeviceRegistry
 from registry.exceptions import RegistryError
@@ -76,6 +86,9 @@ class SyncOptions:
     hardware: Mapping[str, Any] = field(default_factory=dict)
     audit_key_hex: str = ""
     outbox_capacity: int = DEFAULT_CAPACITY
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    keep_previous: bool = True
+    removal_grace_s: float = 3600.0
 
 
 def _entry(action: str, resource: str | None, outcome: str, reason: str, details: dict[str, Any]) -> Any:
@@ -118,7 +131,6 @@ class SyncService:
         self.metadata.on_timestamp = self._wake_up
         self.uploader: AuditUploader | None = None
         self.state = StatePublisher(self.client, options.device_id)
-        self.failed: set[tuple[str, str]] = set()
         self._standing: dict[str, str] = {}
         self.serving_versions: dict[str, str] = {}
         self.last_sync: float | None = None
@@ -126,6 +138,9 @@ class SyncService:
         self.ledger = Ledger.open(state_dir)
         self.outbox = Outbox(self.ledger, options.outbox_capacity)
         self._flush_lock = asyncio.Lock()
+        self.failures = FailureBook(self.ledger)
+        self._basis = ""
+        self.random: Callable[[], float] = random.random
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._state_task: asyncio.Task[None] | None = None
@@ -197,7 +212,18 @@ class SyncService:
             except Exception as exc:  # the loop must survive anything and retry
                 log.error("sync_round_failed", error=repr(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.options.refresh_interval_s)
+                await asyncio.wait_for(self._wake.wait(), self._sleep_s())
+
+    def _sleep_s(self) -> float:
+        """Until the next refresh, or the next due retry if that is sooner."""
+        wait = self.options.refresh_interval_s
+        try:
+            due = next_due(self.failures.all().values(), self._basis)
+        except SyncError:
+            due = None
+        if due is not None:
+            wait = min(wait, max(0.5, due - self.now().timestamp()))
+        return wait
 
     async def _state_loop(self) -> None:
         while True:
@@ -274,13 +300,20 @@ class SyncService:
     async def reconcile(self) -> None:
         installed = self._installed()
         serving = self._serving(installed)
+        deployments = self.registry.deployments()
+        now = self.now()
+        self._basis = basis = deployments_basis(deployments)
+        failures = self.failures.all()
+        for model in stale(failures, (w[0] for w in desired_models(deployments)), basis):
+            self.failures.clear(model)
+            del failures[model]
         actions = plan(
-            self.registry.deployments(),
+            deployments,
             installed.keys(),
             serving,
             self.pool.default_id,
-            self.now(),
-            self.failed,
+            now,
+            held_back(failures.values(), now.timestamp(), basis),
         )
         for action in actions:
             target = f"models/{action.model}/{action.version or 'newest'}"
@@ -293,9 +326,15 @@ class SyncService:
                     Event("deployment", Status.DEFERRED.value, target, f"waiting for window {action.window}")
                 )
             elif isinstance(action, Activate):
-                await self._activate(action, installed[(action.model, action.version)], target)
+                previous = failures.get(action.model)
+                if previous is not None and previous.version != action.version:
+                    previous = None
+                await self._activate(action, installed[(action.model, action.version)], target, previous)
 
-    async def _activate(self, action: Activate, info: ModelInfo, target: str) -> None:
+    async def _activate(
+        self, action: Activate, info: ModelInfo, target: str, previous: Failure | None = None
+    ) -> None:
+        attempt = previous.attempts + 1 if previous is not None else 1
         try:
             # Re-hash just before loading: a blob altered on disk is refused, never served.
             await asyncio.to_thread(self.registry.store.verify, _sha_of(info), info.size_bytes, target)
@@ -310,14 +349,42 @@ class SyncService:
         except Exception as exc:
             reason = getattr(exc, "reason", "")
             status = Status.SMOKE_TEST_FAILED if reason == "smoke_failed" else Status.LOAD_FAILED
-            self.failed.add((action.model, action.version))
-            self._audit("deployment.activate", target, "failed", status.value, {"error": str(exc)[:500]})
-            await self.report(Event("deployment", status.value, target, str(exc)[:1900]))
+            failure = after_failure(
+                previous,
+                action.model,
+                action.version,
+                str(exc)[:500],
+                self.now().timestamp(),
+                self._basis,
+                self.options.retry,
+                self.random(),
+            )
+            with contextlib.suppress(SyncError):  # a broken ledger: retried at every round instead
+                self.failures.put(failure)
+            retry_at = datetime.fromtimestamp(failure.next_at, UTC).isoformat(timespec="seconds")
+            self._audit(
+                "deployment.activate",
+                target,
+                "failed",
+                status.value,
+                {"error": str(exc)[:500], "attempt": failure.attempts, "next_retry": retry_at},
+            )
+            detail = f"attempt {failure.attempts}, next retry {retry_at}: {exc}"
+            await self.report(Event("deployment", status.value, target, detail[:1900]))
             return
         self._standing.pop(target, None)
         self.serving_versions[action.model] = action.version
-        self._audit("deployment.activate", target, "ok", "activated", {"default": action.make_default})
-        await self.report(Event("deployment", Status.ACTIVATED.value, target, "serving"))
+        if previous is not None:
+            with contextlib.suppress(SyncError):
+                self.failures.clear(action.model)
+        self._audit(
+            "deployment.activate",
+            target,
+            "ok",
+            "activated",
+            {"default": action.make_default, "attempt": attempt},
+        )
+        await self.report(Event("deployment", Status.ACTIVATED.value, target, f"serving (attempt {attempt})"))
 
     # --- reporting -------------------------------------------------------------------------------
 
@@ -402,7 +469,11 @@ class SyncService:
         await self.state.publish(report)
 
     def _failing_report(self) -> list[dict[str, object]]:
-        return []
+        try:
+            return [f.to_report() for f in self.failures.all().values() if f.basis == self._basis]
+        except SyncError as exc:
+            log.error("sync_ledger_unreadable", error=str(exc))
+            return []
 
     def _outbox_counts(self) -> dict[str, int]:
         try:
@@ -435,8 +506,9 @@ def _document_version(raw: bytes) -> int:
 
 
 def options_from_settings(settings: Any, device_id: str, **extra: Any) -> SyncOptions:
-    """SyncOptions from ``agent.config.Settings`` (its ``[hub]`` section)."""
+    """SyncOptions from ``agent.config.Settings`` (its ``[hub]`` and ``[sync]`` sections)."""
     h = settings.hub
+    y = settings.sync
     mqtt = MqttConfig(
         host=h.host,
         port=h.port,
@@ -458,6 +530,10 @@ def options_from_settings(settings: Any, device_id: str, **extra: Any) -> SyncOp
         chunk_timeout_s=h.chunk_timeout_s,
         audit_batch=h.audit_batch,
         state_interval_s=h.state_interval_s,
+        outbox_capacity=y.outbox_max_events,
+        retry=RetryPolicy(y.retry_initial_s, y.retry_max_s, y.retry_jitter),
+        keep_previous=y.keep_previous,
+        removal_grace_s=y.removal_grace_s,
         **extra,
     )
 
