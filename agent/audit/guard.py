@@ -218,6 +218,8 @@ def _requested_tokens(body: dict[str, Any] | None, default: int) -> int:
         return default
     for key in ("max_completion_tokens", "max_tokens"):
         value = body.get(key)
+        if isinstance(value, float) and value.is_integer():  # the handler takes 5.0 as 5
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return default

@@ -3,6 +3,11 @@
 Request models validate types and ranges and name the offending parameter; unknown fields are
 ignored, as OpenAI's API does, so newer clients keep working. Builders produce the exact JSON
 shapes the official client parses.
+
+Invariant: a request model's JSON schema (served in /openapi.json) accepts exactly what its
+validation accepts. A rule a validator enforces is stated in the schema next to it (the
+``json_schema_extra`` of the field); an integer field takes ``5`` or ``5.0`` (JSON has one number
+type, and JSON Schema's ``integer`` is any number without a fraction), never ``"5"`` or ``true``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,6 +29,38 @@ from agent.engine.base import (
     Usage,
 )
 from agent.errors import BadRequest
+
+
+def integral(value: Any) -> Any:
+    """``5.0`` is the integer 5 (as in JSON Schema); anything else goes on to strict validation.
+
+    The ``mode="before"`` validator of every integer request field.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _list_branch(min_items: int | None = None, max_items: int | None = None) -> Callable[[Any], None]:
+    """``json_schema_extra`` that bounds the array branch of a ``str | list[...]`` field's schema."""
+
+    def extra(schema: Any) -> None:
+        for branch in schema.get("anyOf", [schema]):
+            if branch.get("type") == "array":
+                if min_items is not None:
+                    branch["minItems"] = min_items
+                if max_items is not None:
+                    branch["maxItems"] = max_items
+
+    return extra
+
+
+def _token_bias(schema: Any) -> None:
+    """``json_schema_extra`` of ``logit_bias``: keys are token ids, values within [-100, 100]."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "object":
+            branch["propertyNames"] = {"pattern": "^[0-9]+$"}
+            branch["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}
 
 
 class StreamOptions(BaseModel):
@@ -45,12 +83,14 @@ class _SamplingBody(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(default=None, json_schema_extra=_list_branch(max_items=4))
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=_token_bias)
     user: str | None = None
+
+    _integers = field_validator("max_tokens", "top_k", "seed", "n", mode="before")(integral)
 
     @field_validator("stop")
     @classmethod
@@ -63,7 +103,7 @@ class _SamplingBody(BaseModel):
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # "²".isdigit() is true; int("²") fails
                 raise ValueError(f"logit_bias keys are token ids, got {key!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values are between -100 and 100, got {bias}")
@@ -90,7 +130,7 @@ class _SamplingBody(BaseModel):
 class CompletionBody(_SamplingBody):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(json_schema_extra=_list_branch(1, 1))
     echo: bool = False
 
     @field_validator("prompt")
@@ -117,8 +157,15 @@ class CompletionBody(_SamplingBody):
         )
 
 
+def _text_part(schema: Any) -> None:
+    """A content part is ``{"type": "text", "text": ...}`` (``ChatMessageBody`` refuses others)."""
+    schema["properties"]["type"] = {"const": "text", "title": "Type", "type": "string"}
+    schema["properties"]["text"] = {"title": "Text", "type": "string"}
+    schema["required"] = ["type", "text"]
+
+
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_text_part)
     type: str
     text: str | None = None
 
@@ -155,6 +202,8 @@ class ChatBody(_SamplingBody):
     messages: list[ChatMessageBody] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
 
+    _integers = field_validator("max_completion_tokens", mode="before")(integral)
+
     def to_request(self, default_max_tokens: int, request_id: str, deadline: float | None) -> ChatRequest:
         return ChatRequest(
             messages=tuple(m.to_message() for m in self.messages),
@@ -175,10 +224,12 @@ class EmbeddingBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    input: str | list[str]
+    input: str | list[str] = Field(json_schema_extra=_list_branch(1, MAX_EMBEDDING_INPUTS))
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+
+    _integers = field_validator("dimensions", mode="before")(integral)
 
     @field_validator("input", mode="before")
     @classmethod
@@ -336,6 +387,7 @@ __all__ = [
     "completion_chunk_json",
     "completion_json",
     "error_json",
+    "integral",
     "parse_body",
     "public_finish",
     "usage_chunk_json",

@@ -123,6 +123,22 @@ CASES = [
     pytest.param(
         COMPLETIONS, _with(COMPLETIONS, logit_bias={"5": 1000}), 400, "logit_bias", id="bias-too-big"
     ),
+    pytest.param(
+        COMPLETIONS,
+        _with(COMPLETIONS, logit_bias={"\u00b2": 1}),
+        400,
+        "logit_bias",
+        id="bias-key-superscript",
+    ),
+    pytest.param(
+        COMPLETIONS,
+        _with(COMPLETIONS, logit_bias={"\u0663": 1}),
+        400,
+        "logit_bias",
+        id="bias-key-arabic-digit",
+    ),
+    pytest.param(COMPLETIONS, _with(COMPLETIONS, max_tokens="2"), 400, "max_tokens", id="max-tokens-string"),
+    pytest.param(COMPLETIONS, _with(COMPLETIONS, max_tokens=True), 400, "max_tokens", id="max-tokens-bool"),
     pytest.param(COMPLETIONS, _with(COMPLETIONS, prompt=_DROP), 400, "prompt", id="prompt-missing"),
     pytest.param(COMPLETIONS, _with(COMPLETIONS, prompt=["a", "b"]), 400, "prompt", id="two-prompts"),
     pytest.param(COMPLETIONS, _with(COMPLETIONS, prompt={"text": "x"}), 400, "prompt", id="prompt-object"),
@@ -191,6 +207,29 @@ def test_context_overflow_has_its_openai_code(client: httpx.Client, path: str, r
     error = assert_json_error(_post(client, path, raw), 400)
     assert error["code"] == "context_length_exceeded"
     assert "512" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "changes"),
+    [
+        pytest.param(
+            COMPLETIONS, {"max_tokens": 2.0, "top_k": 40.0, "seed": 7.0, "n": 1.0}, id="completions"
+        ),
+        pytest.param(CHAT, {"max_completion_tokens": 2.0}, id="chat"),
+        pytest.param(EMBEDDINGS, {"dimensions": 640.0}, id="embeddings"),
+    ],
+)
+def test_integers_written_with_a_zero_fraction_are_integers(
+    client: httpx.Client, path: str, changes: dict[str, Any]
+) -> None:
+    """JSON has one number type and JSON Schema's ``integer`` includes ``2.0``: the document and
+    the validation agree (``"2"`` and ``true`` are refused, above)."""
+    response = _post(client, path, json.dumps({**VALID[path], **changes}).encode())
+    assert response.status == 200, response.body[:300]
+    if path == EMBEDDINGS:
+        assert len(response.json()["data"][0]["embedding"]) == 640
+    else:
+        assert 1 <= response.json()["usage"]["completion_tokens"] <= 2  # the 2.0 was honoured
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ the expected amount, and no other limit counter moves.
 The daemon (no model) has short limits, like tests/fuzz/conftest.py's, but a 2 s header timeout
 so that the connections a case holds open are closed by the test, not by the idle timer, even on
 a loaded machine; and an inline access policy under which ``GET /v1/models`` is limited to
-2 requests per minute (everything else this test calls is unlimited).
+2 requests per minute (everything else this test calls is unlimited) and a completion to
+``max_tokens`` 1000.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tests.fuzz.rawhttp import (
 
 MAX_CONNECTIONS = 16
 RATE_PER_MINUTE = 2
+ROLE_MAX_TOKENS = 1000  # above default_max_tokens: a body that never arrives is a 408, not this
 FORTY_HEADERS = b"".join(b"X-%d: v\r\n" % i for i in range(40))
 
 Key = tuple[str, frozenset[tuple[str, str]]]
@@ -78,7 +80,7 @@ def limits_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         "EDGE_AGENT_SERVER__HEADER_TIMEOUT_S": "2",
         "EDGE_AGENT_ACCESS__ROLES": json.dumps(
             {
-                "ops": {"permissions": [{"actions": ops}]},
+                "ops": {"permissions": [{"actions": ops}], "limits": {"max_tokens": ROLE_MAX_TOKENS}},
                 "lister": {
                     "permissions": [{"actions": ["models.list"]}],
                     "limits": {"requests_per_minute": RATE_PER_MINUTE},
@@ -318,3 +320,19 @@ def test_full_queue_moves_the_queue_full_counter(tmp_path: Path, gemma_path: Pat
     watched = {k for k in after if k[0] in LIMIT_FAMILIES} | set(expected)
     moved = {k: after.get(k, 0) - before.get(k, 0) for k in watched}
     assert {k: v for k, v in moved.items() if v} == expected
+
+
+@pytest.mark.parametrize(
+    "max_tokens",
+    [pytest.param(5000, id="integer"), pytest.param(5000.0, id="integer-written-as-float")],
+)
+def test_role_token_limit_holds_however_the_integer_is_written(
+    limits_daemon: Daemon, max_tokens: float
+) -> None:
+    """The handler takes ``5000.0`` as 5000, so the access guard must too (else it checks the default)."""
+    with uds_client(limits_daemon.socket, timeout=10) as c:
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": max_tokens})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("max_tokens_limit", "max_tokens")
+    assert f"max_tokens 5000 exceeds the limit {ROLE_MAX_TOKENS}" in error["message"]
