@@ -1,7 +1,8 @@
 """Composition root: builds the daemon from settings and owns its lifecycle.
 
 startup (socket bound and accepting, models loading in the background) -> main loop (until
-SIGTERM/SIGINT) -> bounded graceful shutdown (stop accepting, drain in-flight requests within
+SIGTERM/SIGINT; SIGHUP reloads the config, :mod:`agent.reload`) -> bounded graceful shutdown
+(stop accepting, drain in-flight requests within
 ``server.shutdown_grace_s``, unload models, remove the socket). Signal handlers are restored on
 exit. This is the only module that chooses concrete classes.
 """
@@ -22,13 +23,14 @@ import psutil
 from agent import __version__, sdnotify
 from agent.audit.guard import install_guard
 from agent.catalog import discover, info_for_file
-from agent.config import Settings
+from agent.config import PoolSettings, Settings
 from agent.engine.base import Engine, ModelInfo
 from agent.engine.llama import LlamaEngine
 from agent.engine.pool import ModelPool, pool_options
 from agent.log import get_logger
 from agent.metrics import HubState, Metrics, StatusSources
-from agent.server.admin_routes import install_metrics
+from agent.reload import ConfigSource, Reloader
+from agent.server.admin_routes import RELOAD_KEY, install_metrics
 from agent.server.http import ApiServer, build_app
 from agent.server.limits import ServerLimits, install_throttle_counter
 from agent.server.listener import bind_unix, systemd_socket
@@ -211,14 +213,24 @@ def _swap_status(service: sdnotify.ServiceNotifier, pool: ModelPool, event: str,
         service.status(f"serving {pool.default_id}; switch to {model} failed (see the journal)")
 
 
+def _budget_for(pool: PoolSettings) -> int:
+    """The pool's memory budget for reloaded ``[pool]`` settings (under the cgroup limit)."""
+    budget: int = pool_options(pool, _cgroup_memory_limit())["memory_budget"]
+    return budget
+
+
 class Daemon:
     """The running agent. ``run()`` returns the process exit status."""
 
     def __init__(
-        self, settings: Settings, pool_factory: Callable[[Settings], ModelPool] = build_pool
+        self,
+        settings: Settings,
+        pool_factory: Callable[[Settings], ModelPool] = build_pool,
+        source: ConfigSource | None = None,
     ) -> None:
         self.settings = settings
         self._pool_factory = pool_factory
+        self._source = source or ConfigSource()  # what a reload re-reads
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -241,6 +253,8 @@ class Daemon:
             started,
         )
         guard = install_guard(app, s)  # authorize and audit every request
+        reloader = Reloader(self._source, s, pool, guard, budget_for=_budget_for)
+        app[RELOAD_KEY] = reloader  # POST /admin/reload; SIGHUP below
         metrics = Metrics(s.metrics.latency_buckets_s, _sources(pool, guard))
         if s.metrics.enabled:
             install_metrics(app, metrics)  # outermost: times and counts every request
@@ -258,12 +272,15 @@ class Daemon:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         for sig in previous:
             loop.add_signal_handler(sig, self.request_stop)
+        previous[signal.SIGHUP] = signal.getsignal(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, reloader.trigger, "SIGHUP")
         try:
             await server.start()
             # READY=1 as soon as the socket accepts; the models load after (the STATUS= line
             # follows once they have: the task waits for the loads started below, no await between).
             service = sdnotify.ServiceNotifier.from_env(s.service.notify, healthy=lambda: sock.fileno() != -1)
             service.start(_loading_status(pool), _serving_status(pool))
+            reloader.notifier = service
             pool.add_listener(lambda event, model: _swap_status(service, pool, event, model))
             where = "systemd socket" if inherited else str(s.socket_path)
             log.info(
@@ -293,6 +310,8 @@ class Daemon:
             await self._stop.wait()
             log.info("stopping", grace_s=s.server.shutdown_grace_s)
             scheduler.shutdown()
+            loop.remove_signal_handler(signal.SIGHUP)
+            await reloader.close()
             if sync is not None:
                 await sync.close()
             service.stopping()
@@ -308,8 +327,8 @@ class Daemon:
         return 0
 
 
-def run(settings: Settings) -> int:
-    return asyncio.run(Daemon(settings).run())
+def run(settings: Settings, source: ConfigSource | None = None) -> int:
+    return asyncio.run(Daemon(settings, source=source).run())
 
 
 __all__ = ["Daemon", "build_engine", "build_pool", "embedding_info", "default_threads", "run"]

@@ -32,10 +32,11 @@ def _socket(args: argparse.Namespace, settings: Settings) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent import app, log
+    from agent.reload import ConfigSource
 
     settings = settings_from_args(args)
     log.configure(settings.log.level, settings.log.format)
-    return app.run(settings)
+    return app.run(settings, ConfigSource(args.config, getattr(args, "state_dir", None)))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

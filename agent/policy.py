@@ -441,6 +441,27 @@ class PolicyHolder:
         self._policy = local
         self.on_change: Callable[[Policy, Policy], None] | None = None
 
+    @property
+    def local(self) -> Policy:
+        """The local policy (config file or built-in default), whether or not it is in force."""
+        return self._local
+
+    def replace_local(self, local: Policy) -> bool:
+        """Make ``local`` the local policy (a config reload); returns whether it is now in force.
+
+        It takes over at once when the local policy was in force; a hub policy in force stays
+        (a newer hub policy still wins, and the local one applies if the hub file goes away).
+        """
+        self._next_check = float("-inf")
+        self.current()  # pick up a hub policy accepted meanwhile first
+        previous, self._local = self._local, local
+        if self._policy is not previous:
+            return False
+        old, self._policy = self._policy, local
+        if self.on_change is not None:
+            self.on_change(old, local)
+        return True
+
     def current(self) -> Policy:
         now = self._clock()
         if now >= self._next_check:

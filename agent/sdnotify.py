@@ -4,7 +4,8 @@ A notification is one datagram of newline-separated ``KEY=VALUE`` lines sent to 
 socket named by ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace). The agent
 sends ``READY=1`` once its API socket accepts connections (models may still be loading),
 ``STATUS=...`` lines as its state changes, ``WATCHDOG=1`` every half of ``$WATCHDOG_USEC`` while
-the event loop is healthy, and ``STOPPING=1`` when a graceful stop begins.
+the event loop is healthy, ``RELOADING=1`` then ``READY=1`` around a configuration reload, and
+``STOPPING=1`` when a graceful stop begins.
 
 Invariants: without ``$NOTIFY_SOCKET`` every call is a cheap no-op (:class:`NullNotifier`);
 sending never raises (systemd going away must not take the daemon down; a failure is logged once);
@@ -120,6 +121,12 @@ def status(notifier: Notifier, text: str) -> bool:
     return notifier.send(f"STATUS={_clean(text)}")
 
 
+def reloading(notifier: Notifier, text: str = "reloading configuration") -> bool:
+    """``RELOADING=1`` with the ``CLOCK_MONOTONIC`` time systemd (``Type=notify-reload``) expects."""
+    usec = time.monotonic_ns() // 1000
+    return notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}", f"STATUS={_clean(text)}")
+
+
 def stopping(notifier: Notifier, text: str = "stopping") -> bool:
     return notifier.send("STOPPING=1", f"STATUS={_clean(text)}")
 
@@ -208,6 +215,14 @@ class ServiceNotifier:
     def status(self, text: str) -> None:
         status(self.notifier, text)
 
+    def reloading(self) -> None:
+        """A reload began (``RELOADING=1``); :meth:`reloaded` ends it."""
+        reloading(self.notifier)
+
+    def reloaded(self, status_text: str) -> None:
+        """A reload ended, applied or refused: ``READY=1`` again."""
+        ready(self.notifier, status_text)
+
     def stopping(self, text: str = "stopping: draining requests") -> None:
         self._stopping = True
         stopping(self.notifier, text)
@@ -227,6 +242,7 @@ __all__ = [
     "Watchdog",
     "notifier_from_env",
     "ready",
+    "reloading",
     "status",
     "stopping",
     "watchdog_interval",

@@ -5,7 +5,8 @@
 audit backlog, jobs, watchdog) as JSON; ``edge-agent status`` renders it. ``GET /metrics`` is
 the Prometheus text format (404 when ``[metrics] enabled = false``). ``POST /admin/select`` hot-swaps
 the default model (409 naming the reason when the new one fails and the old one keeps serving);
-``POST /admin/pin`` keeps a model loaded. Who may call what is the access policy's business.
+``POST /admin/pin`` keeps a model loaded; ``POST /admin/reload`` re-reads the config file
+(:mod:`agent.reload`). Who may call what is the access policy's business.
 
 The metrics middleware, installed outermost by :func:`install_metrics`, times every request
 from its arrival to the end of its response (streams included) and counts it by route pattern,
@@ -31,10 +32,12 @@ from agent.audit.usage import noted_usage
 from agent.engine.pool import SwapFailed
 from agent.errors import BadRequest, NotFound
 from agent.metrics import CONTENT_TYPE, Metrics
+from agent.reload import Reloader
 from agent.server.common import error_response, read_json
 from agent.server.keys import POOL_KEY, STARTED_KEY
 
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+RELOAD_KEY: web.AppKey[Reloader] = web.AppKey("reloader", Reloader)
 _MAX_PARSED_BODY = 256 << 10
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -184,6 +187,18 @@ async def pin(request: web.Request) -> web.Response:
     return web.json_response(asdict(row))
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    """``POST /admin/reload``: re-read the config file and apply what can change without a restart."""
+    reloader = request.app.get(RELOAD_KEY)
+    if reloader is None:
+        message = "this server cannot reload its configuration"
+        return error_response(503, message, "server_error", "reload_unavailable")
+    report = await reloader.reload("api")
+    if report.error is not None:
+        return error_response(400, report.error, "invalid_request_error", "config_error")
+    return web.json_response(report.to_dict())
+
+
 def _route_label(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "other"
@@ -268,10 +283,12 @@ def register(router: web.UrlDispatcher) -> None:
     router.add_get("/metrics", metrics_text)
     router.add_post("/admin/select", select)
     router.add_post("/admin/pin", pin)
+    router.add_post("/admin/reload", reload_config)
 
 
 __all__ = [
     "METRICS_KEY",
+    "RELOAD_KEY",
     "health",
     "install_metrics",
     "list_models",
@@ -279,6 +296,7 @@ __all__ = [
     "metrics_text",
     "pin",
     "register",
+    "reload_config",
     "select",
     "status",
 ]

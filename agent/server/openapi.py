@@ -147,6 +147,28 @@ class Status(TypedDict):
     models: list[ModelStatus]
 
 
+class ReloadPolicy(TypedDict):
+    changed: bool
+    source: str | None
+    version: int | None
+
+
+class ReloadResult(TypedDict):
+    """What a configuration reload applied (a refused config is a 400 naming the key)."""
+
+    outcome: Literal["ok"]
+    trigger: str
+    error: None
+    changed: list[str]
+    applied: list[str]
+    restart_needed: list[str]
+    models_added: list[str]
+    models_removed: list[str]
+    models_kept: list[str]
+    policy: ReloadPolicy
+    duration_ms: float
+
+
 RESPONSE_TYPES: dict[str, type] = {
     "/health": Health,
     "/v1/models": ModelList,
@@ -154,6 +176,7 @@ RESPONSE_TYPES: dict[str, type] = {
     "/v1/chat/completions": ChatCompletion,
     "/v1/embeddings": EmbeddingList,
     "/admin/status": Status,
+    "/admin/reload": ReloadResult,
 }
 """The 200 body of the routes whose shape is known here; other routes document a JSON object."""
 
@@ -164,7 +187,8 @@ STREAMING_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 """Routes that answer ``stream: true`` with Server-Sent Events."""
 
 _ERRORS = {
-    400: "Bad request: malformed JSON, wrong types, invalid parameters, prompt longer than the context",
+    400: "Bad request: malformed JSON, wrong types, invalid parameters, prompt longer than the context, "
+    "a config file refused by a reload",
     403: "Denied by the access policy",
     404: "Unknown route or model",
     405: "Method not allowed on this route",
@@ -336,6 +360,7 @@ __all__ = [
     "ErrorResponse",
     "Health",
     "ModelList",
+    "ReloadResult",
     "Status",
     "app_routes",
     "build_spec",
