@@ -1,0 +1,342 @@
+"""The reload rules (what changed, what applies live, what the store sync does) as tables, and the
+reload shell against real config files, a real pool (fake engines: the engine seam) and real
+sd_notify datagrams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import Settings
+from agent.engine.base import ModelInfo
+from agent.engine.pool import ModelPool
+from agent.errors import ConfigError
+from agent.policy import PolicyHolder, accept_policy, default_policy, parse_policy
+from agent.reload import (
+    LIVE_KEYS,
+    ConfigSource,
+    Reloader,
+    diff_settings,
+    effective_settings,
+    plan_pins,
+    plan_reload,
+    plan_store,
+)
+from agent.sdnotify import ServiceNotifier, SocketNotifier
+from tests.fakes.engine import FakeEngine, fake_info
+from tests.service.conftest import NotifyListener
+
+
+def settings(**sections: dict[str, Any]) -> Settings:
+    return Settings.model_validate(sections)
+
+
+# -- diff and split ---------------------------------------------------------------------------------
+
+DIFF_CASES = [
+    pytest.param({}, {}, (), (), id="nothing-changed"),
+    pytest.param({}, {"log": {"level": "debug"}}, ("log.level",), (), id="log-level-live"),
+    pytest.param({}, {"pool": {"pinned": ["m"]}}, ("pool.pinned",), (), id="pins-live"),
+    pytest.param(
+        {"pool": {"keep_alive_s": 300}},
+        {"pool": {"keep_alive_s": 10, "max_loaded": 2, "memory_budget_mb": 512}},
+        ("pool.keep_alive_s", "pool.max_loaded", "pool.memory_budget_mb"),
+        (),
+        id="pool-limits-live",
+    ),
+    pytest.param(
+        {},
+        {
+            "access": {
+                "roles": {"r": {"permissions": [{"actions": ["status"]}]}},
+                "bindings": [{"role": "r", "uids": [7]}],
+            }
+        },
+        ("access.bindings", "access.roles"),
+        (),
+        id="access-live",
+    ),
+    pytest.param({}, {"audit": {"audit_reads": True}}, ("audit.audit_reads",), (), id="audit-reads-live"),
+    pytest.param({}, {"engine": {"n_ctx": 1024}}, (), ("engine.n_ctx",), id="engine-restart"),
+    pytest.param(
+        {}, {"server": {"socket_path": "/tmp/x.sock"}}, (), ("server.socket_path",), id="socket-restart"
+    ),
+    pytest.param({}, {"hub": {"port": 1883}}, (), ("hub.port",), id="hub-restart"),
+    pytest.param({}, {"state_dir": "/var/other"}, (), ("state_dir",), id="state-dir-restart"),
+    pytest.param(
+        {},
+        {"service": {"intervals_s": {"rehash": 60}}},
+        (),
+        ("service.intervals_s",),
+        id="dict-field-restart",
+    ),
+    pytest.param(
+        {},
+        {"log": {"format": "json"}, "engine": {"n_parallel": 2}},
+        ("log.format",),
+        ("engine.n_parallel",),
+        id="mixed",
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "live", "restart"), DIFF_CASES)
+def test_plan_splits_changes_into_live_and_restart_needed(
+    old: dict[str, Any], new: dict[str, Any], live: tuple[str, ...], restart: tuple[str, ...]
+) -> None:
+    plan = plan_reload(settings(**old), settings(**new))
+    assert plan.live == live
+    assert plan.restart_needed == restart
+    assert plan.changed == tuple(sorted(live + restart))
+    assert diff_settings(settings(**old), settings(**new)) == plan.changed
+
+
+def test_every_live_key_is_a_setting() -> None:
+    s = Settings()
+    for key in LIVE_KEYS:
+        section, _, name = key.partition(".")
+        assert name in type(getattr(s, section)).model_fields, key
+
+
+def test_effective_settings_take_only_the_live_keys() -> None:
+    old = settings(log={"level": "info"}, engine={"n_ctx": 4096})
+    new = settings(log={"level": "debug"}, engine={"n_ctx": 1024})
+    plan = plan_reload(old, new)
+    running = effective_settings(old, new, plan.live)
+    assert running.log.level == "debug"
+    assert running.engine.n_ctx == 4096  # never half-applied
+    assert plan_reload(running, new).changed == ("engine.n_ctx",)  # reported again next time
+
+
+# -- store and pins ---------------------------------------------------------------------------------
+
+STORE = Path("/state/registry/blobs")
+
+
+def info(model_id: str, blob: str, where: Path = STORE) -> ModelInfo:
+    return ModelInfo(id=model_id, path=where / blob, format="gguf", task="completion", size_bytes=1)
+
+
+STORE_CASES = [
+    pytest.param({"a": STORE / "1"}, [info("a", "1")], "a", [], [], [], id="unchanged"),
+    pytest.param({"a": STORE / "1"}, [info("a", "1"), info("b", "2")], "a", ["b"], [], [], id="imported"),
+    pytest.param({}, [info("a", "1")], None, ["a"], [], [], id="first-model-into-empty-pool"),
+    pytest.param({"a": STORE / "1", "b": STORE / "2"}, [info("a", "1")], "a", [], ["b"], [], id="removed"),
+    pytest.param({"a": STORE / "1"}, [], "a", [], [], ["a"], id="default-gone-kept"),
+    pytest.param(
+        {"a": STORE / "1", "b": STORE / "2"},
+        [info("a", "1"), info("b", "3")],
+        "a",
+        ["b"],
+        ["b"],
+        [],
+        id="new-version",
+    ),
+    pytest.param({"a": STORE / "1"}, [info("a", "9")], "a", [], [], ["a"], id="new-version-of-default-kept"),
+    pytest.param(
+        {"dev": Path("/home/me/dev.gguf"), "a": STORE / "1"},
+        [info("a", "1")],
+        "dev",
+        [],
+        [],
+        [],
+        id="config-model-untouched",
+    ),
+]
+
+
+@pytest.mark.parametrize(("served", "store", "default", "added", "removed", "kept"), STORE_CASES)
+def test_store_plan(
+    served: dict[str, Path],
+    store: list[ModelInfo],
+    default: str | None,
+    added: list[str],
+    removed: list[str],
+    kept: list[str],
+) -> None:
+    plan = plan_store(served, store, STORE, default)
+    assert [i.id for i in plan.add] == added
+    assert list(plan.remove) == removed
+    assert list(plan.kept) == kept
+
+
+PIN_CASES = [
+    pytest.param([], ["a"], ["a", "b"], {"a": True}, id="pin"),
+    pytest.param(["a"], [], ["a"], {"a": False}, id="unpin"),
+    pytest.param(["a"], ["a", "b"], ["a", "b"], {"b": True}, id="only-the-difference"),
+    pytest.param([], ["zzz"], ["a"], {}, id="unknown-model-ignored"),
+    pytest.param(["a"], ["a"], ["a"], {}, id="unchanged"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "served", "expected"), PIN_CASES)
+def test_pin_plan(old: list[str], new: list[str], served: list[str], expected: dict[str, bool]) -> None:
+    assert plan_pins(old, new, served) == expected
+
+
+# -- the config source ------------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    pytest.param("[pool]\nkeep_alive = 3\n", "pool.keep_alive = 3: unknown setting", id="unknown-key"),
+    pytest.param('[log]\nlevel = "loud"\n', "log.level = 'loud'", id="bad-value"),
+    pytest.param("[pool\n", "invalid TOML", id="not-toml"),
+    pytest.param(
+        '[[access.bindings]]\nrole = "nobody"\nuids = [1]\n[access.roles.r]\npermissions = []\n',
+        "access.bindings",
+        id="binding-to-missing-role",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_CONFIGS)
+def test_source_refuses_a_bad_config_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, expected: str
+) -> None:
+    monkeypatch.delenv("EDGE_AGENT_CONFIG", raising=False)
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        ConfigSource(path).load()
+    message = str(err.value)
+    assert expected in message and "\n" not in message and str(path) in message
+
+
+def test_source_keeps_the_state_dir_override(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('state_dir = "/elsewhere"\n[log]\nlevel = "debug"\n')
+    loaded = ConfigSource(path, tmp_path / "state").load()
+    assert loaded.state_dir == tmp_path / "state" and loaded.log.level == "debug"
+
+
+# -- the policy holder ------------------------------------------------------------------------------
+
+ROLE = {"r": {"permissions": [{"actions": ["status"]}]}}
+
+
+def test_replacing_the_local_policy_takes_effect_and_is_announced(tmp_path: Path) -> None:
+    start = default_policy(0, "root", "root")
+    holder = PolicyHolder(start, tmp_path)
+    seen: list[tuple[str, str]] = []
+    holder.on_change = lambda old, new: seen.append((old.source, new.source))
+    new = parse_policy({"roles": ROLE, "bindings": [{"role": "r", "uids": [5]}]}, "config [access]")
+    assert holder.replace_local(new) is True
+    assert holder.current() is new and holder.local is new
+    assert seen == [("built-in default", "config [access]")]
+
+
+def test_a_hub_policy_in_force_stays_after_a_local_reload(tmp_path: Path) -> None:
+    doc = json.dumps({"version": 3, "roles": ROLE, "bindings": [{"role": "r", "uids": [9]}]}).encode()
+    accept_policy(tmp_path, doc, 3)
+    holder = PolicyHolder(default_policy(0, "root", "root"), tmp_path)
+    assert holder.current().version == 3
+    new = parse_policy({"roles": ROLE, "bindings": [{"role": "r", "uids": [5]}]}, "config [access]")
+    assert holder.replace_local(new) is False
+    assert holder.current().source == "hub v3"
+    assert holder.local is new
+
+
+# -- the reloader shell -----------------------------------------------------------------------------
+
+
+def _pool(*ids: str) -> ModelPool:
+    pool = ModelPool(FakeEngine, memory_budget=1 << 30, smoke_test=None)
+    for model_id in ids:
+        pool.add(FakeEngine(fake_info(model_id)))
+    return pool
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+async def _test_reloader_applies_live_keys_and_reports_the_rest(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    _write(config, f'state_dir = "{tmp_path}"\n')
+    source = ConfigSource(config)
+    pool = _pool("a", "b")
+    reloader = Reloader(source, source.load(), pool, budget_for=lambda p: (p.memory_budget_mb or 0) << 20)
+    _write(
+        config,
+        f'state_dir = "{tmp_path}"\n[pool]\npinned = ["b"]\nkeep_alive_s = 5\nmax_loaded = 2\n'
+        "memory_budget_mb = 64\n[engine]\nn_ctx = 1024\n",
+    )
+    report = await reloader.reload("test")
+    assert report.error is None
+    assert report.applied == ("pool.keep_alive_s", "pool.max_loaded", "pool.memory_budget_mb", "pool.pinned")
+    assert report.restart_needed == ("engine.n_ctx",)
+    assert (pool.keep_alive_s, pool.max_loaded, pool.memory_budget) == (5, 2, 64 << 20)
+    assert {r.id: r.pinned for r in pool.status()} == {"a": False, "b": True}
+    assert reloader.settings.engine.n_ctx == 4096 and reloader.settings.pool.pinned == ["b"]
+    await pool.close()
+
+
+def test_reloader_applies_live_keys_and_reports_the_rest(tmp_path: Path) -> None:
+    asyncio.run(_test_reloader_applies_live_keys_and_reports_the_rest(tmp_path))
+
+
+async def _test_reloader_keeps_running_settings_on_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    _write(config, "[pool]\nkeep_alive_s = 7\n")
+    source = ConfigSource(config)
+    pool = _pool("a")
+    pool.keep_alive_s = 7
+    reloader = Reloader(source, source.load(), pool)
+    _write(config, "[pool]\nkeep_alive_s = -1\n")
+    report = await reloader.reload("test")
+    assert report.outcome == "refused"
+    assert report.error is not None and "pool.keep_alive_s = -1" in report.error
+    assert pool.keep_alive_s == 7 and reloader.settings.pool.keep_alive_s == 7
+    assert report.to_dict()["changed"] == []
+    await pool.close()
+
+
+def test_reloader_keeps_running_settings_on_a_bad_config(tmp_path: Path) -> None:
+    asyncio.run(_test_reloader_keeps_running_settings_on_a_bad_config(tmp_path))
+
+
+async def _test_reloads_are_serialised(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    _write(config, "")
+    source = ConfigSource(config)
+    pool = _pool("a")
+    reloader = Reloader(source, source.load(), pool)
+    _write(config, "[pool]\nkeep_alive_s = 9\n")
+    first, second = await asyncio.gather(reloader.reload("one"), reloader.reload("two"))
+    assert first.applied == ("pool.keep_alive_s",)
+    assert second.changed == ()  # it saw the settings the first one left
+    assert reloader.reloads == 2
+    await pool.close()
+
+
+def test_reloads_are_serialised(tmp_path: Path) -> None:
+    asyncio.run(_test_reloads_are_serialised(tmp_path))
+
+
+async def _test_reloader_notifies_reloading_then_ready(
+    tmp_path: Path, notify_listener: NotifyListener
+) -> None:
+    config = tmp_path / "config.toml"
+    _write(config, "")
+    source = ConfigSource(config)
+    pool = _pool("a")
+    service = ServiceNotifier(SocketNotifier(str(notify_listener.path)))
+    reloader = Reloader(source, source.load(), pool, notifier=service)
+    _write(config, "[engine]\nn_ctx = 1024\n")
+    before = time.monotonic_ns() // 1000
+    await reloader.reload("test")
+    after = time.monotonic_ns() // 1000
+    reloading = notify_listener.wait_for("RELOADING", "1", timeout=5)
+    ready = notify_listener.wait_for("READY", "1", timeout=5)
+    assert before <= int(reloading.get("MONOTONIC_USEC") or 0) <= after
+    assert ready.at >= reloading.at
+    assert "restart needed for: engine.n_ctx" in str(ready.get("STATUS"))
+    await pool.close()
+
+
+def test_reloader_notifies_reloading_then_ready(tmp_path: Path, notify_listener: NotifyListener) -> None:
+    asyncio.run(_test_reloader_notifies_reloading_then_ready(tmp_path, notify_listener))
