@@ -195,7 +195,8 @@ _ERRORS = {
     408: "Request headers or body not received in time",
     413: "Request body larger than server.max_body_bytes",
     414: "Request line longer than server.max_header_bytes",
-    429: "Queue full; retry after Retry-After seconds",
+    429: "The model's queue is full (code overloaded), or the caller's role is over its requests per "
+    "minute (code rate_limit_exceeded); retry after Retry-After seconds",
     431: "A header longer than server.max_header_bytes, or more than server.max_headers headers",
     500: "Internal error (logged by the agent; never a traceback)",
     503: "Model not ready, or too many connections; retry after Retry-After seconds",

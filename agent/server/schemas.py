@@ -202,7 +202,8 @@ class ChatBody(_SamplingBody):
     messages: list[ChatMessageBody] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
 
-    _integers = field_validator("max_completion_tokens", mode="before")(integral)
+    _chat_integers = field_validator("max_completion_tokens", mode="before")(integral)  # a new name:
+    # the same name would replace the inherited validator of max_tokens, top_k, seed and n
 
     def to_request(self, default_max_tokens: int, request_id: str, deadline: float | None) -> ChatRequest:
         return ChatRequest(

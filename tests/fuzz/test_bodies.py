@@ -215,7 +215,7 @@ def test_context_overflow_has_its_openai_code(client: httpx.Client, path: str, r
         pytest.param(
             COMPLETIONS, {"max_tokens": 2.0, "top_k": 40.0, "seed": 7.0, "n": 1.0}, id="completions"
         ),
-        pytest.param(CHAT, {"max_completion_tokens": 2.0}, id="chat"),
+        pytest.param(CHAT, {"max_completion_tokens": 2.0, "top_k": 40.0, "seed": 7.0, "n": 1.0}, id="chat"),
         pytest.param(EMBEDDINGS, {"dimensions": 640.0}, id="embeddings"),
     ],
 )

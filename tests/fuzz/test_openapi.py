@@ -117,6 +117,73 @@ def test_request_body_schema_is_the_pydantic_model() -> None:
     assert openapi.request_models()[("POST", "/v1/completions")] is schemas.CompletionBody
 
 
+_BODY_MODELS = {"CompletionBody": schemas.CompletionBody, "ChatBody": schemas.ChatBody,
+                "EmbeddingBody": schemas.EmbeddingBody}  # fmt: skip
+_HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "valid"),
+    [
+        pytest.param("CompletionBody", {"prompt": "x"}, True, id="prompt-string"),
+        pytest.param("CompletionBody", {"prompt": ["x"]}, True, id="prompt-one-item"),
+        pytest.param("CompletionBody", {"prompt": []}, False, id="prompt-no-item"),
+        pytest.param("CompletionBody", {"prompt": ["x", "y"]}, False, id="prompt-two-items"),
+        pytest.param("CompletionBody", {"prompt": "x", "stop": ["a"] * 4}, True, id="four-stops"),
+        pytest.param("CompletionBody", {"prompt": "x", "stop": ["a"] * 5}, False, id="five-stops"),
+        pytest.param("CompletionBody", {"prompt": "x", "logit_bias": {"15": -100}}, True, id="bias"),
+        pytest.param("CompletionBody", {"prompt": "x", "logit_bias": {"x": 1}}, False, id="bias-word-key"),
+        pytest.param(
+            "CompletionBody", {"prompt": "x", "logit_bias": {"\u00b2": 1}}, False, id="bias-sup-key"
+        ),
+        pytest.param("CompletionBody", {"prompt": "x", "logit_bias": {"-1": 1}}, False, id="bias-neg-key"),
+        pytest.param("CompletionBody", {"prompt": "x", "logit_bias": {"1": 101}}, False, id="bias-too-big"),
+        pytest.param("CompletionBody", {"prompt": "x", "max_tokens": 5.0}, True, id="integer-as-float"),
+        pytest.param("CompletionBody", {"prompt": "x", "max_tokens": 5.5}, False, id="fraction"),
+        pytest.param("CompletionBody", {"prompt": "x", "max_tokens": "5"}, False, id="integer-as-string"),
+        pytest.param("CompletionBody", {"prompt": "x", "max_tokens": True}, False, id="integer-as-bool"),
+        pytest.param("CompletionBody", {"prompt": "x", "temperature": 1}, True, id="float-as-integer"),
+        pytest.param(
+            "ChatBody", {"messages": _HI, "top_k": 3.0, "n": 1.0}, True, id="chat-integers-as-float"
+        ),
+        pytest.param(
+            "ChatBody",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+            True,
+            id="text-part",
+        ),
+        pytest.param(
+            "ChatBody",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            False,
+            id="image-part",
+        ),
+        pytest.param(
+            "ChatBody",
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            False,
+            id="part-no-text",
+        ),
+        pytest.param("ChatBody", {"messages": []}, False, id="no-messages"),
+        pytest.param("EmbeddingBody", {"input": ["a"] * 512}, True, id="512-inputs"),
+        pytest.param("EmbeddingBody", {"input": ["a"] * 513}, False, id="513-inputs"),
+        pytest.param("EmbeddingBody", {"input": []}, False, id="no-inputs"),
+        pytest.param("EmbeddingBody", {"input": "a", "dimensions": 8.0}, True, id="dimensions-as-float"),
+    ],
+)
+def test_request_schema_accepts_exactly_what_validation_accepts(
+    name: str, body: dict[str, Any], valid: bool
+) -> None:
+    """What schemathesis relies on (tests/fuzz/test_schemathesis.py), case by case, without a model."""
+    in_schema = validator(_app_spec(), name).is_valid(body)
+    try:
+        _BODY_MODELS[name].model_validate(body)
+        validates = True
+    except ValueError:  # pydantic's ValidationError
+        validates = False
+    assert (in_schema, validates) == (valid, valid)
+
+
 def test_retry_after_documented_for_429_and_503() -> None:
     responses = _app_spec()["components"]["responses"]
     for status in ("429", "503"):
