@@ -6,6 +6,7 @@ from typing import Any
 
 import jsonschema_rs
 import pytest
+from pydantic import BaseModel
 
 from agent.engine.pool import ModelPool
 from agent.server import openapi, schemas
@@ -117,8 +118,11 @@ def test_request_body_schema_is_the_pydantic_model() -> None:
     assert openapi.request_models()[("POST", "/v1/completions")] is schemas.CompletionBody
 
 
-_BODY_MODELS = {"CompletionBody": schemas.CompletionBody, "ChatBody": schemas.ChatBody,
-                "EmbeddingBody": schemas.EmbeddingBody}  # fmt: skip
+_BODY_MODELS: dict[str, type[BaseModel]] = {
+    "CompletionBody": schemas.CompletionBody,
+    "ChatBody": schemas.ChatBody,
+    "EmbeddingBody": schemas.EmbeddingBody,
+}
 _HI = [{"role": "user", "content": "hi"}]
 
 
