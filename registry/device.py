@@ -432,13 +432,19 @@ class DeviceRegistry:
                 save_index(self.index_path, index.without(p for p, _ in bad))
         return VerifyResult(tuple(ok), tuple(bad))
 
-    def remove(self, model_id: str) -> list[str]:
-        """Forget every version of ``model_id`` and delete its blobs (unless shared)."""
+    def remove(self, model_id: str, version: str | None = None) -> list[str]:
+        """Forget ``model_id`` (only ``version`` of it, if given; else every version) and delete its
+        blobs (unless shared)."""
         with self._locked():
             index = load_index(self.index_path)
-            paths = index.model_paths(model_id)
+            paths = [
+                p
+                for p in index.model_paths(model_id)
+                if version is None or index.targets[p].ref.version == version
+            ]
             if not paths:
-                raise StoreError(f"model {model_id!r} is not installed", reason=Reason.NOT_INSTALLED)
+                what = f"model {model_id!r}" + (f" version {version!r}" if version is not None else "")
+                raise StoreError(f"{what} is not installed", reason=Reason.NOT_INSTALLED)
             remaining = index.without(paths)
             save_index(self.index_path, remaining)
             for p in paths:

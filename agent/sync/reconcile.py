@@ -10,8 +10,8 @@ Rules (docs/protocol.md, "Deployments"):
 - Switching happens only inside the deployment's maintenance window (``HH:MM-HH:MM`` UTC, may wrap
   midnight), unless it is *urgent*: the device serves no deployed model at all. Otherwise the
   action is ``Defer``red and retried at the next reconcile.
-- A model version whose activation failed (smoke test, load) is not retried until a new version
-  or a new deployment arrives: the previous model keeps serving and the failure was reported once.
+- A model version whose activation failed (smoke test, load) is held back (``failed``) until its
+  retry is due (:mod:`agent.sync.retry`): the previous model keeps serving meanwhile.
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def plan(
     """The actions that bring the device to its deployments.
 
     ``installed``: (model, version) pairs in the store; ``serving``: model -> version in the pool;
-    ``default``: the model id the pool serves by default; ``failed``: activations that failed.
+    ``default``: the model id the pool serves by default; ``failed``: activations held back (failed,
+    retry not due yet).
     """
     wanted = desired_models(deployments)
     if not wanted:

@@ -13,7 +13,14 @@ hub is reachable); a background task waits for a connection, then for every new 
    through the pool's ``swap``, which keeps the previous model serving when the new one fails.
    Every outcome is an event with a status code; a failed version is retried with exponential
    backoff (:mod:`agent.sync.retry`, schedule kept in the sync ledger across restarts).
-4. Publish the reported state (retained) and upload the audit log.
+4. Remove what the deployments no longer name (:mod:`agent.sync.removal`): unload it from the
+   pool at once (only models from the store, never the default or the last one), delete unneeded
+   versions from the store after ``removal_grace_s`` (the previous version stays as the rollback
+   target with ``keep_previous``).
+5. Publish the reported state (retained) and upload the audit log.
+
+Events go through the persistent outbox (:mod:`agent.sync.outbox`); retry schedules and removal
+clocks live in the same sync ledger (:mod:`agent.sync.ledger`).
 
 Invariant: nothing in this loop can stop the daemon: every failure is logged, reported and retried
 at the next round.
@@ -32,15 +39,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.engine.base import ModelInfo
+from agent.errors import EngineError
 from agent.log import get_logger
 from agent.sync.audit_upload import AuditSource, AuditUploader
 from agent.sync.errors import MqttError, SyncError
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
-from agent.sync.ledger import Failure, FailureBook, Ledger
+from agent.sync.ledger import Failure, FailureBook, Ledger, UnneededBook
 from agent.sync.messages import Event, Outgoing, Status, device_topic, offline_will, online_status
 from agent.sync.mqtt import MqttClient, MqttConfig
 from agent.sync.outbox import DEFAULT_CAPACITY, Outbox
 from agent.sync.reconcile import Activate, Defer, Missing, desired_models, plan
+from agent.sync.removal import PoolModel, due_for_removal, kept_versions, to_unload, unneeded_since
 from agent.sync.retry import (
     RetryPolicy,
     after_failure,
@@ -139,6 +148,7 @@ class SyncService:
         self.outbox = Outbox(self.ledger, options.outbox_capacity)
         self._flush_lock = asyncio.Lock()
         self.failures = FailureBook(self.ledger)
+        self.unneeded = UnneededBook(self.ledger)
         self._basis = ""
         self.random: Callable[[], float] = random.random
         self._wake = asyncio.Event()
@@ -215,12 +225,15 @@ class SyncService:
                 await asyncio.wait_for(self._wake.wait(), self._sleep_s())
 
     def _sleep_s(self) -> float:
-        """Until the next refresh, or the next due retry if that is sooner."""
+        """Until the next refresh, or the next due retry or removal if that is sooner."""
         wait = self.options.refresh_interval_s
         try:
             due = next_due(self.failures.all().values(), self._basis)
+            removals = [t + self.options.removal_grace_s for t in self.unneeded.all().values()]
         except SyncError:
-            due = None
+            due, removals = None, []
+        if removals:
+            due = min(removals) if due is None else min(due, *removals)
         if due is not None:
             wait = min(wait, max(0.5, due - self.now().timestamp()))
         return wait
@@ -330,6 +343,56 @@ class SyncService:
                 if previous is not None and previous.version != action.version:
                     previous = None
                 await self._activate(action, installed[(action.model, action.version)], target, previous)
+        try:
+            await self._remove_undeployed(deployments)
+        except SyncError as exc:  # the ledger: removal waits for the next round
+            log.error("sync_removal_failed", error=str(exc))
+
+    async def _remove_undeployed(self, deployments: list[Any]) -> None:
+        """Unload what the deployments no longer name; delete unneeded versions after the grace."""
+        store_dir = self.registry.store.dir.resolve()
+        pool_models = [PoolModel(m.id, m.path.resolve().parent == store_dir) for m in self.pool.models()]
+        for model in to_unload(deployments, pool_models, self.pool.default_id):
+            if await self._remove_from_pool(model):
+                self.serving_versions.pop(model, None)
+                self._audit("deployment.unload", f"models/{model}", "ok", "not_deployed", {})
+                await self.report(
+                    Event("deployment", Status.UNLOADED.value, f"models/{model}", "no longer deployed")
+                )
+        installed = self._installed()
+        serving = self._serving(installed)
+        keep = kept_versions(deployments, installed.keys(), serving, self.options.keep_previous)
+        if keep is None:
+            return
+        now = self.now().timestamp()
+        since = unneeded_since(self.unneeded.all(), installed.keys(), keep, now)
+        self.unneeded.replace(since)
+        in_use = set(serving.items())
+        for model, version in due_for_removal(since, now, self.options.removal_grace_s, in_use):
+            target = f"models/{model}/{version}"
+            try:
+                paths = await asyncio.to_thread(self.registry.remove, model, version)
+            except RegistryError as exc:
+                log.error("sync_remove_failed", target=target, error=str(exc))
+                continue
+            details = {"paths": paths, "unneeded_s": round(now - since.pop((model, version), now), 1)}
+            self.unneeded.replace(since)
+            self._audit("deployment.remove", target, "ok", "not_deployed", details)
+            await self.report(
+                Event(
+                    "deployment", Status.REMOVED.value, target, f"deleted from the store: {', '.join(paths)}"
+                )
+            )
+
+    async def _remove_from_pool(self, model: str) -> bool:
+        remove = getattr(self.pool, "remove", None)
+        if remove is None:  # a pool that cannot remove models keeps them
+            return False
+        try:
+            return bool(await remove(model))
+        except EngineError as exc:  # the default (it became so meanwhile): kept
+            log.warning("sync_unload_refused", model=model, error=str(exc))
+            return False
 
     async def _activate(
         self, action: Activate, info: ModelInfo, target: str, previous: Failure | None = None
