@@ -2,9 +2,9 @@
 
 startup (socket bound and accepting, models loading in the background) -> main loop (until
 SIGTERM/SIGINT; SIGHUP reloads the config, :mod:`agent.reload`) -> bounded graceful shutdown
-(stop accepting, drain in-flight requests within
-``server.shutdown_grace_s``, unload models, remove the socket). Signal handlers are restored on
-exit. This is the only module that chooses concrete classes.
+(stop accepting, drain in-flight requests within ``server.shutdown_grace_s``, unload models,
+remove the socket). Signal handlers are restored on exit. This is the only module that chooses
+concrete classes.
 """
 
 from __future__ import annotations

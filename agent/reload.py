@@ -48,7 +48,7 @@ from pydantic import BaseModel
 from agent import log as agent_log
 from agent.config import PoolSettings, Settings, load_settings
 from agent.engine.base import ModelInfo
-from agent.errors import ConfigError, EngineError
+from agent.errors import ConfigError, EngineError, ModelLoadError, ModelNotReady
 from agent.log import get_logger
 
 if TYPE_CHECKING:
@@ -344,7 +344,10 @@ class Reloader:
         policy_changed = await self._apply_policy(policy)
         added, removed, kept = await self._sync_store(new)
         if added or "pool.pinned" in live:
-            self.pool.start_loading()  # the default of a pool that had none, newly pinned models
+            try:
+                self.pool.start_loading()  # the default of a pool that had none, newly pinned models
+            except (ModelNotReady, ModelLoadError) as exc:  # a cold swap in progress: loaded on demand
+                log.warning("reload_load_deferred", reason=str(exc))
         self.settings = effective_settings(old, new, plan.live)
         current = self.guard.policies.current() if self.guard is not None else None
         return ReloadReport(
