@@ -340,3 +340,53 @@ async def _test_reloader_notifies_reloading_then_ready(
 
 def test_reloader_notifies_reloading_then_ready(tmp_path: Path, notify_listener: NotifyListener) -> None:
     asyncio.run(_test_reloader_notifies_reloading_then_ready(tmp_path, notify_listener))
+
+
+def test_policy_file_contents_audit_reads_and_log_level_reload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import structlog
+
+    from agent.audit.store import AuditLog, audit_path
+    from agent.log import get_logger
+    from agent.server.http import build_app
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"roles": ROLE, "bindings": [{"role": "r", "uids": [5]}]}))
+    config = tmp_path / "config.toml"
+    config.write_text(f'state_dir = "{tmp_path}"\n[access]\npolicy_file = "{policy}"\n')
+    source = ConfigSource(config)
+    start = source.load()
+
+    async def run() -> tuple[Any, Any, bool]:
+        from agent.audit.guard import install_guard
+
+        pool = ModelPool()
+        app = build_app(pool, {"max_body_bytes": 1 << 16, "default_max_tokens": 16, "request_timeout_s": 30})
+        guard = install_guard(app, start)
+        try:
+            reloader = Reloader(source, start, pool, guard)
+            policy.write_text(json.dumps({"roles": ROLE, "bindings": [{"role": "r", "uids": [6]}]}))
+            config.write_text(
+                config.read_text()
+                + '[audit]\naudit_reads = true\n[log]\nlevel = "warning"\nformat = "json"\n'
+            )
+            report = await reloader.reload("test")
+            get_logger("reload-test").info("hidden_line")
+            get_logger("reload-test").warning("shown_line")
+            return report, guard.policies.current(), guard.audit_reads
+        finally:
+            guard.close()
+            structlog.reset_defaults()
+
+    report, current, audit_reads = asyncio.run(run())
+    out = capsys.readouterr().out
+    assert report.changed == ("audit.audit_reads", "log.format", "log.level")
+    assert report.policy_changed  # the file's contents changed, not the key
+    assert [sorted(b.uids) for b in current.bindings] == [[6]] and current.source == str(policy)
+    assert audit_reads is True
+    assert "hidden_line" not in out and json.loads(out.strip().splitlines()[-1])["event"] == "shown_line"
+    records = [s.record() for s in AuditLog(audit_path(tmp_path)).iter_records()]
+    actions = [(r["action"], r["outcome"]) for r in records]
+    assert ("policy.change", "ok") in actions and actions[-1] == ("config.reload", "ok")
+    assert records[-1]["details"]["changed"] == ["audit.audit_reads", "log.format", "log.level"]
