@@ -82,12 +82,12 @@ def model_dependent_refusal(path: str, response: httpx.Response) -> str | None:
 
 
 OPERATIONS = [
-    pytest.param("/v1/completions", "POST", GenerationMode.POSITIVE, 25, id="completions-valid"),
-    pytest.param("/v1/completions", "POST", GenerationMode.NEGATIVE, 100, id="completions-invalid"),
-    pytest.param(CHAT, "POST", GenerationMode.POSITIVE, 25, id="chat-valid"),
-    pytest.param(CHAT, "POST", GenerationMode.NEGATIVE, 100, id="chat-invalid"),
-    pytest.param(EMBEDDINGS, "POST", GenerationMode.POSITIVE, 25, id="embeddings-valid"),
-    pytest.param(EMBEDDINGS, "POST", GenerationMode.NEGATIVE, 100, id="embeddings-invalid"),
+    pytest.param("/v1/completions", "POST", GenerationMode.POSITIVE, 12, id="completions-valid"),
+    pytest.param("/v1/completions", "POST", GenerationMode.NEGATIVE, 150, id="completions-invalid"),
+    pytest.param(CHAT, "POST", GenerationMode.POSITIVE, 10, id="chat-valid"),
+    pytest.param(CHAT, "POST", GenerationMode.NEGATIVE, 150, id="chat-invalid"),
+    pytest.param(EMBEDDINGS, "POST", GenerationMode.POSITIVE, 10, id="embeddings-valid"),
+    pytest.param(EMBEDDINGS, "POST", GenerationMode.NEGATIVE, 150, id="embeddings-invalid"),
     pytest.param("/v1/models", "GET", GenerationMode.POSITIVE, 3, id="models"),
     pytest.param("/health", "GET", GenerationMode.POSITIVE, 3, id="health"),
 ]
