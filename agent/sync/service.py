@@ -365,8 +365,10 @@ class SyncService:
         if keep is None:
             return
         now = self.now().timestamp()
-        since = unneeded_since(self.unneeded.all(), installed.keys(), keep, now)
-        self.unneeded.replace(since)
+        recorded = self.unneeded.all()
+        since = unneeded_since(recorded, installed.keys(), keep, now)
+        if since != recorded:
+            self.unneeded.replace(since)
         in_use = set(serving.items())
         for model, version in due_for_removal(since, now, self.options.removal_grace_s, in_use):
             target = f"models/{model}/{version}"
