@@ -324,6 +324,11 @@ def _pool_metrics(pool: ModelPool) -> Iterator[Metric]:
     for outcome in ("ok", "load_failed", "smoke_failed", "over_budget"):
         swaps.add_metric([outcome], pool.swaps.get(outcome, 0))
     yield swaps
+    yield CounterMetricFamily(
+        "edge_agent_cold_swaps",
+        "Swaps (of any outcome) that unloaded the default first because both models did not fit",
+        value=pool.swaps.get("cold", 0),
+    )
 
 
 def _job_metrics(scheduler: Scheduler) -> Iterator[Metric]:

@@ -47,8 +47,12 @@ def test_observations_and_state_series() -> None:
     metrics.observe_request("/v1/completions", "POST", 200, "small", 0.5, 12, 30)
     metrics.observe_request("/v1/completions", "POST", 200, "small", 2.0, 3, 5)
     metrics.observe_request("/health", "GET", 200, "-", 0.001)
+    pool.swaps.update({"ok": 2, "load_failed": 1, "cold": 2})
     asyncio.run(metrics.refresh())
     m = parse(metrics)
+    changes = {lab["outcome"]: v for lab, v in m["edge_agent_selection_changes_total"]}
+    assert changes == {"ok": 2.0, "load_failed": 1.0, "smoke_failed": 0.0, "over_budget": 0.0}
+    assert m["edge_agent_cold_swaps_total"] == [({}, 2.0)]
     assert ({"route": "/v1/completions", "method": "POST", "status": "200", "model": "small"}, 2.0) in m[
         "edge_agent_requests_total"
     ]

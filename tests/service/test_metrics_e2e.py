@@ -96,6 +96,7 @@ def test_state_series(served: Daemon) -> None:
     )
     for outcome in ("ok", "load_failed", "smoke_failed", "over_budget"):
         assert _value(m, "edge_agent_selection_changes_total", outcome=outcome) == 0
+    assert _value(m, "edge_agent_cold_swaps_total") == 0
     assert _value(m, "edge_agent_sync_configured") == 0
     assert _value(m, "edge_agent_audit_backlog_records") >= 1  # at least the config.load record
     assert _value(m, "edge_agent_process_resident_memory_bytes") > 0
