@@ -126,6 +126,9 @@ def test_stop_string_ends_generation(daemon: Daemon) -> None:
             b'{"prompt": "x", "max_tokens": 5000}', 400, "context_length_exceeded", "max_tokens", id="context"
         ),
         pytest.param(b'{"prompt": "\xff\xfe"}', 400, None, None, id="not-utf8"),
+        pytest.param(
+            b'{"prompt": "x", "logit_bias": {"300000": 5}}', 400, None, "logit_bias", id="bias-beyond-vocab"
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(

@@ -218,6 +218,14 @@ class LlamaEngine(EngineLifecycle):
     ) -> AsyncIterator[GenerationChunk]:
         if not tokens:
             raise BadRequest("prompt is empty", param="prompt")
+        n_vocab = self._model.n_vocab if self._model is not None else None
+        unknown = sorted(t for t in sampling.logit_bias if n_vocab is not None and not 0 <= t < n_vocab)
+        if unknown:
+            raise BadRequest(
+                f"logit_bias: token id {unknown[0]} is not in the vocabulary of {self._info.id} "
+                f"(ids 0 to {n_vocab - 1 if n_vocab else 0})",
+                param="logit_bias",
+            )
         if len(tokens) + max_tokens > self._n_ctx:
             raise ContextOverflow(
                 f"prompt has {len(tokens)} tokens and max_tokens is {max_tokens}: "

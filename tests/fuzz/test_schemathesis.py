@@ -13,7 +13,8 @@ The request models are strict and their schema states every rule their validator
 - positive runs apply ``positive_data_acceptance``: every body the document allows is served
   (2xx), except for refusals that depend on the model served, which no schema can state (see
   :func:`model_dependent_refusal`: an unknown model name, a prompt beyond the context, the chat
-  template's rules on roles, the model's embedding size). These are named, and nothing else is
+  template's rules on roles, the model's embedding size, a ``logit_bias`` token id beyond its
+  vocabulary). These are named, and nothing else is
   excused.
 
 Budget: about 20 s on 2 cores (most of it the positive runs, which generate a few tokens each).
@@ -78,6 +79,8 @@ def model_dependent_refusal(path: str, response: httpx.Response) -> str | None:
         return "chat-template-rules"  # e.g. Gemma's "roles must alternate user/assistant"
     if path == EMBEDDINGS and param == "dimensions":
         return "embedding-size"
+    if param == "logit_bias" and "vocabulary" in str(error.get("message")):
+        return "token-beyond-vocabulary"
     return None
 
 
