@@ -266,7 +266,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         await record("denied", decision.reason, status=403)
         raise Forbidden(decision.reason)
     audited = guard.audit_reads or action not in READS
-    if action is Action.INFER:
+    if action is Action.INFER and body is not None:  # no body: the handler names what is wrong with it
         default = request.app[LIMITS_KEY].get("default_max_tokens", 256)
         problem = check_max_tokens(decision, _requested_tokens(body, default))
         if problem is not None:

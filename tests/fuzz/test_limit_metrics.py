@@ -35,7 +35,10 @@ from tests.fuzz.rawhttp import (
 
 MAX_CONNECTIONS = 16
 RATE_PER_MINUTE = 2
-ROLE_MAX_TOKENS = 1000  # above default_max_tokens: a body that never arrives is a 408, not this
+ROLE_MAX_TOKENS = 1000
+DEFAULT_MAX_TOKENS = 2000
+"""Above the role's limit: a body that never arrives or does not parse must still be named for what
+it is (408, 400), not refused for the default max_tokens the guard would otherwise assume."""
 FORTY_HEADERS = b"".join(b"X-%d: v\r\n" % i for i in range(40))
 
 Key = tuple[str, frozenset[tuple[str, str]]]
@@ -78,6 +81,7 @@ def limits_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     env = {
         **FUZZ_ENV,
         "EDGE_AGENT_SERVER__HEADER_TIMEOUT_S": "2",
+        "EDGE_AGENT_ENGINE__DEFAULT_MAX_TOKENS": str(DEFAULT_MAX_TOKENS),
         "EDGE_AGENT_ACCESS__ROLES": json.dumps(
             {
                 "ops": {"permissions": [{"actions": ops}], "limits": {"max_tokens": ROLE_MAX_TOKENS}},
@@ -336,3 +340,22 @@ def test_role_token_limit_holds_however_the_integer_is_written(
     error = r.json()["error"]
     assert (error["code"], error["param"]) == ("max_tokens_limit", "max_tokens")
     assert f"max_tokens 5000 exceeds the limit {ROLE_MAX_TOKENS}" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        pytest.param(b"{not json", 400, id="malformed-json"),
+        pytest.param(b"[1, 2]", 400, id="not-an-object"),
+    ],
+)
+def test_a_bad_body_is_named_not_taken_for_the_default_max_tokens(
+    limits_daemon: Daemon, body: bytes, status: int
+) -> None:
+    """Under a role limit below ``default_max_tokens``, an unreadable body is refused for what it is."""
+    assert ROLE_MAX_TOKENS < DEFAULT_MAX_TOKENS
+    with uds_client(limits_daemon.socket, timeout=10) as c:
+        r = c.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] != "max_tokens_limit"
+    assert "max_tokens" not in r.json()["error"]["message"]
