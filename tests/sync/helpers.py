@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,15 @@ def installed_files(state_dir: Path) -> list[str]:
     return sorted(os.listdir(blobs)) if blobs.is_dir() else []
 
 
+async def wait_for(predicate: Callable[[], object], timeout: float, what: str, poll_s: float = 0.1) -> None:
+    """Poll ``predicate`` until it is true; fail the test naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(poll_s)
+
+
 __all__ = [
     "Device",
     "Hub",
@@ -176,4 +186,5 @@ __all__ = [
     "publish_model",
     "running_device",
     "running_hub",
+    "wait_for",
 ]

@@ -5,7 +5,6 @@ same way; the failures are reported to the hub."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from hub.publish import set_deployment
 from hub.repo import Repository
 from hub.serve import HubServer, ServeConfig
 from tests.sync.broker import Broker
-from tests.sync.helpers import enrolled_device, new_repo, publish_model
+from tests.sync.helpers import enrolled_device, new_repo, publish_model, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -59,14 +58,6 @@ def make_pool() -> ModelPool:
         return LlamaEngine(info, n_ctx=256, n_threads=2, n_parallel=1, max_queue=4)
 
     return ModelPool(factory, smoke_timeout_s=60)
-
-
-async def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def test_deploy_activates_then_broken_version_keeps_previous(

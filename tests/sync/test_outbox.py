@@ -23,7 +23,7 @@ from agent.sync.service import SyncOptions, SyncService
 from hub.serve import HubServer, ServeConfig
 from hub.sync_store import HubStore
 from tests.sync.broker import REPO, Broker
-from tests.sync.helpers import enrolled_device, new_repo
+from tests.sync.helpers import enrolled_device, new_repo, wait_for
 
 
 def event(i: int) -> Event:
@@ -153,14 +153,6 @@ def test_hub_database_without_event_ids_is_upgraded(tmp_path: Path) -> None:
     store.record_event("d", Event("k", "s2", "", "", 2.0, "x"))
     store.record_event("d", Event("k", "s2", "", "", 2.0, "x"))
     assert [e.status for _, e in store.events("d")] == ["s2", "s"]
-
-
-async def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.mark.slow

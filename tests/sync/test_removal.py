@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from hub.serve import HubServer, ServeConfig
 from registry.exceptions import Reason, StoreError
 from registry.metadata import Deployment, DeploymentEntry, deployment_target_path
 from tests.sync.broker import Broker
-from tests.sync.helpers import enrolled_device, installed_files, new_repo, publish_model
+from tests.sync.helpers import enrolled_device, installed_files, new_repo, publish_model, wait_for
 
 
 def dep(*entries: tuple[str, str | None, bool]) -> list[Deployment]:
@@ -165,14 +164,6 @@ def deploy_only(repo_dir: Path, model: str, version: str) -> None:
     deployment = Deployment("edge", (DeploymentEntry(model, version, True),))
     repo.add_bytes(deployment_target_path("edge"), deployment.to_json(), {"kind": "deployment"})
     repo.publish()
-
-
-async def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 GRACE_S = 3.0

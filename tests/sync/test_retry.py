@@ -5,9 +5,7 @@ survives a restart of the sync service, and the model serves once the pressure i
 
 from __future__ import annotations
 
-import asyncio
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +31,7 @@ from hub.publish import set_deployment
 from hub.serve import HubServer, ServeConfig
 from registry.metadata import Deployment, DeploymentEntry
 from tests.sync.broker import Broker
-from tests.sync.helpers import enrolled_device, new_repo, publish_model
+from tests.sync.helpers import enrolled_device, new_repo, publish_model, wait_for
 
 POLICY = RetryPolicy(initial_s=300, max_s=21600, jitter=0.2)
 
@@ -123,14 +121,6 @@ def test_deployments_basis_ignores_order_and_sees_changes() -> None:
     c = Deployment("edge", (DeploymentEntry("m", "2"),))
     assert deployments_basis([a, b]) == deployments_basis([b, a])
     assert deployments_basis([a, b]) != deployments_basis([c, b])
-
-
-async def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def failed_attempts(sync: SyncService) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 from agent.audit import AuditLog
@@ -20,15 +19,7 @@ from hub.publish import add_policy
 from hub.repo import Repository
 from hub.sync_meta import refresh_timestamp
 from tests.sync.broker import Broker
-from tests.sync.helpers import enrolled_device, make_blob, new_repo, publish_model, running_hub
-
-
-async def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+from tests.sync.helpers import enrolled_device, make_blob, new_repo, publish_model, running_hub, wait_for
 
 
 def audit_actions(log: AuditLog) -> list[dict[str, object]]:
