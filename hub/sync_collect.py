@@ -102,8 +102,8 @@ class Collector:
             event = Event.decode(msg.payload)
         except ProtocolError:
             return
-        await asyncio.to_thread(self.store.record_event, device, event)
-        if self.on_event is not None:
+        new = await asyncio.to_thread(self.store.record_event, device, event)
+        if new and self.on_event is not None:  # a redelivered event is not news
             self.on_event(device, event)
 
 

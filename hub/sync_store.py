@@ -292,10 +292,13 @@ class HubStore:
                 (int(online), time.time() if now is None else now, device),
             )
 
-    def record_event(self, device: str, event: Event, now: float | None = None) -> None:
-        """Store ``event``; an event whose id is already stored for ``device`` is ignored."""
+    def record_event(self, device: str, event: Event, now: float | None = None) -> bool:
+        """Store ``event``; an event whose id is already stored for ``device`` is ignored.
+
+        Returns whether it was new (a redelivery after a lost PUBACK returns False).
+        """
         with self._tx() as conn:
-            conn.execute(
+            cursor = conn.execute(
                 "INSERT OR IGNORE INTO events (device, kind, status, target, detail, at, event_id)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -308,6 +311,7 @@ class HubStore:
                     event.id or None,
                 ),
             )
+            return cursor.rowcount == 1
 
     def events(self, device: str | None = None, limit: int = 1000) -> list[tuple[str, Event]]:
         sql = "SELECT device, kind, status, target, detail, at, event_id FROM events"

@@ -5,6 +5,7 @@ the hub exactly once."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import signal
 import subprocess
@@ -128,9 +129,10 @@ def test_kill9_mid_write_keeps_every_committed_event_and_no_torn_one(tmp_path: P
 )
 def test_hub_stores_an_event_id_once(tmp_path: Path, ids: list[str], stored: int) -> None:
     store = HubStore(tmp_path / "hub.db")
-    for i in ids:
-        store.record_event("dev-a", Event("deployment", "activated", "models/m/1", "", 5.0, i))
-    store.record_event("dev-b", Event("deployment", "activated", "models/m/1", "", 5.0, "a"))
+    event = Event("deployment", "activated", "models/m/1", "", 5.0)
+    new = [store.record_event("dev-a", dataclasses.replace(event, id=i)) for i in ids]
+    assert new.count(True) == stored  # what the hub's on_event callback (deploy --wait) is told
+    assert store.record_event("dev-b", Event("deployment", "activated", "models/m/1", "", 5.0, "a"))
     assert len(store.events("dev-a")) == stored
     assert len(store.events("dev-b")) == 1
 
