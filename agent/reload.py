@@ -9,7 +9,8 @@ else ``$EDGE_AGENT_CONFIG``, else ``/etc/edge-agent/config.toml``; the environme
 - ``[access]``: the local policy is replaced (a newer hub policy still wins, as at start-up);
 - ``[log]`` level and format;
 - ``[pool]`` pins, ``keep_alive_s``, ``max_loaded``, ``memory_budget_mb`` (a smaller budget or
-  count applies to the next load: loaded models are not evicted by the reload itself);
+  count unloads idle, unpinned models other than the default until the rest fit; busy, pinned and
+  default models stay, and the limits then hold from the next load on);
 - ``[audit] audit_reads``;
 
 and re-reads the verified store: models newly installed under ``<state_dir>/registry`` (re-hashed
@@ -379,6 +380,10 @@ class Reloader:
             missing = sorted(set(new.pool.pinned) - set(served))
             if missing:
                 log.warning("pinned_model_not_served", models=missing)
+        if {"pool.max_loaded", "pool.memory_budget_mb"} & live:  # after the pins: those stay
+            evicted = pool.fit_limits()
+            if evicted:
+                log.info("models_evicted_by_reload", models=evicted)
 
     async def _apply_policy(self, policy: Policy) -> bool:
         """Make ``policy`` the local policy if it differs; audited as a policy change."""

@@ -458,6 +458,24 @@ class ModelPool:
             raise NotFound(f"model {model_id!r} is not served here", param="model")
         entry.pinned = pinned
 
+    def fit_limits(self) -> list[str]:
+        """After the budget or the model count was lowered: unload idle, unpinned models that are
+        not the default (least recently used first) until the loaded ones fit. Busy, pinned and
+        default models stay (the limits then hold from the next load on). Returns the unloaded ids."""
+        gone: list[str] = []
+        # what stays once the retired engines have drained (they still count until then)
+        used = sum(self._estimate(e.info) for e in self._entries.values() if e.loaded)
+        count = sum(1 for e in self._entries.values() if e.loaded)
+        for entry in self._evictable(exclude=""):
+            if (self.memory_budget is None or used <= self.memory_budget) and count <= self.max_loaded:
+                break
+            log.info("model_evicted", model=entry.info.id, reason="limits lowered")
+            used -= self._estimate(entry.info)
+            count -= 1
+            self._unload(entry)
+            gone.append(entry.info.id)
+        return gone
+
     def unload_idle(self) -> list[str]:
         """Unload models unused for ``keep_alive_s`` (never the default, a pinned or a busy one)."""
         now = self._clock()

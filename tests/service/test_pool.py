@@ -596,3 +596,45 @@ def test_remove_drains_in_flight_requests_and_forgets_the_model() -> None:
         await pool.close()
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    ("budget_mb", "max_loaded", "evicted"),
+    [
+        pytest.param(400, 5, [], id="still-fits"),
+        pytest.param(200, 5, ["c"], id="budget-lowered-lru-first"),
+        pytest.param(150, 5, ["c", "d"], id="budget-lowered-more"),
+        pytest.param(1000, 3, ["c", "d"], id="count-lowered"),
+        pytest.param(50, 1, ["c", "d"], id="default-pinned-busy-stay"),
+    ],
+)
+def test_fit_limits_unloads_idle_models_after_the_limits_were_lowered(
+    budget_mb: int, max_loaded: int, evicted: list[str]
+) -> None:
+    async def main() -> None:
+        clock = Clock()
+        pool = ModelPool(FakeFactory(), memory_budget=1 << 30, max_loaded=10, clock=clock, settle_s=0.0)
+        for model_id in ("main", "pinned", "c", "d", "busy"):
+            pool.register(fake_info(model_id, 50), pinned=model_id == "pinned")
+        pool.start_loading()
+        await pool.wait_loaded()
+        for model_id in ("c", "d", "busy"):  # loaded on demand, c used least recently
+            clock.now += 1
+            with pytest.raises(ModelNotReady):
+                pool.resolve(model_id)
+            await pool.wait_loaded()
+        busy = pool.resolve("busy")
+        assert isinstance(busy, FakeEngine)
+        busy.gate = asyncio.Event()
+        stream = busy.generate(CompletionRequest(prompt="x", max_tokens=2, request_id="busy"))
+        await anext(stream)
+        pool.memory_budget, pool.max_loaded = budget_mb * MiB, max_loaded
+        assert pool.fit_limits() == evicted
+        state = {s.id: s.state for s in pool.status() if s.state != "retiring"}
+        assert [m for m, st in state.items() if st == "unloaded"] == evicted
+        assert state["main"] == state["pinned"] == state["busy"] == "ready"
+        busy.gate.set()
+        assert [c async for c in stream][-1].finish_reason == "length"
+        await pool.close()
+
+    run(main())

@@ -390,3 +390,22 @@ def test_policy_file_contents_audit_reads_and_log_level_reload(
     actions = [(r["action"], r["outcome"]) for r in records]
     assert ("policy.change", "ok") in actions and actions[-1] == ("config.reload", "ok")
     assert records[-1]["details"]["changed"] == ["audit.audit_reads", "log.format", "log.level"]
+
+
+async def _test_a_lowered_budget_unloads_idle_models_at_once(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    _write(config, f'state_dir = "{tmp_path}"\n')
+    source = ConfigSource(config)
+    pool = _pool("a", "b")  # a is the default; both 100 MiB
+    pool.start_loading()
+    await pool.wait_loaded()
+    reloader = Reloader(source, source.load(), pool, budget_for=lambda p: (p.memory_budget_mb or 0) << 20)
+    _write(config, f'state_dir = "{tmp_path}"\n[pool]\nmemory_budget_mb = 150\n')
+    report = await reloader.reload("test")
+    assert report.applied == ("pool.memory_budget_mb",)
+    assert {r.id: r.state for r in pool.status() if r.state != "retiring"} == {"a": "ready", "b": "unloaded"}
+    await pool.close()
+
+
+def test_a_lowered_budget_unloads_idle_models_at_once(tmp_path: Path) -> None:
+    asyncio.run(_test_a_lowered_budget_unloads_idle_models_at_once(tmp_path))
