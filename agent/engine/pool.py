@@ -362,43 +362,54 @@ class ModelPool:
             key=lambda e: e.last_used,
         )
 
-    def _make_room(self, info: ModelInfo, exclude: str) -> list[asyncio.Task[None]]:
-        """Evict idle unpinned models (LRU) until ``info`` fits; raise :class:`Overloaded` if it cannot.
+    def _would_fit(self, info: ModelInfo, gone: list[_Entry]) -> bool:
+        """Whether ``info`` fits the budget and the count once ``gone`` are unloaded (engines
+        already retiring count until they have drained)."""
+        used = self.memory_used() - sum(self._estimate(e.info) for e in gone)
+        within = self.memory_budget is None or used + self._estimate(info) <= self.memory_budget
+        return within and self._loaded_count() - len(gone) + 1 <= self.max_loaded
 
-        Returns the drain tasks of the evicted engines: the load must wait for them, so that the
-        budget holds at every moment.
-        """
+    def _room_problem(self, info: ModelInfo, exclude: str) -> Overloaded | None:
+        """Why ``info`` cannot load even after evicting every idle unpinned model; None if it can.
+        Pure: nothing is evicted."""
         need = self._estimate(info)
-        used, count = self.memory_used(), self._loaded_count()
-
-        def fits() -> bool:
-            within = self.memory_budget is None or used + need <= self.memory_budget
-            return within and count + 1 <= self.max_loaded
-
         if self.memory_budget is not None and need > self.memory_budget:
-            raise Overloaded(
+            return Overloaded(
                 f"model {info.id!r} needs {need >> 20} MiB, more than the whole budget of "
                 f"{self.memory_budget >> 20} MiB",
                 retry_after=300.0,
             )
+        if self._would_fit(info, self._evictable(exclude)):
+            return None
+        budget = "unlimited" if self.memory_budget is None else f"{self.memory_budget >> 20} MiB"
+        return Overloaded(
+            f"model {info.id!r} ({need >> 20} MiB) does not fit: {self.memory_used() >> 20} MiB of "
+            f"{budget} and {self._loaded_count()} of {self.max_loaded} models in use by busy, "
+            "pinned or default models",
+            retry_after=30.0,
+        )
+
+    def _make_room(self, info: ModelInfo, exclude: str) -> list[asyncio.Task[None]]:
+        """Evict idle unpinned models (LRU) until ``info`` fits; raise :class:`Overloaded` (evicting
+        nothing) if it cannot.
+
+        Returns the drain tasks of the evicted engines: the load must wait for them, so that the
+        budget holds at every moment.
+        """
+        problem = self._room_problem(info, exclude)
+        if problem is not None:
+            raise problem
         freeing: list[asyncio.Task[None]] = []
+        gone: list[_Entry] = []
         for victim in self._evictable(exclude):
-            if fits():
+            if self._would_fit(info, gone):
                 break
             log.info("model_evicted", model=victim.info.id, for_model=info.id)
-            used -= self._estimate(victim.info)
-            count -= 1
+            gone.append(victim)
+        for victim in gone:
             retiring = self._unload(victim)
             if retiring is not None and retiring.task is not None:
                 freeing.append(retiring.task)
-        if not fits():
-            budget = "unlimited" if self.memory_budget is None else f"{self.memory_budget >> 20} MiB"
-            raise Overloaded(
-                f"model {info.id!r} ({need >> 20} MiB) does not fit: {self.memory_used() >> 20} MiB of "
-                f"{budget} and {self._loaded_count()} of {self.max_loaded} models in use by busy, "
-                "pinned or default models",
-                retry_after=30.0,
-            )
         return freeing
 
     def _unload(self, entry: _Entry) -> _Retiring | None:
@@ -540,12 +551,14 @@ class ModelPool:
             if self._factory is None:
                 raise SwapFailed("this pool has no engine factory", reason="load_failed")
             victims: list[_Entry] = []
-            try:
+            freeing: list[asyncio.Task[None]] = []
+            problem = self._room_problem(info, exclude=info.id)
+            if problem is None:
                 freeing = self._make_room(info, exclude=info.id)
-            except Overloaded as exc:
+            else:  # decided before anything is evicted
                 victims = self._cold_swap_victims(info, previous)
                 if not victims:
-                    raise self._failure(info, "over_budget", str(exc)) from None
+                    raise self._failure(info, "over_budget", str(problem))
             try:
                 if victims:
                     freeing = await self._clear_for(info, victims)
@@ -613,11 +626,7 @@ class ModelPool:
         if not victims:
             return []
         others = [e for e in self._evictable(info.id) if e not in victims]
-        freed = sum(self._estimate(e.info) for e in (*victims, *others))
-        need = self._estimate(info)
-        within = self.memory_budget is None or self.memory_used() - freed + need <= self.memory_budget
-        count_ok = self._loaded_count() - len(victims) - len(others) + 1 <= self.max_loaded
-        return victims if within and count_ok else []
+        return victims if self._would_fit(info, [*victims, *others]) else []
 
     async def _clear_for(self, info: ModelInfo, victims: list[_Entry]) -> list[asyncio.Task[None]]:
         """Unload ``victims`` and wait until they are closed, then make room for ``info``."""

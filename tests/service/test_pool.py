@@ -638,3 +638,45 @@ def test_fit_limits_unloads_idle_models_after_the_limits_were_lowered(
         await pool.close()
 
     run(main())
+
+
+def test_cold_swap_counts_idle_models_it_may_evict() -> None:
+    """200 MiB: default 100 + idle 60 loaded; a 150 MiB model fits once both are gone."""
+
+    async def main() -> None:
+        factory = FakeFactory()
+        pool = ModelPool(factory, memory_budget=200 * MiB, smoke_timeout_s=0.5, settle_s=0.0)
+        pool.register(fake_info("old", 100))
+        pool.register(fake_info("side", 60))
+        pool.start_loading()
+        await pool.wait_loaded()
+        with pytest.raises(ModelNotReady):
+            pool.resolve("side")
+        await pool.wait_loaded()
+        await pool.swap(fake_info("new", 150))
+        assert pool.default_id == "new" and pool.swaps["cold"] == 1
+        await pool.wait_retired()
+        states = {s.id: s.state for s in pool.status()}
+        assert states == {"new": "ready", "old": "unloaded", "side": "unloaded"}
+        assert pool.memory_used() == 150 * MiB
+        await pool.close()
+
+    run(main())
+
+
+def test_refused_swap_evicts_nothing() -> None:
+    async def main() -> None:
+        pool = ModelPool(FakeFactory(), memory_budget=200 * MiB, settle_s=0.0, cold_swap=False)
+        pool.register(fake_info("old", 100))
+        pool.register(fake_info("side", 60))
+        pool.start_loading()
+        await pool.wait_loaded()
+        with pytest.raises(ModelNotReady):
+            pool.resolve("side")
+        await pool.wait_loaded()
+        with pytest.raises(SwapFailed, match="over_budget"):
+            await pool.swap(fake_info("new", 150))
+        assert {s.id: s.state for s in pool.status()} == {"old": "ready", "side": "ready"}
+        await pool.close()
+
+    run(main())
