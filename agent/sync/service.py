@@ -55,10 +55,10 @@ from agent.sync.retry import (
     after_failure,
     deployments_basis,
     held_back,
-    next_due,
     stale,
 )
 from agent.sync.state import StatePublisher, build_report
+from agent.sync.wake import actionable_times, sleep_s
 from registry.device import DeviceRegistry
 from registry.exceptions import RegistryError
 
@@ -150,6 +150,8 @@ class SyncService:
         self.failures = FailureBook(self.ledger)
         self.unneeded = UnneededBook(self.ledger)
         self._basis = ""
+        self._deferred: set[str] = set()  # models deferred by their window in the last round
+        self._in_use: set[tuple[str, str]] = set()  # (model, version) the pool served last round
         self.random: Callable[[], float] = random.random
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -225,18 +227,23 @@ class SyncService:
                 await asyncio.wait_for(self._wake.wait(), self._sleep_s())
 
     def _sleep_s(self) -> float:
-        """Until the next refresh, or the next due retry or removal if that is sooner."""
-        wait = self.options.refresh_interval_s
+        """Until the next refresh, or the next retry or removal a round can act on
+        (:mod:`agent.sync.wake`); a time already past wakes no sooner than the retry backoff base
+        (capped by the refresh interval), so the loop never spins on it."""
+        o = self.options
         try:
-            due = next_due(self.failures.all().values(), self._basis)
-            removals = [t + self.options.removal_grace_s for t in self.unneeded.all().values()]
+            times = actionable_times(
+                self.failures.all().values(),
+                self._basis,
+                self._deferred,
+                self.unneeded.all(),
+                o.removal_grace_s,
+                self._in_use,
+            )
         except SyncError:
-            due, removals = None, []
-        if removals:
-            due = min(removals) if due is None else min(due, *removals)
-        if due is not None:
-            wait = min(wait, max(0.5, due - self.now().timestamp()))
-        return wait
+            times = []
+        floor = min(o.refresh_interval_s, o.retry.initial_s)
+        return sleep_s(self.now().timestamp(), o.refresh_interval_s, floor, times)
 
     async def _state_loop(self) -> None:
         while True:
@@ -328,6 +335,7 @@ class SyncService:
             now,
             held_back(failures.values(), now.timestamp(), basis),
         )
+        self._deferred = {a.model for a in actions if isinstance(a, Defer)}
         for action in actions:
             target = f"models/{action.model}/{action.version or 'newest'}"
             if isinstance(action, Missing):
@@ -361,6 +369,7 @@ class SyncService:
                 )
         installed = self._installed()
         serving = self._serving(installed)
+        self._in_use = set(serving.items())
         keep = kept_versions(deployments, installed.keys(), serving, self.options.keep_previous)
         if keep is None:
             return
@@ -369,8 +378,7 @@ class SyncService:
         since = unneeded_since(recorded, installed.keys(), keep, now)
         if since != recorded:
             self.unneeded.replace(since)
-        in_use = set(serving.items())
-        for model, version in due_for_removal(since, now, self.options.removal_grace_s, in_use):
+        for model, version in due_for_removal(since, now, self.options.removal_grace_s, self._in_use):
             target = f"models/{model}/{version}"
             try:
                 paths = await asyncio.to_thread(self.registry.remove, model, version)
