@@ -447,9 +447,7 @@ class SyncService:
             return
         self._standing.pop(target, None)
         self.serving_versions[action.model] = action.version
-        if previous is not None:
-            with contextlib.suppress(SyncError):
-                self.failures.clear(action.model)
+        self._forget_failure(action.model)
         self._audit(
             "deployment.activate",
             target,
@@ -458,6 +456,14 @@ class SyncService:
             {"default": action.make_default, "attempt": attempt},
         )
         await self.report(Event("deployment", Status.ACTIVATED.value, target, f"serving (attempt {attempt})"))
+
+    def _forget_failure(self, model: str) -> None:
+        """A version of ``model`` activated: its failure record goes, whatever version failed."""
+        try:
+            if model in self.failures.all():
+                self.failures.clear(model)
+        except SyncError as exc:  # a broken ledger: the record is cleared at a later success
+            log.error("sync_ledger_write_failed", what="failures.clear", model=model, error=str(exc))
 
     # --- reporting -------------------------------------------------------------------------------
 
