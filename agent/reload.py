@@ -15,7 +15,10 @@ else ``$EDGE_AGENT_CONFIG``, else ``/etc/edge-agent/config.toml``; the environme
 
 and re-reads the verified store: models newly installed under ``<state_dir>/registry`` (re-hashed
 now) are registered in the pool (loadable on demand), models gone from the store are removed
-(requests in flight finish; the default model is never removed: it is logged and kept).
+(requests in flight finish; the default model is never removed: it is logged and kept). When fleet
+sync runs (``[hub] host`` set in the running settings), the store's models are sync's (it owns
+activations, smoke tests, rollbacks and removals): the reload leaves them alone and reports the
+store as ``managed by sync``.
 
 Invariants:
 
@@ -28,11 +31,14 @@ Invariants:
   so the next reload reports the same keys again until the daemon restarts.
 - Reloads are serialised; each one writes exactly one ``config.reload`` audit record (outcome
   ``ok`` or ``refused``, changed keys); a changed local policy also writes ``policy.change``.
+- A new version of a served model is registered only after its old entry was removed: an entry
+  whose removal failed (or that was gone already) is reported as kept, so a loaded engine is never
+  overwritten (and never leaks out of the memory budget).
 - sd_notify: ``RELOADING=1`` (with ``MONOTONIC_USEC=``) before, ``READY=1`` after, whatever the
   outcome.
 
-The rules (:func:`diff_settings`, :func:`plan_reload`, :func:`plan_store`, :func:`plan_pins`,
-:func:`effective_settings`) are pure; :class:`Reloader` does the I/O.
+The rules (:func:`diff_settings`, :func:`plan_reload`, :func:`plan_store`, :func:`plan_register`,
+:func:`store_mode`, :func:`plan_pins`, :func:`effective_settings`) are pure; :class:`Reloader` does the I/O.
 """
 
 from __future__ import annotations
@@ -187,6 +193,32 @@ def plan_store(
     return StorePlan(tuple(add), tuple(remove), tuple(kept))
 
 
+def plan_register(plan: StorePlan, removed: Iterable[str]) -> tuple[tuple[ModelInfo, ...], tuple[str, ...]]:
+    """``(register, kept)``: the models of ``plan.add`` that may be registered now that the ids in
+    ``removed`` were removed from the pool, and the replaced ids whose old entry stays.
+
+    A new version (its id in ``plan.remove``) is registered only if its old entry was removed;
+    otherwise registering would overwrite an entry that may hold a loaded engine.
+    """
+    done = set(removed)
+    replacing = set(plan.remove)
+    register = tuple(i for i in plan.add if i.id not in replacing or i.id in done)
+    kept = tuple(i.id for i in plan.add if i.id in replacing and i.id not in done)
+    return register, kept
+
+
+STORE_RELOADED = "reloaded"
+STORE_MANAGED_BY_SYNC = "managed by sync"
+STORE_NOT_USED = "not used"
+
+
+def store_mode(running: Settings) -> str:
+    """Whether a reload re-reads the store: :data:`STORE_MANAGED_BY_SYNC` when the daemon runs fleet
+    sync (``[hub] host`` in the *running* settings; ``hub.*`` only changes with a restart), else
+    :data:`STORE_RELOADED`."""
+    return STORE_MANAGED_BY_SYNC if running.hub.host is not None else STORE_RELOADED
+
+
 def plan_pins(old: Sequence[str], new: Sequence[str], served: Iterable[str]) -> dict[str, bool]:
     """``model id -> pinned`` for the served models whose pin ``[pool] pinned`` added or dropped."""
     known = set(served)
@@ -210,6 +242,8 @@ class ReloadReport:
     models_added: tuple[str, ...] = ()
     models_removed: tuple[str, ...] = ()
     models_kept: tuple[str, ...] = ()
+    store: str = STORE_RELOADED
+    """:data:`STORE_RELOADED`, :data:`STORE_MANAGED_BY_SYNC` (left to sync) or :data:`STORE_NOT_USED`."""
     policy_changed: bool = False
     policy_source: str | None = None
     policy_version: int | None = None
@@ -230,6 +264,7 @@ class ReloadReport:
             "models_added": list(self.models_added),
             "models_removed": list(self.models_removed),
             "models_kept": list(self.models_kept),
+            "store": self.store,
             "policy": {
                 "changed": self.policy_changed,
                 "source": self.policy_source,
@@ -245,6 +280,8 @@ class ReloadReport:
         text = f"reloaded: {len(self.applied)} applied"
         if self.models_added or self.models_removed:
             text += f", models +{len(self.models_added)} -{len(self.models_removed)}"
+        if self.store == STORE_MANAGED_BY_SYNC:
+            text += ", store managed by sync"
         if self.restart_needed:
             text += f"; restart needed for: {', '.join(self.restart_needed)}"
         return text
@@ -343,7 +380,12 @@ class Reloader:
         if "audit.audit_reads" in live and self.guard is not None:
             self.guard.audit_reads = new.audit.audit_reads
         policy_changed = await self._apply_policy(policy)
-        added, removed, kept = await self._sync_store(new)
+        store = store_mode(old)
+        added: tuple[str, ...] = ()
+        removed: tuple[str, ...] = ()
+        kept: tuple[str, ...] = ()
+        if store == STORE_RELOADED:
+            store, added, removed, kept = await self._sync_store(new)
         if added or "pool.pinned" in live:
             try:
                 self.pool.start_loading()  # the default of a pool that had none, newly pinned models
@@ -359,6 +401,7 @@ class Reloader:
             models_added=added,
             models_removed=removed,
             models_kept=kept,
+            store=store,
             policy_changed=policy_changed,
             policy_source=current.source if current is not None else None,
             policy_version=current.version if current is not None else None,
@@ -403,11 +446,13 @@ class Reloader:
         )
         return True
 
-    async def _sync_store(self, new: Settings) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-        """Register newly installed store models, remove the ones gone: (added, removed, kept)."""
+    async def _sync_store(
+        self, new: Settings
+    ) -> tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """Register newly installed store models, remove the ones gone: (store, added, removed, kept)."""
         registry = new.state_dir / "registry"
         if new.model.path is not None or not registry.is_dir():
-            return (), (), ()
+            return STORE_NOT_USED, (), (), ()
         from agent.store_catalog import discover_store
         from registry.device import DeviceRegistry
 
@@ -418,11 +463,16 @@ class Reloader:
         removed: list[str] = []
         for model_id in plan.remove:
             try:
-                if await self.pool.remove(model_id):
-                    removed.append(model_id)
+                gone = await self.pool.remove(model_id)
             except EngineError as exc:  # became the default meanwhile
                 log.warning("model_kept", model=model_id, reason=str(exc))
-        for info in plan.add:
+                continue
+            if gone:
+                removed.append(model_id)
+            else:
+                log.warning("model_kept", model=model_id, reason="no longer served")
+        register, not_replaced = plan_register(plan, removed)
+        for info in register:
             self.pool.register(info, pinned=info.id in new.pool.pinned)
         for model_id in plan.kept:
             log.warning(
@@ -430,7 +480,8 @@ class Reloader:
                 model=model_id,
                 reason="the default model changed or left the store; select another model first",
             )
-        return tuple(i.id for i in plan.add), tuple(removed), plan.kept
+        kept = tuple(sorted({*plan.kept, *not_replaced}))
+        return STORE_RELOADED, tuple(i.id for i in register), tuple(removed), kept
 
     async def _audit(self, report: ReloadReport) -> None:
         from agent.audit.chain import Entry
@@ -443,6 +494,7 @@ class Reloader:
             "restart_needed": list(report.restart_needed),
             "models_added": list(report.models_added),
             "models_removed": list(report.models_removed),
+            "store": report.store,
         }
         reason = report.error if report.error is not None else report.summary()
         await self._append(Entry("config.reload", None, report.outcome, reason, agent_actor(), details))
@@ -464,10 +516,15 @@ __all__ = [
     "ReloadPlan",
     "ReloadReport",
     "Reloader",
+    "STORE_MANAGED_BY_SYNC",
+    "STORE_NOT_USED",
+    "STORE_RELOADED",
     "StorePlan",
     "diff_settings",
     "effective_settings",
     "plan_pins",
+    "plan_register",
     "plan_reload",
     "plan_store",
+    "store_mode",
 ]

@@ -24,11 +24,13 @@ from agent.reload import (
     diff_settings,
     effective_settings,
     plan_pins,
+    plan_register,
     plan_reload,
     plan_store,
+    store_mode,
 )
 from agent.sdnotify import ServiceNotifier, SocketNotifier
-from tests.fakes.engine import FakeEngine, fake_info
+from tests.fakes.engine import FakeBehaviour, FakeEngine, fake_info
 from tests.service.conftest import NotifyListener
 
 
@@ -163,6 +165,46 @@ def test_store_plan(
     assert [i.id for i in plan.add] == added
     assert list(plan.remove) == removed
     assert list(plan.kept) == kept
+
+
+REGISTER_CASES = [
+    pytest.param(["b"], [info("b", "3")], ["b"], ["b"], [], id="old-version-removed"),
+    pytest.param(["b"], [info("b", "3")], [], [], ["b"], id="old-version-not-removed-kept"),
+    pytest.param([], [info("c", "4")], [], ["c"], [], id="new-model-needs-no-removal"),
+    pytest.param(
+        ["b", "c"], [info("b", "3"), info("c", "5")], ["c"], ["c"], ["b"], id="only-the-removed-replaced"
+    ),
+]
+
+
+@pytest.mark.parametrize(("remove", "add", "removed", "registered", "kept"), REGISTER_CASES)
+def test_a_new_version_is_registered_only_after_the_old_entry_was_removed(
+    remove: list[str], add: list[ModelInfo], removed: list[str], registered: list[str], kept: list[str]
+) -> None:
+    from agent.reload import StorePlan
+
+    register, not_replaced = plan_register(StorePlan(tuple(add), tuple(remove)), removed)
+    assert [i.id for i in register] == registered
+    assert list(not_replaced) == kept
+
+
+HUB = {
+    "host": "hub.example",
+    "ca_file": "/tls/ca.pem",
+    "cert_file": "/tls/box.pem",
+    "key_file": "/tls/box.key",
+}
+HUB_TOML = "[hub]\n" + "".join(f'{k} = "{v}"\n' for k, v in HUB.items())
+
+STORE_MODE_CASES = [
+    pytest.param({}, "reloaded", id="no-hub-reload-reads-the-store"),
+    pytest.param({"hub": HUB}, "managed by sync", id="sync-owns-the-store"),
+]
+
+
+@pytest.mark.parametrize(("running", "expected"), STORE_MODE_CASES)
+def test_store_mode(running: dict[str, Any], expected: str) -> None:
+    assert store_mode(settings(**running)) == expected
 
 
 PIN_CASES = [
@@ -409,3 +451,82 @@ async def _test_a_lowered_budget_unloads_idle_models_at_once(tmp_path: Path) -> 
 
 def test_a_lowered_budget_unloads_idle_models_at_once(tmp_path: Path) -> None:
     asyncio.run(_test_a_lowered_budget_unloads_idle_models_at_once(tmp_path))
+
+
+# -- the reloader and a real signed store ------------------------------------------------------------
+
+
+def _store_box(tmp_path: Path, *models: str) -> Any:
+    """A real enrolled device store (signed by a real hub repository) holding ``models`` (version 1)."""
+    from tests.registry.fleet import Fleet
+
+    fleet = Fleet(tmp_path / "fleet")
+    for model_id in models:
+        fleet.model(model_id, publish=False)
+    fleet.deploy("lab", *models)
+    box = fleet.box()
+    box.import_bundle(fleet.bundle())
+    return fleet, box
+
+
+SYNC_CASES = [
+    pytest.param("", ("b",), "reloaded", id="no-sync-reload-registers-the-store"),
+    pytest.param(HUB_TOML, (), "managed by sync", id="sync-configured-store-untouched"),
+]
+
+
+async def _test_store_models_are_left_to_sync(
+    tmp_path: Path, hub: str, added: tuple[str, ...], store: str
+) -> None:
+    _, box = _store_box(tmp_path, "b")
+    config = tmp_path / "config.toml"
+    _write(config, f'state_dir = "{box.state_dir}"\n{hub}')
+    source = ConfigSource(config)
+    pool = ModelPool(FakeEngine, memory_budget=1 << 30, smoke_test=None)
+    pool.add(FakeEngine(fake_info("a")))  # sync unloaded "b" (or has not activated it yet)
+    reloader = Reloader(source, source.load(), pool)
+    report = await reloader.reload("test")
+    assert report.error is None
+    assert report.models_added == added and report.store == store
+    assert report.to_dict()["store"] == store
+    assert sorted(m.id for m in pool.models()) == sorted({"a", *added})
+    await pool.close()
+
+
+@pytest.mark.parametrize(("hub", "added", "store"), SYNC_CASES)
+def test_store_models_are_left_to_sync(tmp_path: Path, hub: str, added: tuple[str, ...], store: str) -> None:
+    asyncio.run(_test_store_models_are_left_to_sync(tmp_path, hub, added, store))
+
+
+async def _test_a_new_version_does_not_overwrite_an_entry_it_could_not_remove(tmp_path: Path) -> None:
+    from agent.store_catalog import discover_store
+
+    fleet, box = _store_box(tmp_path, "b")
+    config = tmp_path / "config.toml"
+    _write(config, f'state_dir = "{box.state_dir}"\n')
+    source = ConfigSource(config)
+    start = source.load()
+    pool = ModelPool(
+        lambda i: FakeEngine(i, FakeBehaviour(load_delay_s=1.0)), memory_budget=1 << 30, smoke_test=None
+    )
+    pool.add(FakeEngine(fake_info("a")))
+    (b1,) = discover_store(start)
+    pool.register(b1)
+    fleet.model("b", version="2")
+    box.import_bundle(fleet.bundle())
+    (b2,) = discover_store(start)
+    assert b2.path != b1.path
+    reloader = Reloader(source, start, pool)
+    swap = asyncio.create_task(pool.swap(b1))  # b becomes the default while the reload plans
+    await asyncio.sleep(0.05)
+    report = await reloader.reload("test")
+    await swap
+    assert report.error is None
+    assert report.models_kept == ("b",) and report.models_added == () and report.models_removed == ()
+    row = next(r for r in pool.status() if r.id == "b" and r.state != "retiring")
+    assert (row.state, row.path, pool.default_id) == ("ready", str(b1.path), "b")
+    await pool.close()
+
+
+def test_a_new_version_does_not_overwrite_an_entry_it_could_not_remove(tmp_path: Path) -> None:
+    asyncio.run(_test_a_new_version_does_not_overwrite_an_entry_it_could_not_remove(tmp_path))
