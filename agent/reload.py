@@ -29,8 +29,13 @@ Invariants:
   ``hub.*``, ``state_dir`` ...) is reported in ``restart_needed`` and not applied at all; the
   running settings afterwards are the old ones with only the live keys taken from the new file,
   so the next reload reports the same keys again until the daemon restarts.
+- A failure while re-reading the store (after the live keys were applied) does not undo the
+  bookkeeping: the running settings take the applied keys, the report lists them and carries the
+  store error separately (outcome ``partial``, ``store: "failed"``). Any other unexpected failure
+  is outcome ``failed`` (``internal``), never ``refused``: ``refused`` means a bad config only.
 - Reloads are serialised; each one writes exactly one ``config.reload`` audit record (outcome
-  ``ok`` or ``refused``, changed keys); a changed local policy also writes ``policy.change``.
+  ``ok``, ``partial``, ``refused`` or ``failed``, changed keys); a changed local policy also writes
+  ``policy.change``.
 - A new version of a served model is registered only after its old entry was removed: an entry
   whose removal failed (or that was gone already) is reported as kept, so a loaded engine is never
   overwritten (and never leaks out of the memory budget).
@@ -210,6 +215,7 @@ def plan_register(plan: StorePlan, removed: Iterable[str]) -> tuple[tuple[ModelI
 STORE_RELOADED = "reloaded"
 STORE_MANAGED_BY_SYNC = "managed by sync"
 STORE_NOT_USED = "not used"
+STORE_FAILED = "failed"
 
 
 def store_mode(running: Settings) -> str:
@@ -235,7 +241,10 @@ class ReloadReport:
 
     trigger: str
     error: str | None = None
-    """The one-line config error when the new config was refused (nothing applied)."""
+    """The one-line config error when the new config was refused (nothing applied), or with
+    ``internal`` the unexpected failure that stopped the reload."""
+    internal: bool = False
+    """``error`` is not a config error but a failure of the agent (outcome ``failed``)."""
     changed: tuple[str, ...] = ()
     applied: tuple[str, ...] = ()
     restart_needed: tuple[str, ...] = ()
@@ -243,7 +252,10 @@ class ReloadReport:
     models_removed: tuple[str, ...] = ()
     models_kept: tuple[str, ...] = ()
     store: str = STORE_RELOADED
-    """:data:`STORE_RELOADED`, :data:`STORE_MANAGED_BY_SYNC` (left to sync) or :data:`STORE_NOT_USED`."""
+    """:data:`STORE_RELOADED`, :data:`STORE_MANAGED_BY_SYNC` (left to sync), :data:`STORE_NOT_USED`
+    or :data:`STORE_FAILED` (see ``store_error``)."""
+    store_error: str | None = None
+    """Why re-reading the store failed; the live keys were applied all the same (outcome ``partial``)."""
     policy_changed: bool = False
     policy_source: str | None = None
     policy_version: int | None = None
@@ -251,7 +263,10 @@ class ReloadReport:
 
     @property
     def outcome(self) -> str:
-        return "refused" if self.error is not None else "ok"
+        """``refused`` (bad config), ``failed`` (internal), ``partial`` (store failed) or ``ok``."""
+        if self.error is not None:
+            return "failed" if self.internal else "refused"
+        return "partial" if self.store_error is not None else "ok"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -265,6 +280,7 @@ class ReloadReport:
             "models_removed": list(self.models_removed),
             "models_kept": list(self.models_kept),
             "store": self.store,
+            "store_error": self.store_error,
             "policy": {
                 "changed": self.policy_changed,
                 "source": self.policy_source,
@@ -276,7 +292,7 @@ class ReloadReport:
     def summary(self) -> str:
         """One line for ``STATUS=`` and the journal."""
         if self.error is not None:
-            return f"reload refused: {self.error}"
+            return f"reload {self.outcome}: {self.error}"
         text = f"reloaded: {len(self.applied)} applied"
         if self.models_added or self.models_removed:
             text += f", models +{len(self.models_added)} -{len(self.models_removed)}"
@@ -284,6 +300,8 @@ class ReloadReport:
             text += ", store managed by sync"
         if self.restart_needed:
             text += f"; restart needed for: {', '.join(self.restart_needed)}"
+        if self.store_error is not None:
+            text += f"; model store not re-read: {self.store_error}"
         return text
 
 
@@ -301,6 +319,15 @@ def _default_budget(pool: PoolSettings) -> int:
 
     budget: int = pool_options(pool)["memory_budget"]
     return budget
+
+
+@dataclass
+class _StoreSteps:
+    """What the store step did so far (filled in as it goes)."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -341,13 +368,16 @@ class Reloader:
                 report = await self._reload(trigger, started)
             except Exception as exc:  # a bug must not take the daemon down: report and keep serving
                 log.exception("reload_failed", trigger=trigger)
-                report = ReloadReport(trigger, error=f"reload failed: {type(exc).__name__}: {exc}")
+                report = ReloadReport(
+                    trigger, error=f"reload failed: {type(exc).__name__}: {exc}", internal=True
+                )
             self.reloads += 1
             await self._audit(report)
             if report.error is not None:
-                log.error("reload_refused", trigger=trigger, error=report.error)
+                event = "reload_failed" if report.internal else "reload_refused"
+                log.error(event, trigger=trigger, error=report.error)
             else:
-                log.info(
+                (log.error if report.store_error is not None else log.info)(
                     "reloaded",
                     trigger=trigger,
                     changed=list(report.changed),
@@ -355,6 +385,8 @@ class Reloader:
                     restart_needed=list(report.restart_needed),
                     models_added=list(report.models_added),
                     models_removed=list(report.models_removed),
+                    store=report.store,
+                    store_error=report.store_error,
                     duration_ms=report.duration_ms,
                 )
             if self.notifier is not None:
@@ -381,11 +413,15 @@ class Reloader:
             self.guard.audit_reads = new.audit.audit_reads
         policy_changed = await self._apply_policy(policy)
         store = store_mode(old)
-        added: tuple[str, ...] = ()
-        removed: tuple[str, ...] = ()
-        kept: tuple[str, ...] = ()
+        steps = _StoreSteps()
+        store_error: str | None = None
         if store == STORE_RELOADED:
-            store, added, removed, kept = await self._sync_store(new)
+            try:
+                store = await self._sync_store(new, steps)
+            except Exception as exc:  # the live keys stay applied: report the store apart
+                log.exception("reload_store_failed", trigger=trigger)
+                store, store_error = STORE_FAILED, f"{type(exc).__name__}: {exc}"
+        added, removed, kept = tuple(steps.added), tuple(steps.removed), tuple(sorted(set(steps.kept)))
         if added or "pool.pinned" in live:
             try:
                 self.pool.start_loading()  # the default of a pool that had none, newly pinned models
@@ -402,6 +438,7 @@ class Reloader:
             models_removed=removed,
             models_kept=kept,
             store=store,
+            store_error=store_error,
             policy_changed=policy_changed,
             policy_source=current.source if current is not None else None,
             policy_version=current.version if current is not None else None,
@@ -446,13 +483,12 @@ class Reloader:
         )
         return True
 
-    async def _sync_store(
-        self, new: Settings
-    ) -> tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-        """Register newly installed store models, remove the ones gone: (store, added, removed, kept)."""
+    async def _sync_store(self, new: Settings, steps: _StoreSteps) -> str:
+        """Register newly installed store models, remove the ones gone; each step is recorded in
+        ``steps`` as it is done (so a failure half-way still reports what changed)."""
         registry = new.state_dir / "registry"
         if new.model.path is not None or not registry.is_dir():
-            return STORE_NOT_USED, (), (), ()
+            return STORE_NOT_USED
         from agent.store_catalog import discover_store
         from registry.device import DeviceRegistry
 
@@ -460,28 +496,32 @@ class Reloader:
         store_dir = DeviceRegistry(new.state_dir).store.dir
         served = {row.id: Path(row.path) for row in self.pool.status() if row.state != "retiring"}
         plan = plan_store(served, store, store_dir, self.pool.default_id)
-        removed: list[str] = []
+        removed = steps.removed
         for model_id in plan.remove:
             try:
                 gone = await self.pool.remove(model_id)
             except EngineError as exc:  # became the default meanwhile
                 log.warning("model_kept", model=model_id, reason=str(exc))
+                steps.kept.append(model_id)
                 continue
             if gone:
                 removed.append(model_id)
             else:
                 log.warning("model_kept", model=model_id, reason="no longer served")
+                steps.kept.append(model_id)
         register, not_replaced = plan_register(plan, removed)
+        steps.kept.extend(not_replaced)
         for info in register:
             self.pool.register(info, pinned=info.id in new.pool.pinned)
+            steps.added.append(info.id)
         for model_id in plan.kept:
             log.warning(
                 "model_kept",
                 model=model_id,
                 reason="the default model changed or left the store; select another model first",
             )
-        kept = tuple(sorted({*plan.kept, *not_replaced}))
-        return STORE_RELOADED, tuple(i.id for i in register), tuple(removed), kept
+            steps.kept.append(model_id)
+        return STORE_RELOADED
 
     async def _audit(self, report: ReloadReport) -> None:
         from agent.audit.chain import Entry
@@ -495,6 +535,7 @@ class Reloader:
             "models_added": list(report.models_added),
             "models_removed": list(report.models_removed),
             "store": report.store,
+            "store_error": report.store_error,
         }
         reason = report.error if report.error is not None else report.summary()
         await self._append(Entry("config.reload", None, report.outcome, reason, agent_actor(), details))
@@ -516,6 +557,7 @@ __all__ = [
     "ReloadPlan",
     "ReloadReport",
     "Reloader",
+    "STORE_FAILED",
     "STORE_MANAGED_BY_SYNC",
     "STORE_NOT_USED",
     "STORE_RELOADED",

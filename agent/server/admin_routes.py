@@ -32,7 +32,7 @@ from agent.audit.usage import noted_usage
 from agent.engine.pool import SwapFailed
 from agent.errors import BadRequest, NotFound
 from agent.metrics import CONTENT_TYPE, Metrics
-from agent.reload import Reloader
+from agent.reload import Reloader, ReloadReport
 from agent.server.common import error_response, read_json
 from agent.server.keys import POOL_KEY, STARTED_KEY
 
@@ -193,9 +193,22 @@ async def reload_config(request: web.Request) -> web.Response:
     if reloader is None:
         message = "this server cannot reload its configuration"
         return error_response(503, message, "server_error", "reload_unavailable")
-    report = await reloader.reload("api")
-    if report.error is not None:
+    return reload_response(await reloader.reload("api"))
+
+
+def reload_response(report: ReloadReport) -> web.Response:
+    """The answer to ``POST /admin/reload``: 200 with the report; 400 ``config_error`` for a refused
+    config (nothing applied); 500 (``internal_error``, or ``store_reload_failed`` when the live keys
+    were applied but the store could not be re-read) for a failure of the agent itself."""
+    if report.error is not None and not report.internal:
         return error_response(400, report.error, "invalid_request_error", "config_error")
+    if report.error is not None:
+        return error_response(
+            500, "reload failed: internal error; see the agent's log", "server_error", "internal_error"
+        )
+    if report.store_error is not None:
+        message = f"{report.summary()} (the rest was applied; see the agent's log)"
+        return error_response(500, message, "server_error", "store_reload_failed")
     return web.json_response(report.to_dict())
 
 
@@ -297,6 +310,7 @@ __all__ = [
     "pin",
     "register",
     "reload_config",
+    "reload_response",
     "select",
     "status",
 ]

@@ -21,6 +21,7 @@ from agent.reload import (
     LIVE_KEYS,
     ConfigSource,
     Reloader,
+    ReloadReport,
     diff_settings,
     effective_settings,
     plan_pins,
@@ -530,3 +531,89 @@ async def _test_a_new_version_does_not_overwrite_an_entry_it_could_not_remove(tm
 
 def test_a_new_version_does_not_overwrite_an_entry_it_could_not_remove(tmp_path: Path) -> None:
     asyncio.run(_test_a_new_version_does_not_overwrite_an_entry_it_could_not_remove(tmp_path))
+
+
+# -- a failing store step after the live keys were applied -------------------------------------------
+
+
+def _corrupt_enrollment(state: Path) -> None:
+    (state / "registry").mkdir(parents=True)
+    (state / "registry" / "enrollment.json").write_text("{")
+
+
+def _corrupt_index(state: Path) -> None:
+    _corrupt_enrollment(state)
+    (state / "registry" / "enrollment.json").write_text(
+        json.dumps({"device_id": "box-1", "groups": ["lab"], "root_sha256": "0" * 64, "enrolled_at": "now"})
+    )
+    (state / "registry" / "installed.json").write_text("not json")
+
+
+BROKEN_STORES = [
+    pytest.param(_corrupt_enrollment, "enrollment.json is corrupt", id="corrupt-enrollment"),
+    pytest.param(_corrupt_index, "the installed index is corrupt", id="corrupt-index"),
+]
+
+
+async def _test_a_store_failure_keeps_what_was_applied(tmp_path: Path, breaks: Any, expected: str) -> None:
+    state = tmp_path / "state"
+    config = tmp_path / "config.toml"
+    _write(config, f'state_dir = "{state}"\n')
+    source = ConfigSource(config)
+    pool = _pool("a")
+    reloader = Reloader(source, source.load(), pool)
+    breaks(state)
+    _write(config, f'state_dir = "{state}"\n[pool]\nkeep_alive_s = 5\n[engine]\nn_ctx = 1024\n')
+    report = await reloader.reload("test")
+    again = await reloader.reload("test")
+    assert (report.outcome, report.error, report.store) == ("partial", None, "failed")
+    assert report.store_error is not None and expected in report.store_error
+    assert report.applied == ("pool.keep_alive_s",) and report.restart_needed == ("engine.n_ctx",)
+    assert pool.keep_alive_s == 5 and reloader.settings.pool.keep_alive_s == 5
+    assert again.changed == ("engine.n_ctx",)  # diffed against what was applied, not stale settings
+    assert report.to_dict()["store_error"] == report.store_error
+    assert "1 applied" in report.summary() and expected in report.summary()
+    await pool.close()
+
+
+@pytest.mark.parametrize(("breaks", "expected"), BROKEN_STORES)
+def test_a_store_failure_keeps_what_was_applied(tmp_path: Path, breaks: Any, expected: str) -> None:
+    asyncio.run(_test_a_store_failure_keeps_what_was_applied(tmp_path, breaks, expected))
+
+
+RESPONSE_CASES = [
+    pytest.param(ReloadReport("api", applied=("log.level",)), 200, None, id="ok"),
+    pytest.param(
+        ReloadReport("api", error="config error: log.level = 'loud'"), 400, "config_error", id="bad-config"
+    ),
+    pytest.param(
+        ReloadReport("api", error="reload failed: KeyError: 'x'", internal=True),
+        500,
+        "internal_error",
+        id="internal-failure",
+    ),
+    pytest.param(
+        ReloadReport("api", applied=("log.level",), store="failed", store_error="NotEnrolled: corrupt"),
+        500,
+        "store_reload_failed",
+        id="store-failed-after-apply",
+    ),
+]
+
+
+@pytest.mark.parametrize(("report", "status", "code"), RESPONSE_CASES)
+def test_reload_answer(report: ReloadReport, status: int, code: str | None) -> None:
+    from agent.server.admin_routes import reload_response
+
+    response = reload_response(report)
+    assert isinstance(response.body, bytes)
+    body = json.loads(response.body)
+    assert response.status == status
+    if code is None:
+        assert body["outcome"] == "ok" and body["applied"] == ["log.level"]
+    else:
+        assert body["error"]["code"] == code and body["error"]["type"] in (
+            "invalid_request_error",
+            "server_error",
+        )
+        assert (body["error"]["type"] == "server_error") == (status == 500)
