@@ -77,23 +77,31 @@ class Ledger:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), rolled back on error."""
+        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), rolled back on error.
+
+        Any SQLite failure, in the body or at ``COMMIT`` (a full disk), is raised as
+        :class:`LedgerError` after a rollback; the rollback runs only while a transaction is still
+        open (after ``SQLITE_FULL`` SQLite has often rolled back already) and its own failure is
+        suppressed, so the connection is left with no transaction open and usable again.
+        """
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise LedgerError(f"sync ledger {self.path}: {exc}") from None
         try:
             yield self.conn
-        except sqlite3.Error as exc:
-            self.conn.execute("ROLLBACK")
-            raise LedgerError(f"sync ledger {self.path}: {exc}") from None
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        try:
             self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            self._rollback()
             raise LedgerError(f"sync ledger {self.path}: {exc}") from None
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
 
     def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         try:

@@ -323,10 +323,17 @@ class SyncService:
         deployments = self.registry.deployments()
         now = self.now()
         self._basis = basis = deployments_basis(deployments)
-        failures = self.failures.all()
+        try:
+            failures = self.failures.all()
+        except SyncError as exc:  # a broken ledger: no retry schedule this round, activate anyway
+            log.error("sync_ledger_unreadable", what="failures", error=str(exc))
+            failures = {}
         for model in stale(failures, (w[0] for w in desired_models(deployments)), basis):
-            self.failures.clear(model)
             del failures[model]
+            try:
+                self.failures.clear(model)
+            except SyncError as exc:  # cleared at a later round
+                log.error("sync_ledger_write_failed", what="failures.clear", model=model, error=str(exc))
         actions = plan(
             deployments,
             installed.keys(),
@@ -377,7 +384,7 @@ class SyncService:
         recorded = self.unneeded.all()
         since = unneeded_since(recorded, installed.keys(), keep, now)
         if since != recorded:
-            self.unneeded.replace(since)
+            self._record_unneeded(since)
         for model, version in due_for_removal(since, now, self.options.removal_grace_s, self._in_use):
             target = f"models/{model}/{version}"
             try:
@@ -386,13 +393,19 @@ class SyncService:
                 log.error("sync_remove_failed", target=target, error=str(exc))
                 continue
             details = {"paths": paths, "unneeded_s": round(now - since.pop((model, version), now), 1)}
-            self.unneeded.replace(since)
+            self._record_unneeded(since)  # the delete happened: audited and reported even so
             self._audit("deployment.remove", target, "ok", "not_deployed", details)
             await self.report(
                 Event(
                     "deployment", Status.REMOVED.value, target, f"deleted from the store: {', '.join(paths)}"
                 )
             )
+
+    def _record_unneeded(self, since: dict[tuple[str, str], float]) -> None:
+        try:
+            self.unneeded.replace(since)
+        except SyncError as exc:  # the clocks are rewritten at the next round
+            log.error("sync_ledger_write_failed", what="unneeded.replace", error=str(exc))
 
     async def _remove_from_pool(self, model: str) -> bool:
         remove = getattr(self.pool, "remove", None)
@@ -432,8 +445,10 @@ class SyncService:
                 self.options.retry,
                 self.random(),
             )
-            with contextlib.suppress(SyncError):  # a broken ledger: retried at every round instead
+            try:
                 self.failures.put(failure)
+            except SyncError as err:  # a broken ledger: retried at the next round instead
+                log.error("sync_ledger_write_failed", what="failures.put", model=action.model, error=str(err))
             retry_at = datetime.fromtimestamp(failure.next_at, UTC).isoformat(timespec="seconds")
             self._audit(
                 "deployment.activate",
