@@ -204,6 +204,11 @@ def test_models_imported_or_removed_while_running_follow_a_reload(tmp_path: Path
         gone = _complete(d.socket, "gemma-b")
         default = _complete(d.socket, "gemma-a")
 
+        (state / "registry" / "installed.json").write_text("not json")  # the store breaks
+        with uds_client(d.socket) as client:
+            broken = client.post("/admin/reload")
+        still = _complete(d.socket, "gemma-a")
+
     assert "1 installed" in imported
     assert unknown.status_code == 404
     assert report["models_added"] == ["gemma-b"] and report["models_removed"] == []
@@ -211,3 +216,7 @@ def test_models_imported_or_removed_while_running_follow_a_reload(tmp_path: Path
     assert removed["models_removed"] == ["gemma-b"]
     assert gone.status_code == 404
     assert default.status_code == 200
+    assert broken.status_code == 500, broken.text  # not a config error: not 400
+    error = broken.json()["error"]
+    assert error["code"] == "store_reload_failed" and "installed index is corrupt" in error["message"]
+    assert still.status_code == 200
