@@ -6,14 +6,19 @@ which an installed model is no longer deployed (the removal grace period).
 
 Invariants: every write is one transaction committed with ``synchronous=FULL`` in WAL mode, so a
 ``kill -9`` or a power cut at any point leaves every committed row intact and no half-written row
-visible; any SQLite or OS failure is raised as :class:`~agent.sync.errors.LedgerError`. Used from
-one thread (the event loop); each operation is a few small statements.
+visible; any SQLite or OS failure is raised as :class:`~agent.sync.errors.LedgerError`.
+
+Threads: one connection shared by any thread (the service runs the fsyncing outbox writes in a
+worker thread, off the event loop); one lock serializes every transaction and query, so a
+transaction never interleaves with another thread's statements. Each operation is a few small
+statements.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +62,14 @@ class Ledger:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
+        self.lock = threading.RLock()
 
     @classmethod
     def open(cls, state_dir: Path) -> Ledger:
         path = state_dir / "sync" / LEDGER_FILE
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+            conn = sqlite3.connect(path, isolation_level=None, timeout=10.0, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(_SCHEMA)
@@ -72,7 +78,7 @@ class Ledger:
         return cls(conn, path)
 
     def close(self) -> None:
-        with contextlib.suppress(sqlite3.Error):
+        with self.lock, contextlib.suppress(sqlite3.Error):
             self.conn.close()
 
     @contextlib.contextmanager
@@ -84,19 +90,20 @@ class Ledger:
         open (after ``SQLITE_FULL`` SQLite has often rolled back already) and its own failure is
         suppressed, so the connection is left with no transaction open and usable again.
         """
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise LedgerError(f"sync ledger {self.path}: {exc}") from None
-        try:
-            yield self.conn
-            self.conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise LedgerError(f"sync ledger {self.path}: {exc}") from None
-        except BaseException:
-            self._rollback()
-            raise
+        with self.lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"sync ledger {self.path}: {exc}") from None
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise LedgerError(f"sync ledger {self.path}: {exc}") from None
+            except BaseException:
+                self._rollback()
+                raise
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:
@@ -104,10 +111,11 @@ class Ledger:
                 self.conn.execute("ROLLBACK")
 
     def query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
-        try:
-            return list(self.conn.execute(sql, args))
-        except sqlite3.Error as exc:
-            raise LedgerError(f"sync ledger {self.path}: {exc}") from None
+        with self.lock:
+            try:
+                return list(self.conn.execute(sql, args))
+            except sqlite3.Error as exc:
+                raise LedgerError(f"sync ledger {self.path}: {exc}") from None
 
     def counter(self, name: str) -> int:
         rows = self.query("SELECT value FROM counters WHERE name = ?", (name,))

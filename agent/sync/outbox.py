@@ -10,7 +10,9 @@ Invariants:
   with the same id if its PUBACK never arrived, and the hub stores each id once
   (delivery at least once, stored exactly once).
 - An event leaves the outbox only through :meth:`Outbox.acked`, which the sender calls after the
-  broker's QoS 1 PUBACK.
+  broker's QoS 1 PUBACK (once per flushed batch: one transaction for all its acknowledged ids).
+- Every method may be called from any thread (the ledger serializes them); the service calls the
+  fsyncing ones from a worker thread, never on the event loop.
 - At most ``capacity`` events are held: appending to a full outbox drops the oldest and adds it
   to :attr:`Outbox.dropped` (persisted, never reset).
 """
@@ -65,10 +67,12 @@ class Outbox:
                 raise LedgerError(f"outbox holds a malformed event: {exc}") from None
         return out
 
-    def acked(self, event_id: str) -> None:
-        """The broker acknowledged ``event_id``: forget it."""
+    def acked(self, *event_ids: str) -> None:
+        """The broker acknowledged ``event_ids``: forget them (one transaction, none if empty)."""
+        if not event_ids:
+            return
         with self.ledger.tx() as conn:
-            conn.execute("DELETE FROM outbox WHERE id = ?", (event_id,))
+            conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in event_ids])
 
     def __len__(self) -> int:
         (count,) = self.ledger.query("SELECT COUNT(*) FROM outbox")[0]

@@ -147,6 +147,8 @@ class SyncService:
         self.ledger = Ledger.open(state_dir)
         self.outbox = Outbox(self.ledger, options.outbox_capacity)
         self._flush_lock = asyncio.Lock()
+        self._flush_wanted = False
+        self._flusher: asyncio.Task[None] | None = None
         self.failures = FailureBook(self.ledger)
         self.unneeded = UnneededBook(self.ledger)
         self._basis = ""
@@ -188,7 +190,7 @@ class SyncService:
         self._state_task = loop.create_task(self._state_loop())
 
     async def close(self) -> None:
-        for task in (self._task, self._state_task):
+        for task in (self._task, self._state_task, self._flusher):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -508,37 +510,73 @@ class SyncService:
         await self.report(event)
 
     async def report(self, event: Event) -> None:
+        """Persist ``event`` in the outbox (committed, in a worker thread) and return; publishing
+        happens in the background (:meth:`_kick_flush`), so a caller never waits behind a backlog."""
         if not event.at:
             event = Event(event.kind, event.status, event.target, event.detail, time.time())
         log.info(
             "sync_event", kind=event.kind, status=event.status, target=event.target, detail=event.detail[:300]
         )
         try:
-            self.outbox.append(event)
+            await asyncio.to_thread(self.outbox.append, event)
         except SyncError as exc:  # a broken ledger must not stop the loop: the event is logged
             log.error("sync_event_not_persisted", error=str(exc))
             return
-        await self._flush_events()
+        self._kick_flush()
+
+    def _kick_flush(self) -> None:
+        """Have the outbox flushed in the background: one flusher task at a time; an event
+        appended while it runs is picked up before it ends (``_flush_wanted``)."""
+        self._flush_wanted = True
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_events())
 
     async def _flush_events(self) -> None:
-        """Publish the outbox oldest first; an event leaves it only after the broker's PUBACK."""
-        topic = device_topic(self.options.device_id, "events")
+        """Publish the outbox oldest first, until it is empty or the broker is gone."""
         async with self._flush_lock:
-            while self.client.is_connected:
-                try:
-                    batch = self.outbox.pending(100)
-                except SyncError as exc:
-                    log.error("sync_outbox_unreadable", error=str(exc))
-                    return
-                if not batch:
-                    return
+            self._flush_wanted = True
+            while self._flush_wanted:
+                self._flush_wanted = False
+                await self._flush_outbox()
+
+    async def _flush_outbox(self) -> None:
+        """Batches of 100: an event leaves the outbox only after the broker's PUBACK, and the ids
+        acknowledged in one batch leave it in one transaction (in a worker thread). A crash before
+        that commit re-sends them with the same ids; the hub stores each id once."""
+        topic = device_topic(self.options.device_id, "events")
+        while self.client.is_connected:
+            try:
+                batch = await asyncio.to_thread(self.outbox.pending, 100)
+            except SyncError as exc:
+                log.error("sync_outbox_unreadable", error=str(exc))
+                return
+            if not batch:
+                return
+            done: list[Event] = []
+            acked = False
+            try:
                 for event in batch:
                     try:
                         await self.client.publish(Outgoing(topic, event.encode(), qos=1))
-                        self.outbox.acked(event.id)
-                    except SyncError:  # not connected, no PUBACK, or the ledger: next time
+                    except SyncError:  # not connected or no PUBACK: the rest waits for next time
                         return
-                    self.events_sent.append(event)
+                    done.append(event)
+            finally:
+                acked = await self._acked(done)
+            if not acked or len(done) < len(batch):
+                return
+
+    async def _acked(self, events: list[Event]) -> bool:
+        """Forget ``events`` (PUBACKed); False if the ledger failed (they are re-sent later, with
+        the same ids, and the hub stores each id once)."""
+        if events:
+            self.events_sent.extend(events)
+            try:
+                await asyncio.to_thread(self.outbox.acked, *(e.id for e in events))
+            except SyncError as exc:
+                log.error("sync_outbox_ack_failed", error=str(exc))
+                return False
+        return True
 
     async def publish_state(self) -> None:
         enrollment = None
@@ -557,8 +595,8 @@ class SyncService:
             audit_backlog=await asyncio.to_thread(self.audit.backlog) if self.audit is not None else 0,
             last_sync=self.last_sync,
             at=time.time(),
-            failing=self._failing_report(),
-            **self._outbox_counts(),
+            failing=await asyncio.to_thread(self._failing_report),
+            **await asyncio.to_thread(self._outbox_counts),
         )
         await self.state.publish(report)
 
