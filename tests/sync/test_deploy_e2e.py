@@ -35,9 +35,9 @@ def make_silent_model(source: Path, dest: Path) -> None:
 
     llm = Llama(str(source), n_ctx=128, n_threads=2, verbose=False)
     try:
-        text = llm.create_completion(SMOKE_PROMPT, max_tokens=1, temperature=0.0, top_k=1)["choices"][0][
-            "text"
-        ]
+        out = llm.create_completion(SMOKE_PROMPT, max_tokens=1, temperature=0.0, top_k=1)
+        assert isinstance(out, dict)  # not streamed
+        text = out["choices"][0]["text"]
         prompt = llm.tokenize(SMOKE_PROMPT.encode())
         full = llm.tokenize((SMOKE_PROMPT + text).encode())
     finally:

@@ -154,7 +154,9 @@ async def test_last_will_marks_device_offline(broker: Broker) -> None:
         while (await inbox.get()).payload != b'{"device":"dev-c","online":true}':
             pass
         # Drop the TCP connection without DISCONNECT: the broker must publish the will.
-        dev._client.socket().close()  # simulate a crash of the device
+        sock = dev._client.socket()
+        assert sock is not None
+        sock.close()  # simulate a crash of the device
         msg = await inbox.get(timeout=10)
         assert parse_status(msg.payload) == ("dev-c", False)
         assert msg.retain is False or json.loads(msg.payload)["online"] is False
