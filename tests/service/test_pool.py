@@ -640,19 +640,24 @@ def test_fit_limits_unloads_idle_models_after_the_limits_were_lowered(
     run(main())
 
 
+async def old_and_side(**kw: Any) -> ModelPool:
+    """200 MiB: the default ``old`` (100 MiB) and an idle ``side`` (60 MiB), both loaded."""
+    pool = ModelPool(FakeFactory(), memory_budget=200 * MiB, smoke_timeout_s=0.5, settle_s=0.0, **kw)
+    pool.register(fake_info("old", 100))
+    pool.register(fake_info("side", 60))
+    pool.start_loading()
+    await pool.wait_loaded()
+    with pytest.raises(ModelNotReady):
+        pool.resolve("side")
+    await pool.wait_loaded()
+    return pool
+
+
 def test_cold_swap_counts_idle_models_it_may_evict() -> None:
-    """200 MiB: default 100 + idle 60 loaded; a 150 MiB model fits once both are gone."""
+    """A 150 MiB model fits once both ``old`` and ``side`` are gone."""
 
     async def main() -> None:
-        factory = FakeFactory()
-        pool = ModelPool(factory, memory_budget=200 * MiB, smoke_timeout_s=0.5, settle_s=0.0)
-        pool.register(fake_info("old", 100))
-        pool.register(fake_info("side", 60))
-        pool.start_loading()
-        await pool.wait_loaded()
-        with pytest.raises(ModelNotReady):
-            pool.resolve("side")
-        await pool.wait_loaded()
+        pool = await old_and_side()
         await pool.swap(fake_info("new", 150))
         assert pool.default_id == "new" and pool.swaps["cold"] == 1
         await pool.wait_retired()
@@ -666,14 +671,7 @@ def test_cold_swap_counts_idle_models_it_may_evict() -> None:
 
 def test_refused_swap_evicts_nothing() -> None:
     async def main() -> None:
-        pool = ModelPool(FakeFactory(), memory_budget=200 * MiB, settle_s=0.0, cold_swap=False)
-        pool.register(fake_info("old", 100))
-        pool.register(fake_info("side", 60))
-        pool.start_loading()
-        await pool.wait_loaded()
-        with pytest.raises(ModelNotReady):
-            pool.resolve("side")
-        await pool.wait_loaded()
+        pool = await old_and_side(cold_swap=False)
         with pytest.raises(SwapFailed, match="over_budget"):
             await pool.swap(fake_info("new", 150))
         assert {s.id: s.state for s in pool.status()} == {"old": "ready", "side": "ready"}
