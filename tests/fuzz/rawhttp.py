@@ -174,7 +174,26 @@ def assert_json_error(resp: RawResponse, status: int | set[int]) -> dict[str, An
     return error  # type: ignore[no-any-return]
 
 
+def slow_loris(path: Path, give_up_s: float) -> tuple[list[RawResponse], str]:
+    """Send request headers one byte every 0.1 s and never finish them; stop sending after
+    ``give_up_s`` or when the server closes. Returns what it answered (a 408 is expected) and how
+    the connection ended (as :func:`read_until_closed`)."""
+    start = time.monotonic()
+    with connect(path) as sock:
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ":
+            try:
+                sock.send(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.1)
+            if time.monotonic() - start > give_up_s:
+                break
+        data, ending = read_until_closed(sock, timeout=5)
+    return parse_responses(data), ending
+
+
 __all__ = [
+    "slow_loris",
     "RawResponse",
     "assert_json_error",
     "connect",

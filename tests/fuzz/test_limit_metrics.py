@@ -31,6 +31,7 @@ from tests.fuzz.rawhttp import (
     parse_responses,
     read_until_closed,
     request,
+    slow_loris,
 )
 
 MAX_CONNECTIONS = 16
@@ -134,18 +135,8 @@ def send_raw(raw: bytes, status: int) -> Callable[[Daemon], None]:
 
 
 def slow_headers(daemon: Daemon) -> None:
-    start = time.monotonic()
-    with connect(daemon.socket) as sock:
-        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ":
-            try:
-                sock.send(bytes([byte]))
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            time.sleep(0.1)
-            if time.monotonic() - start > 6:
-                break
-        data, _ = read_until_closed(sock, timeout=5)
-    assert [r.status for r in parse_responses(data)] == [408]
+    responses, _ = slow_loris(daemon.socket, give_up_s=6)
+    assert [r.status for r in responses] == [408]
 
 
 def slow_body(daemon: Daemon) -> None:

@@ -21,6 +21,7 @@ from tests.fuzz.rawhttp import (
     read_responses,
     read_until_closed,
     request,
+    slow_loris,
 )
 from tests.load.procstats import fd_count, settle
 
@@ -160,17 +161,7 @@ def test_keepalive_connection_turning_to_garbage(bare_daemon: Daemon) -> None:
 
 def test_slow_loris_headers_get_408(bare_daemon: Daemon) -> None:
     start = time.monotonic()
-    with connect(bare_daemon.socket) as sock:
-        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ":
-            try:
-                sock.send(bytes([byte]))
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            time.sleep(0.1)
-            if time.monotonic() - start > 4:
-                break
-        data, ending = read_until_closed(sock, timeout=5)
-    responses = parse_responses(data)
+    responses, ending = slow_loris(bare_daemon.socket, give_up_s=4)
     assert [r.status for r in responses] == [408]
     assert assert_json_error(responses[0], 408)["code"] == "request_timeout"
     assert ending in {"closed", "reset"}
