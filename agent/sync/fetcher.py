@@ -494,7 +494,11 @@ class MqttFetcher(RegistryFetcher):
             if self.on_progress is not None:
                 self.on_progress(label, have, total)
 
-        transfer = ChunkTransfer(
+        return self._stream(self._transfer(plan, on_progress=progress))
+
+    def _transfer(self, plan: ChunkPlan, **options: Any) -> ChunkTransfer:
+        """A chunk transfer of ``plan`` with this fetcher's client, window, timeout and refusal sink."""
+        return ChunkTransfer(
             self.client,
             self.device_id,
             plan,
@@ -502,9 +506,8 @@ class MqttFetcher(RegistryFetcher):
             window=self.window,
             chunk_timeout_s=self.chunk_timeout_s,
             on_refusal=self.on_refusal,
-            on_progress=progress,
+            **options,
         )
-        return self._stream(transfer)
 
     def adopt(self, sha256: str, length: int) -> Path:
         """Fetch blob ``sha256`` into its partial file and return it, every chunk verified (for
@@ -514,16 +517,7 @@ class MqttFetcher(RegistryFetcher):
             raise TransferError(
                 f"{sha256[:16]}: plan says {plan.length} bytes, target {length}", status="bad_request"
             )
-        transfer = ChunkTransfer(
-            self.client,
-            self.device_id,
-            plan,
-            self.partial_dir,
-            window=self.window,
-            chunk_timeout_s=self.chunk_timeout_s,
-            on_refusal=self.on_refusal,
-            adopted=True,
-        )
+        transfer = self._transfer(plan, adopted=True)
         path: Path = self._run(transfer.run(), self.transfer_timeout_s)
         self.transfers.append(transfer.stats)
         return path
