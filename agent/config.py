@@ -245,6 +245,14 @@ class SelectionSettings(_Section):
     """Act on re-probes; ``false`` only logs what it would do."""
 
 
+def _not_below(low_field: str, value: float, info: Any) -> float:
+    """A maximum must not be below its section's minimum ``low_field`` (already validated)."""
+    low = info.data.get(low_field)
+    if low is not None and value < low:
+        raise ValueError(f"must be at least {low_field}")
+    return value
+
+
 class HubSettings(_Section):
     """Fleet sync over MQTT (docs/protocol.md). Off unless ``host`` is set; the agent serves
     locally whether or not the hub is reachable."""
@@ -273,10 +281,7 @@ class HubSettings(_Section):
     @field_validator("backoff_max_s")
     @classmethod
     def _backoff(cls, value: float, info: Any) -> float:
-        low = info.data.get("backoff_min_s")
-        if low is not None and value < low:
-            raise ValueError("must be at least backoff_min_s")
-        return value
+        return _not_below("backoff_min_s", value, info)
 
     @field_validator("key_file")
     @classmethod
@@ -305,10 +310,7 @@ class SyncSettings(_Section):
     @field_validator("retry_max_s")
     @classmethod
     def _retry_cap(cls, value: float, info: Any) -> float:
-        low = info.data.get("retry_initial_s")
-        if low is not None and value < low:
-            raise ValueError("must be at least retry_initial_s")
-        return value
+        return _not_below("retry_initial_s", value, info)
 
 
 class Settings(BaseSettings):

@@ -55,6 +55,16 @@ def test_example_config_is_valid_and_equals_defaults() -> None:
 
 BAD_FILES = [
     pytest.param(
+        "[sync]\nretry_initial_s = 600\nretry_max_s = 60\n",
+        "sync.retry_max_s = 60: must be at least retry_initial_s",
+        id="retry-cap-below-first-delay",
+    ),
+    pytest.param(
+        "[hub]\nbackoff_min_s = 60\nbackoff_max_s = 5\n",
+        "hub.backoff_max_s = 5: must be at least backoff_min_s",
+        id="backoff-cap-below-minimum",
+    ),
+    pytest.param(
         '[server]\nsocket_mode = "rw-rw----"\n',
         "server.socket_mode = 'rw-rw----': expected an octal file mode such as '0660'",
         id="mode-not-octal",
