@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -10,8 +11,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.engine.base import ModelInfo
+from agent.engine.pool import ModelPool
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
-from agent.sync.mqtt import MqttClient
+from agent.sync.mqtt import MqttClient, MqttConfig
+from agent.sync.service import SyncOptions, SyncService
 from hub.repo import Repository
 from hub.sync_blobs import BlobIndex, BlobServer
 from hub.sync_meta import MetaPublisher
@@ -23,6 +27,7 @@ from registry.metadata import (
     deployment_target_path,
     digest_file,
 )
+from tests.fakes.engine import FakeBehaviour, FakeFactory
 from tests.sync.broker import Broker
 
 
@@ -176,7 +181,30 @@ async def wait_for(predicate: Callable[[], object], timeout: float, what: str, p
         await asyncio.sleep(poll_s)
 
 
+def offline_service(
+    state_dir: Path, certdir: Path, behaviours: dict[str, FakeBehaviour] | None = None
+) -> SyncService:
+    """A sync service with real TLS material and fake engines; port 1 is never dialled (the
+    service is not started): for driving its activation and bookkeeping directly."""
+    config = MqttConfig(
+        "127.0.0.1", 1, "dev-a", certdir / "ca.crt", certdir / "dev-a.crt", certdir / "dev-a.key"
+    )
+    pool = ModelPool(FakeFactory(behaviours), smoke_timeout_s=5.0, settle_s=0.0)
+    return SyncService(SyncOptions("dev-a", config), state_dir, pool)
+
+
+def installed_blob(sync: SyncService, content: bytes, model: str) -> ModelInfo:
+    """Put ``content`` into the service's store as a blob and describe it as a GGUF model."""
+    sha = hashlib.sha256(content).hexdigest()
+    path = sync.registry.store.path(sha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return ModelInfo(id=model, path=path, format="gguf", task="completion", size_bytes=len(content))
+
+
 __all__ = [
+    "installed_blob",
+    "offline_service",
     "Device",
     "Hub",
     "enrolled_device",

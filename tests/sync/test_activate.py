@@ -5,35 +5,13 @@ engines (the engine seam), the broker is never contacted."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
-from agent.engine.base import ModelInfo
-from agent.engine.pool import ModelPool
 from agent.sync.ledger import Failure
-from agent.sync.mqtt import MqttConfig
 from agent.sync.reconcile import Activate
-from agent.sync.service import SyncOptions, SyncService
-from tests.fakes.engine import FakeFactory
-
-
-def service(state_dir: Path, certdir: Path) -> SyncService:
-    """Real TLS material; port 1 is never dialled (the service is not started)."""
-    config = MqttConfig(
-        "127.0.0.1", 1, "dev-a", certdir / "ca.crt", certdir / "dev-a.crt", certdir / "dev-a.key"
-    )
-    pool = ModelPool(FakeFactory(), smoke_timeout_s=5.0, settle_s=0.0)
-    return SyncService(SyncOptions("dev-a", config), state_dir, pool)
-
-
-def installed_blob(sync: SyncService, content: bytes, model: str) -> ModelInfo:
-    sha = hashlib.sha256(content).hexdigest()
-    path = sync.registry.store.path(sha)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return ModelInfo(id=model, path=path, format="gguf", task="completion", size_bytes=len(content))
+from tests.sync.helpers import installed_blob, offline_service
 
 
 @pytest.mark.parametrize(
@@ -47,7 +25,7 @@ def installed_blob(sync: SyncService, content: bytes, model: str) -> ModelInfo:
 async def test_activation_clears_the_models_failure_whatever_its_version(
     tmp_path: Path, certdir: Path, failed_version: str, activated_version: str
 ) -> None:
-    sync = service(tmp_path, certdir)
+    sync = offline_service(tmp_path, certdir)
     try:
         record = Failure("m", failed_version, 2, 1.0, 2.0, "no memory", sync._basis)
         sync.failures.put(record)
@@ -65,7 +43,7 @@ async def test_activation_clears_the_models_failure_whatever_its_version(
 
 
 async def test_activation_keeps_other_models_failures(tmp_path: Path, certdir: Path) -> None:
-    sync = service(tmp_path, certdir)
+    sync = offline_service(tmp_path, certdir)
     try:
         other = Failure("n", "1", 1, 1.0, 2.0, "no memory", sync._basis)
         sync.failures.put(other)

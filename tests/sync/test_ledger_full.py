@@ -7,23 +7,19 @@ what was committed, and works again once there is room; the service's callers lo
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.engine.base import ModelInfo
-from agent.engine.pool import ModelPool
 from agent.sync.errors import LedgerError
 from agent.sync.ledger import Failure, FailureBook, Ledger, UnneededBook
 from agent.sync.messages import Event
-from agent.sync.mqtt import MqttConfig
 from agent.sync.outbox import Outbox
 from agent.sync.reconcile import Activate
-from agent.sync.service import SyncOptions, SyncService
-from tests.fakes.engine import FakeBehaviour, FakeFactory
+from tests.fakes.engine import FakeBehaviour
+from tests.sync.helpers import installed_blob, offline_service
 
 DETAIL = "x" * 1900  # near the largest event detail
 
@@ -116,29 +112,10 @@ def test_a_failed_commit_is_rolled_back_and_wrapped(ledger: Ledger) -> None:
 # --- the service's callers --------------------------------------------------------------------
 
 
-def service(
-    state_dir: Path, certdir: Path, behaviours: dict[str, FakeBehaviour] | None = None
-) -> SyncService:
-    """Real TLS material; port 1 is never dialled (the service is not started)."""
-    config = MqttConfig(
-        "127.0.0.1", 1, "dev-a", certdir / "ca.crt", certdir / "dev-a.crt", certdir / "dev-a.key"
-    )
-    pool = ModelPool(FakeFactory(behaviours), smoke_timeout_s=5.0, settle_s=0.0)
-    return SyncService(SyncOptions("dev-a", config), state_dir, pool)
-
-
-def installed_blob(sync: SyncService, content: bytes, model: str) -> ModelInfo:
-    sha = hashlib.sha256(content).hexdigest()
-    path = sync.registry.store.path(sha)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
-    return ModelInfo(id=model, path=path, format="gguf", task="completion", size_bytes=len(content))
-
-
 async def test_service_goes_on_when_the_ledger_is_full(
     tmp_path: Path, certdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sync = service(tmp_path, certdir, {"bad": FakeBehaviour(fail_load=True)})
+    sync = offline_service(tmp_path, certdir, {"bad": FakeBehaviour(fail_load=True)})
     try:
         sync.failures.put(Failure("gone", "1", 1, 1.0, 2.0, "old", sync._basis))  # stale: cleared
         make_full(sync.ledger)
