@@ -10,13 +10,17 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from agent.audit.store import AuditLog
+from agent.device_key import DeviceKey
 from agent.engine.base import ModelInfo
 from agent.engine.pool import ModelPool
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
 from agent.sync.mqtt import MqttClient, MqttConfig
 from agent.sync.service import SyncOptions, SyncService
 from hub.repo import Repository
+from hub.serve import HubServer, ServeConfig
 from hub.sync_blobs import BlobIndex, BlobServer
 from hub.sync_meta import MetaPublisher
 from registry.device import DeviceRegistry, ImportResult
@@ -202,7 +206,35 @@ def installed_blob(sync: SyncService, content: bytes, model: str) -> ModelInfo:
     return ModelInfo(id=model, path=path, format="gguf", task="completion", size_bytes=len(content))
 
 
+def small_llama_pool(**options: Any) -> ModelPool:
+    """A pool building real llama.cpp engines small enough for the tests (context 256, one slot)."""
+    from agent.engine.llama import LlamaEngine
+
+    def factory(info: ModelInfo) -> LlamaEngine:
+        return LlamaEngine(info, n_ctx=256, n_threads=2, n_parallel=1, max_queue=4)
+
+    return ModelPool(factory, **({"smoke_timeout_s": 60} | options))
+
+
+async def started_hub_server(repo_dir: Path, work: Path, broker: Broker) -> HubServer:
+    """``edge-hub serve`` in process over ``repo_dir``, its database in ``work``."""
+    hub = HubServer(ServeConfig(repo_dir, work / "hub.db", broker.client_config("hub"), meta_poll_s=0.3))
+    await hub.start()
+    return hub
+
+
+def device_audit(dev_dir: Path) -> tuple[AuditLog, DeviceKey]:
+    """The device's audit log (started) under ``dev_dir`` and the key that signs it."""
+    key = DeviceKey.generate()
+    audit = AuditLog(dev_dir / "audit.db", key=key)
+    audit.start()
+    return audit, key
+
+
 __all__ = [
+    "device_audit",
+    "small_llama_pool",
+    "started_hub_server",
     "installed_blob",
     "offline_service",
     "Device",

@@ -10,17 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit import AuditLog
-from agent.device_key import DeviceKey
-from agent.engine.base import ModelInfo
-from agent.engine.llama import LlamaEngine
 from agent.engine.pool import SMOKE_PROMPT, ModelPool, smoke_generate
 from agent.sync.service import SyncOptions, SyncService
 from hub.publish import set_deployment
 from hub.repo import Repository
-from hub.serve import HubServer, ServeConfig
 from tests.sync.broker import Broker
-from tests.sync.helpers import enrolled_device, new_repo, publish_model, wait_for
+from tests.sync.helpers import (
+    device_audit,
+    enrolled_device,
+    new_repo,
+    publish_model,
+    small_llama_pool,
+    started_hub_server,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -54,10 +57,7 @@ def make_silent_model(source: Path, dest: Path) -> None:
 
 
 def make_pool() -> ModelPool:
-    def factory(info: ModelInfo) -> LlamaEngine:
-        return LlamaEngine(info, n_ctx=256, n_threads=2, n_parallel=1, max_queue=4)
-
-    return ModelPool(factory, smoke_timeout_s=60)
+    return small_llama_pool()
 
 
 async def test_deploy_activates_then_broken_version_keeps_previous(
@@ -70,11 +70,8 @@ async def test_deploy_activates_then_broken_version_keeps_previous(
     broken.write_bytes(gemma_path.read_bytes()[: 8 << 20])  # a real header, truncated tensors
     enrolled_device(tmp_path / "dev", repo.path, "dev-a")
 
-    hub = HubServer(ServeConfig(repo.path, tmp_path / "hub.db", broker.client_config("hub"), meta_poll_s=0.3))
-    await hub.start()
-    key = DeviceKey.generate()
-    audit = AuditLog(tmp_path / "dev" / "audit.db", key=key)
-    audit.start()
+    hub = await started_hub_server(repo.path, tmp_path, broker)
+    audit, key = device_audit(tmp_path / "dev")
     pool = make_pool()
     options = SyncOptions(
         "dev-a",

@@ -11,20 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit import AuditLog
 from agent.catalog import info_for_file
-from agent.device_key import DeviceKey
-from agent.engine.base import ModelInfo
-from agent.engine.llama import LlamaEngine
-from agent.engine.pool import ModelPool
 from agent.sync.removal import PoolModel, due_for_removal, kept_versions, to_unload, unneeded_since
 from agent.sync.service import SyncOptions, SyncService
 from hub.repo import Repository
-from hub.serve import HubServer, ServeConfig
 from registry.exceptions import Reason, StoreError
 from registry.metadata import Deployment, DeploymentEntry, deployment_target_path
 from tests.sync.broker import Broker
-from tests.sync.helpers import enrolled_device, installed_files, new_repo, publish_model, wait_for
+from tests.sync.helpers import (
+    device_audit,
+    enrolled_device,
+    installed_files,
+    new_repo,
+    publish_model,
+    small_llama_pool,
+    started_hub_server,
+    wait_for,
+)
 
 
 def dep(*entries: tuple[str, str | None, bool]) -> list[Deployment]:
@@ -178,16 +181,10 @@ async def test_undeployed_model_is_unloaded_and_deleted_after_grace_local_model_
     v1 = publish_model(repo, gemma_path, "gemma", "1", chunk_size=4 << 20, group=None, name="model.gguf")
     deploy_only(repo.path, "gemma", "1")
     enrolled_device(tmp_path / "dev", repo.path, "dev-a")
-    hub = HubServer(ServeConfig(repo.path, tmp_path / "hub.db", broker.client_config("hub"), meta_poll_s=0.3))
-    await hub.start()
-    key = DeviceKey.generate()
-    audit = AuditLog(tmp_path / "dev" / "audit.db", key=key)
-    audit.start()
+    hub = await started_hub_server(repo.path, tmp_path, broker)
+    audit, key = device_audit(tmp_path / "dev")
 
-    def factory(info: ModelInfo) -> LlamaEngine:
-        return LlamaEngine(info, n_ctx=256, n_threads=2, n_parallel=1, max_queue=4)
-
-    pool = ModelPool(factory, smoke_timeout_s=60)
+    pool = small_llama_pool()
     pool.register(info_for_file(gemma_path, "local"))  # configured locally ([model]), outside the store
     options = SyncOptions(
         "dev-a",

@@ -10,11 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit import AuditLog
-from agent.device_key import DeviceKey
-from agent.engine.base import ModelInfo
-from agent.engine.llama import LlamaEngine
-from agent.engine.pool import ModelPool
 from agent.sync.ledger import Failure
 from agent.sync.retry import (
     RetryPolicy,
@@ -28,10 +23,17 @@ from agent.sync.retry import (
 )
 from agent.sync.service import SyncOptions, SyncService
 from hub.publish import set_deployment
-from hub.serve import HubServer, ServeConfig
 from registry.metadata import Deployment, DeploymentEntry
 from tests.sync.broker import Broker
-from tests.sync.helpers import enrolled_device, new_repo, publish_model, wait_for
+from tests.sync.helpers import (
+    device_audit,
+    enrolled_device,
+    new_repo,
+    publish_model,
+    small_llama_pool,
+    started_hub_server,
+    wait_for,
+)
 
 POLICY = RetryPolicy(initial_s=300, max_s=21600, jitter=0.2)
 
@@ -141,16 +143,10 @@ async def test_failed_activation_is_retried_across_a_restart_until_it_serves(
     publish_model(repo, gemma_path, "gemma", "1", chunk_size=4 << 20, group=None, name="model.gguf")
     set_deployment(repo, "edge", "gemma", version="1", pin=True)
     enrolled_device(tmp_path / "dev", repo.path, "dev-a")
-    hub = HubServer(ServeConfig(repo.path, tmp_path / "hub.db", broker.client_config("hub"), meta_poll_s=0.3))
-    await hub.start()
-    key = DeviceKey.generate()
-    audit = AuditLog(tmp_path / "dev" / "audit.db", key=key)
-    audit.start()
+    hub = await started_hub_server(repo.path, tmp_path, broker)
+    audit, key = device_audit(tmp_path / "dev")
 
-    def factory(info: ModelInfo) -> LlamaEngine:
-        return LlamaEngine(info, n_ctx=256, n_threads=2, n_parallel=1, max_queue=4)
-
-    pool = ModelPool(factory, smoke_timeout_s=60, memory_budget=1 << 20)  # memory pressure: nothing fits
+    pool = small_llama_pool(memory_budget=1 << 20)  # memory pressure: nothing fits
     options = SyncOptions(
         "dev-a",
         broker.client_config("dev-a"),
