@@ -193,7 +193,7 @@ def trusted_plans(metadata_dir: Path) -> Callable[[str], ChunkPlan]:
 @dataclass
 class TransferStats:
     requested: collections.Counter[int] = field(default_factory=collections.Counter)
-    """How many times each chunk index was requested."""
+    """How many times each chunk index was requested (requests the broker acknowledged)."""
     resumed_chunks: int = 0
     duplicates: int = 0
     """Chunks received again after they were already verified and written."""
@@ -317,16 +317,21 @@ class ChunkTransfer:
         offset, length = self.plan.span(index)
         req = ChunkRequest(self.plan.sha256, index, offset, length)
         self._inflight[index] = time.monotonic()
-        self.stats.requested[index] += 1
-        await self.client.publish(
-            Outgoing(
-                BLOB_REQUESTS,
-                req.encode(),
-                qos=1,
-                response_topic=self.reply_topic,
-                correlation=req.correlation,
+        try:
+            await self.client.publish(
+                Outgoing(
+                    BLOB_REQUESTS,
+                    req.encode(),
+                    qos=1,
+                    response_topic=self.reply_topic,
+                    correlation=req.correlation,
+                )
             )
-        )
+        except MqttError:
+            # Not acknowledged (the connection dropped): not counted, asked again once connected.
+            self._inflight.pop(index, None)
+            raise
+        self.stats.requested[index] += 1
 
     async def run(self) -> Path:
         """Fetch the missing chunks; return the partial file's path, every chunk verified."""
