@@ -25,12 +25,14 @@ from agent.audit.guard import install_guard
 from agent.catalog import discover, info_for_file
 from agent.config import PoolSettings, Settings
 from agent.engine.base import Engine, ModelInfo
+from agent.engine.isolation import ChildTrial, Isolation, Verdict, current_build
+from agent.engine.lifecycle import LoadGuard
 from agent.engine.llama import LlamaEngine
 from agent.engine.pool import ModelPool, pool_options
 from agent.log import get_logger
 from agent.metrics import HubState, Metrics, StatusSources
 from agent.reload import ConfigSource, Reloader
-from agent.server.admin_routes import RELOAD_KEY, install_metrics
+from agent.server.admin_routes import REFUSED_KEY, RELOAD_KEY, install_metrics
 from agent.server.http import ApiServer, build_app
 from agent.server.limits import ServerLimits, install_throttle_counter
 from agent.server.listener import bind_unix, systemd_socket
@@ -45,8 +47,9 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
-def build_engine(info: ModelInfo, settings: Settings) -> Engine:
-    """The engine for a model, chosen by its format: llama.cpp for GGUF, onnxruntime for ONNX."""
+def build_engine(info: ModelInfo, settings: Settings, guard: LoadGuard | None = None) -> Engine:
+    """The engine for a model, chosen by its format: llama.cpp for GGUF, onnxruntime for ONNX.
+    With ``guard`` (crash isolation), the model is tried in a child process before it loads here."""
     threads = settings.engine.n_threads or default_threads()
     if info.format == "onnx":
         from agent.engine.onnx import OnnxEmbeddingEngine
@@ -61,6 +64,7 @@ def build_engine(info: ModelInfo, settings: Settings) -> Engine:
             n_threads=threads,
             max_length=emb.max_length,
             batch_size=emb.batch_size,
+            guard=guard,
         )
     e = settings.engine
     return LlamaEngine(
@@ -73,7 +77,56 @@ def build_engine(info: ModelInfo, settings: Settings) -> Engine:
         prefill_chunk=e.prefill_chunk,
         batch_invariant=e.batch_invariant,
         kv_unified=e.kv_unified,
+        guard=guard,
     )
+
+
+def engine_fingerprint(info: ModelInfo, settings: Settings) -> str:
+    """What in the settings shapes how ``info`` runs (a new trial when it changes)."""
+    import json
+
+    if info.format == "onnx":
+        from importlib import metadata
+
+        section: dict[str, Any] = settings.embedding.model_dump(mode="json", exclude={"path", "id"})
+        section["onnxruntime"] = metadata.version("onnxruntime")
+    else:
+        section = settings.engine.model_dump(mode="json")
+    section["n_threads"] = settings.engine.n_threads or default_threads()
+    section["task"] = info.task
+    return json.dumps(section, sort_keys=True)
+
+
+def build_isolation(settings: Settings) -> Isolation | None:
+    """Crash isolation for this daemon (``[isolation]``), or None when it is turned off."""
+    if not settings.isolation.enabled:
+        return None
+    return Isolation(
+        settings.state_dir / "isolation",
+        build=current_build(),
+        fingerprint=lambda info: engine_fingerprint(info, settings),
+        runner=ChildTrial(lambda: settings.model_dump(mode="json")),
+        timeout_s=settings.isolation.timeout_s,
+    )
+
+
+def _admitted_first(infos: list[ModelInfo], isolation: Isolation | None) -> list[ModelInfo]:
+    """``infos`` with the models crash isolation refused moved last, so the default (the first) is one
+    that may run; nothing is hashed when no refusal is on record."""
+    if isolation is None or not isolation.refused():
+        return infos
+
+    def refused(info: ModelInfo) -> bool:
+        verdict = isolation.verdict_for(info)
+        return verdict is not None and verdict.refused
+
+    flags = [refused(i) for i in infos]
+    for info, flag in zip(infos, flags, strict=True):
+        if flag:
+            log.warning("model_skipped", model=info.id, reason="refused by crash isolation")
+    return [i for i, f in zip(infos, flags, strict=True) if not f] + [
+        i for i, f in zip(infos, flags, strict=True) if f
+    ]
 
 
 def embedding_info(settings: Settings) -> ModelInfo | None:
@@ -113,9 +166,9 @@ def _memory_estimate(settings: Settings) -> Callable[[ModelInfo], int]:
     return lazy
 
 
-def build_pool(settings: Settings) -> ModelPool:
+def build_pool(settings: Settings, isolation: Isolation | None = None) -> ModelPool:
     pool = ModelPool(  # the factory lets sync and the re-probe swap models
-        lambda info: build_engine(info, settings),
+        lambda info: build_engine(info, settings, isolation),
         estimate=_memory_estimate(settings),
         **pool_options(settings.pool, _cgroup_memory_limit()),
     )
@@ -129,8 +182,8 @@ def build_pool(settings: Settings) -> ModelPool:
     extra = embedding_info(settings)
     if extra is not None and all(i.id != extra.id for i in infos):
         infos.append(extra)
-    for info in infos:
-        pool.add(build_engine(info, settings), pinned=info.id in settings.pool.pinned)
+    for info in _admitted_first(infos, isolation):
+        pool.add(build_engine(info, settings, isolation), pinned=info.id in settings.pool.pinned)
     return pool
 
 
@@ -213,6 +266,34 @@ def _swap_status(service: sdnotify.ServiceNotifier, pool: ModelPool, event: str,
         service.status(f"serving {pool.default_id}; switch to {model} failed (see the journal)")
 
 
+def _audit_refusal(guard: Any) -> Callable[[Verdict], None]:
+    """A refused model becomes an audit record (``model.refused``)."""
+
+    def record(verdict: Verdict) -> None:
+        from agent.audit.chain import Entry
+        from agent.audit.store import agent_actor
+
+        submit = getattr(getattr(guard, "audit", None), "submit", None)
+        if submit is not None:
+            details = {"path": verdict.path, "sha256": verdict.sha256, "detail": verdict.detail[:1000]}
+            submit(Entry("model.refused", verdict.model, "refused", verdict.reason, agent_actor(), details))
+
+    return record
+
+
+def _report_refusal(sync: Any, loop: asyncio.AbstractEventLoop) -> Callable[[Verdict], None]:
+    """A refused model becomes an event to the hub (``model`` / ``model_refused``), from any thread."""
+    from agent.sync.messages import Event, Status
+
+    def report(verdict: Verdict) -> None:
+        event = Event(
+            "model", Status.MODEL_REFUSED.value, verdict.model, f"{verdict.reason}: {verdict.detail}"[:1900]
+        )
+        loop.call_soon_threadsafe(lambda: loop.create_task(sync.report(event)))
+
+    return report
+
+
 def _budget_for(pool: PoolSettings) -> int:
     """The pool's memory budget for reloaded ``[pool]`` settings (under the cgroup limit)."""
     budget: int = pool_options(pool, _cgroup_memory_limit())["memory_budget"]
@@ -225,7 +306,7 @@ class Daemon:
     def __init__(
         self,
         settings: Settings,
-        pool_factory: Callable[[Settings], ModelPool] = build_pool,
+        pool_factory: Callable[[Settings, Isolation | None], ModelPool] = build_pool,
         source: ConfigSource | None = None,
     ) -> None:
         self.settings = settings
@@ -240,7 +321,9 @@ class Daemon:
         started = time.monotonic()
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        pool = self._pool_factory(s)
+        isolation = build_isolation(s)
+        died_in = isolation.recover() if isolation is not None else []  # the crash-loop guard
+        pool = self._pool_factory(s, isolation)
         inherited = systemd_socket()
         sock = inherited or bind_unix(s.socket_path, s.server.socket_mode, s.server.socket_group)
         app = build_app(
@@ -253,6 +336,11 @@ class Daemon:
             started,
         )
         guard = install_guard(app, s)  # authorize and audit every request
+        if isolation is not None:
+            app[REFUSED_KEY] = lambda: [v.to_dict() for v in isolation.refused()]
+            isolation.add_listener(_audit_refusal(guard))
+            for verdict in died_in:
+                _audit_refusal(guard)(verdict)
         reloader = Reloader(self._source, s, pool, guard, budget_for=_budget_for)
         app[RELOAD_KEY] = reloader  # POST /admin/reload; SIGHUP below
         metrics = Metrics(s.metrics.latency_buckets_s, _sources(pool, guard))
@@ -306,6 +394,10 @@ class Daemon:
             from agent.sync.service import start_sync
 
             sync = await start_sync(s, pool, guard)  # None unless [hub] host is set
+            if sync is not None and isolation is not None:
+                isolation.add_listener(_report_refusal(sync, loop))
+                for verdict in died_in:
+                    _report_refusal(sync, loop)(verdict)
             metrics.sources.hub = _hub_state(sync) if sync is not None else lambda: HubState(False)
             await self._stop.wait()
             log.info("stopping", grace_s=s.server.shutdown_grace_s)
@@ -331,4 +423,13 @@ def run(settings: Settings, source: ConfigSource | None = None) -> int:
     return asyncio.run(Daemon(settings, source=source).run())
 
 
-__all__ = ["Daemon", "build_engine", "build_pool", "embedding_info", "default_threads", "run"]
+__all__ = [
+    "Daemon",
+    "build_engine",
+    "build_isolation",
+    "build_pool",
+    "default_threads",
+    "embedding_info",
+    "engine_fingerprint",
+    "run",
+]

@@ -96,6 +96,16 @@ class EngineSettings(_Section):
     """True: the slots share n_ctx cells; False: each slot has its own n_ctx cells (more memory)."""
 
 
+class IsolationSettings(_Section):
+    """Crash isolation (:mod:`agent.engine.isolation`): a model is tried in a child process first."""
+
+    enabled: bool = True
+    """Try each model file in a child process the first time it is served with these engine settings
+    and this llama.cpp build; a child that crashes or hangs refuses the model. Off: load directly."""
+    timeout_s: float = Field(default=300.0, gt=0, le=86_400)
+    """A trial still running after this long is killed and the model refused (``timeout``)."""
+
+
 class EmbeddingSettings(_Section):
     """An embedding model served next to the generative one (ONNX or GGUF)."""
 
@@ -327,6 +337,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
     engine: EngineSettings = EngineSettings()
+    isolation: IsolationSettings = IsolationSettings()
     model: ModelSettings = ModelSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
     audit: AuditSettings = AuditSettings()
@@ -420,6 +431,7 @@ __all__ = [
     "EmbeddingSettings",
     "EngineSettings",
     "HubSettings",
+    "IsolationSettings",
     "LogSettings",
     "MetricsSettings",
     "ModelSettings",

@@ -4,6 +4,7 @@
     ├── ConfigError            a setting is missing, malformed or out of range (exit status 2)
     ├── EngineError            an inference backend failed
     │   ├── ModelLoadError     the model file could not be loaded
+    │   │   └── ModelRefused   its trial in a child process crashed or hung (crash isolation)
     │   ├── ModelNotReady      the model is still loading (HTTP 503 + Retry-After)
     │   └── ContextOverflow    prompt + max_tokens do not fit the context (HTTP 400)
     ├── RequestError           a client sent something we refuse (HTTP 4xx)
@@ -34,6 +35,15 @@ class EngineError(AgentError):
 
 class ModelLoadError(EngineError):
     """A model file could not be loaded."""
+
+
+class ModelRefused(ModelLoadError):
+    """Crash isolation refused a model: its trial in a child process died (``reason``: the signal,
+    e.g. ``SIGILL``), hung (``timeout``), or the daemon died while activating it (``daemon_died``)."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ModelNotReady(EngineError):
@@ -112,6 +122,7 @@ __all__ = [
     "Forbidden",
     "ModelLoadError",
     "ModelNotReady",
+    "ModelRefused",
     "NotFound",
     "Overloaded",
     "PayloadTooLarge",

@@ -1,4 +1,4 @@
-"""``edge-agent enroll`` and ``edge-agent registry import|list|verify|remove|gc``.
+"""``edge-agent enroll`` and ``edge-agent registry import|list|verify|remove|gc|retry``.
 
 All of them work on ``<state_dir>/registry`` through :class:`registry.device.DeviceRegistry`, the
 same verification path the MQTT sync uses. A refusal prints ``edge-agent: refused (<reason>):
@@ -73,7 +73,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_rows(reg: DeviceRegistry) -> list[dict[str, Any]]:
+def _isolation(args: argparse.Namespace) -> Any:
+    from agent.engine.isolation import Isolation, current_build
+
+    state = settings_from_args(args).state_dir
+    return Isolation(state / "isolation", build=current_build(), fingerprint=lambda info: "", runner=None)
+
+
+def _model_rows(reg: DeviceRegistry, refused: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per installed model version; ``refused`` maps a file sha256 to its crash-isolation
+    refusal under this build (any engine settings)."""
+    refused = refused or {}
     rows = []
     for m in reg.models():
         man = m.manifest
@@ -93,6 +103,7 @@ def _model_rows(reg: DeviceRegistry) -> list[dict[str, Any]]:
                 "blob": str(reg.store.path(man.sha256)),
                 "companions": [c.path for c in m.companions],
                 "installed_at": m.target.installed_at,
+                "refused": refused[man.sha256].to_dict() if man.sha256 in refused else None,
             }
         )
     return rows
@@ -101,7 +112,7 @@ def _model_rows(reg: DeviceRegistry) -> list[dict[str, Any]]:
 @_errors
 def cmd_list(args: argparse.Namespace) -> int:
     reg = _registry(args)
-    rows = _model_rows(reg)
+    rows = _model_rows(reg, {v.sha256: v for v in reversed(_isolation(args).refused())})
     enrollment = reg.enrollment() if reg.enrolled else None
     if args.json:
         docs = [t.path for t in reg.index().targets.values() if t.kind in ("policy", "deployment")]
@@ -125,8 +136,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         console.print("not enrolled (edge-agent enroll --root root.json --device-id ID --group G)")
     else:
         console.print(f"device {enrollment.device_id}, groups {', '.join(enrollment.groups)}")
-    table = Table("model", "version", "format", "task", "params", "quant", "size")
+    table = Table("model", "version", "format", "task", "params", "quant", "size", "runs here")
     for r in rows:
+        refusal = r["refused"]
         table.add_row(
             r["id"],
             r["version"],
@@ -135,8 +147,23 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{r['parameters'] / 1e6:.0f}M ({r['size_class']})",
             r["quantization"],
             f"{r['size_bytes'] / 2**20:.1f} MiB",
+            f"[red]refused: {refusal['reason']}[/red]" if refusal else "-",
         )
     console.print(table)
+    for r in rows:
+        if r["refused"]:
+            console.print(
+                f"{r['id']} {r['version']}: {r['refused']['detail']} (edge-agent registry retry {r['id']})"
+            )
+    return 0
+
+
+@_errors
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Forget crash isolation's refusals (of one model, or all) so they are tried again."""
+    count = _isolation(args).forget(None if args.all else args.model_id)
+    target = "all models" if args.all else args.model_id
+    print(f"forgot {count} refusal(s) of {target}; restart or reload the service to try again")
     return 0
 
 
@@ -188,6 +215,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_remove)
     p = reg.add_parser("gc", help="delete unreferenced blobs and stale temp files")
     p.set_defaults(func=cmd_gc)
+    p = reg.add_parser("retry", help="forget crash isolation's refusal of a model: try it again")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("model_id", nargs="?")
+    which.add_argument("--all", action="store_true", help="every refused model")
+    p.set_defaults(func=cmd_retry)
 
 
 __all__ = ["register"]

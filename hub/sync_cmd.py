@@ -30,6 +30,7 @@ DONE_STATUSES = {
     "policy_applied": True,
     "smoke_test_failed": False,
     "load_failed": False,
+    "model_refused": False,
     "policy_refused": False,
     "metadata_refused": False,
     "not_found": False,

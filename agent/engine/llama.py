@@ -31,7 +31,7 @@ from agent.engine.base import (
 )
 from agent.engine.batching import BatchRunner, Job
 from agent.engine.chat import ChatTemplate, TemplateSource, pick_template, render_chat
-from agent.engine.lifecycle import EngineLifecycle
+from agent.engine.lifecycle import EngineLifecycle, LoadGuard
 from agent.errors import (
     AgentError,
     BadRequest,
@@ -63,8 +63,9 @@ class LlamaEngine(EngineLifecycle):
         embed_batch: int = 512,
         batch_invariant: bool = True,
         kv_unified: bool = False,
+        guard: LoadGuard | None = None,
     ) -> None:
-        super().__init__(info)
+        super().__init__(info, guard)
         self._n_ctx = n_ctx
         self._n_threads = n_threads
         self._n_batch = n_batch

@@ -34,7 +34,7 @@ from agent.engine.base import (
     GenerationChunk,
     ModelInfo,
 )
-from agent.engine.lifecycle import EngineLifecycle
+from agent.engine.lifecycle import EngineLifecycle, LoadGuard
 from agent.engine.pooling import l2_normalize, mean_pool
 from agent.errors import BadRequest, EngineError, ModelLoadError, ModelNotReady
 
@@ -85,8 +85,9 @@ class OnnxEmbeddingEngine(EngineLifecycle):
         n_threads: int = 2,
         max_length: int = 256,
         batch_size: int = 32,
+        guard: LoadGuard | None = None,
     ) -> None:
-        super().__init__(info)
+        super().__init__(info, guard)
         self._tokenizer_path = tokenizer_path
         self._n_threads = n_threads
         self._max_length = max_length

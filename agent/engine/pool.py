@@ -43,7 +43,7 @@ from typing import Any
 
 from agent.config import PoolSettings
 from agent.engine.base import CompletionRequest, Engine, EngineState, ModelInfo, SamplingParams
-from agent.errors import EngineError, ModelLoadError, ModelNotReady, NotFound, Overloaded
+from agent.errors import EngineError, ModelLoadError, ModelNotReady, ModelRefused, NotFound, Overloaded
 from agent.log import get_logger
 
 log = get_logger(__name__)
@@ -536,7 +536,8 @@ class ModelPool:
     async def swap(self, info: ModelInfo, *, pin: bool = False) -> SwapResult:
         """Make ``info`` the default model without failing in-flight requests (module docstring).
 
-        Raises :class:`SwapFailed` (``reason``: ``over_budget``, ``load_failed``, ``smoke_failed``)
+        Raises :class:`SwapFailed` (``reason``: ``over_budget``, ``load_failed``, ``smoke_failed``,
+        ``refused``: crash isolation refused the model)
         and leaves the previous default serving when the new model cannot take over.
         """
         async with self._swap_lock:
@@ -596,7 +597,8 @@ class ModelPool:
                 await asyncio.gather(*freeing, return_exceptions=True)
             await engine.load()
         except ModelLoadError as exc:
-            raise await self._abandon(engine, victims, "load_failed", str(exc)) from exc
+            reason = "refused" if isinstance(exc, ModelRefused) else "load_failed"
+            raise await self._abandon(engine, victims, reason, str(exc)) from exc
         loaded_at = self._clock()
         if self._smoke is not None:
             try:

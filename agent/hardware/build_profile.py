@@ -101,7 +101,9 @@ def isa_features(cpuinfo: str, machine: str) -> frozenset[str]:
 def plan(profile: str, cpu: Cpu) -> BuildPlan:
     """The build for ``profile`` on ``cpu`` (module docstring). Raises ValueError for an unknown profile."""
     if profile not in PROFILES:
-        raise ValueError(f"unknown llama.cpp build profile {profile!r}: expected one of {', '.join(PROFILES)}")
+        raise ValueError(
+            f"unknown llama.cpp build profile {profile!r}: expected one of {', '.join(PROFILES)}"
+        )
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(cpu.machine, cpu.machine)
     feats = cpu.features
     if machine == "x86_64":
@@ -110,28 +112,44 @@ def plan(profile: str, cpu: Cpu) -> BuildPlan:
             off = ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI", "AMX_TILE", "AMX_INT8")
             flags += [f"-DGGML_{f}=OFF" for f in off]
             return BuildPlan(
-                profile, machine, ("-DGGML_NATIVE=OFF", *flags), (), tuple(sorted(X86_PORTABLE)),
+                profile,
+                machine,
+                ("-DGGML_NATIVE=OFF", *flags),
+                (),
+                tuple(sorted(X86_PORTABLE)),
                 tuple(sorted(feats - set(X86_PORTABLE))),
             )
         if profile == "safe":
             amx = frozenset(f for f in feats if f.startswith("amx"))
             return BuildPlan(
-                profile, machine, ("-DGGML_NATIVE=ON",), X86_AMX_CFLAGS, tuple(sorted(feats - amx)),
+                profile,
+                machine,
+                ("-DGGML_NATIVE=ON",),
+                X86_AMX_CFLAGS,
+                tuple(sorted(feats - amx)),
                 tuple(sorted(amx)),
             )
     if machine == "aarch64":
         if profile == "portable":
             return BuildPlan(
-                profile, machine, ("-DGGML_NATIVE=OFF", "-DGGML_CPU_ARM_ARCH=armv8-a"), (),
-                tuple(sorted(ARM_PORTABLE)), tuple(sorted(feats - set(ARM_PORTABLE))),
+                profile,
+                machine,
+                ("-DGGML_NATIVE=OFF", "-DGGML_CPU_ARM_ARCH=armv8-a"),
+                (),
+                tuple(sorted(ARM_PORTABLE)),
+                tuple(sorted(feats - set(ARM_PORTABLE))),
             )
         if profile == "safe":
             # ggml's native ARM detection run-checks each feature; a pre-set cache result skips the
             # SME check and makes it append +nosme.
             sme = frozenset(f for f in feats if f.startswith("sme"))
             return BuildPlan(
-                profile, machine, ("-DGGML_NATIVE=ON", "-DGGML_MACHINE_SUPPORTS_sme=OFF"), (),
-                tuple(sorted(feats - sme)), tuple(sorted(sme)),
+                profile,
+                machine,
+                ("-DGGML_NATIVE=ON", "-DGGML_MACHINE_SUPPORTS_sme=OFF"),
+                (),
+                tuple(sorted(feats - sme)),
+                tuple(sorted(sme)),
             )
     return BuildPlan(profile, machine, ("-DGGML_NATIVE=ON",), (), tuple(sorted(feats)))
 

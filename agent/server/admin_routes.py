@@ -38,6 +38,8 @@ from agent.server.keys import POOL_KEY, STARTED_KEY
 
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 RELOAD_KEY: web.AppKey[Reloader] = web.AppKey("reloader", Reloader)
+REFUSED_KEY: web.AppKey[Callable[[], list[dict[str, Any]]]] = web.AppKey("refused")
+"""The models crash isolation refused (:meth:`agent.engine.isolation.Isolation.refused`), as dicts."""
 _MAX_PARSED_BODY = 256 << 10
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -113,7 +115,11 @@ async def status(request: web.Request) -> web.Response:
         "audit_backlog": None,
         "jobs": [],
         "watchdog": None,
+        "refused": [],
     }
+    refused = request.app.get(REFUSED_KEY)
+    if refused is not None:
+        body["refused"] = _call(refused)
     if metrics is not None:
         src = metrics.sources
         snap = await metrics.refresh()
@@ -301,6 +307,7 @@ def register(router: web.UrlDispatcher) -> None:
 
 __all__ = [
     "METRICS_KEY",
+    "REFUSED_KEY",
     "RELOAD_KEY",
     "health",
     "install_metrics",

@@ -54,6 +54,8 @@ class Status(enum.StrEnum):
     METADATA_REFUSED = "metadata_refused"
     SMOKE_TEST_FAILED = "smoke_test_failed"
     LOAD_FAILED = "load_failed"
+    MODEL_REFUSED = "model_refused"
+    """Crash isolation refused the model: its trial crashed or hung, or the daemon died loading it."""
     CHAIN_BROKEN = "chain_broken"
     POLICY_APPLIED = "policy_applied"
     POLICY_REFUSED = "policy_refused"

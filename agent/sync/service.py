@@ -436,7 +436,9 @@ class SyncService:
                     register(info)
         except Exception as exc:
             reason = getattr(exc, "reason", "")
-            status = Status.SMOKE_TEST_FAILED if reason == "smoke_failed" else Status.LOAD_FAILED
+            status = {"smoke_failed": Status.SMOKE_TEST_FAILED, "refused": Status.MODEL_REFUSED}.get(
+                reason, Status.LOAD_FAILED
+            )
             failure = after_failure(
                 previous,
                 action.model,
