@@ -147,12 +147,33 @@ def jobs_table(status: dict[str, Any]) -> Table | None:
     return table
 
 
+def refused_table(status: dict[str, Any]) -> Table | None:
+    """Models crash isolation refused on this box, and why (none: no table)."""
+    refused = status.get("refused") or []
+    if not refused:
+        return None
+    table = Table("model", "reason", "since", "what happened", title="refused models", title_justify="left")
+    for r in refused:
+        when = r.get("at")
+        since = (
+            datetime.fromtimestamp(when).strftime("%Y-%m-%d %H:%M:%S")
+            if isinstance(when, int | float)
+            else _DASH
+        )
+        table.add_row(str(r.get("model")), str(r.get("reason")), since, str(r.get("detail") or _DASH)[:100])
+    table.caption = "edge-agent registry retry MODEL tries one again"
+    return table
+
+
 def render(health: dict[str, Any], status: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [overview(health, status), models_table(status)]
+    refused = refused_table(status)
+    if refused is not None:
+        parts.append(refused)
     jobs = jobs_table(status)
     if jobs is not None:
         parts.append(jobs)
     return Group(*parts)
 
 
-__all__ = ["duration", "jobs_table", "mib", "models_table", "overview", "render"]
+__all__ = ["duration", "jobs_table", "mib", "models_table", "overview", "refused_table", "render"]

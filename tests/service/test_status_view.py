@@ -58,6 +58,14 @@ FULL: dict[str, Any] = {
         }
     ],
     "watchdog": {"interval_s": 15.0, "lag_s": 0.002, "pings": 9},
+    "refused": [
+        {
+            "model": "smollm2-q4_1",
+            "reason": "SIGILL",
+            "detail": "the trial process died by SIGILL (exit status -4)",
+            "at": 1796655370.0,
+        }
+    ],
 }
 
 
@@ -85,6 +93,11 @@ def test_everything_an_operator_needs_is_on_screen() -> None:
         "24h00m (window)",
         "2026-03-15 02:03:04",
         "ping every 15.0s",
+        "refused models",
+        "smollm2-q4_1",
+        "SIGILL",
+        "died by SIGILL",
+        "edge-agent registry retry MODEL",
     ):
         assert needle in out, needle
 
