@@ -90,6 +90,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 # parsers whose ``func`` takes the parsed arguments and returns the exit status.
 COMMAND_MODULES: tuple[str, ...] = (
     "agent.audit_cmd",
+    "agent.doctor_cmd",
     "agent.registry_cmd",
     "agent.select_cmd",
     "agent.sync.cli",
