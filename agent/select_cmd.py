@@ -2,9 +2,10 @@
 
 * ``probe [--json] [--bandwidth]`` prints the hardware profile of this box.
 * ``select [--task T] [--explain] [--json] [--ctx N]`` reads the installed models' GGUF headers,
-  probes the box, loads the speeds measured by ``bench`` and prints the choice (with ``--explain``:
-  every candidate, its estimated memory, its speed, the verdict and the reason). Exit status 1
-  when nothing fits.
+  probes the box, loads the speeds measured by ``bench`` and the tensor types that failed
+  ``edge-agent doctor`` (``<state_dir>/doctor.json``, only when it was measured on the llama.cpp
+  build installed now) and prints the choice (with ``--explain``: every candidate, its estimated
+  memory, its speed, the verdict and the reason). Exit status 1 when nothing fits.
 * ``bench [--model ID] [--tokens N]`` measures prompt and generation tokens/s of installed GGUF
   models with llama.cpp (and the memory copy bandwidth of the box) and stores them in
   ``<state_dir>/selection/speeds.json`` (written atomically), where ``select`` and the daemon's
@@ -192,6 +193,16 @@ def policy_from_settings(settings: Settings, profile: HardwareProfile, task: str
     )
 
 
+def doctor_failed_types(settings: Settings) -> frozenset[str]:
+    """Tensor types that failed ``edge-agent doctor`` with the llama.cpp build installed now.
+
+    Results of another build (or none) give the empty set; never raises.
+    """
+    from agent.engine.doctor import failed_types_for
+
+    return failed_types_for(settings.state_dir)
+
+
 def run_selection(
     settings: Settings,
     task: str | None,
@@ -220,7 +231,13 @@ def run_selection(
         infos = discover(settings)
     candidates, notes = installed_candidates(infos)
     policy = policy_from_settings(settings, profile, task)
-    policy = replace(policy, reclaimable_bytes=reclaimable_bytes, pin=pin or policy.pin, below=below)
+    policy = replace(
+        policy,
+        reclaimable_bytes=reclaimable_bytes,
+        pin=pin or policy.pin,
+        below=below,
+        failed_types=doctor_failed_types(settings),
+    )
     return profile, select(profile, candidates, policy, measured_speeds(data, infos)), notes
 
 
@@ -644,6 +661,7 @@ __all__ = [
     "prefer_selected",
     "bench_model",
     "candidate_for",
+    "doctor_failed_types",
     "installed_candidates",
     "load_speeds",
     "measured_speeds",

@@ -2,7 +2,8 @@
 
 The steps, each leaving a reason on every candidate it rejects:
 
-1. filters: task, backend/format available on this box, required CPU features, the access policy
+1. filters: task, backend/format available on this box, required CPU features, tensor types that
+   failed ``edge-agent doctor`` with this build on this box (``failed_types``), the access policy
    (a predicate passed in);
 2. memory: the estimate (:mod:`agent.memory`) for the configured context must fit the budget =
    usable memory (available memory, capped by the cgroup limit minus its working set)
@@ -25,6 +26,7 @@ yields a lower-quality choice; the result does not depend on the order of the ca
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -75,6 +77,9 @@ class Candidate:
     context_length: int | None = None
     min_cpu_features: frozenset[str] = frozenset()
     version: str = ""
+    tensor_types: frozenset[str] = frozenset()
+    """The ggml types of the file's tensors (``Q4_K``, ``Q6_K``, ``F32``), from its GGUF header;
+    empty when no header is at hand (a manifest), see :func:`tensor_types_of`."""
 
     @property
     def quality(self) -> tuple[int, float]:
@@ -93,6 +98,9 @@ class SelectionPolicy:
     reclaimable_bytes: int = 0
     """Memory that unloading the current model would give back (re-selection at run time)."""
     backends: frozenset[str] = frozenset({"gguf", "onnx"})
+    failed_types: frozenset[str] = frozenset()
+    """Tensor types that failed ``edge-agent doctor`` with the llama.cpp build installed here: a
+    candidate holding any of them is rejected (a pin does not override it)."""
     allowed: Callable[[Candidate], bool] | None = None
     """The access policy: False refuses the candidate."""
     below: tuple[int, float] | None = None
@@ -140,6 +148,7 @@ def candidate_from_gguf(
         shape=shape_from_gguf(info),
         context_length=info.context_length or None,
         min_cpu_features=frozenset(min_cpu_features),
+        tensor_types=frozenset(info.bytes_by_type),
     )
 
 
@@ -180,6 +189,26 @@ def candidate_from_manifest(m: ModelManifest) -> Candidate:
 
 
 # --- the pure core --------------------------------------------------------------------------------
+
+_K_QUANT_FILE = re.compile(r"^(Q[2-6]_K)(_[SML])?$")
+
+
+def tensor_types_of(c: Candidate) -> frozenset[str]:
+    """The tensor types ``c`` is made of: from its header when known, else from its quantization
+    name (a K-quant mix ``Q4_K_M`` counts as its main type ``Q4_K``; others, ``Q4_0``, ``F16``,
+    ``IQ4_NL``, are a tensor type of the same name)."""
+    if c.tensor_types:
+        return c.tensor_types
+    name = c.quantization.upper().removeprefix("MOSTLY_")
+    match = _K_QUANT_FILE.match(name)
+    return frozenset({match.group(1) if match else name})
+
+
+def failed_tensor_types(c: Candidate, failed: frozenset[str]) -> tuple[str, ...]:
+    """The tensor types of ``c`` that are in ``failed`` (sorted); empty for ONNX models."""
+    if not failed or c.format != "gguf":
+        return ()
+    return tuple(sorted(tensor_types_of(c) & failed))
 
 
 def memory_budget(profile: HardwareProfile, policy: SelectionPolicy) -> int | None:
@@ -227,6 +256,10 @@ def _assess(
     missing = sorted(c.min_cpu_features - profile.cpu.features)
     if missing:
         return Assessment(c, "rejected", f"CPU lacks {', '.join(missing)}")
+    broken = failed_tensor_types(c, policy.failed_types)
+    if broken:
+        reason = f"tensor type {', '.join(broken)} failed `edge-agent doctor` with this llama.cpp build"
+        return Assessment(c, "rejected", reason)
     if policy.allowed is not None and not policy.allowed(c):
         return Assessment(c, "rejected", "denied by the access policy")
     runtime = policy.runtime
@@ -443,8 +476,10 @@ __all__ = [
     "candidate_from_gguf",
     "candidate_from_manifest",
     "estimate_speed",
+    "failed_tensor_types",
     "memory_budget",
     "observe",
     "select",
     "should_switch",
+    "tensor_types_of",
 ]
