@@ -6,12 +6,16 @@ PYTHON ?= python3
 
 .PHONY: install demo run test lint fmt clean bench install-service
 
-$(VENV)/.installed: pyproject.toml scripts/install-llama.sh scripts/system-deps.sh
+# llama-cpp-python is built for this CPU with a build profile (EDGE_AGENT_LLAMA_PROFILE=safe|native|
+# portable; docs/operations.md); `edge-agent doctor` then runs every tensor type through it in child
+# processes and stops the install, naming the types, when one crashes or computes garbage here.
+$(VENV)/.installed: pyproject.toml scripts/install-llama.sh scripts/system-deps.sh agent/hardware/build_profile.py
 	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
 	bash scripts/install-llama.sh $(PY)
 	$(PY) -m pip install -q -e '.[demo,dev]'
+	$(BIN)/edge-agent doctor
 	touch $@
 
 install: $(VENV)/.installed
