@@ -253,14 +253,12 @@ def current_build(
     The record (:func:`agent.hardware.build_profile.installed_record`) names the profile and the
     CPU features the build assumes; without it the build id is ``llama-cpp-python-<version>``.
     """
-    if record_fn is None:
-        from agent.hardware.build_profile import installed_record
+    from agent.hardware.build_profile import installed_build
 
-        record_fn = installed_record
+    if record_fn is None:
+        return installed_build()
     record = record_fn()
-    if record is not None and isinstance(record.get("build_id"), str) and record["build_id"]:
-        return str(record["build_id"]), record
-    return f"llama-cpp-python-{llama_cpp_version() or 'none'}", None
+    return installed_build(dict(record)) if record is not None else (installed_build({})[0], None)
 
 
 def results_path(state_dir: Path) -> Path:

@@ -145,19 +145,10 @@ def file_sha256(path: Path) -> str:
 
 
 def current_build() -> str:
-    """The inference build a verdict holds for: the build record's id (scripts/install-llama.sh), else
-    the llama-cpp-python version."""
-    from importlib import metadata
+    """The inference build a verdict holds for (:func:`agent.hardware.build_profile.installed_build`)."""
+    from agent.hardware.build_profile import installed_build
 
-    from agent.hardware.build_profile import installed_record
-
-    record = installed_record()
-    if record is not None and isinstance(record.get("build_id"), str):
-        return str(record["build_id"])
-    try:
-        return f"llama-cpp-python {metadata.version('llama-cpp-python')}"
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return installed_build()[0]
 
 
 def inject_fault(stage: str, model_id: str, environ: Mapping[str, str] = os.environ) -> None:

@@ -192,6 +192,21 @@ def installed_record(prefix: str | None = None) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
+def installed_build(record: dict[str, object] | None = None) -> tuple[str, dict[str, object] | None]:
+    """(build id, build record) of the installed llama-cpp-python: the record's id when the install
+    script wrote one (or ``record`` is given), else ``llama-cpp-python-<version>``."""
+    from importlib import metadata
+
+    record = installed_record() if record is None else record
+    if record is not None and isinstance(record.get("build_id"), str) and record["build_id"]:
+        return str(record["build_id"]), record
+    try:
+        version = metadata.version("llama_cpp_python")
+    except metadata.PackageNotFoundError:
+        version = "none"
+    return f"llama-cpp-python-{version}", None
+
+
 def _main(argv: list[str]) -> int:
     """``plan [VERSION]``: the plan as JSON (profile from the environment), with its cache key.
     ``check RECORD``: exit 0 when this CPU runs the recorded build, else name what it lacks."""
@@ -236,6 +251,7 @@ __all__ = [
     "PROFILE_ENV",
     "RECORD_NAME",
     "build_id",
+    "installed_build",
     "installed_record",
     "isa_features",
     "missing_features",
