@@ -4,11 +4,6 @@ Probes the box, keeps a signed model registry, serves an OpenAI-compatible API o
 socket, audits every action and syncs with a hub over MQTT when it can.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("edge-agent")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0+unknown"
+from fleet import __version__
 
 __all__ = ["__version__"]

@@ -29,13 +29,13 @@ from agent.engine.isolation import ChildTrial, Isolation, Verdict, current_build
 from agent.engine.lifecycle import LoadGuard
 from agent.engine.llama import LlamaEngine
 from agent.engine.pool import ModelPool, pool_options
-from agent.log import get_logger
 from agent.metrics import HubState, Metrics, StatusSources
 from agent.reload import ConfigSource, Reloader
 from agent.server.admin_routes import REFUSED_KEY, RELOAD_KEY, install_metrics
 from agent.server.http import ApiServer, build_app
 from agent.server.limits import ServerLimits, install_throttle_counter
 from agent.server.listener import bind_unix, systemd_socket
+from fleet.log import get_logger
 
 if TYPE_CHECKING:
     from agent.scheduler import Scheduler
@@ -270,8 +270,8 @@ def _audit_refusal(guard: Any) -> Callable[[Verdict], None]:
     """A refused model becomes an audit record (``model.refused``)."""
 
     def record(verdict: Verdict) -> None:
-        from agent.audit.chain import Entry
         from agent.audit.store import agent_actor
+        from fleet.chain import Entry
 
         submit = getattr(getattr(guard, "audit", None), "submit", None)
         if submit is not None:
@@ -283,7 +283,7 @@ def _audit_refusal(guard: Any) -> Callable[[Verdict], None]:
 
 def _report_refusal(sync: Any, loop: asyncio.AbstractEventLoop) -> Callable[[Verdict], None]:
     """A refused model becomes an event to the hub (``model`` / ``model_refused``), from any thread."""
-    from agent.sync.messages import Event, Status
+    from fleet.messages import Event, Status
 
     def report(verdict: Verdict) -> None:
         event = Event(

@@ -68,7 +68,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace, state_dir: Path) -> list[Any]:
-    from agent.device_key import PUB_FILE, keys_dir, load_public_key
+    from fleet.device_key import PUB_FILE, keys_dir, load_public_key
 
     if args.public_key is not None:
         return [load_public_key(args.public_key)]

@@ -13,7 +13,7 @@ from pathlib import Path
 from agent import __version__
 from agent.config import Settings, load_settings
 from agent.errors import AgentError, ConfigError
-from registry.exit_status import ExitRule, run_command
+from fleet.exit_status import ExitRule, run_command
 
 EXIT_RULES = (ExitRule(ConfigError, 2, ""), ExitRule(AgentError, 1, "edge-agent: "))
 """A configuration error prints as it is (it names the file); any other agent error is a runtime one."""
@@ -31,8 +31,9 @@ def _socket(args: argparse.Namespace, settings: Settings) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent import app, log
+    from agent import app
     from agent.reload import ConfigSource
+    from fleet import log
 
     settings = settings_from_args(args)
     log.configure(settings.log.level, settings.log.format)

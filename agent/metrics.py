@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import generate_latest
 
 from agent import __version__
-from agent.log import get_logger
+from fleet.log import get_logger
 
 if TYPE_CHECKING:
     from agent.engine.pool import ModelPool

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.access import Action, Binding, Limits, Permission, Policy, Role
 from agent.errors import AgentError
-from agent.log import get_logger
+from fleet.log import get_logger
 
 if TYPE_CHECKING:
     from agent.config import Settings

@@ -31,7 +31,7 @@ def _registry(args: argparse.Namespace) -> DeviceRegistry:
 def _errors(func: Command) -> Command:
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
-        from agent import log
+        from fleet import log
 
         log.configure("warning", "console", stream=sys.stderr)
         try:

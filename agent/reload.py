@@ -57,11 +57,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from agent import log as agent_log
 from agent.config import PoolSettings, Settings, load_settings
 from agent.engine.base import ModelInfo
 from agent.errors import ConfigError, EngineError, ModelLoadError, ModelNotReady
-from agent.log import get_logger
+from fleet import log as fleet_log
+from fleet.log import get_logger
 
 if TYPE_CHECKING:
     from agent.access import Policy
@@ -407,7 +407,7 @@ class Reloader:
         plan = plan_reload(old, new)
         live = set(plan.live)
         if live & {"log.level", "log.format"}:
-            agent_log.configure(new.log.level, new.log.format)
+            fleet_log.configure(new.log.level, new.log.format)
         self._apply_pool(old, new, live)
         if "audit.audit_reads" in live and self.guard is not None:
             self.guard.audit_reads = new.audit.audit_reads
@@ -474,8 +474,8 @@ class Reloader:
         if _same_policy(previous, policy):
             return False
         in_force = holder.replace_local(policy)
-        from agent.audit.chain import Entry
         from agent.audit.store import agent_actor
+        from fleet.chain import Entry
 
         details = {"previous_source": previous.source, "in_force": in_force, "version": policy.version}
         await self._append(
@@ -524,8 +524,8 @@ class Reloader:
         return STORE_RELOADED
 
     async def _audit(self, report: ReloadReport) -> None:
-        from agent.audit.chain import Entry
         from agent.audit.store import agent_actor
+        from fleet.chain import Entry
 
         details = {
             "trigger": report.trigger,

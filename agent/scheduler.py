@@ -27,7 +27,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 
 from agent.errors import ConfigError
-from agent.log import get_logger
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
-from agent.log import get_logger
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 

@@ -31,7 +31,6 @@ from agent.engine.base import ModelInfo
 from agent.errors import AgentError, ConfigError
 from agent.hardware.probe import measure_bandwidth, probe
 from agent.hardware.types import HardwareProfile
-from agent.log import get_logger
 from agent.memory import MIB, ModelShape, RuntimeParams, estimate, fmt_bytes
 from agent.selection import (
     Candidate,
@@ -45,6 +44,7 @@ from agent.selection import (
     select,
     should_switch,
 )
+from fleet.log import get_logger
 from registry.exceptions import RegistryError, StoreError
 from registry.files import atomic_write
 from registry.gguf_info import read_gguf_info

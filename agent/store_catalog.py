@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.config import Settings
 from agent.engine.base import ModelInfo
-from agent.log import get_logger
+from fleet.log import get_logger
 from registry.device import DeviceRegistry, RefusalCallback
 from registry.exceptions import RegistryError
 from registry.index import InstalledModel

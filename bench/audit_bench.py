@@ -38,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _report import bench_parser, report
 from aiohttp import ClientSession, UnixConnector, web
 
-from agent.audit.chain import GENESIS, Entry, seal_all
 from agent.audit.guard import GUARD_KEY, Guard, guard_middleware
 from agent.audit.store import AuditLog
-from agent.device_key import ensure_device_key
 from agent.engine.pool import ModelPool
 from agent.policy import PolicyHolder, default_policy
 from agent.server.http import request_context
 from agent.server.keys import LIMITS_KEY, POOL_KEY
+from fleet.chain import GENESIS, Entry, seal_all
+from fleet.device_key import ensure_device_key
 
 SECTION = "## Audit"
 
@@ -306,7 +306,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="16,64,256", help="appender counts, comma-separated")
     parser.add_argument("--requests", type=int, default=1000)
     args = parser.parse_args()
-    from agent import log
+    from fleet import log
 
     log.configure("error")  # the request log lines would drown the numbers
     tp = throughput(args.records, args.per_record, args.rounds, [int(x) for x in args.concurrency.split(",")])

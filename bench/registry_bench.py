@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _report import bench_parser, report
 
-from hub.publish import add_model
-from hub.repo import Repository
 from registry.device import DeviceRegistry
+from registry.publish import add_model
 from registry.quantize import quantize_gguf
+from registry.repository import Repository
 
 MiB = 1 << 20
 SECTION = "## Registry"

@@ -137,7 +137,7 @@ def agent_round(work: Path, model: Path | None, threads: int, idle_s: float) -> 
     state = work / "state"
     try:
         cmd = [sys.executable, "-m", "agent.cli", "run"]
-        proc, t0 = start(cmd, agent_env(state, notify.path, model, threads), work / "agent.log")
+        proc, t0 = start(cmd, agent_env(state, notify.path, model, threads), work / "fleet.log")
         try:
             ready = notify.wait_for("READY=1", 60) - t0
             out: dict[str, float] = {"ready_s": ready}

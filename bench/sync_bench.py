@@ -15,7 +15,7 @@ Measured in the same run, one after the other:
 
     .venv/bin/python bench/sync_bench.py --write     # replaces "## Sync" in docs/benchmarks.md
 
-The raw paho peer is the only code outside agent/sync/mqtt.py that imports paho: it *is* the peer.
+The raw paho peer is the only code outside fleet/mqtt.py that imports paho: it *is* the peer.
 """
 
 from __future__ import annotations
@@ -117,12 +117,12 @@ async def our_transfer(broker: object, model: Path, work: Path) -> tuple[float, 
 
 
 async def audit_upload(broker: object, work: Path, records: int) -> float:
-    """The hub runs as its own process (``python -m hub.serve --role all``), as in production."""
+    """The hub runs as its own process (``python -m hub.sync.serve --role all``), as in production."""
     from agent.audit import AuditLog, Entry
-    from agent.device_key import DeviceKey
     from agent.sync.audit_upload import AuditUploader
-    from agent.sync.mqtt import MqttClient
-    from hub.sync_store import HubStore
+    from fleet.device_key import DeviceKey
+    from fleet.mqtt import MqttClient
+    from hub.sync.store import HubStore
     from tests.sync.helpers import new_repo
 
     key = DeviceKey.generate()
@@ -137,7 +137,7 @@ async def audit_upload(broker: object, work: Path, records: int) -> float:
     repo = new_repo(work / "audit-repo")
     certdir = broker.certdir  # type: ignore[attr-defined]
     port = broker.port  # type: ignore[attr-defined]
-    argv = ["-m", "hub.serve", "--role", "all", "--repo", str(repo.path), "--db", str(work / "hub.db")]
+    argv = ["-m", "hub.sync.serve", "--role", "all", "--repo", str(repo.path), "--db", str(work / "hub.db")]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--ca", str(certdir / "ca.crt")]
     argv += [
         "--cert",
@@ -175,7 +175,7 @@ async def deploy_to_serving(broker: object, model: Path, work: Path) -> float:
     from agent.engine.llama import LlamaEngine
     from agent.engine.pool import ModelPool
     from agent.sync.service import SyncOptions, SyncService
-    from hub.serve import HubServer, ServeConfig
+    from hub.sync.serve import HubServer, ServeConfig
     from tests.sync.helpers import enrolled_device, new_repo, publish_model
 
     repo = new_repo(work / "repo2")
@@ -226,12 +226,12 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help=f"replace '{SECTION}' in {DOC}")
     args = parser.parse_args()
 
-    from agent import log as agent_log
     from agent.demo import demo_model_file
-    from hub.sync_certs import make_test_pki
+    from fleet import log as fleet_log
+    from hub.sync.certs import make_test_pki
     from tests.sync.broker import CLIENTS, Broker, free_port
 
-    agent_log.configure("warning", "console", stream=sys.stderr)
+    fleet_log.configure("warning", "console", stream=sys.stderr)
     model = demo_model_file(Path.home() / ".cache" / "edge-agent" / "test-models")
     data = model.read_bytes()
     work = Path(tempfile.mkdtemp(prefix="sync-bench-"))

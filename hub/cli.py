@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from agent import __version__
+from fleet import __version__
+from fleet.exit_status import ExitRule, run_command
 from registry.exceptions import ManifestError, RegistryError
-from registry.exit_status import ExitRule, run_command
 
 # Each area of the hub registers its own subcommands: a module with ``register(sub)`` that adds
 # parsers whose ``func`` takes the parsed arguments and returns the exit status.
-COMMAND_MODULES: tuple[str, ...] = ("hub.repo_cmd", "hub.sync_cmd")
+COMMAND_MODULES: tuple[str, ...] = ("hub.repo.commands", "hub.sync.commands")
 EXIT_RULES = (ExitRule(ManifestError, 2, "edge-hub: "), ExitRule(RegistryError, 1, "edge-hub: "))
 
 

@@ -5,4 +5,4 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 py="${PYTHON:-$here/.venv/bin/python}"
-cd "$here" && exec "$py" -m hub.sync_certs "$@"
+cd "$here" && exec "$py" -m hub.sync.certs "$@"

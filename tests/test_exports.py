@@ -7,7 +7,7 @@ import pkgutil
 
 import pytest
 
-PACKAGES = ["agent", "registry", "hub"]
+PACKAGES = ["agent", "registry", "hub", "fleet"]
 SKIP_PREFIXES: tuple[str, ...] = ()
 
 

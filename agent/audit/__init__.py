@@ -1,6 +1,5 @@
 """The tamper-evident audit log: hash chain and checkpoints (pure), SQLite store, HTTP guard."""
 
-from agent.audit.chain import Checkpoint, Entry, Problem, Report, Sealed, verify
 from agent.audit.store import (
     AuditError,
     AuditFull,
@@ -12,6 +11,7 @@ from agent.audit.store import (
     open_existing,
     open_log,
 )
+from fleet.chain import Checkpoint, Entry, Problem, Report, Sealed, verify
 
 __all__ = [
     "AuditError",

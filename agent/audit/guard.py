@@ -37,7 +37,6 @@ from typing import Any
 from aiohttp import web
 
 from agent.access import Action, Decision, Policy, RateLimiter, Subject, check_max_tokens, decide
-from agent.audit.chain import Entry
 from agent.audit.routes import AUDIT_KEY
 from agent.audit.store import AuditFull, AuditLog, AuditUnavailable
 from agent.audit.usage import FINISH_KEY, Finisher, note_usage, noted_usage
@@ -51,10 +50,11 @@ from agent.errors import (
     PayloadTooLarge,
     RequestError,
 )
-from agent.log import get_logger
 from agent.policy import PolicyHolder
 from agent.server.common import read_json
 from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY
+from fleet.chain import Entry
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 
@@ -336,8 +336,8 @@ def install_guard(app: web.Application, settings: Settings) -> Guard:
     import hashlib
 
     from agent.audit.store import agent_actor, open_log
-    from agent.device_key import ensure_device_key
     from agent.policy import PolicyError, local_policy
+    from fleet.device_key import ensure_device_key
 
     try:
         policy = local_policy(settings)

@@ -18,7 +18,7 @@ Invariants:
   :class:`AuditFull`, HTTP 503) and ``record_gap`` keeps serving without writing their records. In
   both modes what went unrecorded is counted durably and written as one ``audit.gap`` record as
   soon as there is room again: nothing is dropped silently.
-- A checkpoint (Ed25519 over the head's seq and hash, :mod:`agent.audit.chain`) is written in
+- A checkpoint (Ed25519 over the head's seq and hash, :mod:`fleet.chain`) is written in
   the same transaction as the records it covers every ``checkpoint_every`` records, after
   ``checkpoint_interval_s`` with new records, and when the log closes.
 """
@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from agent.audit.chain import (
+from agent.errors import AgentError, Overloaded
+from fleet.chain import (
     GENESIS,
     Checkpoint,
     Entry,
@@ -48,9 +49,8 @@ from agent.audit.chain import (
     seal_all,
     verify,
 )
-from agent.device_key import DeviceKey, DevicePublicKey
-from agent.errors import AgentError, Overloaded
-from agent.log import get_logger
+from fleet.device_key import DeviceKey, DevicePublicKey
+from fleet.log import get_logger
 
 if TYPE_CHECKING:
     from agent.config import Settings
@@ -631,7 +631,7 @@ def open_log(settings: Settings) -> AuditLog:
     """The device's audit log as configured, for a command that records an event outside the
     daemon (``edge-agent enroll``, ``registry import``): ``open_log(s).record(...)``. Safe while
     the daemon runs (each append is its own transaction on the shared chain)."""
-    from agent.device_key import ensure_device_key
+    from fleet.device_key import ensure_device_key
 
     a = settings.audit
     return AuditLog(

@@ -44,7 +44,7 @@ from agent.engine.base import FinishReason, GenerationChunk, SamplingParams, Usa
 from agent.engine.slots import PrefillWork, SlotView, choose_slot, plan_step
 from agent.engine.textstream import TextStream
 from agent.errors import ContextOverflow, EngineError, Overloaded
-from agent.log import get_logger
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 

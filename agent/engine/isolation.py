@@ -49,7 +49,7 @@ from typing import Any, Protocol
 
 from agent.engine.base import ModelInfo
 from agent.errors import ModelLoadError, ModelRefused
-from agent.log import get_logger
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 

@@ -40,7 +40,7 @@ from agent.errors import (
     ModelLoadError,
     ModelNotReady,
 )
-from agent.log import get_logger
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 

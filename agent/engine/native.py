@@ -30,7 +30,7 @@ from typing import Any
 
 from agent.engine.base import SamplingParams
 from agent.errors import EngineError, ModelLoadError
-from agent.log import get_logger
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 

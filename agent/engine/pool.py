@@ -44,7 +44,7 @@ from typing import Any
 from agent.config import PoolSettings
 from agent.engine.base import CompletionRequest, Engine, EngineState, ModelInfo, SamplingParams
 from agent.errors import EngineError, ModelLoadError, ModelNotReady, ModelRefused, NotFound, Overloaded
-from agent.log import get_logger
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 

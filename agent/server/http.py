@@ -27,12 +27,12 @@ from aiohttp import web
 from agent.audit import routes as audit_routes
 from agent.engine.pool import ModelPool
 from agent.errors import ModelNotReady, RequestError
-from agent.log import get_logger
 from agent.server import admin_routes, openai_routes, openapi
 from agent.server.common import translate
 from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY, STARTED_KEY
 from agent.server.limits import GuardedSite, ServerLimits
 from agent.server.peercred import peer_credentials
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 

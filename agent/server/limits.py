@@ -51,8 +51,8 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from agent.errors import RequestError
-from agent.log import get_logger
 from agent.server.common import translate
+from fleet.log import get_logger
 
 log = get_logger(__name__)
 

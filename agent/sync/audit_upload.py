@@ -1,7 +1,7 @@
 """Upload of the local audit log to the hub: batches up, acknowledgements by sequence number back.
 
-Protocol (docs/protocol.md): the device publishes :class:`~agent.sync.messages.AuditBatch` on
-``edge/v1/devices/<id>/audit`` (QoS 1); the hub answers :class:`~agent.sync.messages.AuditAck` on
+Protocol (docs/protocol.md): the device publishes :class:`~fleet.messages.AuditBatch` on
+``edge/v1/devices/<id>/audit`` (QoS 1); the hub answers :class:`~fleet.messages.AuditAck` on
 ``edge/v1/devices/<id>/audit/ack`` naming the highest seq it holds contiguously.
 
 Invariants:
@@ -18,11 +18,11 @@ import asyncio
 import contextlib
 from typing import Protocol
 
-from agent.audit.chain import Checkpoint, Sealed
-from agent.log import get_logger
-from agent.sync.errors import MqttError
-from agent.sync.messages import AuditAck, AuditBatch, Incoming, Outgoing, Status, device_topic
-from agent.sync.mqtt import MqttClient
+from fleet.chain import Checkpoint, Sealed
+from fleet.errors import MqttError
+from fleet.log import get_logger
+from fleet.messages import AuditAck, AuditBatch, Incoming, Outgoing, Status, device_topic
+from fleet.mqtt import MqttClient
 
 log = get_logger(__name__)
 

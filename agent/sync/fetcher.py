@@ -51,9 +51,10 @@ from typing import Any
 
 from tuf.api.exceptions import DownloadHTTPError
 
-from agent.log import get_logger
-from agent.sync.errors import MqttError, ProtocolError, TransferError
-from agent.sync.messages import (
+from agent.sync.errors import TransferError
+from fleet.errors import MqttError, ProtocolError
+from fleet.log import get_logger
+from fleet.messages import (
     BLOB_REQUESTS,
     META_INDEX,
     META_PREFIX,
@@ -65,7 +66,7 @@ from agent.sync.messages import (
     device_topic,
     parse_correlation,
 )
-from agent.sync.mqtt import MqttClient
+from fleet.mqtt import MqttClient
 from registry.device import DeviceRegistry
 from registry.exceptions import Refused
 from registry.fetch import METADATA_BASE, TARGETS_BASE, RegistryFetcher

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import uuid
 
-from agent.sync.errors import LedgerError, ProtocolError
+from agent.sync.errors import LedgerError
 from agent.sync.ledger import Ledger
-from agent.sync.messages import Event
+from fleet.errors import ProtocolError
+from fleet.messages import Event
 
 DEFAULT_CAPACITY = 10_000
 

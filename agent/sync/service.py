@@ -40,13 +40,10 @@ from typing import Any, Protocol
 
 from agent.engine.base import ModelInfo
 from agent.errors import EngineError
-from agent.log import get_logger
 from agent.sync.audit_upload import AuditSource, AuditUploader
-from agent.sync.errors import MqttError, SyncError
+from agent.sync.errors import SYNC_FAILURES, SyncError
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
 from agent.sync.ledger import Failure, FailureBook, Ledger, UnneededBook
-from agent.sync.messages import Event, Outgoing, Status, device_topic, offline_will, online_status
-from agent.sync.mqtt import MqttClient, MqttConfig
 from agent.sync.outbox import DEFAULT_CAPACITY, Outbox
 from agent.sync.reconcile import Activate, Defer, Missing, desired_models, plan
 from agent.sync.removal import PoolModel, due_for_removal, kept_versions, to_unload, unneeded_since
@@ -59,6 +56,10 @@ from agent.sync.retry import (
 )
 from agent.sync.state import StatePublisher, build_report
 from agent.sync.wake import actionable_times, sleep_s
+from fleet.errors import FleetError, MqttError
+from fleet.log import get_logger
+from fleet.messages import Event, Outgoing, Status, device_topic, offline_will, online_status
+from fleet.mqtt import MqttClient, MqttConfig
 from registry.device import DeviceRegistry
 from registry.exceptions import RegistryError
 
@@ -101,8 +102,8 @@ class SyncOptions:
 
 
 def _entry(action: str, resource: str | None, outcome: str, reason: str, details: dict[str, Any]) -> Any:
-    from agent.audit.chain import Entry
     from agent.audit.store import agent_actor
+    from fleet.chain import Entry
 
     return Entry(action, resource, outcome, reason, agent_actor(), details)
 
@@ -242,7 +243,7 @@ class SyncService:
                 o.removal_grace_s,
                 self._in_use,
             )
-        except SyncError:
+        except SYNC_FAILURES:
             times = []
         floor = min(o.refresh_interval_s, o.retry.initial_s)
         return sleep_s(self.now().timestamp(), o.refresh_interval_s, floor, times)
@@ -259,7 +260,7 @@ class SyncService:
         self.rounds += 1
         try:
             await asyncio.to_thread(self.registry.update, self.fetcher)
-        except (RegistryError, SyncError) as exc:
+        except (RegistryError, SyncError, FleetError) as exc:
             status = Status.METADATA_REFUSED if isinstance(exc, RegistryError) else Status.ERROR
             await self.report(Event("registry", status.value, "", str(exc)[:1900], time.time()))
             await self.publish_state()
@@ -327,14 +328,14 @@ class SyncService:
         self._basis = basis = deployments_basis(deployments)
         try:
             failures = self.failures.all()
-        except SyncError as exc:  # a broken ledger: no retry schedule this round, activate anyway
+        except SYNC_FAILURES as exc:  # a broken ledger: no retry schedule this round, activate anyway
             log.error("sync_ledger_unreadable", what="failures", error=str(exc))
             failures = {}
         for model in stale(failures, (w[0] for w in desired_models(deployments)), basis):
             del failures[model]
             try:
                 self.failures.clear(model)
-            except SyncError as exc:  # cleared at a later round
+            except SYNC_FAILURES as exc:  # cleared at a later round
                 log.error("sync_ledger_write_failed", what="failures.clear", model=model, error=str(exc))
         actions = plan(
             deployments,
@@ -362,7 +363,7 @@ class SyncService:
                 await self._activate(action, installed[(action.model, action.version)], target, previous)
         try:
             await self._remove_undeployed(deployments)
-        except SyncError as exc:  # the ledger: removal waits for the next round
+        except SYNC_FAILURES as exc:  # the ledger: removal waits for the next round
             log.error("sync_removal_failed", error=str(exc))
 
     async def _remove_undeployed(self, deployments: list[Any]) -> None:
@@ -406,7 +407,7 @@ class SyncService:
     def _record_unneeded(self, since: dict[tuple[str, str], float]) -> None:
         try:
             self.unneeded.replace(since)
-        except SyncError as exc:  # the clocks are rewritten at the next round
+        except SYNC_FAILURES as exc:  # the clocks are rewritten at the next round
             log.error("sync_ledger_write_failed", what="unneeded.replace", error=str(exc))
 
     async def _remove_from_pool(self, model: str) -> bool:
@@ -451,7 +452,7 @@ class SyncService:
             )
             try:
                 self.failures.put(failure)
-            except SyncError as err:  # a broken ledger: retried at the next round instead
+            except SYNC_FAILURES as err:  # a broken ledger: retried at the next round instead
                 log.error("sync_ledger_write_failed", what="failures.put", model=action.model, error=str(err))
             retry_at = datetime.fromtimestamp(failure.next_at, UTC).isoformat(timespec="seconds")
             self._audit(
@@ -481,7 +482,7 @@ class SyncService:
         try:
             if model in self.failures.all():
                 self.failures.clear(model)
-        except SyncError as exc:  # a broken ledger: the record is cleared at a later success
+        except SYNC_FAILURES as exc:  # a broken ledger: the record is cleared at a later success
             log.error("sync_ledger_write_failed", what="failures.clear", model=model, error=str(exc))
 
     # --- reporting -------------------------------------------------------------------------------
@@ -521,7 +522,7 @@ class SyncService:
         )
         try:
             await asyncio.to_thread(self.outbox.append, event)
-        except SyncError as exc:  # a broken ledger must not stop the loop: the event is logged
+        except SYNC_FAILURES as exc:  # a broken ledger must not stop the loop: the event is logged
             log.error("sync_event_not_persisted", error=str(exc))
             return
         self._kick_flush()
@@ -549,7 +550,7 @@ class SyncService:
         while self.client.is_connected:
             try:
                 batch = await asyncio.to_thread(self.outbox.pending, 100)
-            except SyncError as exc:
+            except SYNC_FAILURES as exc:
                 log.error("sync_outbox_unreadable", error=str(exc))
                 return
             if not batch:
@@ -560,7 +561,7 @@ class SyncService:
                 for event in batch:
                     try:
                         await self.client.publish(Outgoing(topic, event.encode(), qos=1))
-                    except SyncError:  # not connected or no PUBACK: the rest waits for next time
+                    except SYNC_FAILURES:  # not connected or no PUBACK: the rest waits for next time
                         return
                     done.append(event)
             finally:
@@ -575,7 +576,7 @@ class SyncService:
             self.events_sent.extend(events)
             try:
                 await asyncio.to_thread(self.outbox.acked, *(e.id for e in events))
-            except SyncError as exc:
+            except SYNC_FAILURES as exc:
                 log.error("sync_outbox_ack_failed", error=str(exc))
                 return False
         return True
@@ -605,14 +606,14 @@ class SyncService:
     def _failing_report(self) -> list[dict[str, object]]:
         try:
             return [f.to_report() for f in self.failures.all().values() if f.basis == self._basis]
-        except SyncError as exc:
+        except SYNC_FAILURES as exc:
             log.error("sync_ledger_unreadable", error=str(exc))
             return []
 
     def _outbox_counts(self) -> dict[str, int]:
         try:
             return {"events_pending": len(self.outbox), "events_dropped": self.outbox.dropped}
-        except SyncError as exc:
+        except SYNC_FAILURES as exc:
             log.error("sync_outbox_unreadable", error=str(exc))
             return {}
 
@@ -681,8 +682,8 @@ async def start_sync(settings: Any, pool: ServingPool, guard: Any = None) -> Syn
     if settings.hub.host is None:
         return None
     from agent import __version__
-    from agent.device_key import ensure_device_key
     from agent.errors import ConfigError
+    from fleet.device_key import ensure_device_key
 
     device_id = settings.hub.device_id
     if device_id is None:
@@ -727,7 +728,7 @@ async def start_sync(settings: Any, pool: ServingPool, guard: Any = None) -> Syn
             policy_sink=policy_sink,
             policy_version=policy_version,
         )
-    except SyncError as exc:  # the sync ledger cannot be opened: serve locally, say why
+    except SYNC_FAILURES as exc:  # the sync ledger cannot be opened: serve locally, say why
         log.error("sync_disabled", reason=str(exc))
         return None
     await service.start()

@@ -11,9 +11,9 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from agent.sync.errors import MqttError
-from agent.sync.messages import Outgoing, StateReport, device_topic
-from agent.sync.mqtt import MqttClient
+from fleet.errors import MqttError
+from fleet.messages import Outgoing, StateReport, device_topic
+from fleet.mqtt import MqttClient
 
 
 def build_report(

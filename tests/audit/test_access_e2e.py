@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent.audit.store import AuditLog, audit_path
-from agent.device_key import ensure_device_key
+from fleet.device_key import ensure_device_key
 from tests.daemon import running_daemon
 
 pytestmark = [

@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.audit.chain import (
+from fleet.chain import (
     GENESIS,
     Entry,
     Sealed,
@@ -17,7 +17,7 @@ from agent.audit.chain import (
     seal_all,
     verify,
 )
-from agent.device_key import DeviceKey
+from fleet.device_key import DeviceKey
 
 KEY = DeviceKey.generate()
 

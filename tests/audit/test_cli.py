@@ -9,8 +9,8 @@ import pytest
 
 from agent.audit.store import AuditLog, audit_path
 from agent.cli import main
-from agent.device_key import ensure_device_key
 from agent.policy import accept_policy
+from fleet.device_key import ensure_device_key
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def test_tail(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_export_round_trips_through_the_hub_side_check(state: Path, tmp_path: Path) -> None:
-    from agent.audit.chain import Checkpoint, Sealed, verify
+    from fleet.chain import Checkpoint, Sealed, verify
 
     out = tmp_path / "export.jsonl"
     assert main(["--state-dir", str(state), "audit", "export", "-o", str(out)]) == 0

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.device_key import (
+from fleet.device_key import (
     KEY_FILE,
     PUB_FILE,
     DeviceKeyError,
@@ -46,7 +46,7 @@ def test_sign_and_verify(tmp_path: Path) -> None:
 RACE = """
 import sys
 from pathlib import Path
-from agent.device_key import ensure_device_key
+from fleet.device_key import ensure_device_key
 print(ensure_device_key(Path(sys.argv[1])).key_id)
 """
 

@@ -21,10 +21,10 @@ from agent.access import Action
 from agent.audit.guard import Guard, action_for, install_guard
 from agent.audit.store import AuditLog, audit_path
 from agent.config import Settings
-from agent.device_key import ensure_device_key
 from agent.engine.pool import ModelPool
 from agent.policy import accept_policy
 from agent.server.http import build_app
+from fleet.device_key import ensure_device_key
 
 ME = os.geteuid()
 

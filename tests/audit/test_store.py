@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit.chain import Entry
 from agent.audit.store import AuditFull, AuditLog, audit_path
-from agent.device_key import ensure_device_key
+from fleet.chain import Entry
+from fleet.device_key import ensure_device_key
 
 
 def entry(i: int, action: str = "infer") -> Entry:

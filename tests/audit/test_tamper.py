@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit.chain import CHECKPOINT_DOMAIN, canonical, record_hash
 from agent.audit.store import AuditLog, audit_path
 from agent.cli import main
-from agent.device_key import DeviceKey, ensure_device_key
+from fleet.chain import CHECKPOINT_DOMAIN, canonical, record_hash
+from fleet.device_key import DeviceKey, ensure_device_key
 
 RECORDS = 20
 CHECKPOINT_EVERY = 5

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hub.model_info import build_manifest, read_onnx_info
-from hub.publish import add_model, quantize_and_add
-from hub.repo import Repository
 from registry.exceptions import ManifestError, RegistryError
 from registry.gguf_info import read_gguf_info
 from registry.metadata import ModelManifest
+from registry.model_info import build_manifest, read_onnx_info
+from registry.publish import add_model, quantize_and_add
 from registry.quantize import parse_targets, quantize_gguf, quantize_onnx_int8
+from registry.repository import Repository
 
 
 def minilm() -> Path:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Root
 
-from hub.keys import passphrase_from_env
-from hub.repo import Repository
 from registry.exceptions import RepositoryError
+from registry.keys import passphrase_from_env
+from registry.repository import Repository
 from tests.registry.fleet import Fleet
 
 

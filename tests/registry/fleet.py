@@ -1,6 +1,6 @@
 """Real signed repositories and enrolled devices for the registry tests.
 
-A :class:`Fleet` is a hub repository made with :mod:`hub.repo` (real Ed25519 keys, real python-tuf
+A :class:`Fleet` is a hub repository made with :mod:`registry.repository` (real Ed25519 keys, real python-tuf
 signatures, root 2-of-3) plus helpers to publish small model files and export bundles; a
 :class:`Box` is a :class:`DeviceRegistry` enrolled with the fleet's first root that records every
 refusal it reports.
@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hub.repo import Repository
 from registry.device import DeviceRegistry, ImportResult
 from registry.metadata import Deployment, DeploymentEntry, ModelManifest, digest_file
+from registry.repository import Repository
 
 CHUNK = 4096
 

@@ -1,4 +1,4 @@
-"""registry.exit_status: the exit status and the one stderr line each outcome gives."""
+"""fleet.exit_status: the exit status and the one stderr line each outcome gives."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
+from fleet.exit_status import INTERRUPTED, ExitRule, run_command
 from registry.exceptions import ManifestError, RegistryError
-from registry.exit_status import INTERRUPTED, ExitRule, run_command
 
 RULES = (ExitRule(ManifestError, 2, "tool: "), ExitRule(RegistryError, 1, "tool: "))
 

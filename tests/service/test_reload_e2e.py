@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from agent.audit.store import AuditLog, audit_path
-from agent.device_key import ensure_device_key
+from fleet.device_key import ensure_device_key
 from tests.audit.test_access_e2e import DENIED, GROUP, as_user, users  # noqa: F401
 from tests.daemon import Daemon, running_daemon, uds_client
 from tests.service.conftest import NotifyListener
@@ -176,9 +176,9 @@ def _complete(socket_path: Path, model: str, timeout: float = 120.0) -> Any:
 
 
 def test_models_imported_or_removed_while_running_follow_a_reload(tmp_path: Path, gemma_path: Path) -> None:
-    from hub.publish import add_model, set_deployment
-    from hub.repo import Repository
     from registry.device import DeviceRegistry
+    from registry.publish import add_model, set_deployment
+    from registry.repository import Repository
 
     state = tmp_path / "state"
     repo = Repository.init(tmp_path / "hub" / "repo")

@@ -391,8 +391,8 @@ def test_policy_file_contents_audit_reads_and_log_level_reload(
     import structlog
 
     from agent.audit.store import AuditLog, audit_path
-    from agent.log import get_logger
     from agent.server.http import build_app
+    from fleet.log import get_logger
 
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"roles": ROLE, "bindings": [{"role": "r", "uids": [5]}]}))

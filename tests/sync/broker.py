@@ -2,7 +2,7 @@
 
 The config is ``mosquitto/mosquitto.conf`` rendered with a free loopback port, the certificate
 directory and the ACL file; the certificates are generated per test session by
-:mod:`hub.sync_certs`.
+:mod:`hub.sync.certs`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.sync.messages import Outgoing
-from agent.sync.mqtt import MqttConfig
+from fleet.messages import Outgoing
+from fleet.mqtt import MqttConfig
 
 REPO = Path(__file__).resolve().parents[2]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -89,7 +89,7 @@ class Broker:
     def client_config(
         self, cn: str, *, client_id: str | None = None, will: Outgoing | None = None, **kw: object
     ) -> MqttConfig:
-        if cn == "hub":  # hub workers: short sessions (see hub.sync_cmd.HUB_SESSION_EXPIRY_S)
+        if cn == "hub":  # hub workers: short sessions (see hub.sync.commands.HUB_SESSION_EXPIRY_S)
             kw.setdefault("session_expiry_s", 120)
         return MqttConfig(
             host="127.0.0.1",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.sync_certs import make_test_pki
+from hub.sync.certs import make_test_pki
 from tests.sync.broker import CLIENTS, Broker, free_port
 
 ASYNC_TEST_TIMEOUT_S = 300

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
-from agent.sync.mqtt import MqttClient, MqttConfig
+from fleet.mqtt import MqttClient, MqttConfig
 from registry.device import DeviceRegistry
 
 
 async def main(state_dir: Path, port: int, certdir: Path, device_id: str, window: int) -> int:
-    from agent import log
+    from fleet import log
 
     log.configure("warning", "json", stream=sys.stderr)  # stdout carries only "ready" and the result
     client = MqttClient(

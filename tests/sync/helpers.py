@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.audit.store import AuditLog
-from agent.device_key import DeviceKey
 from agent.engine.base import ModelInfo
 from agent.engine.pool import ModelPool
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
-from agent.sync.mqtt import MqttClient, MqttConfig
 from agent.sync.service import SyncOptions, SyncService
-from hub.repo import Repository
-from hub.serve import HubServer, ServeConfig
-from hub.sync_blobs import BlobIndex, BlobServer
-from hub.sync_meta import MetaPublisher
+from fleet.device_key import DeviceKey
+from fleet.mqtt import MqttClient, MqttConfig
+from hub.sync.blobs import BlobIndex, BlobServer
+from hub.sync.meta import MetaPublisher
+from hub.sync.serve import HubServer, ServeConfig
 from registry.device import DeviceRegistry, ImportResult
 from registry.metadata import (
     Deployment,
@@ -31,6 +30,7 @@ from registry.metadata import (
     deployment_target_path,
     digest_file,
 )
+from registry.repository import Repository
 from tests.fakes.engine import FakeBehaviour, FakeFactory
 from tests.sync.broker import Broker
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from agent.audit import AuditLog, Entry
-from agent.audit.chain import GENESIS, make_checkpoint, seal_all
-from agent.device_key import DeviceKey
 from agent.sync.audit_upload import AuditUploader
-from agent.sync.messages import AuditBatch
-from agent.sync.mqtt import MqttClient
-from hub.sync_collect import Collector
-from hub.sync_store import HubStore
+from fleet.chain import GENESIS, make_checkpoint, seal_all
+from fleet.device_key import DeviceKey
+from fleet.messages import AuditBatch
+from fleet.mqtt import MqttClient
+from hub.sync.collect import Collector
+from hub.sync.store import HubStore
 from tests.sync.broker import Broker
 
 
@@ -46,7 +46,7 @@ def test_store_is_idempotent_and_acks_contiguously(tmp_path: Path) -> None:
 
 
 def _tampered(rows: list, i: int, **change: object) -> list:  # type: ignore[type-arg]
-    from agent.audit.chain import Sealed, canonical, record_hash
+    from fleet.chain import Sealed, canonical, record_hash
 
     body = json.loads(rows[i].body)
     body.update(change)
@@ -68,7 +68,7 @@ BAD_BATCHES = [
 
 @pytest.mark.parametrize("case", BAD_BATCHES)
 def test_bad_batches_are_refused_and_nothing_is_stored(tmp_path: Path, case: str) -> None:
-    from agent.audit.chain import Sealed
+    from fleet.chain import Sealed
 
     key = DeviceKey.generate()
     rows = seal_all(entries(20), 0, GENESIS, time.time())

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.publish import set_deployment
-from hub.serve import HubServer, ServeConfig
+from hub.sync.serve import HubServer, ServeConfig
+from registry.publish import set_deployment
 from tests.daemon import accepts, running_daemon, uds_client
 from tests.sync.broker import Broker
 from tests.sync.helpers import enrolled_device, new_repo, publish_model

@@ -12,8 +12,8 @@ import pytest
 
 from agent.engine.pool import SMOKE_PROMPT, ModelPool, smoke_generate
 from agent.sync.service import SyncOptions, SyncService
-from hub.publish import set_deployment
-from hub.repo import Repository
+from registry.publish import set_deployment
+from registry.repository import Repository
 from tests.sync.broker import Broker
 from tests.sync.helpers import (
     device_audit,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.sync.messages import Outgoing, meta_topic
-from agent.sync.mqtt import MqttClient
-from hub.sync_meta import refresh_timestamp
+from fleet.messages import Outgoing, meta_topic
+from fleet.mqtt import MqttClient
+from hub.sync.meta import refresh_timestamp
 from registry.metadata import digest_file
 from tests.sync.broker import REPO, Broker
 from tests.sync.helpers import (
@@ -207,7 +207,7 @@ async def test_two_blob_worker_processes_share_the_requests(broker: Broker, tmp_
             [
                 sys.executable,
                 "-m",
-                "hub.serve",
+                "hub.sync.serve",
                 "--role",
                 "blobs",
                 "--repo",
@@ -237,7 +237,7 @@ async def test_two_blob_worker_processes_share_the_requests(broker: Broker, tmp_
         meta_client = MqttClient(broker.client_config("hub", client_id="meta-only"))
         await meta_client.start()
         await meta_client.wait_connected(10)
-        from hub.sync_meta import MetaPublisher
+        from hub.sync.meta import MetaPublisher
 
         await MetaPublisher(meta_client, repo.path).sync(force=True)
         await asyncio.sleep(1.5)  # both workers subscribed

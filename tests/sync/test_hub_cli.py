@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.audit.chain import GENESIS, Entry, seal_all
-from agent.device_key import DeviceKey
 from agent.engine.pool import ModelPool
-from agent.sync.messages import AuditBatch, StateReport
 from agent.sync.service import SyncOptions, SyncService
+from fleet.chain import GENESIS, Entry, seal_all
+from fleet.device_key import DeviceKey
+from fleet.messages import AuditBatch, StateReport
 from hub.cli import main as hub_main
-from hub.serve import HubServer, ServeConfig
-from hub.sync_store import HubStore
+from hub.sync.serve import HubServer, ServeConfig
+from hub.sync.store import HubStore
 from tests.sync.broker import REPO, Broker
 from tests.sync.helpers import enrolled_device, make_blob, new_repo, publish_model
 

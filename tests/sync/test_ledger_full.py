@@ -15,9 +15,9 @@ import pytest
 
 from agent.sync.errors import LedgerError
 from agent.sync.ledger import Failure, FailureBook, Ledger, UnneededBook
-from agent.sync.messages import Event
 from agent.sync.outbox import Outbox
 from agent.sync.reconcile import Activate
+from fleet.messages import Event
 from tests.fakes.engine import FakeBehaviour
 from tests.sync.helpers import installed_blob, offline_service
 

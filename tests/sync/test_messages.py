@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from agent.sync.errors import ProtocolError
-from agent.sync.messages import (
+from fleet.errors import ProtocolError
+from fleet.messages import (
     AuditAck,
     AuditBatch,
     ChunkRequest,

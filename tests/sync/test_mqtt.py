@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.sync.errors import NotConnected, PublishRefused, SubscribeRefused
-from agent.sync.messages import Incoming, Outgoing, device_topic, offline_will, parse_status
-from agent.sync.mqtt import MqttClient, backoff_delay
+from fleet.errors import NotConnected, PublishRefused, SubscribeRefused
+from fleet.messages import Incoming, Outgoing, device_topic, offline_will, parse_status
+from fleet.mqtt import MqttClient, backoff_delay
 from tests.sync.broker import Broker
 
 

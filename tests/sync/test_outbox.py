@@ -18,11 +18,11 @@ import pytest
 from agent.engine.pool import ModelPool
 from agent.sync.errors import LedgerError
 from agent.sync.ledger import Ledger
-from agent.sync.messages import Event
 from agent.sync.outbox import Outbox
 from agent.sync.service import SyncOptions, SyncService
-from hub.serve import HubServer, ServeConfig
-from hub.sync_store import HubStore
+from fleet.messages import Event
+from hub.sync.serve import HubServer, ServeConfig
+from hub.sync.store import HubStore
 from tests.sync.broker import REPO, Broker
 from tests.sync.helpers import enrolled_device, new_repo, wait_for
 
@@ -87,7 +87,7 @@ WRITER = """
 import sys
 from pathlib import Path
 from agent.sync.ledger import Ledger
-from agent.sync.messages import Event
+from fleet.messages import Event
 from agent.sync.outbox import Outbox
 
 box = Outbox(Ledger.open(Path(sys.argv[1])))

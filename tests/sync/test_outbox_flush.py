@@ -14,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.engine.pool import ModelPool
-from agent.sync.messages import Event
 from agent.sync.service import SyncOptions, SyncService
+from fleet.messages import Event
 from tests.sync.broker import Broker
 from tests.sync.helpers import wait_for
 

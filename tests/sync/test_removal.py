@@ -14,9 +14,9 @@ import pytest
 from agent.catalog import info_for_file
 from agent.sync.removal import PoolModel, due_for_removal, kept_versions, to_unload, unneeded_since
 from agent.sync.service import SyncOptions, SyncService
-from hub.repo import Repository
 from registry.exceptions import Reason, StoreError
 from registry.metadata import Deployment, DeploymentEntry, deployment_target_path
+from registry.repository import Repository
 from tests.sync.broker import Broker
 from tests.sync.helpers import (
     device_audit,

@@ -22,8 +22,8 @@ from agent.sync.retry import (
     stale,
 )
 from agent.sync.service import SyncOptions, SyncService
-from hub.publish import set_deployment
 from registry.metadata import Deployment, DeploymentEntry
+from registry.publish import set_deployment
 from tests.sync.broker import Broker
 from tests.sync.helpers import (
     device_audit,

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from agent.sync.fetcher import RetainedMetadata
-from agent.sync.mqtt import MqttClient
-from hub.serve import HubServer, ServeConfig
+from fleet.mqtt import MqttClient
+from hub.sync.serve import HubServer, ServeConfig
 from tests.sync.broker import Broker
 from tests.sync.helpers import new_repo
 

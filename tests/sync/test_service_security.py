@@ -8,16 +8,16 @@ import json
 from pathlib import Path
 
 from agent.audit import AuditLog
-from agent.device_key import DeviceKey
 from agent.engine.llama import LlamaEngine
 from agent.engine.pool import ModelPool
 from agent.policy import accept_policy, default_policy, load_hub_policy, policy_to_dict
-from agent.sync.messages import Outgoing, device_topic, meta_topic
-from agent.sync.mqtt import MqttClient
 from agent.sync.service import SyncOptions, SyncService
-from hub.publish import add_policy
-from hub.repo import Repository
-from hub.sync_meta import refresh_timestamp
+from fleet.device_key import DeviceKey
+from fleet.messages import Outgoing, device_topic, meta_topic
+from fleet.mqtt import MqttClient
+from hub.sync.meta import refresh_timestamp
+from registry.publish import add_policy
+from registry.repository import Repository
 from tests.sync.broker import Broker
 from tests.sync.helpers import enrolled_device, make_blob, new_repo, publish_model, running_hub, wait_for
 

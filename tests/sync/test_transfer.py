@@ -9,7 +9,7 @@ import pytest
 
 from agent.sync.errors import TransferError
 from agent.sync.fetcher import ChunkPlan, ChunkTransfer, plan_from_target
-from agent.sync.messages import Outgoing, device_topic
+from fleet.messages import Outgoing, device_topic
 from registry.metadata import digest_file
 from tests.sync.broker import Broker
 from tests.sync.helpers import (
@@ -56,7 +56,7 @@ async def test_tampered_chunk_is_refused_and_reported(broker: Broker, tmp_path: 
     model = make_blob(tmp_path / "m.gguf", 8 << 20)
     manifest = publish_model(repo, model, "m")
     enrolled_device(tmp_path / "dev", repo.path, "dev-a")
-    from agent.sync.mqtt import MqttClient
+    from fleet.mqtt import MqttClient
 
     rogue = MqttClient(broker.client_config("hub", client_id="rogue"))
     await rogue.start()
@@ -108,7 +108,7 @@ async def test_transfer_resumes_from_partial_file(broker: Broker, tmp_path: Path
     data = model.read_bytes()
     (partial / f"{digest.sha256}.part").write_bytes(data[: 5 << 20] + data[5 << 20 : (5 << 20) + 1000])
     async with running_hub(broker, repo.path):
-        from agent.sync.mqtt import MqttClient
+        from fleet.mqtt import MqttClient
 
         client = MqttClient(broker.client_config("dev-a"))
         await client.start()
@@ -150,7 +150,7 @@ def test_inconsistent_chunk_plans_are_refused(length: int, custom: dict[str, obj
 
 
 async def test_not_enough_disk_is_refused_before_any_request(broker: Broker, tmp_path: Path) -> None:
-    from agent.sync.mqtt import MqttClient
+    from fleet.mqtt import MqttClient
 
     huge = ChunkPlan("c" * 64, 1 << 46, 1 << 30, ("d" * 64,) * (1 << 16))
     client = MqttClient(broker.client_config("dev-a"))

@@ -4,7 +4,7 @@ Audit invariants:
 - Storing is idempotent: a record already held (same device and seq) is accepted again only if
   its hash is the one stored; a different hash for a held seq is refused as ``rewritten``.
 - New records are stored only if they extend the device's chain without a gap: they are checked
-  with :func:`agent.audit.chain.verify` from the device's last stored ``(seq, hash)``, against the
+  with :func:`fleet.chain.verify` from the device's last stored ``(seq, hash)``, against the
   checkpoints of the batch, signed by the device key pinned on first contact (trust on first
   use; a different key later is refused). A batch with any problem stores nothing.
 - The acknowledgement names the highest seq held contiguously; the device marks records uploaded
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.audit.chain import GENESIS, Checkpoint, Sealed, verify
-from agent.device_key import DeviceKeyError, DevicePublicKey
-from agent.sync.messages import AuditAck, AuditBatch, Event, StateReport, Status
+from fleet.chain import GENESIS, Checkpoint, Sealed, verify
+from fleet.device_key import DeviceKeyError, DevicePublicKey
+from fleet.messages import AuditAck, AuditBatch, Event, StateReport, Status
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (

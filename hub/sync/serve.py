@@ -20,12 +20,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.log import get_logger
-from agent.sync.mqtt import MqttClient, MqttConfig
-from hub.sync_blobs import BlobIndex, BlobServer
-from hub.sync_collect import Collector
-from hub.sync_meta import MetaPublisher, refresh_timestamp
-from hub.sync_store import HubStore
+from fleet.log import get_logger
+from fleet.mqtt import MqttClient, MqttConfig
+from hub.sync.blobs import BlobIndex, BlobServer
+from hub.sync.collect import Collector
+from hub.sync.meta import MetaPublisher, refresh_timestamp
+from hub.sync.store import HubStore
 
 log = get_logger(__name__)
 
@@ -78,7 +78,7 @@ class HubServer:
     def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
         c = self.config
         argv = [
-            sys.executable, "-m", "hub.serve",
+            sys.executable, "-m", "hub.sync.serve",
             "--role", "blobs", "--repo", str(c.repo), "--db", str(c.db),
             "--host", c.mqtt.host, "--port", str(c.mqtt.port),
             "--ca", str(c.mqtt.ca_file), "--cert", str(c.mqtt.cert_file), "--key", str(c.mqtt.key_file),
@@ -166,12 +166,12 @@ class HubServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hub.serve`` (what ``edge-hub serve`` spawns for blob workers)."""
+    """``python -m hub.sync.serve`` (what ``edge-hub serve`` spawns for blob workers)."""
     import argparse
 
-    from hub.sync_cmd import add_broker_options, serve_config
+    from hub.sync.commands import add_broker_options, serve_config
 
-    parser = argparse.ArgumentParser(prog="python -m hub.serve")
+    parser = argparse.ArgumentParser(prog="python -m hub.sync.serve")
     add_broker_options(parser)
     parser.add_argument("--repo", type=Path, required=True)
     parser.add_argument("--db", type=Path, required=True)
@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timestamp-interval", type=float, default=6 * 3600.0)
     parser.add_argument("--log-format", choices=("auto", "json", "console"), default="json")
     args = parser.parse_args(argv)
-    from agent import log as agent_log
+    from fleet import log as fleet_log
 
-    agent_log.configure("info", args.log_format)
+    fleet_log.configure("info", args.log_format, service="edge-hub")
     return asyncio.run(HubServer(serve_config(args)).run())
 
 

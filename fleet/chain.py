@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.device_key import DevicePublicKey
+from fleet.device_key import DevicePublicKey
 
 RECORD_DOMAIN = b"edge-agent audit record v1\n"
 CHECKPOINT_DOMAIN = b"edge-agent audit checkpoint v1\n"

@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hub.keys import passphrase_from_env
-from hub.repo import CONFIG_NAME, ROLES, RepoSettings, Repository
 from registry.exceptions import ManifestError
 from registry.files import read_bounded
+from registry.keys import passphrase_from_env
+from registry.repository import CONFIG_NAME, ROLES, RepoSettings, Repository
 
 
 def _repo_dir(args: argparse.Namespace) -> Path:
@@ -63,7 +63,7 @@ def cmd_repo_init(args: argparse.Namespace) -> int:
 
 
 def cmd_model_add(args: argparse.Namespace) -> int:
-    from hub.publish import Companion, add_model
+    from registry.publish import Companion, add_model
 
     repo = open_repo(args)
     companions = [Companion(Path(p), args.companion_purpose) for p in args.companion or []]
@@ -95,7 +95,7 @@ def cmd_model_quantize(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from hub.publish import quantize_and_add
+    from registry.publish import quantize_and_add
 
     repo = open_repo(args)
     source = Path(args.file)
@@ -145,7 +145,7 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_add(args: argparse.Namespace) -> int:
-    from hub.publish import add_policy
+    from registry.publish import add_policy
 
     path = add_policy(open_repo(args), Path(args.file), args.name)
     print(f"published {path}")
@@ -153,7 +153,7 @@ def cmd_policy_add(args: argparse.Namespace) -> int:
 
 
 def cmd_deployment_set(args: argparse.Namespace) -> int:
-    from hub.publish import set_deployment
+    from registry.publish import set_deployment
 
     dep = set_deployment(
         open_repo(args),

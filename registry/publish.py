@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.model_info import build_manifest, model_format
-from hub.repo import Repository
 from registry.exceptions import ManifestError
 from registry.files import translate_os_error
 from registry.metadata import (
@@ -27,7 +25,9 @@ from registry.metadata import (
     model_target_path,
     policy_target_path,
 )
+from registry.model_info import build_manifest, model_format
 from registry.quantize import Variant, parse_targets, quantize_gguf, quantize_onnx_int8
+from registry.repository import Repository
 
 
 @dataclass(frozen=True, slots=True)

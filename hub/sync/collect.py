@@ -16,9 +16,9 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable
 
-from agent.log import get_logger
-from agent.sync.errors import MqttError, ProtocolError
-from agent.sync.messages import (
+from fleet.errors import MqttError, ProtocolError
+from fleet.log import get_logger
+from fleet.messages import (
     PREFIX,
     AuditAck,
     AuditBatch,
@@ -32,8 +32,8 @@ from agent.sync.messages import (
     parse_status,
     shared,
 )
-from agent.sync.mqtt import MqttClient
-from hub.sync_store import HubStore
+from fleet.mqtt import MqttClient
+from hub.sync.store import HubStore
 
 log = get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """The one MQTT adapter: paho-mqtt 2.x, MQTT 5 over TLS with a client certificate.
 
-Everything else in the project speaks :class:`~agent.sync.messages.Outgoing` and
-:class:`~agent.sync.messages.Incoming` through :class:`MqttClient`; this is the only module that
+Everything else in the project speaks :class:`~fleet.messages.Outgoing` and
+:class:`~fleet.messages.Incoming` through :class:`MqttClient`; this is the only module that
 imports paho.
 
 Lifecycle: :meth:`MqttClient.start` starts paho's network thread, which connects and, whenever the
@@ -44,9 +44,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.log import get_logger
-from agent.sync.errors import AckTimeout, MqttError, NotConnected, PublishRefused, SubscribeRefused
-from agent.sync.messages import Incoming, Outgoing
+from fleet.errors import AckTimeout, MqttError, NotConnected, PublishRefused, SubscribeRefused
+from fleet.log import get_logger
+from fleet.messages import Incoming, Outgoing
 
 log = get_logger(__name__)
 

@@ -23,16 +23,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.errors import AgentError
+from fleet.errors import DeviceKeyError
 from registry.files import fsync_dir
 
 KEY_FILE = "device_ed25519.pem"
 PUB_FILE = "device_ed25519.pub"
 MAX_KEY_BYTES = 16 << 10
-
-
-class DeviceKeyError(AgentError):
-    """The device key file is unreadable or not an Ed25519 private key."""
 
 
 def key_id_of(public_raw: bytes) -> str:

@@ -9,7 +9,7 @@ retained message, so the broker holds one consistent set plus the root history.
 Invariants: a file is republished only when its bytes changed; ``timestamp.json`` goes out last,
 after the snapshot and targets it names and after the index that lists them, so a device that
 sees a new timestamp finds what it points to; files no longer current are cleared only after it.
-Nothing here signs: :class:`hub.repo.Repository` does, and
+Nothing here signs: :class:`registry.repository.Repository` does, and
 :func:`refresh_timestamp` only opens the repository and asks it to re-sign the timestamp.
 """
 
@@ -22,9 +22,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.log import get_logger
-from agent.sync.messages import META_INDEX, MetaIndex, Outgoing, meta_topic
-from agent.sync.mqtt import MqttClient
+from fleet.log import get_logger
+from fleet.messages import META_INDEX, MetaIndex, Outgoing, meta_topic
+from fleet.mqtt import MqttClient
 
 log = get_logger(__name__)
 _VERSIONED = re.compile(r"(\d+)\.(root|snapshot|targets)\.json")
@@ -102,7 +102,7 @@ class MetaPublisher:
 
 def refresh_timestamp(repo_dir: Path, passphrase: bytes | None = None) -> int:
     """Re-sign the repository's timestamp (scheduled job); returns the new timestamp version."""
-    from hub.repo import Repository
+    from registry.repository import Repository
 
     with repo_lock(repo_dir):
         repo = Repository.open(repo_dir, passphrase)

@@ -1,6 +1,6 @@
 """Our own message types for fleet sync, their topics and their bytes (see docs/protocol.md).
 
-Pure: no I/O, no paho. :mod:`agent.sync.mqtt` speaks :class:`Outgoing`/:class:`Incoming`; the
+Pure: no I/O, no paho. :mod:`fleet.mqtt` speaks :class:`Outgoing`/:class:`Incoming`; the
 domain messages below encode to and decode from payload bytes.
 
 Invariants:
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.sync.errors import ProtocolError
+from fleet.errors import ProtocolError
 
 PREFIX = "edge/v1"
 META_PREFIX = f"{PREFIX}/repo/meta/"
@@ -108,7 +108,7 @@ def device_of(topic: str) -> tuple[str, str]:
     return device, leaf
 
 
-# --- transport-level types (spoken by agent.sync.mqtt) ----------------------------------------
+# --- transport-level types (spoken by fleet.mqtt) ----------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.sync.errors import SyncError
-from agent.sync.messages import PREFIX, Event, Incoming, device_of
-from agent.sync.mqtt import MqttClient, MqttConfig
+from fleet.errors import FleetError
+from fleet.messages import PREFIX, Event, Incoming, device_of
+from fleet.mqtt import MqttClient, MqttConfig
 
 _ENV = "EDGE_HUB_MQTT_"
 HUB_SESSION_EXPIRY_S = 120
@@ -72,7 +72,7 @@ def mqtt_config(args: argparse.Namespace) -> MqttConfig:
 
 
 def serve_config(args: argparse.Namespace) -> Any:
-    from hub.serve import ServeConfig
+    from hub.sync.serve import ServeConfig
 
     return ServeConfig(
         repo=args.repo,
@@ -88,9 +88,9 @@ def serve_config(args: argparse.Namespace) -> Any:
 def _passphrase(args: argparse.Namespace) -> bytes | None:
     """The key passphrase for the timestamp job: ``--passphrase-env``, else the variable named in
     the repository's ``repo.json`` (as ``edge-hub repo`` commands do)."""
-    from hub.keys import passphrase_from_env
-    from hub.repo import CONFIG_NAME, RepoSettings
     from registry.files import read_bounded
+    from registry.keys import passphrase_from_env
+    from registry.repository import CONFIG_NAME, RepoSettings
 
     var = getattr(args, "passphrase_env", None)
     config = Path(args.repo) / CONFIG_NAME
@@ -111,10 +111,10 @@ def _db(args: argparse.Namespace) -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from agent import log as agent_log
-    from hub.serve import HubServer
+    from fleet import log as fleet_log
+    from hub.sync.serve import HubServer
 
-    agent_log.configure("info", "auto")
+    fleet_log.configure("info", "auto", service="edge-hub")
     args.repo = _repo_dir(args)
     args.db = _db(args)
     if not (args.repo / "metadata").is_dir():
@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _open_store(args: argparse.Namespace) -> Any:
-    from hub.sync_store import HubStore
+    from hub.sync.store import HubStore
 
     db = _db(args)
     if not db.is_file():
@@ -160,9 +160,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from hub.publish import set_deployment
-    from hub.repo_cmd import open_repo
-    from hub.sync_meta import repo_lock
+    from hub.repo.commands import open_repo
+    from hub.sync.meta import repo_lock
+    from registry.publish import set_deployment
 
     with repo_lock(_repo_dir(args)):  # not while `edge-hub serve` re-signs the timestamp
         repo = open_repo(args)
@@ -184,9 +184,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_push(args: argparse.Namespace) -> int:
-    from hub.publish import add_policy
-    from hub.repo_cmd import open_repo
-    from hub.sync_meta import repo_lock
+    from hub.repo.commands import open_repo
+    from hub.sync.meta import repo_lock
+    from registry.publish import add_policy
 
     with repo_lock(_repo_dir(args)):
         repo = open_repo(args)
@@ -204,13 +204,13 @@ async def _push_and_watch(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hub.sync_meta import MetaPublisher
+    from hub.sync.meta import MetaPublisher
 
     console = Console()
     expected: set[str] = set()
     db = _db(args)
     if db.is_file():
-        from hub.sync_store import HubStore
+        from hub.sync.store import HubStore
 
         for row in HubStore(db).devices():
             if row.state is not None and (group is None or group in row.state.groups):
@@ -224,7 +224,7 @@ async def _push_and_watch(
         try:
             device, _ = device_of(msg.topic)
             event = Event.decode(msg.payload)
-        except SyncError:
+        except FleetError:
             return
         if event.kind != kind or not event.target.startswith(target) or event.at < since - 5:
             return
@@ -250,7 +250,7 @@ async def _push_and_watch(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), min(1.0, max(0.01, deadline - time.monotonic())))
             progress.update(task, completed=len(outcomes))
-    except SyncError as exc:
+    except FleetError as exc:
         print(f"edge-hub: {exc}", file=sys.stderr)
         return 1
     finally:

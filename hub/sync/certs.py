@@ -134,7 +134,7 @@ def make_test_pki(directory: Path, clients: tuple[str, ...]) -> dict[str, CertPa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hub.sync_certs", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m hub.sync.certs", description=__doc__)
     parser.add_argument("directory", type=Path)
     parser.add_argument("clients", nargs="*", help="client CNs: hub, operator, device ids")
     parser.add_argument("--broker-host", action="append", default=[], help="extra SAN for the broker")

@@ -45,9 +45,9 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from hub.keys import KeyStore, generate
 from registry.exceptions import RepositoryError
 from registry.files import atomic_write, fsync_dir, read_bounded, temp_name, translate_os_error
+from registry.keys import KeyStore, generate
 from registry.metadata import DEFAULT_CHUNK_SIZE, DEFAULT_EXPIRY, METADATA_MAX_BYTES, parse_target_path
 
 CONFIG_NAME = "repo.json"

@@ -11,7 +11,7 @@ Invariants:
 - Replies go only to a topic of the form ``edge/v1/devices/<id>/blobs``; a request naming any
   other response topic is dropped (the hub may publish anywhere under ``edge/v1``: it must not be
   turned into a relay by a device).
-- A reply carries the MQTT 5 user property ``status`` (:class:`~agent.sync.messages.Status`);
+- A reply carries the MQTT 5 user property ``status`` (:class:`~fleet.messages.Status`);
   for ``ok`` the payload is exactly the requested bytes, else a short UTF-8 explanation.
 - The worker never trusts the request beyond picking bytes: the device verifies every chunk
   against the signed hashes.
@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.log import get_logger
-from agent.sync.errors import MqttError, ProtocolError
-from agent.sync.messages import BLOB_REQUESTS, ChunkRequest, Incoming, Outgoing, Status, device_of, shared
-from agent.sync.mqtt import MqttClient
+from fleet.errors import MqttError, ProtocolError
+from fleet.log import get_logger
+from fleet.messages import BLOB_REQUESTS, ChunkRequest, Incoming, Outgoing, Status, device_of, shared
+from fleet.mqtt import MqttClient
 
 log = get_logger(__name__)
 _BLOB_NAME = re.compile(r"([0-9a-f]{64})\.")
