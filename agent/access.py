@@ -19,24 +19,12 @@ and passes a clock to :class:`RateLimiter`.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-
-class Action(enum.StrEnum):
-    """What a caller may ask for."""
-
-    INFER = "infer"
-    EMBED = "embed"
-    MODELS_LIST = "models.list"
-    MODELS_ADMIN = "models.admin"
-    AUDIT_READ = "audit.read"
-    STATUS = "status"
-    ADMIN = "admin"
-
+from registry.policy import Action
 
 MODEL_SCOPED: frozenset[Action] = frozenset({Action.INFER, Action.EMBED, Action.MODELS_ADMIN})
 """Actions whose resource is a model id; the others ignore model patterns."""

@@ -40,155 +40,62 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from agent.access import Action, Binding, Limits, Permission, Policy, Role
+from agent.access import Binding, Limits, Permission, Policy, Role
 from agent.errors import AgentError
 from fleet.log import get_logger
+from registry.exceptions import ManifestError
+from registry.policy import MAX_POLICY_BYTES, PolicyDoc, validate_policy, validate_policy_bytes
 
 if TYPE_CHECKING:
     from agent.config import Settings
 
 log = get_logger(__name__)
 
-MAX_POLICY_BYTES = 1 << 20
 HUB_POLICY_FILE = "hub.json"
-_NAME = r"^[A-Za-z0-9_.@-]{1,64}$"
 
 
 class PolicyError(AgentError):
     """A policy document is invalid, or a hub policy is older than the current one."""
 
 
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class PermissionDoc(_Doc):
-    actions: list[Action] = Field(min_length=1)
-    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-
-    @field_validator("actions", mode="before")
-    @classmethod
-    def _actions(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            known = {a.value for a in Action}
-            for item in value:
-                if isinstance(item, str) and item not in known:
-                    raise ValueError(f"unknown action {item!r} (known: {', '.join(sorted(known))})")
-            return [Action(v) if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("models")
-    @classmethod
-    def _patterns(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            if not pattern or len(pattern) > 256:
-                raise ValueError("model patterns are non-empty strings of at most 256 characters")
-        return value
-
-
-class LimitsDoc(_Doc):
-    max_tokens: int | None = Field(default=None, ge=1)
-    requests_per_minute: int | None = Field(default=None, ge=1)
-
-
-class RoleDoc(_Doc):
-    permissions: list[PermissionDoc] = Field(default_factory=list)
-    limits: LimitsDoc = Field(default_factory=LimitsDoc)
-
-
-class BindingDoc(_Doc):
-    role: str = Field(pattern=_NAME)
-    users: list[str] = Field(default_factory=list)
-    groups: list[str] = Field(default_factory=list)
-    uids: list[int] = Field(default_factory=list)
-    key_ids: list[str] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _someone(self) -> BindingDoc:
-        if not (self.users or self.groups or self.uids or self.key_ids):
-            raise ValueError("a binding names at least one of users, groups, uids, key_ids")
-        return self
-
-
-class PolicyDoc(_Doc):
-    version: int = Field(default=0, ge=0)
-    roles: dict[str, RoleDoc]
-    bindings: list[BindingDoc] = Field(default_factory=list)
-
-    @field_validator("roles")
-    @classmethod
-    def _role_names(cls, value: dict[str, RoleDoc]) -> dict[str, RoleDoc]:
-        import re
-
-        for name in value:
-            if not re.match(_NAME, name):
-                raise ValueError(f"role name {name!r} must match {_NAME}")
-        return value
-
-    @model_validator(mode="after")
-    def _bound_roles_exist(self) -> PolicyDoc:
-        for i, b in enumerate(self.bindings):
-            if b.role not in self.roles:
-                raise ValueError(f"bindings[{i}] names role {b.role!r}, which is not defined")
-        return self
-
-    def to_policy(self, source: str) -> Policy:
-        roles = {
-            name: Role(
-                name=name,
-                permissions=tuple(
-                    Permission(actions=frozenset(p.actions), models=tuple(p.models)) for p in r.permissions
-                ),
-                limits=Limits(r.limits.max_tokens, r.limits.requests_per_minute),
-            )
-            for name, r in self.roles.items()
-        }
-        bindings = tuple(
-            Binding(
-                role=b.role,
-                users=frozenset(b.users),
-                groups=frozenset(b.groups),
-                uids=frozenset(b.uids),
-                key_ids=frozenset(b.key_ids),
-            )
-            for b in self.bindings
+def to_policy(doc: PolicyDoc, source: str) -> Policy:
+    """The access rules of a validated document."""
+    roles = {
+        name: Role(
+            name=name,
+            permissions=tuple(
+                Permission(actions=frozenset(p.actions), models=tuple(p.models)) for p in r.permissions
+            ),
+            limits=Limits(r.limits.max_tokens, r.limits.requests_per_minute),
         )
-        return Policy(roles=roles, bindings=bindings, version=self.version, source=source)
-
-
-def _first_problem(err: ValidationError) -> str:
-    first = err.errors(include_url=False)[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(root)"
-    if first["type"] == "extra_forbidden":
-        what = "unknown key"
-    elif first["type"] == "missing":
-        what = "required key is missing"
-    else:
-        what = first["msg"].removeprefix("Value error, ")
-    return f"{key}: {what}"
+        for name, r in doc.roles.items()
+    }
+    bindings = tuple(
+        Binding(
+            role=b.role,
+            users=frozenset(b.users),
+            groups=frozenset(b.groups),
+            uids=frozenset(b.uids),
+            key_ids=frozenset(b.key_ids),
+        )
+        for b in doc.bindings
+    )
+    return Policy(roles=roles, bindings=bindings, version=doc.version, source=source)
 
 
 def parse_policy(data: Mapping[str, Any], source: str = "document") -> Policy:
     """Validate a policy document (already decoded); raise :class:`PolicyError` naming the key."""
-    if not isinstance(data, Mapping):
-        raise PolicyError(f"policy {source}: expected a JSON object")
     try:
-        doc = PolicyDoc.model_validate(dict(data))
-    except ValidationError as exc:
-        raise PolicyError(f"policy {source}: {_first_problem(exc)}") from None
-    return doc.to_policy(source)
+        return to_policy(validate_policy(data, source), source)
+    except ManifestError as exc:
+        raise PolicyError(exc.detail) from None
 
 
 def parse_policy_bytes(raw: bytes, source: str = "document") -> Policy:
-    if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyError(f"policy {source}: larger than {MAX_POLICY_BYTES} bytes")
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PolicyError(f"policy {source}: not UTF-8 JSON ({exc})") from None
-    return parse_policy(data, source)
+        return to_policy(validate_policy_bytes(raw, source), source)
+    except ManifestError as exc:
+        raise PolicyError(exc.detail) from None
 
 
 def policy_to_dict(policy: Policy) -> dict[str, Any]:
@@ -499,7 +406,7 @@ class PolicyHolder:
 
 __all__ = [
     "AuditSink",
-    "PolicyDoc",
+    "to_policy",
     "PolicyError",
     "PolicyHolder",
     "StoredPolicy",

@@ -26,6 +26,7 @@ from registry.metadata import (
     policy_target_path,
 )
 from registry.model_info import build_manifest, model_format
+from registry.policy import validate_policy
 from registry.quantize import Variant, parse_targets, quantize_gguf, quantize_onnx_int8
 from registry.repository import Repository
 
@@ -124,7 +125,8 @@ def quantize_and_add(
 
 
 def add_policy(repo: Repository, source: Path, name: str | None = None) -> str:
-    """Publish a policy document (a JSON object) as ``policies/<name>.json``."""
+    """Publish a policy document as ``policies/<name>.json``, only after it validates
+    (:func:`registry.policy.validate_policy`): nothing is signed for a document devices would refuse."""
     name = name or source.stem
     try:
         with source.open("rb") as fh:
@@ -132,6 +134,7 @@ def add_policy(repo: Repository, source: Path, name: str | None = None) -> str:
     except OSError as exc:
         raise translate_os_error(exc, f"cannot read policy {source}") from None
     data = load_json_object(raw, f"policy {source}")
+    validate_policy(data, str(source))
     path = policy_target_path(name)
     repo.add_bytes(path, canonical_json(data), {"kind": "policy"})
     repo.publish()

@@ -104,6 +104,43 @@ def test_refusals_name_the_reason_and_exit_1(env: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        pytest.param({"roles": 5}, "roles", id="roles-not-an-object"),
+        pytest.param({"roles": {}, "extra": 1}, "extra: unknown key", id="unknown-key"),
+        pytest.param({"bindings": []}, "roles: required key is missing", id="no-roles"),
+        pytest.param(
+            {"roles": {"app": {"permissions": [{"actions": ["fly"]}]}}},
+            "unknown action 'fly'",
+            id="unknown-action",
+        ),
+        pytest.param(
+            {"roles": {}, "bindings": [{"role": "ghost", "uids": [1000]}]},
+            "names role 'ghost'",
+            id="unbound-role",
+        ),
+        pytest.param(
+            {"roles": {"app": {"limits": {"max_tokens": 0}}}}, "max_tokens", id="non-positive-limit"
+        ),
+        pytest.param({"roles": {"bad name": {}}}, "role name 'bad name'", id="bad-role-name"),
+        pytest.param({"version": -1, "roles": {}}, "version", id="negative-version"),
+    ],
+)
+def test_an_invalid_policy_is_refused_before_anything_is_signed(
+    env: Path, capsys: pytest.CaptureFixture[str], document: dict[str, object], message: str
+) -> None:
+    assert hub("repo", "init", str(env / "repo")) == 0
+    published = sorted(p.name for p in (env / "repo" / "metadata").iterdir())
+    path = env / "bad-policy.json"
+    path.write_text(json.dumps(document))
+    capsys.readouterr()
+    assert hub("policy", "add", str(path)) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in (env / "repo" / "metadata").iterdir()) == published  # nothing signed
+    assert not (env / "repo" / "targets").exists() or not any((env / "repo" / "targets").rglob("*policy*"))
+
+
+@pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
         (["model", "add", "nope.gguf", "--id", "x"], 1, "no such file"),
