@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _report import bench_parser, report
 from aiohttp import ClientSession, UnixConnector, web
 
-from agent.audit.guard import GUARD_KEY, Guard, guard_middleware
 from agent.audit.store import AuditLog
 from agent.engine.pool import ModelPool
 from agent.policy import PolicyHolder, default_policy
+from agent.server.guard import GUARD_KEY, Guard, guard_middleware
 from agent.server.http import request_context
 from agent.server.keys import LIMITS_KEY, POOL_KEY
 from fleet.chain import GENESIS, Entry, seal_all

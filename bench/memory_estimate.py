@@ -1,7 +1,7 @@
 """Validate agent.memory's estimate against real llama.cpp loads of Gemma 3 270M.
 
 For each context size, a fresh subprocess imports llama_cpp, records its RSS, loads the model with
-the daemon's own engine (``agent.app.build_engine``: n_batch 512, 4 slots sharing a unified KV
+the daemon's own engine (``agent.engine.factory.build_engine``: n_batch 512, 4 slots sharing a unified KV
 cache, full-size SWA cache, 2 threads), runs a completion whose prompt fills
 ``min(n_ctx, --fill)`` tokens of the context (so the attention scratch is really written) plus a few
 generated tokens, and reports its peak RSS (``ru_maxrss``) minus the RSS before the load. The
@@ -32,8 +32,8 @@ import asyncio, json, resource, sys
 import psutil
 from pathlib import Path
 sys.path.insert(0, sys.argv[4])
-from agent.app import build_engine
-from agent.catalog import info_for_file
+from agent.engine.factory import build_engine
+from agent.daemon.catalog import info_for_file
 from agent.config import EngineSettings, Settings
 from agent.engine.base import CompletionRequest, SamplingParams
 import llama_cpp  # noqa: F401  (imported before the baseline, as in the daemon)
@@ -105,9 +105,9 @@ print(json.dumps({"peak": peak - base}))
 
 def onnx_table() -> float:
     """The demo MiniLM INT8 encoder: session + one batch, fresh process per shape."""
+    from agent.daemon.candidates import onnx_initializers
     from agent.demo import embedding_model_files
     from agent.memory import ModelShape, estimate_onnx
-    from agent.select_cmd import onnx_initializers
 
     path, _ = embedding_model_files()
     weights, params = onnx_initializers(path)

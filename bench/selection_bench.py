@@ -74,9 +74,9 @@ def time_selection(runs: int = 20) -> tuple[float, float, str]:
 
 
 def speed_calibration(tokens: int) -> list[tuple[str, int, float, float]]:
-    from agent.catalog import info_for_file
+    from agent.cli.select import bench_model
     from agent.config import EngineSettings, Settings
-    from agent.select_cmd import bench_model
+    from agent.daemon.catalog import info_for_file
     from tests.conftest import MODEL_CACHE
     from tests.selection.conftest import quantize_variant
 

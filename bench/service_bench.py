@@ -184,9 +184,9 @@ def peer_round(work: Path, idle_s: float) -> dict[str, float]:
 
 
 def import_time_s() -> float:
-    """Wall time of ``python -c 'import agent.app'`` (what start-up pays before binding)."""
+    """Wall time of ``python -c 'import agent.daemon.app'`` (what start-up pays before binding)."""
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import agent.app"], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", "import agent.daemon.app"], check=True, cwd=ROOT)
     return time.monotonic() - t0
 
 
@@ -267,7 +267,7 @@ def section(r: dict[str, Any], command: str) -> str:
         f"| idle CPU, model loaded | {r['agent_idle_cpu_pct']:.2f} % | {r['peer_idle_cpu_pct']:.2f} % | | "
         f"about 0: **{'pass' if cpu_ok else 'FAIL'}** |",
         f"| idle CPU, no model | {r['agent_idle_cpu_empty_pct']:.2f} % | | | |",
-        f"| `import agent.app` (wall, includes interpreter start) | {r['import_agent_app_s']:.2f} s | | | |",
+        f"| `import agent.daemon.app` (wall, with start-up) | {r['import_agent_app_s']:.2f} s | | | |",
         "",
         "READY=1 is sent as soon as the API socket accepts, before the model has loaded (`/health` "
         "says `loading` meanwhile), so it does not depend on the model's size. What it costs is "

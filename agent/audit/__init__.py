@@ -1,4 +1,5 @@
-"""The tamper-evident audit log: hash chain and checkpoints (pure), SQLite store, HTTP guard."""
+"""The tamper-evident audit log: the SQLite store (the chain format is :mod:`fleet.chain`; the HTTP
+guard and audit routes are in :mod:`agent.server`)."""
 
 from agent.audit.store import (
     AuditError,

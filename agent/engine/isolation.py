@@ -27,7 +27,7 @@ Invariants:
   new version, never a torn one; an unreadable file is treated as empty (every model is tried again);
 - markers exist only while a load is running in this process, or after this process died in one.
 
-The child is :mod:`agent.trial`; :class:`ChildTrial` runs it. Tests and benchmarks may inject a
+The child is :mod:`agent.daemon.trial`; :class:`ChildTrial` runs it. Tests and benchmarks may inject a
 fault with ``EDGE_AGENT_TEST_FAULT`` (:func:`inject_fault`); nothing else reads that variable.
 """
 
@@ -415,7 +415,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class ChildTrial:
-    """Runs :mod:`agent.trial` in a child process: the spec (model info and settings, JSON) on its
+    """Runs :mod:`agent.daemon.trial` in a child process: the spec (model info and settings, JSON) on its
     stdin, a one-line JSON result on its stdout, its stderr kept (bounded) for the detail."""
 
     def __init__(self, settings_json: Callable[[], dict[str, Any]], python: str = sys.executable) -> None:
@@ -430,7 +430,7 @@ class ChildTrial:
         proc = await asyncio.create_subprocess_exec(
             self._python,
             "-m",
-            "agent.trial",
+            "agent.daemon.trial",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agent.engine.native import NativeContext, NativeModel
-from agent.engine.pooling import l2_normalize
+from agent.engine.vector_pooling import l2_normalize
 from agent.errors import BadRequest, EngineError
 
 __all__ = ["LlamaEmbedder", "pack_batches"]

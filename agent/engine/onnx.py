@@ -35,7 +35,7 @@ from agent.engine.base import (
     ModelInfo,
 )
 from agent.engine.lifecycle import EngineLifecycle, LoadGuard
-from agent.engine.pooling import l2_normalize, mean_pool
+from agent.engine.vector_pooling import l2_normalize, mean_pool
 from agent.errors import BadRequest, EngineError, ModelLoadError, ModelNotReady
 
 __all__ = ["PACKAGED_TOKENIZER", "OnnxEmbeddingEngine", "find_tokenizer", "packaged_tokenizer"]

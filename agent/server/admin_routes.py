@@ -6,12 +6,12 @@ audit backlog, jobs, watchdog) as JSON; ``edge-agent status`` renders it. ``GET 
 the Prometheus text format (404 when ``[metrics] enabled = false``). ``POST /admin/select`` hot-swaps
 the default model (409 naming the reason when the new one fails and the old one keeps serving);
 ``POST /admin/pin`` keeps a model loaded; ``POST /admin/reload`` re-reads the config file
-(:mod:`agent.reload`). Who may call what is the access policy's business.
+(:mod:`agent.daemon.reload`). Who may call what is the access policy's business.
 
 The metrics middleware, installed outermost by :func:`install_metrics`, times every request
 from its arrival to the end of its response (streams included) and counts it by route pattern,
 status and model; tokens come from the response's ``usage`` or from what a streaming route
-noted with :func:`agent.audit.usage.note_usage`.
+noted with :func:`agent.server.usage.note_usage`.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__
-from agent.audit.usage import noted_usage
+from agent.daemon.metrics import CONTENT_TYPE, Metrics
+from agent.daemon.reload import Reloader, ReloadReport
 from agent.engine.pool import SwapFailed
 from agent.errors import BadRequest, NotFound
-from agent.metrics import CONTENT_TYPE, Metrics
-from agent.reload import Reloader, ReloadReport
 from agent.server.common import error_response, read_json
 from agent.server.keys import POOL_KEY, STARTED_KEY
+from agent.server.usage import noted_usage
 
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 RELOAD_KEY: web.AppKey[Reloader] = web.AppKey("reloader", Reloader)

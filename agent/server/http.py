@@ -24,10 +24,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from agent.audit import routes as audit_routes
 from agent.engine.pool import ModelPool
 from agent.errors import ModelNotReady, RequestError
-from agent.server import admin_routes, openai_routes, openapi
+from agent.server import admin_routes, audit_routes, openai_routes, openapi
 from agent.server.common import translate
 from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY, STARTED_KEY
 from agent.server.limits import GuardedSite, ServerLimits

@@ -22,7 +22,7 @@ daemon. This module bounds every resource a connection can hold:
 - ``keepalive_timeout_s``: an idle keep-alive connection is closed after this (aiohttp's own timer).
 
 Every limit that fires is reported to the site's :class:`LimitEvents` sink (the daemon's
-:class:`agent.metrics.Metrics`, which exports them on ``GET /metrics``): refused and dropped
+:class:`agent.daemon.metrics.Metrics`, which exports them on ``GET /metrics``): refused and dropped
 connections, timeouts by phase, requests rejected before the application saw them, requests
 throttled with ``429`` (rate limit, full queue: :func:`install_throttle_counter`), and the open
 connections against the limit. Label values are bounded: each method takes one of a fixed set.
@@ -469,7 +469,7 @@ class GuardedRequestHandler(RequestHandler):
 def throttle_reason(status: int, body: object) -> ThrottleReason | None:
     """Why a response refused its request with ``429``, from its JSON error code (pure).
 
-    ``rate_limit_exceeded`` is the access policy's requests-per-minute (agent/audit/guard.py);
+    ``rate_limit_exceeded`` is the access policy's requests-per-minute (agent/server/guard.py);
     ``overloaded`` is a model's full queue (agent/engine/batching.py). Anything else is ``None``.
     """
     if status != 429 or not isinstance(body, bytes) or len(body) > 4096:

@@ -17,12 +17,12 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.audit.usage import note_usage, record_before_done
 from agent.engine.base import GenerationChunk, Usage
 from agent.errors import BadRequest, EngineError, RequestError
 from agent.server import schemas
 from agent.server.common import read_json, translate
 from agent.server.keys import LIMITS_KEY, POOL_KEY, REQUEST_ID_KEY
+from agent.server.usage import note_usage, record_before_done
 from fleet.log import get_logger
 
 log = get_logger(__name__)

@@ -109,7 +109,7 @@ def _entry(action: str, resource: str | None, outcome: str, reason: str, details
 
 
 class SyncService:
-    """Fleet sync of one device. Construct in ``agent.app``; ``start()``; ``close()`` on shutdown."""
+    """Fleet sync of one device. Construct in ``agent.daemon.app``; ``start()``; ``close()`` on shutdown."""
 
     def __init__(
         self,
@@ -674,7 +674,7 @@ def options_from_settings(settings: Any, device_id: str, **extra: Any) -> SyncOp
 
 
 async def start_sync(settings: Any, pool: ServingPool, guard: Any = None) -> SyncService | None:
-    """Start fleet sync when ``[hub] host`` is set (called by ``agent.app``); None otherwise.
+    """Start fleet sync when ``[hub] host`` is set (called by ``agent.daemon.app``); None otherwise.
 
     ``guard`` is the audit/access guard (its ``audit`` log and ``policies`` holder); a device that
     is not enrolled and has no ``[hub] device_id`` cannot sync: that is logged, never fatal.

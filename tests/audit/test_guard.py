@@ -18,11 +18,11 @@ import pytest
 from aiohttp import ClientSession, UnixConnector, web
 
 from agent.access import Action
-from agent.audit.guard import Guard, action_for, install_guard
 from agent.audit.store import AuditLog, audit_path
 from agent.config import Settings
 from agent.engine.pool import ModelPool
 from agent.policy import accept_policy
+from agent.server.guard import Guard, action_for, install_guard
 from agent.server.http import build_app
 from fleet.device_key import ensure_device_key
 
@@ -218,7 +218,7 @@ def test_model_administration_is_scoped_by_the_model_named_in_the_body(tmp_path:
 
 
 def test_stream_record_is_on_disk_before_done_event(tmp_path: Path) -> None:
-    from agent.audit.usage import note_usage, record_before_done
+    from agent.server.usage import note_usage, record_before_done
 
     settings = Settings(state_dir=tmp_path)
     sock = tmp_path / "t.sock"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.engine.pooling import l2_normalize, mean_pool
+from agent.engine.vector_pooling import l2_normalize, mean_pool
 
 
 def test_mean_pool_ignores_padding() -> None:

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 
 from agent.config import ServerSettings, Settings, format_validation_error
-from agent.metrics import Metrics
+from agent.daemon.metrics import Metrics
 from agent.server.limits import (
     REJECTED_STATUSES,
     ConnectionCounter,

@@ -16,7 +16,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, TargetFile
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.store_catalog import verified_models
+from agent.daemon.catalog import verified_models
 from registry.exceptions import Reason, RegistryError
 from registry.metadata import METADATA_MAX_BYTES
 from tests.registry.fleet import Box, Fleet, blob_file, meta_file, replace_file, rewrite_json

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import Settings
+from agent.daemon.catalog import companion_path, verified_models
 from agent.demo import (
     CHAT_MODEL_ID,
     DEMO_MODEL_ID,
@@ -26,7 +27,6 @@ from agent.demo import (
     build_demo_store,
     chat_model_file,
 )
-from agent.store_catalog import companion_path, verified_models
 from registry.device import DeviceRegistry
 from registry.gguf_info import read_gguf_info
 from tests.conftest import MODEL_CACHE

@@ -10,7 +10,7 @@ import pytest
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.store_catalog import verified_models
+from agent.daemon.catalog import verified_models
 from registry.device import DeviceRegistry
 from registry.exceptions import ManifestError, NotEnrolled, Reason, Refused, StoreError
 from registry.metadata import DOCUMENT_MAX_BYTES, Deployment, DeploymentEntry

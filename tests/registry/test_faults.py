@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.store_catalog import verified_models
+from agent.daemon.catalog import verified_models
 from registry.exceptions import Reason, StoreFull
 from tests.registry.fleet import Box, Fleet
 

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import build_engine
-from agent.catalog import info_for_file
 from agent.config import EngineSettings, SelectionSettings, Settings
+from agent.daemon.candidates import model_memory_estimate
+from agent.daemon.catalog import info_for_file
+from agent.daemon.reselect import Reselector
 from agent.engine.base import CompletionRequest, SamplingParams
+from agent.engine.factory import build_engine
 from agent.engine.pool import ModelPool
 from agent.hardware.probe import probe
 from agent.hardware.types import HardwareProfile
 from agent.memory import MIB
-from agent.select_cmd import Reselector, model_memory_estimate
 
 MACHINES = Path(__file__).resolve().parent.parent / "fixtures" / "machines"
 

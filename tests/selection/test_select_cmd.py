@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.daemon.candidates import SPEEDS_FILE, load_speeds, measured_speeds, save_speeds
 from agent.engine.base import ModelInfo
 from agent.errors import AgentError
-from agent.select_cmd import SPEEDS_FILE, load_speeds, measured_speeds, save_speeds
 
 
 @pytest.fixture
@@ -135,9 +135,9 @@ def test_save_speeds_failure_is_an_agent_error(tmp_path: Path) -> None:
 
 
 def test_onnx_candidate_reads_the_initializers() -> None:
-    from agent.catalog import info_for_file
+    from agent.daemon.candidates import candidate_for, onnx_initializers
+    from agent.daemon.catalog import info_for_file
     from agent.demo import embedding_model_files
-    from agent.select_cmd import candidate_for, onnx_initializers
 
     path, _ = embedding_model_files()
     weights, params = onnx_initializers(path)
@@ -150,8 +150,8 @@ def test_onnx_candidate_reads_the_initializers() -> None:
 
 
 def test_unreadable_onnx_falls_back_to_the_file_size(tmp_path: Path) -> None:
-    from agent.catalog import info_for_file
-    from agent.select_cmd import candidate_for
+    from agent.daemon.candidates import candidate_for
+    from agent.daemon.catalog import info_for_file
 
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"\x08\x07 not a protobuf graph" * 100)
@@ -163,8 +163,8 @@ def test_unreadable_onnx_falls_back_to_the_file_size(tmp_path: Path) -> None:
 def test_candidates_are_read_again_only_when_the_file_changes(tmp_path: Path) -> None:
     import os
 
-    from agent.catalog import info_for_file
-    from agent.select_cmd import candidate_for
+    from agent.daemon.candidates import candidate_for
+    from agent.daemon.catalog import info_for_file
 
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"\x08\x07 not a protobuf graph" * 100)
@@ -181,9 +181,9 @@ def test_candidates_are_read_again_only_when_the_file_changes(tmp_path: Path) ->
 
 @pytest.mark.model
 def test_startup_puts_the_best_fit_or_the_pin_first(tmp_path: Path, gemma_variants: dict[str, Path]) -> None:
-    from agent.catalog import info_for_file
     from agent.config import SelectionSettings, Settings
-    from agent.select_cmd import prefer_selected
+    from agent.daemon.candidates import prefer_selected
+    from agent.daemon.catalog import info_for_file
 
     infos = [info_for_file(gemma_variants[q], f"gemma-{q.lower()}") for q in ("Q4_0", "Q8_0", "F16")]
     settings = Settings(state_dir=tmp_path)
@@ -199,7 +199,7 @@ def test_startup_puts_the_best_fit_or_the_pin_first(tmp_path: Path, gemma_varian
 
 def test_hub_pin_of_an_unenrolled_device_is_none(tmp_path: Path) -> None:
     from agent.config import Settings
-    from agent.select_cmd import effective_pin, hub_pin
+    from agent.daemon.candidates import effective_pin, hub_pin
 
     assert hub_pin(Settings(state_dir=tmp_path)) is None
     assert effective_pin(Settings(state_dir=tmp_path)) is None

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import build_engine
-from agent.catalog import info_for_file
 from agent.config import Settings
+from agent.daemon.catalog import info_for_file
 from agent.engine.base import CompletionRequest, EngineState, GenerationChunk, SamplingParams
+from agent.engine.factory import build_engine
 from agent.engine.pool import ModelPool, SwapFailed
 from tests.selection.conftest import quantize_variant
 

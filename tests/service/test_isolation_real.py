@@ -1,5 +1,5 @@
 """Crash isolation with real children and real llama.cpp: a trial that dies refuses the model, the
-previous model keeps answering, and nothing is tried twice (agent/engine/isolation.py, agent/trial.py).
+previous model keeps answering, and nothing is tried twice (agent/engine/isolation.py, agent/daemon/trial.py).
 
 The crashes are real: the child process kills itself with the named signal after the model loaded
 (``EDGE_AGENT_TEST_FAULT``, read only by the trial and the activation marker), exactly as a kernel
@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import build_engine, build_isolation
-from agent.catalog import info_for_file
 from agent.config import Settings
+from agent.daemon.app import build_isolation
+from agent.daemon.catalog import info_for_file
 from agent.engine.base import CompletionRequest, ModelInfo, SamplingParams
+from agent.engine.factory import build_engine
 from agent.engine.isolation import FAULT_ENV, ChildTrial, TrialOutcome
 from agent.engine.pool import ModelPool, SwapFailed
 from tests.selection.conftest import quantize_variant

@@ -13,11 +13,7 @@ from typing import Any
 import pytest
 
 from agent.config import Settings
-from agent.engine.base import ModelInfo
-from agent.engine.pool import ModelPool
-from agent.errors import ConfigError
-from agent.policy import PolicyHolder, accept_policy, default_policy, parse_policy
-from agent.reload import (
+from agent.daemon.reload import (
     LIVE_KEYS,
     ConfigSource,
     Reloader,
@@ -30,7 +26,11 @@ from agent.reload import (
     plan_store,
     store_mode,
 )
-from agent.sdnotify import ServiceNotifier, SocketNotifier
+from agent.daemon.sdnotify import ServiceNotifier, SocketNotifier
+from agent.engine.base import ModelInfo
+from agent.engine.pool import ModelPool
+from agent.errors import ConfigError
+from agent.policy import PolicyHolder, accept_policy, default_policy, parse_policy
 from tests.fakes.engine import FakeBehaviour, FakeEngine, fake_info
 from tests.service.conftest import NotifyListener
 
@@ -182,7 +182,7 @@ REGISTER_CASES = [
 def test_a_new_version_is_registered_only_after_the_old_entry_was_removed(
     remove: list[str], add: list[ModelInfo], removed: list[str], registered: list[str], kept: list[str]
 ) -> None:
-    from agent.reload import StorePlan
+    from agent.daemon.reload import StorePlan
 
     register, not_replaced = plan_register(StorePlan(tuple(add), tuple(remove)), removed)
     assert [i.id for i in register] == registered
@@ -402,7 +402,7 @@ def test_policy_file_contents_audit_reads_and_log_level_reload(
     start = source.load()
 
     async def run() -> tuple[Any, Any, bool]:
-        from agent.audit.guard import install_guard
+        from agent.server.guard import install_guard
 
         pool = ModelPool()
         app = build_app(pool, {"max_body_bytes": 1 << 16, "default_max_tokens": 16, "request_timeout_s": 30})
@@ -500,7 +500,7 @@ def test_store_models_are_left_to_sync(tmp_path: Path, hub: str, added: tuple[st
 
 
 async def _test_a_new_version_does_not_overwrite_an_entry_it_could_not_remove(tmp_path: Path) -> None:
-    from agent.store_catalog import discover_store
+    from agent.daemon.catalog import discover_store
 
     fleet, box = _store_box(tmp_path, "b")
     config = tmp_path / "config.toml"

@@ -8,8 +8,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from agent.daemon.scheduler import MaintenanceWindow, Scheduler, next_fire_time
 from agent.errors import ConfigError
-from agent.scheduler import MaintenanceWindow, Scheduler, next_fire_time
 
 DAY = datetime(2026, 3, 14)
 

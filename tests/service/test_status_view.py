@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from agent.status_view import duration, mib, render
+from agent.cli.status import duration, mib, render
 
 HEALTH = {"status": "ok", "version": "0.1.0", "uptime_s": 3725.0}
 FULL: dict[str, Any] = {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.catalog import info_for_file
+from agent.daemon.catalog import info_for_file
 from agent.sync.removal import PoolModel, due_for_removal, kept_versions, to_unload, unneeded_since
 from agent.sync.service import SyncOptions, SyncService
 from registry.exceptions import Reason, StoreError

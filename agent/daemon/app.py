@@ -1,7 +1,7 @@
 """Composition root: builds the daemon from settings and owns its lifecycle.
 
 startup (socket bound and accepting, models loading in the background) -> main loop (until
-SIGTERM/SIGINT; SIGHUP reloads the config, :mod:`agent.reload`) -> bounded graceful shutdown
+SIGTERM/SIGINT; SIGHUP reloads the config, :mod:`agent.daemon.reload`) -> bounded graceful shutdown
 (stop accepting, drain in-flight requests within ``server.shutdown_grace_s``, unload models,
 remove the socket). Signal handlers are restored on exit. This is the only module that chooses
 concrete classes.
@@ -10,91 +10,35 @@ concrete classes.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
-from agent import __version__, sdnotify
-from agent.audit.guard import install_guard
-from agent.catalog import discover, info_for_file
+from agent import __version__
 from agent.config import PoolSettings, Settings
+from agent.daemon import sdnotify
+from agent.daemon.catalog import companion_path, discover, info_for_file
+from agent.daemon.metrics import HubState, Metrics, StatusSources
+from agent.daemon.reload import ConfigSource, Reloader
 from agent.engine.base import Engine, ModelInfo
+from agent.engine.factory import build_engine, default_threads, engine_fingerprint
 from agent.engine.isolation import ChildTrial, Isolation, Verdict, current_build
-from agent.engine.lifecycle import LoadGuard
-from agent.engine.llama import LlamaEngine
 from agent.engine.pool import ModelPool, pool_options
-from agent.metrics import HubState, Metrics, StatusSources
-from agent.reload import ConfigSource, Reloader
 from agent.server.admin_routes import REFUSED_KEY, RELOAD_KEY, install_metrics
+from agent.server.guard import install_guard
 from agent.server.http import ApiServer, build_app
 from agent.server.limits import ServerLimits, install_throttle_counter
 from agent.server.listener import bind_unix, systemd_socket
 from fleet.log import get_logger
 
 if TYPE_CHECKING:
-    from agent.scheduler import Scheduler
+    from agent.daemon.scheduler import Scheduler
 
 log = get_logger(__name__)
-
-
-def default_threads() -> int:
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-
-
-def build_engine(info: ModelInfo, settings: Settings, guard: LoadGuard | None = None) -> Engine:
-    """The engine for a model, chosen by its format: llama.cpp for GGUF, onnxruntime for ONNX.
-    With ``guard`` (crash isolation), the model is tried in a child process before it loads here."""
-    threads = settings.engine.n_threads or default_threads()
-    if info.format == "onnx":
-        from agent.engine.onnx import OnnxEmbeddingEngine
-        from agent.store_catalog import companion_path
-
-        emb = settings.embedding
-        return OnnxEmbeddingEngine(
-            info,
-            tokenizer_path=emb.tokenizer
-            if emb.path == info.path
-            else companion_path(settings, info, "tokenizer.json"),  # the signed one, re-hashed
-            n_threads=threads,
-            max_length=emb.max_length,
-            batch_size=emb.batch_size,
-            guard=guard,
-        )
-    e = settings.engine
-    return LlamaEngine(
-        info,
-        n_ctx=e.n_ctx,
-        n_threads=threads,
-        n_batch=e.n_batch,
-        max_queue=e.max_queue,
-        n_parallel=e.n_parallel,
-        prefill_chunk=e.prefill_chunk,
-        batch_invariant=e.batch_invariant,
-        kv_unified=e.kv_unified,
-        guard=guard,
-    )
-
-
-def engine_fingerprint(info: ModelInfo, settings: Settings) -> str:
-    """What in the settings shapes how ``info`` runs (a new trial when it changes)."""
-    import json
-
-    if info.format == "onnx":
-        from importlib import metadata
-
-        section: dict[str, Any] = settings.embedding.model_dump(mode="json", exclude={"path", "id"})
-        section["onnxruntime"] = metadata.version("onnxruntime")
-    else:
-        section = settings.engine.model_dump(mode="json")
-    section["n_threads"] = settings.engine.n_threads or default_threads()
-    section["task"] = info.task
-    return json.dumps(section, sort_keys=True)
 
 
 def build_isolation(settings: Settings) -> Isolation | None:
@@ -158,7 +102,7 @@ def _memory_estimate(settings: Settings) -> Callable[[ModelInfo], int]:
 
     def lazy(info: ModelInfo) -> int:
         if not estimate:
-            from agent.select_cmd import model_memory_estimate
+            from agent.daemon.candidates import model_memory_estimate
 
             estimate.append(model_memory_estimate(settings))
         return estimate[0](info)
@@ -167,8 +111,11 @@ def _memory_estimate(settings: Settings) -> Callable[[ModelInfo], int]:
 
 
 def build_pool(settings: Settings, isolation: Isolation | None = None) -> ModelPool:
+    def engines(info: ModelInfo) -> Engine:
+        return build_engine(info, settings, isolation, partial(companion_path, settings))
+
     pool = ModelPool(  # the factory lets sync and the re-probe swap models
-        lambda info: build_engine(info, settings, isolation),
+        engines,
         estimate=_memory_estimate(settings),
         **pool_options(settings.pool, _cgroup_memory_limit()),
     )
@@ -176,14 +123,14 @@ def build_pool(settings: Settings, isolation: Isolation | None = None) -> ModelP
     # prefer_selected only reorders when there is a choice (two generative models, or a pin);
     # otherwise skip its import (gguf, numpy: ~0.4 s before the socket accepts).
     if sum(i.task != "embedding" for i in infos) > 1 or settings.selection.pin:
-        from agent.select_cmd import prefer_selected
+        from agent.daemon.candidates import prefer_selected
 
         infos = prefer_selected(settings, infos)  # the best fit (or the pin) first
     extra = embedding_info(settings)
     if extra is not None and all(i.id != extra.id for i in infos):
         infos.append(extra)
     for info in _admitted_first(infos, isolation):
-        pool.add(build_engine(info, settings, isolation), pinned=info.id in settings.pool.pinned)
+        pool.add(engines(info), pinned=info.id in settings.pool.pinned)
     return pool
 
 
@@ -215,7 +162,7 @@ def _reprobe(settings: Settings, pool: ModelPool) -> Callable[[], Awaitable[obje
         if not pool.models():
             return None
         if not reselector:
-            from agent.select_cmd import Reselector
+            from agent.daemon.reselect import Reselector
 
             reselector.append(Reselector(settings, pool))
         return await reselector[0].tick()
@@ -225,7 +172,7 @@ def _reprobe(settings: Settings, pool: ModelPool) -> Callable[[], Awaitable[obje
 
 def _start_scheduler(settings: Settings, pool: ModelPool) -> Scheduler:
     """Periodic jobs owned by the daemon itself; other parts add theirs with ``every``."""
-    from agent.scheduler import Scheduler  # apscheduler: imported after READY=1
+    from agent.daemon.scheduler import Scheduler  # apscheduler: imported after READY=1
 
     sv = settings.service
     scheduler = Scheduler(

@@ -32,9 +32,9 @@ from agent import __version__
 from fleet.log import get_logger
 
 if TYPE_CHECKING:
+    from agent.daemon.scheduler import Scheduler
+    from agent.daemon.sdnotify import Watchdog
     from agent.engine.pool import ModelPool
-    from agent.scheduler import Scheduler
-    from agent.sdnotify import Watchdog
 
 log = get_logger(__name__)
 

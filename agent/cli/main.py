@@ -13,9 +13,14 @@ from pathlib import Path
 from agent import __version__
 from agent.config import Settings, load_settings
 from agent.errors import AgentError, ConfigError
+from fleet.errors import FleetError
 from fleet.exit_status import ExitRule, run_command
 
-EXIT_RULES = (ExitRule(ConfigError, 2, ""), ExitRule(AgentError, 1, "edge-agent: "))
+EXIT_RULES = (
+    ExitRule(ConfigError, 2, ""),
+    ExitRule(AgentError, 1, "edge-agent: "),
+    ExitRule(FleetError, 1, "edge-agent: "),
+)
 """A configuration error prints as it is (it names the file); any other agent error is a runtime one."""
 
 
@@ -31,8 +36,8 @@ def _socket(args: argparse.Namespace, settings: Settings) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent import app
-    from agent.reload import ConfigSource
+    from agent.daemon import app
+    from agent.daemon.reload import ConfigSource
     from fleet import log
 
     settings = settings_from_args(args)
@@ -50,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_complete(args: argparse.Namespace) -> int:
-    from agent.client import LocalClient
+    from agent.cli.client import LocalClient
 
     settings = settings_from_args(args)
     body: dict[str, object] = {"prompt": args.prompt, "max_tokens": args.max_tokens}
@@ -70,7 +75,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.client import LocalClient
+    from agent.cli.client import LocalClient
 
     settings = settings_from_args(args)
     with LocalClient(_socket(args, settings), timeout=10.0) as client:
@@ -81,7 +86,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
 
-    from agent.status_view import render
+    from agent.cli.status import render
 
     Console().print(render(health, detail))
     return 0
@@ -90,11 +95,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 # Each area of the agent registers its own subcommands: a module with ``register(sub)`` that adds
 # parsers whose ``func`` takes the parsed arguments and returns the exit status.
 COMMAND_MODULES: tuple[str, ...] = (
-    "agent.audit_cmd",
-    "agent.doctor_cmd",
-    "agent.registry_cmd",
-    "agent.select_cmd",
-    "agent.sync.cli",
+    "agent.cli.audit",
+    "agent.cli.doctor",
+    "agent.cli.registry",
+    "agent.cli.select",
+    "agent.cli.sync",
 )
 
 
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(load_modules=not _builtin_command(argv)).parse_args(argv)
     return run_command(args.func, args, EXIT_RULES)
 
+
+__all__ = ["COMMAND_MODULES", "EXIT_RULES", "build_parser", "main", "settings_from_args"]
 
 if __name__ == "__main__":
     raise SystemExit(main())

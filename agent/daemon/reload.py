@@ -65,9 +65,9 @@ from fleet.log import get_logger
 
 if TYPE_CHECKING:
     from agent.access import Policy
-    from agent.audit.guard import Guard
+    from agent.daemon.sdnotify import ServiceNotifier
     from agent.engine.pool import ModelPool
-    from agent.sdnotify import ServiceNotifier
+    from agent.server.guard import Guard
 
 log = get_logger(__name__)
 
@@ -489,7 +489,7 @@ class Reloader:
         registry = new.state_dir / "registry"
         if new.model.path is not None or not registry.is_dir():
             return STORE_NOT_USED
-        from agent.store_catalog import discover_store
+        from agent.daemon.catalog import discover_store
         from registry.device import DeviceRegistry
 
         store = await asyncio.to_thread(discover_store, new)  # re-hashes every installed model

@@ -67,7 +67,7 @@ def render(report: DoctorReport) -> Any:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from agent.cli import settings_from_args
+    from agent.cli.main import settings_from_args
     from agent.engine.doctor import failure_message, parse_types, run_doctor
 
     types = parse_types(args.types)

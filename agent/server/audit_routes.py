@@ -1,6 +1,6 @@
 """``GET /admin/audit``: the newest audit records over the socket, for callers with ``audit.read``.
 
-The guard (:mod:`agent.audit.guard`) authorizes the route like any other; this module only reads
+The guard (:mod:`agent.server.guard`) authorizes the route like any other; this module only reads
 the log the guard installed under :data:`AUDIT_KEY`. Without one (an application built without
 the guard) the route answers 503, never a traceback.
 """

@@ -1,6 +1,6 @@
 """What a route tells the audit guard about a request it serves (kept free of server imports).
 
-Invariants: the guard (:mod:`agent.audit.guard`) reads the notes after the handler returns and
+Invariants: the guard (:mod:`agent.server.guard`) reads the notes after the handler returns and
 before the response completes, so they end up in the request's audit record. A streaming route
 calls :func:`record_before_done` right before its final event (``data: [DONE]``): the record is
 then on disk before the client can see the stream as complete, even a client that stops reading

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.cli import settings_from_args
+from agent.cli.main import settings_from_args
 from registry.device import DeviceRegistry
 from registry.exceptions import ManifestError, Refused, RegistryError
 
@@ -23,7 +23,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _registry(args: argparse.Namespace) -> DeviceRegistry:
-    from agent.store_catalog import log_refusal
+    from agent.daemon.catalog import log_refusal
 
     return DeviceRegistry(settings_from_args(args).state_dir, on_refusal=log_refusal)
 

@@ -1,7 +1,7 @@
 """The crash-isolation child: load one model with the daemon's settings and exercise it.
 
-``python -m agent.trial`` reads ``{"info": ModelInfo fields, "settings": Settings}`` (JSON) on
-stdin, builds the engine exactly as the daemon does (:func:`agent.app.build_engine`, without
+``python -m agent.daemon.trial`` reads ``{"info": ModelInfo fields, "settings": Settings}`` (JSON) on
+stdin, builds the engine exactly as the daemon does (:func:`agent.engine.factory.build_engine`, without
 isolation), loads it, runs the pool's smoke test and, for a generative model, a prompt that fills a
 whole batch (the kernels that fault are often the batched ones), then prints one JSON line:
 ``{"ok": true, "detail": ...}`` or ``{"ok": false, "error": ...}`` (exit status 1). A crash of the
@@ -15,6 +15,7 @@ import asyncio
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,13 @@ def _info(data: dict[str, Any]) -> ModelInfo:
 
 async def trial(info: ModelInfo, settings_data: dict[str, Any]) -> str:
     """Load, smoke-test and (for a generative model) prefill a batch; return a one-line summary."""
-    from agent.app import build_engine
     from agent.config import Settings
+    from agent.daemon.catalog import companion_path
+    from agent.engine.factory import build_engine
     from agent.engine.pool import smoke_generate
 
     settings = Settings(**settings_data)
-    engine = build_engine(info, settings)
+    engine = build_engine(info, settings, companion=partial(companion_path, settings))
     started = time.monotonic()
     try:
         await engine.load()

@@ -22,7 +22,7 @@ from agent.errors import ConfigError
 
 def _log(args: argparse.Namespace) -> Any:
     from agent.audit.store import audit_path, open_existing
-    from agent.cli import settings_from_args
+    from agent.cli.main import settings_from_args
 
     settings = settings_from_args(args)
     path = args.db if getattr(args, "db", None) else audit_path(settings.state_dir)
@@ -47,8 +47,8 @@ def _line(record: dict[str, Any]) -> str:
 
 def _tail_over_socket(args: argparse.Namespace) -> list[dict[str, Any]]:
     """``GET /admin/audit``: for callers granted ``audit.read`` who cannot read the file."""
-    from agent.cli import settings_from_args
-    from agent.client import LocalClient
+    from agent.cli.client import LocalClient
+    from agent.cli.main import settings_from_args
 
     settings = settings_from_args(args)
     with LocalClient(args.socket or settings.socket_path, timeout=30.0) as client:
@@ -154,7 +154,7 @@ def _write_export(log: Any, args: argparse.Namespace) -> int:
 
 def _policy(args: argparse.Namespace) -> Any:
     """The policy in force; an unusable policy file is a configuration error (exit status 2)."""
-    from agent.cli import settings_from_args
+    from agent.cli.main import settings_from_args
     from agent.policy import PolicyError, effective_policy
 
     try:

@@ -15,7 +15,7 @@ Invariants:
 - Durable before acknowledged: for an audited request the record is committed before the
   response is released to aiohttp (which sends a plain body, or the end of a chunked stream, only
   after this middleware returns); a stream writes it even before its ``data: [DONE]`` event
-  (:func:`agent.audit.usage.record_before_done`). If the record cannot be written, a plain
+  (:func:`agent.server.usage.record_before_done`). If the record cannot be written, a plain
   response becomes a 503 and a stream ends with an error event, or is cut off without its final
   chunk, so the client never sees a completed request that has no record.
 - :data:`PUBLIC` routes (``/health``) are neither authorized nor audited: a liveness probe.
@@ -37,9 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.access import Action, Decision, Policy, RateLimiter, Subject, check_max_tokens, decide
-from agent.audit.routes import AUDIT_KEY
 from agent.audit.store import AuditFull, AuditLog, AuditUnavailable
-from agent.audit.usage import FINISH_KEY, Finisher, note_usage, noted_usage
 from agent.config import Settings
 from agent.errors import (
     BadRequest,
@@ -51,8 +49,10 @@ from agent.errors import (
     RequestError,
 )
 from agent.policy import PolicyHolder
+from agent.server.audit_routes import AUDIT_KEY
 from agent.server.common import read_json
 from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY
+from agent.server.usage import FINISH_KEY, Finisher, note_usage, noted_usage
 from fleet.chain import Entry
 from fleet.log import get_logger
 

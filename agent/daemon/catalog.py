@@ -1,5 +1,10 @@
-"""Models served from the verified store: only files whose hash was re-checked just now.
+"""Which model files this daemon may serve, and their :class:`ModelInfo`.
 
+Either one explicitly configured file (``[model] path``: development and tests), or the models
+installed in the signed store under ``<state_dir>/registry`` (``edge-agent demo`` builds one;
+``edge-agent registry import`` fills it).
+
+Models served from the verified store: only files whose hash was re-checked just now.
 For every installed model (the newest installed version of each id) the primary file and its
 companions are re-hashed against the signed digests before a :class:`ModelInfo` is handed out; a
 file that changed on disk is refused (reported through the registry's refusal callback) and left
@@ -111,8 +116,34 @@ def discover_store(settings: Settings, on_refusal: RefusalCallback = log_refusal
     return [s.info for s in verified_models(DeviceRegistry(settings.state_dir, on_refusal=on_refusal))]
 
 
+def info_for_file(path: Path, model_id: str | None = None, chat_template: str | None = None) -> ModelInfo:
+    st = path.stat()
+    onnx = path.suffix == ".onnx"
+    return ModelInfo(
+        id=model_id or path.name.removesuffix(".gguf").removesuffix(".onnx"),
+        path=path,
+        format="onnx" if onnx else "gguf",
+        task="embedding" if onnx else "completion",
+        size_bytes=st.st_size,
+        created=int(st.st_mtime),
+        chat_template=chat_template,
+    )
+
+
+def discover(settings: Settings) -> list[ModelInfo]:
+    """Models to serve, the default first. Missing or refused files are skipped, never fatal."""
+    if settings.model.path is not None:
+        path = settings.model.path
+        if not path.is_file():
+            return []
+        return [info_for_file(path, settings.model.id, settings.model.chat_template)]
+    return discover_store(settings)
+
+
 __all__ = [
     "StoreModel",
+    "discover",
+    "info_for_file",
     "companion_path",
     "discover_store",
     "log_refusal",

@@ -77,7 +77,7 @@ def sync_status(settings: Any) -> tuple[dict[str, Any], list[str]]:
 
 
 def cmd_sync_status(args: argparse.Namespace) -> int:
-    from agent.cli import settings_from_args
+    from agent.cli.main import settings_from_args
 
     facts, problems = sync_status(settings_from_args(args))
     if args.json:
