@@ -117,7 +117,7 @@ async def our_transfer(broker: object, model: Path, work: Path) -> tuple[float, 
 
 
 async def audit_upload(broker: object, work: Path, records: int) -> float:
-    """The hub runs as its own process (``python -m hub.sync.serve --role all``), as in production."""
+    """The hub runs as its own process (``python -m hub.sync.worker --role all``), as in production."""
     from agent.audit import AuditLog, Entry
     from agent.sync.audit_upload import AuditUploader
     from fleet.device_key import DeviceKey
@@ -137,7 +137,7 @@ async def audit_upload(broker: object, work: Path, records: int) -> float:
     repo = new_repo(work / "audit-repo")
     certdir = broker.certdir  # type: ignore[attr-defined]
     port = broker.port  # type: ignore[attr-defined]
-    argv = ["-m", "hub.sync.serve", "--role", "all", "--repo", str(repo.path), "--db", str(work / "hub.db")]
+    argv = ["-m", "hub.sync.worker", "--role", "all", "--repo", str(repo.path), "--db", str(work / "hub.db")]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--ca", str(certdir / "ca.crt")]
     argv += [
         "--cert",

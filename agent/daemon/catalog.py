@@ -93,10 +93,14 @@ def verified_models(registry: DeviceRegistry) -> list[StoreModel]:
     return out
 
 
-def companion_path(settings: Settings, info: ModelInfo, name: str) -> Path | None:
+def companion_path(
+    settings: Settings, info: ModelInfo, name: str, *, registry: DeviceRegistry | None = None
+) -> Path | None:
     """The verified companion file ``name`` (e.g. ``tokenizer.json``) of a store-served model, re-hashed
     now; None when ``info`` is not served from the store or has no such companion."""
-    registry = DeviceRegistry(settings.state_dir, on_refusal=log_refusal)
+    registry = (
+        registry if registry is not None else DeviceRegistry(settings.state_dir, on_refusal=log_refusal)
+    )
     if info.path.parent != registry.store.dir:
         return None
     for m in registry.models():
@@ -111,9 +115,12 @@ def companion_path(settings: Settings, info: ModelInfo, name: str) -> Path | Non
     return None
 
 
-def discover_store(settings: Settings, on_refusal: RefusalCallback = log_refusal) -> list[ModelInfo]:
+def discover_store(
+    settings: Settings, on_refusal: RefusalCallback = log_refusal, registry: DeviceRegistry | None = None
+) -> list[ModelInfo]:
     """The verified models of ``<state_dir>/registry``, pinned first."""
-    return [s.info for s in verified_models(DeviceRegistry(settings.state_dir, on_refusal=on_refusal))]
+    registry = registry if registry is not None else DeviceRegistry(settings.state_dir, on_refusal=on_refusal)
+    return [s.info for s in verified_models(registry)]
 
 
 def info_for_file(path: Path, model_id: str | None = None, chat_template: str | None = None) -> ModelInfo:
@@ -130,14 +137,14 @@ def info_for_file(path: Path, model_id: str | None = None, chat_template: str | 
     )
 
 
-def discover(settings: Settings) -> list[ModelInfo]:
+def discover(settings: Settings, registry: DeviceRegistry | None = None) -> list[ModelInfo]:
     """Models to serve, the default first. Missing or refused files are skipped, never fatal."""
     if settings.model.path is not None:
         path = settings.model.path
         if not path.is_file():
             return []
         return [info_for_file(path, settings.model.id, settings.model.chat_template)]
-    return discover_store(settings)
+    return discover_store(settings, registry=registry)
 
 
 __all__ = [

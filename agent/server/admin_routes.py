@@ -8,9 +8,9 @@ the default model (409 naming the reason when the new one fails and the old one 
 ``POST /admin/pin`` keeps a model loaded; ``POST /admin/reload`` re-reads the config file
 (:mod:`agent.daemon.reload`). Who may call what is the access policy's business.
 
-The metrics middleware, installed outermost by :func:`install_metrics`, times every request
-from its arrival to the end of its response (streams included) and counts it by route pattern,
-status and model; tokens come from the response's ``usage`` or from what a streaming route
+The metrics middleware (outside all but the throttle counter, :func:`agent.server.http.build_app`)
+times every request from its arrival to the end of its response (streams included) and counts it
+by route pattern, status and model; tokens come from the response's ``usage`` or from what a streaming route
 noted with :func:`agent.server.usage.note_usage`.
 """
 
@@ -23,21 +23,45 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from agent import __version__
-from agent.daemon.metrics import CONTENT_TYPE, Metrics
-from agent.daemon.reload import Reloader, ReloadReport
 from agent.engine.pool import SwapFailed
 from agent.errors import BadRequest, NotFound
 from agent.server.common import error_response, read_json
 from agent.server.keys import POOL_KEY, STARTED_KEY
+from agent.server.metrics import CONTENT_TYPE, Metrics
 from agent.server.usage import noted_usage
 
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
-RELOAD_KEY: web.AppKey[Reloader] = web.AppKey("reloader", Reloader)
+
+
+class ReloadOutcome(Protocol):
+    """What ``POST /admin/reload`` answers with (:class:`agent.daemon.reload.ReloadReport`)."""
+
+    @property
+    def error(self) -> str | None: ...
+
+    @property
+    def internal(self) -> bool: ...
+
+    @property
+    def store_error(self) -> str | None: ...
+
+    def summary(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class Reloads(Protocol):
+    """The daemon's reloader as the route sees it (:class:`agent.daemon.reload.Reloader`)."""
+
+    async def reload(self, trigger: str) -> ReloadOutcome: ...
+
+
+RELOAD_KEY: web.AppKey[Reloads] = web.AppKey("reloader")
 REFUSED_KEY: web.AppKey[Callable[[], list[dict[str, Any]]]] = web.AppKey("refused")
 """The models crash isolation refused (:meth:`agent.engine.isolation.Isolation.refused`), as dicts."""
 _MAX_PARSED_BODY = 256 << 10
@@ -202,7 +226,7 @@ async def reload_config(request: web.Request) -> web.Response:
     return reload_response(await reloader.reload("api"))
 
 
-def reload_response(report: ReloadReport) -> web.Response:
+def reload_response(report: ReloadOutcome) -> web.Response:
     """The answer to ``POST /admin/reload``: 200 with the report; 400 ``config_error`` for a refused
     config (nothing applied); 500 (``internal_error``, or ``store_reload_failed`` when the live keys
     were applied but the store could not be re-read) for a failure of the agent itself."""
@@ -289,12 +313,6 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         )
 
 
-def install_metrics(app: web.Application, metrics: Metrics) -> None:
-    """Serve ``/metrics`` from ``metrics`` and time every request (outermost middleware)."""
-    app[METRICS_KEY] = metrics
-    app.middlewares.insert(0, metrics_middleware)
-
-
 def register(router: web.UrlDispatcher) -> None:
     router.add_get("/health", health)
     router.add_get("/v1/models", list_models)
@@ -309,8 +327,9 @@ __all__ = [
     "METRICS_KEY",
     "REFUSED_KEY",
     "RELOAD_KEY",
+    "ReloadOutcome",
+    "Reloads",
     "health",
-    "install_metrics",
     "list_models",
     "metrics_middleware",
     "metrics_text",

@@ -39,6 +39,7 @@ from aiohttp import web
 from agent.access import Action, Decision, Policy, RateLimiter, Subject, check_max_tokens, decide
 from agent.audit.store import AuditFull, AuditLog, AuditUnavailable
 from agent.config import Settings
+from agent.engine.pool import ModelPool
 from agent.errors import (
     BadRequest,
     ConfigError,
@@ -49,7 +50,6 @@ from agent.errors import (
     RequestError,
 )
 from agent.policy import PolicyHolder
-from agent.server.audit_routes import AUDIT_KEY
 from agent.server.common import read_json
 from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY
 from agent.server.usage import FINISH_KEY, Finisher, note_usage, noted_usage
@@ -327,11 +327,12 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
-def install_guard(app: web.Application, settings: Settings) -> Guard:
-    """Open the audit log (device key, writer thread), load the policy, and guard ``app``.
+def open_guard(settings: Settings, pool: ModelPool) -> Guard:
+    """Open the audit log (device key, writer thread) and load the policy; the application built with
+    this guard (:func:`agent.server.http.build_app`) authorizes and audits every request.
 
-    Records the configuration loaded at start. A bad local policy raises :class:`ConfigError`.
-    Call before the application starts; call ``guard.close()`` after the server has stopped.
+    Records the configuration loaded at start and, from then on, the pool's model events. A bad local
+    policy raises :class:`ConfigError`. Call ``guard.close()`` after the server (and the pool) stopped.
     """
     import hashlib
 
@@ -381,7 +382,6 @@ def install_guard(app: web.Application, settings: Settings) -> Guard:
             },
         )
     ).result()
-    pool = app[POOL_KEY]
 
     def pool_event(event: str, model_id: str) -> None:
         action, outcome = _POOL_EVENTS.get(event, (f"models.{event}", "ok"))
@@ -390,11 +390,7 @@ def install_guard(app: web.Application, settings: Settings) -> Guard:
         )
 
     pool.add_listener(pool_event)  # loads, unloads and switches of the served model
-    guard = Guard(audit, holder, audit_reads=settings.audit.audit_reads)
-    app[GUARD_KEY] = guard
-    app[AUDIT_KEY] = audit
-    app.middlewares.append(guard_middleware)
-    return guard
+    return Guard(audit, holder, audit_reads=settings.audit.audit_reads)
 
 
 __all__ = [
@@ -407,6 +403,6 @@ __all__ = [
     "action_for",
     "actor_of",
     "guard_middleware",
-    "install_guard",
+    "open_guard",
     "note_usage",
 ]

@@ -27,9 +27,12 @@ from aiohttp import web
 from agent.engine.pool import ModelPool
 from agent.errors import ModelNotReady, RequestError
 from agent.server import admin_routes, audit_routes, openai_routes, openapi
+from agent.server.audit_routes import AUDIT_KEY
 from agent.server.common import translate
+from agent.server.guard import GUARD_KEY, Guard, guard_middleware
 from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY, STARTED_KEY
-from agent.server.limits import GuardedSite, ServerLimits
+from agent.server.limits import GuardedSite, ServerLimits, throttle_middleware
+from agent.server.metrics import Metrics
 from agent.server.peercred import peer_credentials
 from fleet.log import get_logger
 
@@ -77,12 +80,38 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-def build_app(pool: ModelPool, limits: dict[str, Any], started: float | None = None) -> web.Application:
-    """The aiohttp application; ``limits`` holds max_body_bytes, default_max_tokens, request_timeout_s."""
-    app = web.Application(middlewares=[request_context], client_max_size=limits["max_body_bytes"])
+def build_app(
+    pool: ModelPool,
+    limits: dict[str, Any],
+    started: float | None = None,
+    *,
+    guard: Guard | None = None,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    """The aiohttp application; ``limits`` holds max_body_bytes, default_max_tokens, request_timeout_s.
+
+    The middleware order is declared here, once, outermost first:
+
+    1. the throttle counter (with ``metrics``): sees the final response, so it counts every 429;
+    2. the metrics middleware (with ``metrics``): times and counts every request, refused ones too;
+    3. the request context: request id, peer credentials, exceptions into JSON errors;
+    4. the guard (with ``guard``): authorizes by the caller's identity and audits the action.
+    """
+    middlewares: list[Any] = []
+    if metrics is not None:
+        middlewares += [throttle_middleware(metrics), admin_routes.metrics_middleware]
+    middlewares.append(request_context)
+    if guard is not None:
+        middlewares.append(guard_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=limits["max_body_bytes"])
     app[POOL_KEY] = pool
     app[LIMITS_KEY] = limits
     app[STARTED_KEY] = started if started is not None else time.monotonic()
+    if metrics is not None:
+        app[admin_routes.METRICS_KEY] = metrics
+    if guard is not None:
+        app[GUARD_KEY] = guard
+        app[AUDIT_KEY] = guard.audit
     admin_routes.register(app.router)
     openai_routes.register(app.router)
     audit_routes.register(app.router)

@@ -22,9 +22,9 @@ daemon. This module bounds every resource a connection can hold:
 - ``keepalive_timeout_s``: an idle keep-alive connection is closed after this (aiohttp's own timer).
 
 Every limit that fires is reported to the site's :class:`LimitEvents` sink (the daemon's
-:class:`agent.daemon.metrics.Metrics`, which exports them on ``GET /metrics``): refused and dropped
+:class:`agent.server.metrics.Metrics`, which exports them on ``GET /metrics``): refused and dropped
 connections, timeouts by phase, requests rejected before the application saw them, requests
-throttled with ``429`` (rate limit, full queue: :func:`install_throttle_counter`), and the open
+throttled with ``429`` (rate limit, full queue: :func:`throttle_middleware`), and the open
 connections against the limit. Label values are bounded: each method takes one of a fixed set.
 
 Invariants: every response this module writes itself is an OpenAI-shaped JSON error with
@@ -487,13 +487,15 @@ def throttle_reason(status: int, body: object) -> ThrottleReason | None:
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_Middleware = Callable[[web.Request, _Handler], Awaitable[web.StreamResponse]]
 
 
-def install_throttle_counter(app: web.Application, events: LimitEvents) -> None:
-    """Report every ``429`` the application answers to ``events`` (outermost middleware).
+def throttle_middleware(events: LimitEvents) -> _Middleware:
+    """A middleware that reports every ``429`` the application answers to ``events``.
 
-    Install after the middleware that turns exceptions into JSON errors, so that this one sees the
-    final response; a ``429`` is only ever sent before a response starts, so the body is whole.
+    It must sit outside the one that turns exceptions into JSON errors (the order is declared in
+    :func:`agent.server.http.build_app`), so that it sees the final response; a ``429`` is only
+    ever sent before a response starts, so the body is whole.
     """
 
     @web.middleware
@@ -505,7 +507,7 @@ def install_throttle_counter(app: web.Application, events: LimitEvents) -> None:
                 events.request_throttled(reason)
         return response
 
-    app.middlewares.insert(0, count_throttled)
+    return count_throttled
 
 
 class GuardedSite(web.BaseSite):
@@ -564,7 +566,7 @@ __all__ = [
     "TimeoutPhase",
     "classify_parse_error",
     "error_body",
-    "install_throttle_counter",
+    "throttle_middleware",
     "raw_error_response",
     "rejected_label",
     "throttle_reason",

@@ -122,7 +122,12 @@ class SyncService:
         policy_version: Callable[[], str | None] = lambda: None,
         client_factory: Callable[[MqttConfig], MqttClient] = MqttClient,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        registry: DeviceRegistry | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
+        """``registry`` and ``ledger`` default to new ones on ``state_dir``; the daemon passes its own
+        (one :class:`DeviceRegistry` per daemon, :mod:`agent.daemon.app`), whose refusals it routes to
+        :meth:`refused`."""
         self.options = options
         self.state_dir = state_dir
         self.pool = pool
@@ -136,7 +141,9 @@ class SyncService:
 
             config = replace(config, will=offline_will(options.device_id))
         self.client = client_factory(config)
-        self.registry = DeviceRegistry(state_dir, on_refusal=self._refused)
+        self.registry = (
+            registry if registry is not None else DeviceRegistry(state_dir, on_refusal=self.refused)
+        )
         self.metadata = RetainedMetadata(self.client)
         self.metadata.on_timestamp = self._wake_up
         self.uploader: AuditUploader | None = None
@@ -145,7 +152,7 @@ class SyncService:
         self.serving_versions: dict[str, str] = {}
         self.last_sync: float | None = None
         self.events_sent: list[Event] = []
-        self.ledger = Ledger.open(state_dir)
+        self.ledger = ledger if ledger is not None else Ledger.open(state_dir)
         self.outbox = Outbox(self.ledger, options.outbox_capacity)
         self._flush_lock = asyncio.Lock()
         self._flush_wanted = False
@@ -176,7 +183,7 @@ class SyncService:
             self.state_dir / "sync" / "partial",
             window=o.chunk_window,
             chunk_timeout_s=o.chunk_timeout_s,
-            on_refusal=self._refused,
+            on_refusal=self.refused,
         )
         attach(self.registry, self.fetcher)  # transfers are renamed into the store, not copied
         self.client.on_connect(self._on_connect)
@@ -500,7 +507,7 @@ class SyncService:
         if self.uploader is not None:
             self.uploader.kick()
 
-    def _refused(self, reason: str, detail: str) -> None:
+    def refused(self, reason: str, detail: str) -> None:
         """Registry and transfer refusals: into the audit log (from any thread)."""
         log.warning("sync_refused", reason=reason, detail=detail)
         self._audit("sync.refused", None, "refused", reason, {"detail": detail[:1000]})
@@ -673,74 +680,10 @@ def options_from_settings(settings: Any, device_id: str, **extra: Any) -> SyncOp
     )
 
 
-async def start_sync(settings: Any, pool: ServingPool, guard: Any = None) -> SyncService | None:
-    """Start fleet sync when ``[hub] host`` is set (called by ``agent.daemon.app``); None otherwise.
-
-    ``guard`` is the audit/access guard (its ``audit`` log and ``policies`` holder); a device that
-    is not enrolled and has no ``[hub] device_id`` cannot sync: that is logged, never fatal.
-    """
-    if settings.hub.host is None:
-        return None
-    from agent import __version__
-    from agent.errors import ConfigError
-    from fleet.device_key import ensure_device_key
-
-    device_id = settings.hub.device_id
-    if device_id is None:
-        try:
-            device_id = DeviceRegistry(settings.state_dir).enrollment().device_id
-        except RegistryError as exc:
-            log.error("sync_disabled", reason=str(exc))
-            return None
-    for name in ("ca_file", "cert_file", "key_file"):
-        path = getattr(settings.hub, name)
-        if not Path(path).is_file():
-            raise ConfigError(f"config error: hub.{name} = {str(path)!r}: file not found")
-    hardware: dict[str, Any] = {}
-    try:
-        from agent.hardware.probe import probe
-
-        hardware = probe(timeout_s=1.0).to_dict()
-    except Exception as exc:  # the hardware profile is informative only
-        log.warning("sync_hardware_probe_failed", error=repr(exc))
-    audit = getattr(guard, "audit", None)
-    holder = getattr(guard, "policies", None)
-    key_hex = ensure_device_key(settings.state_dir).public.raw.hex()
-    options = options_from_settings(
-        settings, device_id, agent_version=__version__, hardware=hardware, audit_key_hex=key_hex
-    )
-    policy_sink = None
-    if audit is not None:
-        from agent.policy import accept_policy
-
-        def policy_sink(document: bytes, version: int) -> None:
-            accept_policy(settings.state_dir, document, version, audit=audit)
-
-    def policy_version() -> str | None:
-        return str(holder.current().version) if holder is not None else None
-
-    try:
-        service = SyncService(
-            options,
-            settings.state_dir,
-            pool,
-            audit=audit,
-            policy_sink=policy_sink,
-            policy_version=policy_version,
-        )
-    except SYNC_FAILURES as exc:  # the sync ledger cannot be opened: serve locally, say why
-        log.error("sync_disabled", reason=str(exc))
-        return None
-    await service.start()
-    log.info("sync_started", device=device_id, broker=f"{settings.hub.host}:{settings.hub.port}")
-    return service
-
-
 __all__ = [
     "AuditRecorder",
     "ServingPool",
     "SyncOptions",
     "SyncService",
     "options_from_settings",
-    "start_sync",
 ]

@@ -78,7 +78,7 @@ class HubServer:
     def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
         c = self.config
         argv = [
-            sys.executable, "-m", "hub.sync.serve",
+            sys.executable, "-m", "hub.sync.worker",
             "--role", "blobs", "--repo", str(c.repo), "--db", str(c.db),
             "--host", c.mqtt.host, "--port", str(c.mqtt.port),
             "--ca", str(c.mqtt.ca_file), "--cert", str(c.mqtt.cert_file), "--key", str(c.mqtt.key_file),
@@ -165,28 +165,4 @@ class HubServer:
         return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hub.sync.serve`` (what ``edge-hub serve`` spawns for blob workers)."""
-    import argparse
-
-    from hub.sync.commands import add_broker_options, serve_config
-
-    parser = argparse.ArgumentParser(prog="python -m hub.sync.serve")
-    add_broker_options(parser)
-    parser.add_argument("--repo", type=Path, required=True)
-    parser.add_argument("--db", type=Path, required=True)
-    parser.add_argument("--role", choices=("all", "blobs"), default="blobs")
-    parser.add_argument("--blob-workers", type=int, default=0)
-    parser.add_argument("--timestamp-interval", type=float, default=6 * 3600.0)
-    parser.add_argument("--log-format", choices=("auto", "json", "console"), default="json")
-    args = parser.parse_args(argv)
-    from fleet import log as fleet_log
-
-    fleet_log.configure("info", args.log_format, service="edge-hub")
-    return asyncio.run(HubServer(serve_config(args)).run())
-
-
-__all__ = ["HubServer", "ServeConfig", "main"]
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+__all__ = ["HubServer", "ServeConfig"]

@@ -22,7 +22,7 @@ from agent.audit.store import AuditLog, audit_path
 from agent.config import Settings
 from agent.engine.pool import ModelPool
 from agent.policy import accept_policy
-from agent.server.guard import Guard, action_for, install_guard
+from agent.server.guard import Guard, action_for, open_guard
 from agent.server.http import build_app
 from fleet.device_key import ensure_device_key
 
@@ -62,10 +62,11 @@ def app_policy(actions: list[str], models: list[str] | None = None) -> dict[str,
 
 @asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[tuple[ClientSession, Guard]]:
+    pool = ModelPool()
+    guard = open_guard(settings, pool)
     app = build_app(
-        ModelPool(), {"max_body_bytes": 1 << 16, "default_max_tokens": 16, "request_timeout_s": 30}
+        pool, {"max_body_bytes": 1 << 16, "default_max_tokens": 16, "request_timeout_s": 30}, guard=guard
     )
-    guard = install_guard(app, settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     sock = settings.state_dir / "t.sock"
@@ -235,11 +236,11 @@ def test_stream_record_is_on_disk_before_done_event(tmp_path: Path) -> None:
         return response
 
     async def run() -> list[dict[str, Any]]:
-        app = build_app(
-            ModelPool(), {"max_body_bytes": 1 << 16, "default_max_tokens": 16, "request_timeout_s": 30}
-        )
+        pool = ModelPool()
+        guard = open_guard(settings, pool)
+        limits = {"max_body_bytes": 1 << 16, "default_max_tokens": 16, "request_timeout_s": 30}
+        app = build_app(pool, limits, guard=guard)
         app.router.add_post("/admin/models/stream", streaming)  # an audited action (models.admin)
-        guard = install_guard(app, settings)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.UnixSite(runner, str(sock)).start()

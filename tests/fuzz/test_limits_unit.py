@@ -9,7 +9,6 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
 
 from agent.config import ServerSettings, Settings, format_validation_error
-from agent.daemon.metrics import Metrics
 from agent.server.limits import (
     REJECTED_STATUSES,
     ConnectionCounter,
@@ -21,6 +20,7 @@ from agent.server.limits import (
     rejected_label,
     throttle_reason,
 )
+from agent.server.metrics import Metrics
 from tests.fuzz.rawhttp import parse_responses
 
 

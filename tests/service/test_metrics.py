@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.daemon.metrics import HubState, Metrics, StatusSources
 from agent.engine.pool import ModelPool
+from agent.server.metrics import HubState, Metrics, StatusSources
 from tests.fakes.engine import FakeFactory, fake_info
 
 

@@ -391,7 +391,6 @@ def test_policy_file_contents_audit_reads_and_log_level_reload(
     import structlog
 
     from agent.audit.store import AuditLog, audit_path
-    from agent.server.http import build_app
     from fleet.log import get_logger
 
     policy = tmp_path / "policy.json"
@@ -402,11 +401,10 @@ def test_policy_file_contents_audit_reads_and_log_level_reload(
     start = source.load()
 
     async def run() -> tuple[Any, Any, bool]:
-        from agent.server.guard import install_guard
+        from agent.server.guard import open_guard
 
         pool = ModelPool()
-        app = build_app(pool, {"max_body_bytes": 1 << 16, "default_max_tokens": 16, "request_timeout_s": 30})
-        guard = install_guard(app, start)
+        guard = open_guard(start, pool)
         try:
             reloader = Reloader(source, start, pool, guard)
             policy.write_text(json.dumps({"roles": ROLE, "bindings": [{"role": "r", "uids": [6]}]}))

@@ -207,7 +207,7 @@ async def test_two_blob_worker_processes_share_the_requests(broker: Broker, tmp_
             [
                 sys.executable,
                 "-m",
-                "hub.sync.serve",
+                "hub.sync.worker",
                 "--role",
                 "blobs",
                 "--repo",

@@ -20,9 +20,9 @@ skipped for that scrape and never fails the scrape.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
@@ -32,9 +32,28 @@ from agent import __version__
 from fleet.log import get_logger
 
 if TYPE_CHECKING:
-    from agent.daemon.scheduler import Scheduler
-    from agent.daemon.sdnotify import Watchdog
     from agent.engine.pool import ModelPool
+
+
+class Jobs(Protocol):
+    """The daemon's scheduler as status and metrics see it (:class:`agent.daemon.scheduler.Scheduler`):
+    ``jobs()`` gives dataclasses with ``name``, ``runs``, ``failures``, ``last_run``, ``next_run``."""
+
+    def jobs(self) -> Sequence[Any]: ...
+
+
+class WatchdogView(Protocol):
+    """The sd_notify watchdog as status and metrics see it (:class:`agent.daemon.sdnotify.Watchdog`)."""
+
+    @property
+    def interval(self) -> float: ...
+
+    @property
+    def lag_s(self) -> float: ...
+
+    @property
+    def pings(self) -> int: ...
+
 
 log = get_logger(__name__)
 
@@ -66,8 +85,8 @@ class StatusSources:
     audit_backlog: Callable[[], int] | None = None
     policy_version: Callable[[], str | int | None] | None = None
     hub: Callable[[], HubState] | None = None
-    scheduler: Scheduler | None = None
-    watchdog: Watchdog | None = None
+    scheduler: Jobs | None = None
+    watchdog: WatchdogView | None = None
 
 
 @dataclass
@@ -331,7 +350,7 @@ def _pool_metrics(pool: ModelPool) -> Iterator[Metric]:
     )
 
 
-def _job_metrics(scheduler: Scheduler) -> Iterator[Metric]:
+def _job_metrics(scheduler: Jobs) -> Iterator[Metric]:
     runs = CounterMetricFamily("edge_agent_job_runs", "Runs of each periodic job", labels=["job"])
     failures = CounterMetricFamily(
         "edge_agent_job_failures", "Failed runs of each periodic job", labels=["job"]
@@ -343,4 +362,13 @@ def _job_metrics(scheduler: Scheduler) -> Iterator[Metric]:
     yield failures
 
 
-__all__ = ["CONTENT_TYPE", "DEFAULT_BUCKETS", "HubState", "Metrics", "Snapshot", "StatusSources"]
+__all__ = [
+    "CONTENT_TYPE",
+    "DEFAULT_BUCKETS",
+    "HubState",
+    "Jobs",
+    "Metrics",
+    "Snapshot",
+    "StatusSources",
+    "WatchdogView",
+]
