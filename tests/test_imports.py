@@ -72,7 +72,7 @@ RULES = [
     pytest.param("hub", ("agent",), id="hub-never-imports-agent"),
     pytest.param("agent", ("hub",), id="agent-never-imports-hub"),
     pytest.param(
-        PURE, ADAPTERS + ("agent.daemon", "agent.cli", "agent.config", "agent.policy"), id="pure-core"
+        PURE, (*ADAPTERS, "agent.daemon", "agent.cli", "agent.config", "agent.policy"), id="pure-core"
     ),
     pytest.param(ADAPTERS, ("agent.daemon", "agent.cli"), id="adapters-below-the-daemon"),
     pytest.param("agent.daemon", ("agent.cli",), id="daemon-below-the-command-line"),
