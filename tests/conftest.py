@@ -1,5 +1,10 @@
+"""Shared fixtures. Async tests are written ``async def test_...`` (the one convention): the hook
+below runs each on a fresh event loop with a time limit, no plugin needed."""
+
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,3 +40,16 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterat
     """One real daemon per test module, serving Gemma over a fresh socket."""
     with running_daemon(tmp_path_factory.mktemp("agent"), gemma_path) as d:
         yield d
+
+
+ASYNC_TEST_TIMEOUT_S = 300
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run ``async def`` tests on a fresh event loop, bounded by :data:`ASYNC_TEST_TIMEOUT_S`."""
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**args), ASYNC_TEST_TIMEOUT_S))
+    return True

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import asyncio
-import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,8 +7,6 @@ import pytest
 
 from hub.sync.certs import make_test_pki
 from tests.sync.broker import CLIENTS, Broker, free_port
-
-ASYNC_TEST_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="session")
@@ -37,13 +33,3 @@ def own_broker(tmp_path: Path, certdir: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Run ``async def`` tests of this directory on a fresh event loop (no plugin needed)."""
-    if not inspect.iscoroutinefunction(pyfuncitem.obj):
-        return None
-    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    asyncio.run(asyncio.wait_for(pyfuncitem.obj(**args), ASYNC_TEST_TIMEOUT_S))
-    return True

@@ -2,8 +2,8 @@
 flushed batch are one transaction, and report() never waits behind a backlog flush - while an
 event is still on disk before report() returns and leaves the outbox only after its PUBACK.
 
-A real Mosquitto, a real ledger file; SQLite's own statement trace says which thread ran each
-COMMIT and how many there were."""
+The in-memory broker (tests/fakes/mqtt.py: the PUBACK comes back through the loop) where the
+broker's timing does not matter, a real Mosquitto where it does, a real ledger file; SQLite's own statement trace says which thread ran each COMMIT and how many there were."""
 
 from __future__ import annotations
 
@@ -16,8 +16,18 @@ from pathlib import Path
 from agent.engine.pool import ModelPool
 from agent.sync.service import SyncOptions, SyncService
 from fleet.messages import Event
+from fleet.mqtt import MqttConfig
+from tests.fakes.mqtt import FakeBroker
 from tests.sync.broker import Broker
 from tests.sync.helpers import wait_for
+
+
+def service(client_id: str, state_dir: Path) -> SyncService:
+    nowhere = Path("/nonexistent")
+    config = MqttConfig("fake", 0, client_id, nowhere, nowhere, nowhere, backoff_min_s=0.01)
+    return SyncService(
+        SyncOptions(client_id, config), state_dir, ModelPool(), client_factory=FakeBroker().client
+    )
 
 
 def event(i: int) -> Event:
@@ -47,9 +57,9 @@ def on_disk(path: Path, event_id: str) -> bool:
         conn.close()
 
 
-async def test_outbox_writes_run_off_the_loop_and_acks_are_batched(broker: Broker, tmp_path: Path) -> None:
+async def test_outbox_writes_run_off_the_loop_and_acks_are_batched(tmp_path: Path) -> None:
     loop_thread = threading.get_ident()
-    sync = SyncService(SyncOptions("dev-a", broker.client_config("dev-a")), tmp_path, ModelPool())
+    sync = service("dev-a", tmp_path)
     trace = Trace(sync.ledger.conn)
     try:
         for i in range(250):  # not connected yet: the events wait in the outbox
@@ -72,6 +82,7 @@ async def test_outbox_writes_run_off_the_loop_and_acks_are_batched(broker: Broke
 
 
 async def test_report_does_not_wait_behind_a_backlog_flush(broker: Broker, tmp_path: Path) -> None:
+    """A real Mosquitto: the backlog must take real network round trips to still be flushing."""
     sync = SyncService(SyncOptions("dev-b", broker.client_config("dev-b")), tmp_path, ModelPool())
     try:
         with sync.ledger.tx() as conn:  # a backlog from a long time offline, in one transaction
