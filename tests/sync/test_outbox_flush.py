@@ -3,7 +3,8 @@ flushed batch are one transaction, and report() never waits behind a backlog flu
 event is still on disk before report() returns and leaves the outbox only after its PUBACK.
 
 The in-memory broker (tests/fakes/mqtt.py: the PUBACK comes back through the loop) where the
-broker's timing does not matter, a real Mosquitto where it does, a real ledger file; SQLite's own statement trace says which thread ran each COMMIT and how many there were."""
+broker's timing does not matter, a real Mosquitto where it does, a real ledger file; SQLite's own
+statement trace says which thread ran each COMMIT and how many there were."""
 
 from __future__ import annotations
 
