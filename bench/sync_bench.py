@@ -78,7 +78,7 @@ def raw_paho_throughput(broker: object, data: bytes, chunk: int, window: int) ->
     sub.subscribe("edge/v1/devices/dev-bench/blobs", qos=1)
     ready.wait(10)
     pub = client("hub", "bench-pub")
-    pub.connect("127.0.0.1", broker.port)  # type: ignore[attr-defined]
+    pub.connect("127.0.0.1", broker.service_port)  # type: ignore[attr-defined]
     pub.loop_start()
     time.sleep(0.3)
     view = memoryview(data)
@@ -136,7 +136,7 @@ async def audit_upload(broker: object, work: Path, records: int) -> float:
         f.result(120)
     repo = new_repo(work / "audit-repo")
     certdir = broker.certdir  # type: ignore[attr-defined]
-    port = broker.port  # type: ignore[attr-defined]
+    port = broker.service_port  # type: ignore[attr-defined]
     argv = ["-m", "hub.sync.worker", "--role", "all", "--repo", str(repo.path), "--db", str(work / "hub.db")]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--ca", str(certdir / "ca.crt")]
     argv += [
@@ -258,7 +258,7 @@ def main() -> int:
             if deploy_s is not None:
                 print(f"deploy -> serving: {deploy_s:.1f} s", flush=True)
         finally:
-            broker.stop()
+            broker.cleanup()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     size = len(data)

@@ -1,7 +1,8 @@
 """``edge-hub serve | devices | deploy | policy push | audit query``: the fleet over MQTT.
 
 Broker options default to environment variables (``EDGE_HUB_MQTT_HOST``, ``_PORT``, ``_CA``,
-``_CERT``, ``_KEY``) so an operator sets them once. Exit statuses: 0 ok, 1 runtime failure (broker
+``_CERT``, ``_KEY``, ``_BACKOFF_MIN_S``, ``_BACKOFF_MAX_S``) so an operator sets them
+once. Exit statuses: 0 ok, 1 runtime failure (broker
 unreachable, a device reported a failure, timeout), 2 bad usage.
 """
 
@@ -23,6 +24,8 @@ from fleet.mqtt import MqttClient, MqttConfig
 
 _ENV = "EDGE_HUB_MQTT_"
 HUB_SESSION_EXPIRY_S = 120
+DEFAULT_BACKOFF = (0.5, 30.0)
+"""The hub's reconnect backoff (``--backoff-min`` / ``--backoff-max``) when nothing is set."""
 """Hub clients keep their session (and shared subscriptions) across a broker restart or a short
 outage, but a worker gone for longer stops receiving its share of the requests."""
 DONE_STATUSES = {
@@ -45,6 +48,28 @@ def add_broker_options(p: argparse.ArgumentParser, client_id: str = "hub") -> No
     p.add_argument("--cert", type=Path, default=_path(env.get(_ENV + "CERT")), help="client certificate")
     p.add_argument("--key", type=Path, default=_path(env.get(_ENV + "KEY")), help="client key")
     p.add_argument("--client-id", default=client_id)
+    p.add_argument(
+        "--backoff-min",
+        type=float,
+        default=_float_env(_ENV + "BACKOFF_MIN_S", DEFAULT_BACKOFF[0]),
+        help="seconds: first reconnect delay (the delay doubles per failed attempt, with jitter)",
+    )
+    p.add_argument(
+        "--backoff-max",
+        type=float,
+        default=_float_env(_ENV + "BACKOFF_MAX_S", DEFAULT_BACKOFF[1]),
+        help="seconds: longest reconnect delay",
+    )
+
+
+def _float_env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"edge-hub: {name}={raw!r} is not a number of seconds") from None
 
 
 def _path(value: str | None) -> Path | None:
@@ -58,6 +83,11 @@ def mqtt_config(args: argparse.Namespace) -> MqttConfig:
     for n in ("ca", "cert", "key"):
         if not getattr(args, n).is_file():
             raise SystemExit(f"edge-hub: --{n} {getattr(args, n)}: no such file")
+    if not 0 < args.backoff_min <= args.backoff_max:
+        raise SystemExit(
+            f"edge-hub: --backoff-min {args.backoff_min:g} / --backoff-max {args.backoff_max:g}: "
+            "need 0 < min <= max"
+        )
     return MqttConfig(
         host=args.host,
         port=args.port,
@@ -65,8 +95,8 @@ def mqtt_config(args: argparse.Namespace) -> MqttConfig:
         ca_file=args.ca,
         cert_file=args.cert,
         key_file=args.key,
-        backoff_min_s=0.5,
-        backoff_max_s=30.0,
+        backoff_min_s=args.backoff_min,
+        backoff_max_s=args.backoff_max,
         session_expiry_s=HUB_SESSION_EXPIRY_S,
     )
 
@@ -305,6 +335,18 @@ def _subparsers_of(parser: argparse.ArgumentParser) -> Any:
 
 
 def register(sub: Any) -> None:
+    from hub.sync import broker, certs
+
+    p = sub.add_parser("certs", help="make the fleet's CAs and the broker's and clients' certificates")
+    certs.add_arguments(p)
+    p.set_defaults(func=certs.run)
+    broker_sub = sub.add_parser("broker", help="the fleet's Mosquitto").add_subparsers(
+        dest="broker_cmd", required=True
+    )
+    p = broker_sub.add_parser("install", help="render mosquitto/mosquitto.conf and lay out its files")
+    broker.add_arguments(p)
+    p.set_defaults(func=broker.run)
+
     p = sub.add_parser("serve", help="run the hub: metadata, blobs, audit, inventory over MQTT")
     _repo_opts(p)
     _db_opt(p)

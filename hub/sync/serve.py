@@ -83,6 +83,7 @@ class HubServer:
             "--host", c.mqtt.host, "--port", str(c.mqtt.port),
             "--ca", str(c.mqtt.ca_file), "--cert", str(c.mqtt.cert_file), "--key", str(c.mqtt.key_file),
             "--client-id", f"{c.mqtt.client_id}-blobs-{i}",
+            "--backoff-min", str(c.mqtt.backoff_min_s), "--backoff-max", str(c.mqtt.backoff_max_s),
         ]  # fmt: skip
         return subprocess.Popen(argv)
 

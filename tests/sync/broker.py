@@ -1,26 +1,30 @@
-"""A real Mosquitto for the sync tests: TLS with client certificates and the repo's ACL.
+"""A real Mosquitto for the sync tests, installed and started exactly as docs/operations.md says.
 
-The config is ``mosquitto/mosquitto.conf`` rendered with a free loopback port, the certificate
-directory and the ACL file; the certificates are generated per test session by
-:mod:`hub.sync.certs`.
+``edge-hub broker install``'s function lays out the shipped ``mosquitto/mosquitto.conf`` and
+``mosquitto/acl`` with the session's certificates (:mod:`hub.sync.certs`) on two free loopback
+ports, and ``mosquitto -c <dest>/mosquitto.conf`` starts it unchanged: run as root (CI), the
+broker drops to user ``mosquitto`` and reads its files as that user, as on a fleet's broker. The
+layout lives under a directory of its own in the system temp directory, which that user can
+search (pytest's own temp directories are private to the test user).
 """
 
 from __future__ import annotations
 
-import getpass
 import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fleet.messages import Outgoing
 from fleet.mqtt import MqttConfig
+from hub.sync.broker import MOSQUITTO, BrokerLayout, install
+from hub.sync.certs import SERVICE_IDENTITIES
 
 REPO = Path(__file__).resolve().parents[2]
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 CLIENTS = ("hub", "operator", "dev-a", "dev-b", "dev-c", "dev-bench")
 
 
@@ -32,44 +36,56 @@ def free_port() -> int:
 
 @dataclass
 class Broker:
-    """One mosquitto process; ``restart()`` keeps the port so clients reconnect to it."""
+    """One mosquitto process; ``restart()`` keeps the ports so clients reconnect to them.
+
+    ``workdir`` holds the log; the installed layout (config, certificates, ACL, persistence) is
+    created at the first start and removed by :meth:`cleanup`."""
 
     workdir: Path
     certdir: Path
     port: int
+    service_port: int = field(default_factory=lambda: free_port())
     proc: subprocess.Popen[bytes] | None = None
+    layout: BrokerLayout | None = None
 
-    def config_path(self) -> Path:
-        template = (REPO / "mosquitto" / "mosquitto.conf").read_text()
-        conf = template.replace("{port}", str(self.port)).replace("{certdir}", str(self.certdir))
-        conf = conf.replace("{acl}", str(REPO / "mosquitto" / "acl")).replace(
-            "{persistence}", str(self.workdir)
-        )
-        # Run as the test user: the certificates live in the user's private temp directory.
-        conf += f"\nuser {getpass.getuser()}\n"
-        path = self.workdir / "mosquitto.conf"
-        path.write_text(conf)
-        return path
+    def install(self) -> BrokerLayout:
+        if self.layout is None:
+            dest = Path(tempfile.mkdtemp(prefix="edge-broker-"))
+            self.layout = install(
+                REPO / "mosquitto", self.certdir, dest, port=self.port, service_port=self.service_port
+            )
+        return self.layout
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
 
     def start(self) -> None:
-        log = (self.workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config_path())], stdout=log, stderr=log)
+        config = self.install().config
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + 10
         ctx = ssl.create_default_context(cafile=str(self.certdir / "ca.crt"))
         ctx.load_cert_chain(str(self.certdir / "operator.crt"), str(self.certdir / "operator.key"))
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()}")
+                raise RuntimeError(f"mosquitto exited: {self.log_path.read_text()}")
             try:
                 with (
-                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw,
+                    socket.create_connection(("127.0.0.1", self.service_port), timeout=0.5) as raw,
                     ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
                 ):
                     return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening")
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self.layout is not None:
+            shutil.rmtree(self.layout.config.parent, ignore_errors=True)
+            self.layout = None
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -89,11 +105,14 @@ class Broker:
     def client_config(
         self, cn: str, *, client_id: str | None = None, will: Outgoing | None = None, **kw: object
     ) -> MqttConfig:
+        """A client of identity ``cn`` on its listener: the service listener for the hub and the
+        operator, the device listener for every other CN."""
         if cn == "hub":  # hub workers: short sessions (see hub.sync.commands.HUB_SESSION_EXPIRY_S)
             kw.setdefault("session_expiry_s", 120)
+        port = kw.pop("port", self.service_port if cn in SERVICE_IDENTITIES else self.port)
         return MqttConfig(
             host="127.0.0.1",
-            port=self.port,
+            port=port,  # type: ignore[arg-type]
             client_id=client_id or cn,
             ca_file=self.certdir / "ca.crt",
             cert_file=self.certdir / f"{cn}.crt",

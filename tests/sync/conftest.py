@@ -22,7 +22,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory, certdir: Path) -> Iterator[
     b = Broker(tmp_path_factory.mktemp("broker"), certdir, free_port())
     b.start()
     yield b
-    b.stop()
+    b.cleanup()
 
 
 @pytest.fixture
@@ -32,4 +32,4 @@ def own_broker(tmp_path: Path, certdir: Path) -> Iterator[Broker]:
     b.workdir.mkdir()
     b.start()
     yield b
-    b.stop()
+    b.cleanup()

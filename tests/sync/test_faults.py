@@ -217,7 +217,7 @@ async def test_two_blob_worker_processes_share_the_requests(broker: Broker, tmp_
                 "--host",
                 "127.0.0.1",
                 "--port",
-                str(broker.port),
+                str(broker.service_port),
                 "--ca",
                 str(cert / "ca.crt"),
                 "--cert",

@@ -102,7 +102,7 @@ async def test_deploy_wait_shows_each_devices_outcome(broker: Broker, tmp_path: 
             await asyncio.sleep(0.1)
         c = broker.certdir
         argv = ["deploy", "--repo", str(repo.path), "--group", "edge", "--model", "m", "--wait", "60"]
-        argv += ["--db", str(tmp_path / "hub.db"), "--host", "127.0.0.1", "--port", str(broker.port)]
+        argv += ["--db", str(tmp_path / "hub.db"), "--host", "127.0.0.1", "--port", str(broker.service_port)]
         argv += [
             "--ca",
             str(c / "ca.crt"),
