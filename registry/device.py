@@ -218,16 +218,24 @@ class DeviceRegistry:
         with fetcher:
             return self.update(fetcher)
 
-    def update(self, fetcher: RegistryFetcher | FetcherInterface) -> ImportResult:
-        """Refresh trusted metadata from ``fetcher`` and install what this device wants."""
+    def update(
+        self, fetcher: RegistryFetcher | FetcherInterface, *, only_deployed: bool = False
+    ) -> ImportResult:
+        """Refresh trusted metadata from ``fetcher`` and install what this device wants.
+
+        Wanted: this device's deployments (its groups), every policy, and the models the deployments
+        name. With no deployment naming a model, a bundle import (``only_deployed=False``: the
+        operator chose the bundle) installs every model in it, while a fleet sync
+        (``only_deployed=True``) installs no model at all: a box downloads nothing until something
+        is deployed to it (docs/protocol.md)."""
         try:
             with self._locked():
-                return self._update(fetcher)
+                return self._update(fetcher, only_deployed)
         except RegistryError as exc:
             self._refuse(exc)
             raise
 
-    def _update(self, fetcher: FetcherInterface) -> ImportResult:
+    def _update(self, fetcher: FetcherInterface, only_deployed: bool) -> ImportResult:
         enrollment = self.enrollment()
         anchor = read_bounded(self.dir / "anchor.root.json", METADATA_MAX_BYTES["root"])
         for tmp in self.store.stale_temps():
@@ -296,7 +304,7 @@ class DeviceRegistry:
                 except ManifestError as exc:
                     raise Refused(f"{e.path}: {exc.detail}", reason=Reason.MALFORMED) from None
 
-        for e in self._wanted_models(entries, deployments):
+        for e in self._wanted_models(entries, deployments, only_deployed):
             assert e.manifest is not None
             for path in (
                 e.path,
@@ -345,10 +353,12 @@ class DeviceRegistry:
         return Targets(version=listed.signed.version, expires=listed.signed.expires, targets=verified)
 
     @staticmethod
-    def _wanted_models(entries: list[TargetEntry], deployments: list[Deployment]) -> list[TargetEntry]:
+    def _wanted_models(
+        entries: list[TargetEntry], deployments: list[Deployment], only_deployed: bool
+    ) -> list[TargetEntry]:
         models = [e for e in entries if e.manifest is not None]
         if not deployments or not any(d.models for d in deployments):
-            return models
+            return [] if only_deployed else models
         out: dict[str, TargetEntry] = {}
         for d in deployments:
             for want in d.models:

@@ -266,7 +266,7 @@ class SyncService:
         assert self.fetcher is not None
         self.rounds += 1
         try:
-            await asyncio.to_thread(self.registry.update, self.fetcher)
+            await asyncio.to_thread(self.registry.update, self.fetcher, only_deployed=True)
         except (RegistryError, SyncError, FleetError) as exc:
             status = Status.METADATA_REFUSED if isinstance(exc, RegistryError) else Status.ERROR
             await self.report(Event("registry", status.value, "", str(exc)[:1900], time.time()))

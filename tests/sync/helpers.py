@@ -130,9 +130,9 @@ class Device:
     fetcher: MqttFetcher
     refusals: list[tuple[str, str]] = field(default_factory=list)
 
-    async def update(self) -> ImportResult:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.registry.update, self.fetcher)
+    async def update(self, *, only_deployed: bool = False) -> ImportResult:
+        """``DeviceRegistry.update`` over MQTT; ``only_deployed`` as the sync service calls it."""
+        return await asyncio.to_thread(self.registry.update, self.fetcher, only_deployed=only_deployed)
 
 
 @asynccontextmanager
