@@ -506,8 +506,41 @@ class MetaIndex:
         return cls(tuple(files))
 
 
+HUB_PRESENCE = "hub.presence"
+"""Name, under ``repo/meta/``, of the hub's retained presence. Not a TUF file: never listed in
+``index.json``, never fetched by python-tuf, so nothing trusts it; it only tells devices when to
+ask again (docs/protocol.md, "Hub presence")."""
+
+
+@dataclass(frozen=True, slots=True)
+class HubPresence:
+    """Retained ``repo/meta/hub.presence``: ``online`` with a fresh random ``session`` each time
+    the hub (re)connects and has its subscriptions in place; ``online: false`` (its Last Will, or
+    its goodbye) when it goes."""
+
+    online: bool
+    session: str
+    at: float
+
+    def encode(self) -> bytes:
+        return _dumps({"at": self.at, "online": self.online, "session": self.session})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> HubPresence:
+        data = _loads(raw, "hub presence")
+        _fields(data, "hub presence", {"at", "online", "session"})
+        online, at = data["online"], data["at"]
+        if not isinstance(online, bool):
+            raise ProtocolError("hub presence: online must be true or false")
+        if not isinstance(at, int | float) or isinstance(at, bool):
+            raise ProtocolError("hub presence: at must be a number")
+        return cls(online, _str(data, "session", "hub presence", 64), float(at))
+
+
 __all__ = [
     "BLOB_REQUESTS",
+    "HUB_PRESENCE",
+    "HubPresence",
     "DEVICE_LEAVES",
     "HUB_SHARE_GROUP",
     "MAX_CHUNK_BYTES",

@@ -160,7 +160,10 @@ def _sources(pool: ModelPool, guard: Guard) -> StatusSources:
 
 def _hub_state(sync: SyncService) -> Callable[[], HubState]:
     def read() -> HubState:
-        return HubState(True, bool(sync.client.is_connected), sync.last_sync)
+        totals = sync.fetcher.totals if sync.fetcher is not None else None
+        return HubState(
+            True, bool(sync.client.is_connected), sync.last_sync, sync.metadata.hub_online, totals
+        )
 
     return read
 

@@ -72,6 +72,10 @@ class HubState:
     connected: bool = False
     last_sync: float | None = None
     """Unix time of the last successful sync round."""
+    hub_online: bool | None = None
+    """The hub's last announced presence (None before any)."""
+    transfers: Any = None
+    """The fetcher's running totals (``agent.sync.fetcher.TransferTotals``), when sync runs."""
 
 
 @dataclass
@@ -245,6 +249,40 @@ def _safe(name: str, read: Callable[[], Any]) -> Any:
         return None
 
 
+REASK_REASONS = ("timeout", "reconnect", "hub_back", "not_found")
+
+
+def _transfer_metrics(hub: HubState) -> Iterator[Metric]:
+    """Model transfers from the hub: bytes, chunk requests, resumed and re-asked chunks."""
+    if hub.hub_online is not None:
+        yield GaugeMetricFamily(
+            "edge_agent_sync_hub_online", "1 while the hub announces itself online", value=int(hub.hub_online)
+        )
+    t = hub.transfers
+    if t is None:
+        return
+    yield GaugeMetricFamily("edge_agent_sync_transfers_active", "Model transfers running", value=t.active)
+    yield CounterMetricFamily(
+        "edge_agent_sync_transfer_bytes", "Verified chunk bytes received", value=t.bytes_received
+    )
+    yield CounterMetricFamily(
+        "edge_agent_sync_chunk_requests",
+        "Chunk requests sent (acknowledged by the broker)",
+        value=t.chunks_requested,
+    )
+    yield CounterMetricFamily(
+        "edge_agent_sync_chunks_resumed",
+        "Chunks found intact in partial files at a transfer's start",
+        value=t.chunks_resumed,
+    )
+    reasked = CounterMetricFamily(
+        "edge_agent_sync_chunks_reasked", "Chunk requests asked again, by reason", labels=["reason"]
+    )
+    for reason in REASK_REASONS:
+        reasked.add_metric([reason], t.reasked.get(reason, 0))
+    yield reasked
+
+
 class _StateCollector:
     """Scrape-time series from the pool, the sync, the audit log, the scheduler and the watchdog."""
 
@@ -276,6 +314,7 @@ class _StateCollector:
                         "Unix time of the last successful sync round",
                         value=hub.last_sync,
                     )
+                yield from _transfer_metrics(hub)
         backlog = self._metrics.snapshot.audit_backlog
         if src.audit_backlog is not None and backlog is not None:
             yield GaugeMetricFamily(

@@ -29,7 +29,12 @@ Invariants of a transfer:
 - Free disk is checked before the first request: what is still missing plus one full copy (the
   store's install) must fit, with a margin.
 - Each chunk is requested once per attempt; after a reconnect only the chunks that were in flight
-  (at most one window) are asked again.
+  (at most one window) are asked again, and so when the hub's presence comes back live
+  (``repo/meta/hub.presence``, a new session): requests sent while no hub worker was subscribed
+  were lost, so they are asked again at once instead of after ``chunk_timeout_s``.
+- Progress is visible: ``sync_transfer_started`` / ``_progress`` (every ``progress_interval_s``)
+  / ``_done`` / ``_failed`` log lines carry the chunks, bytes, resumed and re-asked chunks, and
+  :class:`TransferTotals` counts them for the metrics.
 """
 
 from __future__ import annotations
@@ -56,9 +61,11 @@ from fleet.errors import MqttError, ProtocolError
 from fleet.log import get_logger
 from fleet.messages import (
     BLOB_REQUESTS,
+    HUB_PRESENCE,
     META_INDEX,
     META_PREFIX,
     ChunkRequest,
+    HubPresence,
     Incoming,
     MetaIndex,
     Outgoing,
@@ -98,12 +105,39 @@ class RetainedMetadata:
         self._changed = asyncio.Event()
         self.on_timestamp: Callable[[], None] | None = None
         """Called when a new ``timestamp.json`` arrives (the agent schedules a refresh)."""
+        self.hub_online: bool | None = None
+        """The hub's last announced presence (None before any)."""
+        self.hub_session = ""
+        self.on_hub_back: Callable[[], None] | None = None
+        """Called when the hub announces itself live (it just (re)connected, subscriptions in
+        place); not for the retained copy a (re)subscription delivers."""
 
     async def start(self) -> None:
         await self.client.subscribe(META_PREFIX + "#", self._on_message, qos=1)
 
+    def _on_presence(self, msg: Incoming) -> None:
+        try:
+            presence = HubPresence.decode(msg.payload)
+        except ProtocolError as exc:
+            log.warning("sync_bad_hub_presence", error=str(exc))
+            return
+        self.hub_online = presence.online
+        if not presence.online:
+            log.info("sync_hub_offline")
+            return
+        fresh = presence.session != self.hub_session
+        self.hub_session = presence.session
+        if fresh and not msg.retain:
+            log.info("sync_hub_back", session=presence.session)
+            if self.on_hub_back is not None:
+                self.on_hub_back()
+
     def _on_message(self, msg: Incoming) -> None:
         name = msg.topic.removeprefix(META_PREFIX)
+        if name == HUB_PRESENCE:
+            if msg.payload:
+                self._on_presence(msg)
+            return
         if name == META_INDEX:
             try:
                 self.index = MetaIndex.decode(msg.payload) if msg.payload else None
@@ -192,9 +226,23 @@ def trusted_plans(metadata_dir: Path) -> Callable[[str], ChunkPlan]:
 
 
 @dataclass
+class TransferTotals:
+    """Running totals over every transfer of one fetcher (what the metrics export)."""
+
+    bytes_received: int = 0
+    chunks_requested: int = 0
+    chunks_resumed: int = 0
+    reasked: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Requests asked again, by reason: ``timeout``, ``reconnect``, ``hub_back``, ``not_found``."""
+    active: int = 0
+
+
+@dataclass
 class TransferStats:
     requested: collections.Counter[int] = field(default_factory=collections.Counter)
     """How many times each chunk index was requested (requests the broker acknowledged)."""
+    reasked: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Requests asked again, by reason (as :attr:`TransferTotals.reasked`)."""
     resumed_chunks: int = 0
     duplicates: int = 0
     """Chunks received again after they were already verified and written."""
@@ -219,8 +267,15 @@ class ChunkTransfer:
         on_refusal: RefusalSink = _no_refusal_sink,
         on_progress: Callable[[int, int], None] | None = None,
         adopted: bool = False,
+        totals: TransferTotals | None = None,
+        progress_interval_s: float = 10.0,
     ) -> None:
         self.client = client
+        self.totals = totals if totals is not None else TransferTotals()
+        self.progress_interval_s = progress_interval_s
+        self._logged_at = 0.0
+        self.running = False
+        self.finished = False
         self.device_id = device_id
         self.plan = plan
         self.adopted = adopted
@@ -259,6 +314,7 @@ class ChunkTransfer:
             if len(data) == length and hashlib.sha256(data).hexdigest() == self.plan.chunk_sha256[i]:
                 self._have.add(i)
         self.stats.resumed_chunks = len(self._have)
+        self.totals.chunks_resumed += len(self._have)
         self._notify()
 
     def _check_disk(self) -> None:
@@ -287,6 +343,7 @@ class ChunkTransfer:
             self._last_status = status
             if self._inflight.pop(index, None) is not None:
                 self._retry_at[index] = time.monotonic() + 1.0
+                self._reasked("not_found")
                 self._check_attempts(index)
             self._wake.set()
             return
@@ -309,10 +366,44 @@ class ChunkTransfer:
         self._notify()
         self._inflight.pop(index, None)
         self.stats.bytes_received += length
+        self.totals.bytes_received += length
         self._last_progress = time.monotonic()
         if self.on_progress is not None:
             self.on_progress(len(self._have), self.plan.count)
+        if self._last_progress - self._logged_at >= self.progress_interval_s:
+            self._log("sync_transfer_progress")
         self._wake.set()
+
+    def _reasked(self, reason: str, n: int = 1) -> None:
+        self.stats.reasked[reason] += n
+        self.totals.reasked[reason] += n
+
+    def _log(self, event: str, **extra: Any) -> None:
+        self._logged_at = time.monotonic()
+        log.info(
+            event,
+            blob=self.plan.sha256[:16],
+            chunks=f"{len(self._have)}/{self.plan.count}",
+            bytes_received=self.stats.bytes_received,
+            resumed_chunks=self.stats.resumed_chunks,
+            reasked=dict(self.stats.reasked),
+            in_flight=len(self._inflight),
+            **extra,
+        )
+
+    def reask_now(self) -> int:
+        """The hub just (re)connected: what is in flight may have gone to a shared subscription
+        with no live member, so ask it all again now (counted as attempts, reason ``hub_back``).
+        Returns how many requests that is."""
+        n = len(self._inflight)
+        for index in list(self._inflight):
+            del self._inflight[index]
+            self._retry_at[index] = 0.0
+        if n:
+            self._reasked("hub_back", n)
+            log.info("sync_transfer_reask", blob=self.plan.sha256[:16], reason="hub_back", requests=n)
+        self._wake.set()
+        return n
 
     async def _request(self, index: int) -> None:
         offset, length = self.plan.span(index)
@@ -333,18 +424,22 @@ class ChunkTransfer:
             self._inflight.pop(index, None)
             raise
         self.stats.requested[index] += 1
+        self.totals.chunks_requested += 1
 
     async def run(self) -> Path:
         """Fetch the missing chunks; return the partial file's path, every chunk verified."""
         started = time.monotonic()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.running = True
+        self.totals.active += 1
         try:
             self._resume()
             self._check_disk()
             if os.fstat(self._fd).st_size != self.plan.length:
                 os.ftruncate(self._fd, self.plan.length)
             self.ready.set()
+            self._log("sync_transfer_started", length=self.plan.length)
             await self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
             try:
                 await self._loop()
@@ -352,10 +447,18 @@ class ChunkTransfer:
                 await self._quiet_unsubscribe()
             # No fsync here: the store's install fsyncs the verified copy, and a resume re-hashes
             # every chunk of the partial file, so unsynced or torn chunks are simply fetched again.
+        except BaseException as exc:
+            self._log("sync_transfer_failed", error=str(exc) or type(exc).__name__)
+            raise
         finally:
+            self.running = False
+            self.finished = True
+            self.totals.active -= 1
             os.close(self._fd)
             self._fd = -1
         self.stats.seconds = time.monotonic() - started
+        mib_s = self.stats.bytes_received / (1 << 20) / max(self.stats.seconds, 1e-6)
+        self._log("sync_transfer_done", seconds=round(self.stats.seconds, 2), mib_per_s=round(mib_s, 1))
         return self.path
 
     async def _quiet_unsubscribe(self) -> None:
@@ -369,7 +472,9 @@ class ChunkTransfer:
             if self._failure is not None:
                 raise self._failure
             if not self.client.is_connected:
-                self._inflight.clear()  # replies to a lost session may never come: ask again
+                if self._inflight:  # replies to a lost session may never come: ask again
+                    self._reasked("reconnect", len(self._inflight))
+                    self._inflight.clear()
                 await self.client.wait_connected(None)
                 continue
             # A request expires when nothing has arrived for chunk_timeout_s since it was sent: on
@@ -378,6 +483,7 @@ class ChunkTransfer:
             for index, sent in list(self._inflight.items()):
                 if now - max(sent, self._last_progress) > self.chunk_timeout_s:
                     self._inflight.pop(index)
+                    self._reasked("timeout")
                     self._check_attempts(index)
             if self._failure is not None:
                 raise self._failure
@@ -473,6 +579,8 @@ class MqttFetcher(RegistryFetcher):
         self.on_refusal = on_refusal
         self.on_progress = on_progress
         self.transfers: list[TransferStats] = []
+        self.totals = TransferTotals()
+        self._active: list[ChunkTransfer] = []
 
     def _run(self, coro: Any, timeout: float) -> Any:
         fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -504,7 +612,7 @@ class MqttFetcher(RegistryFetcher):
 
     def _transfer(self, plan: ChunkPlan, **options: Any) -> ChunkTransfer:
         """A chunk transfer of ``plan`` with this fetcher's client, window, timeout and refusal sink."""
-        return ChunkTransfer(
+        transfer = ChunkTransfer(
             self.client,
             self.device_id,
             plan,
@@ -512,8 +620,17 @@ class MqttFetcher(RegistryFetcher):
             window=self.window,
             chunk_timeout_s=self.chunk_timeout_s,
             on_refusal=self.on_refusal,
+            totals=self.totals,
             **options,
         )
+        self._active = [t for t in self._active if not t.finished]
+        self._active.append(transfer)
+        return transfer
+
+    def hub_back(self) -> int:
+        """On the event loop: the hub announced itself; running transfers ask again what is in
+        flight (:meth:`ChunkTransfer.reask_now`). Returns the number of requests asked again."""
+        return sum(t.reask_now() for t in self._active if t.running)
 
     def adopt(self, sha256: str, length: int) -> Path:
         """Fetch blob ``sha256`` into its partial file and return it, every chunk verified (for
@@ -612,6 +729,7 @@ def attach(registry: DeviceRegistry, fetcher: MqttFetcher) -> None:
 
 
 __all__ = [
+    "TransferTotals",
     "AdoptingStore",
     "ChunkPlan",
     "ChunkTransfer",

@@ -186,6 +186,7 @@ class SyncService:
             on_refusal=self.refused,
         )
         attach(self.registry, self.fetcher)  # transfers are renamed into the store, not copied
+        self.metadata.on_hub_back = self._hub_back
         self.client.on_connect(self._on_connect)
         await self.client.start()
         await self.metadata.start()
@@ -213,6 +214,11 @@ class SyncService:
 
     def _wake_up(self) -> None:
         self._wake.set()
+
+    def _hub_back(self) -> None:
+        """The hub announced itself: transfers ask again at once what they asked while it was away."""
+        if self.fetcher is not None:
+            self.fetcher.hub_back()
 
     async def _on_connect(self, _session_present: bool) -> None:
         self.state.forget()

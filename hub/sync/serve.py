@@ -2,10 +2,12 @@
 
 One process (role ``all``) publishes the repository metadata retained and keeps it current
 (polling the metadata directory, so CLI pushes from other processes go out within
-``meta_poll_s``), re-signs the timestamp on a schedule (apscheduler), answers chunk requests,
-stores audit batches, state and events in the hub database. ``blob_workers`` extra processes
-(role ``blobs``) answer chunk requests too: all of them share ``$share/hub/edge/v1/repo/blobs/get``
-so the broker spreads the requests.
+``meta_poll_s``), announces its presence (retained ``repo/meta/hub.presence``, a fresh session
+after every connect once its subscriptions are in place; its Last Will says offline) so devices
+ask again at once what they asked while it was away, re-signs the timestamp on a schedule
+(apscheduler), answers chunk requests, stores audit batches, state and events in the hub
+database. ``blob_workers`` extra processes (role ``blobs``) answer chunk requests too: all of
+them share ``$share/hub/edge/v1/repo/blobs/get`` so the broker spreads the requests.
 
 Lifecycle: start -> run until SIGTERM/SIGINT -> close the MQTT clients and stop the workers.
 """
@@ -14,13 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fleet.errors import MqttError
 from fleet.log import get_logger
+from fleet.messages import HUB_PRESENCE, HubPresence, Outgoing, meta_topic
 from fleet.mqtt import MqttClient, MqttConfig
 from hub.sync.blobs import BlobIndex, BlobServer
 from hub.sync.collect import Collector
@@ -47,7 +53,12 @@ class HubServer:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
-        self.client = MqttClient(config.mqtt)
+        mqtt = config.mqtt
+        if config.role == "all" and mqtt.will is None:
+            mqtt = replace(mqtt, will=presence(False, ""))
+        self.client = MqttClient(mqtt)
+        self.session = ""
+        """The presence session announced last ("" before the first)."""
         self.blobs = BlobServer(self.client, BlobIndex(config.repo / "targets"))
         self.meta: MetaPublisher | None = None
         self.collector: Collector | None = None
@@ -74,6 +85,19 @@ class HubServer:
             self._start_scheduler()
             for i in range(c.blob_workers):
                 self._workers.append(self._spawn_worker(i))
+            self.client.on_connect(self._announce)
+            if self.client.is_connected:
+                await self._announce(True)
+
+    async def _announce(self, _session_present: bool) -> None:
+        """Presence: online, with a new session (subscriptions are renewed before hooks run)."""
+        self.session = os.urandom(8).hex()
+        try:
+            await self.client.publish(presence(True, self.session))
+        except MqttError as exc:
+            log.warning("hub_presence_failed", error=str(exc))
+            return
+        log.info("hub_presence", session=self.session)
 
     def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
         c = self.config
@@ -141,6 +165,9 @@ class HubServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.blobs.close()
+        if self.config.role == "all" and self.client.is_connected:
+            with contextlib.suppress(MqttError):
+                await self.client.publish(presence(False, ""), timeout=2)
         await self.client.close(end_session=True)
         if self.store is not None:
             self.store.close()
@@ -166,4 +193,11 @@ class HubServer:
         return 0
 
 
-__all__ = ["HubServer", "ServeConfig"]
+def presence(online: bool, session: str) -> Outgoing:
+    """The retained presence message (also the role-``all`` hub's Last Will, offline)."""
+    return Outgoing(
+        meta_topic(HUB_PRESENCE), HubPresence(online, session, time.time()).encode(), qos=1, retain=True
+    )
+
+
+__all__ = ["HubServer", "ServeConfig", "presence"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent.engine.pool import ModelPool
 from agent.server.metrics import HubState, Metrics, StatusSources
+from agent.sync.fetcher import TransferTotals
 from tests.fakes.engine import FakeFactory, fake_info
 
 
@@ -35,13 +37,16 @@ def ready_pool() -> ModelPool:
 
 def test_observations_and_state_series() -> None:
     pool = ready_pool()
+    totals = TransferTotals(
+        bytes_received=5 << 20, chunks_requested=12, chunks_resumed=3, active=1, reasked=Counter(hub_back=4)
+    )
     metrics = Metrics(
         (0.1, 1.0),
         StatusSources(
             pool=pool,
             audit_backlog=lambda: 42,
             policy_version=lambda: 7,
-            hub=lambda: HubState(True, True, 1_700_000_000.0),
+            hub=lambda: HubState(True, True, 1_700_000_000.0, True, totals),
         ),
     )
     metrics.observe_request("/v1/completions", "POST", 200, "small", 0.5, 12, 30)
@@ -69,6 +74,13 @@ def test_observations_and_state_series() -> None:
     assert m["edge_agent_policy_info"] == [({"version": "7"}, 1.0)]
     assert m["edge_agent_sync_connected"] == [({}, 1.0)]
     assert m["edge_agent_sync_last_success_timestamp_seconds"] == [({}, 1_700_000_000.0)]
+    assert m["edge_agent_sync_hub_online"] == [({}, 1.0)]
+    assert m["edge_agent_sync_transfers_active"] == [({}, 1.0)]
+    assert m["edge_agent_sync_transfer_bytes_total"] == [({}, float(5 << 20))]
+    assert m["edge_agent_sync_chunk_requests_total"] == [({}, 12.0)]
+    assert m["edge_agent_sync_chunks_resumed_total"] == [({}, 3.0)]
+    reasked = {lab["reason"]: v for lab, v in m["edge_agent_sync_chunks_reasked_total"]}
+    assert reasked == {"timeout": 0.0, "reconnect": 0.0, "hub_back": 4.0, "not_found": 0.0}
 
 
 def _boom() -> Any:
