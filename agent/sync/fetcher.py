@@ -121,9 +121,10 @@ class RetainedMetadata:
         except ProtocolError as exc:
             log.warning("sync_bad_hub_presence", error=str(exc))
             return
-        self.hub_online = presence.online
+        was, self.hub_online = self.hub_online, presence.online
         if not presence.online:
-            log.info("sync_hub_offline")
+            if was is not False:  # a retained copy delivered again on a resubscription says nothing new
+                log.info("sync_hub_offline")
             return
         fresh = presence.session != self.hub_session
         self.hub_session = presence.session

@@ -162,7 +162,8 @@ def make_pki(
     if bad:
         raise ValueError(f"not a device id or service identity: {', '.join(map(repr, bad))}")
     out = {"ca": ensure_ca(directory), "service-ca": ensure_ca(directory, SERVICE_CA)}
-    out["broker"] = issue(directory, "broker", server=True, hosts=(*BROKER_HOSTS, *broker_hosts))
+    hosts = tuple(dict.fromkeys((*BROKER_HOSTS, *broker_hosts)))
+    out["broker"] = issue(directory, "broker", server=True, hosts=hosts)
     for cn in clients:
         out[cn] = issue(directory, cn)
     return out
@@ -197,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"edge-hub certs: {exc}", file=sys.stderr)
         return 2
     os.chmod(args.directory, 0o700)
-    hosts = ", ".join((*BROKER_HOSTS, *args.broker_host))
+    hosts = ", ".join(dict.fromkeys((*BROKER_HOSTS, *args.broker_host)))
     print(f"certificates in {args.directory}: broker ({hosts}), {', '.join(made)}")
     return 0
 
