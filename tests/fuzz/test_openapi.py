@@ -169,6 +169,15 @@ _HI = [{"role": "user", "content": "hi"}]
             id="part-no-text",
         ),
         pytest.param("ChatBody", {"messages": []}, False, id="no-messages"),
+        pytest.param("ChatBody", {"messages": _HI, "audio": {}}, False, id="unsupported-field"),
+        pytest.param(
+            "ChatBody", {"messages": [{"role": "user", "content": "x", "x": 1}]}, False, id="message-extra"
+        ),
+        pytest.param(
+            "ChatBody", {"messages": _HI, "metadata": {"a": "b"}, "store": True}, True, id="metadata"
+        ),
+        pytest.param("CompletionBody", {"prompt": "x", "suffix": "y"}, False, id="completion-extra"),
+        pytest.param("EmbeddingBody", {"input": "a", "extra": 1}, False, id="embedding-extra"),
         pytest.param("EmbeddingBody", {"input": ["a"] * 512}, True, id="512-inputs"),
         pytest.param("EmbeddingBody", {"input": ["a"] * 513}, False, id="513-inputs"),
         pytest.param("EmbeddingBody", {"input": []}, False, id="no-inputs"),
