@@ -18,7 +18,7 @@ import base64
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -30,6 +30,7 @@ from agent.engine.base import (
     SamplingParams,
     Usage,
 )
+from agent.engine.grammar import check_gbnf, json_object_grammar, schema_grammar
 from agent.errors import BadRequest
 
 
@@ -76,6 +77,37 @@ class StreamOptions(BaseModel):
     """OpenAI pads stream chunks with an ``obfuscation`` field; we do not: only ``false`` is taken."""
 
 
+class JsonSchemaSpec(BaseModel):
+    """``response_format.json_schema``: the schema the answer must validate against."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    """JSON Schema (docs/api.md, "Structured output", lists the keywords enforced); absent: any JSON."""
+    strict: bool | None = None
+    """Accepted either way: the schema is always enforced (by grammar)."""
+
+
+class TextFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class _SamplingBody(BaseModel):
     """Fields shared by ``/v1/completions`` and ``/v1/chat/completions``."""
 
@@ -99,7 +131,26 @@ class _SamplingBody(BaseModel):
     user: str | None = None
     """Metadata: recorded in the request log line, nothing else."""
 
+    response_format: ResponseFormat | None = None
+    """``json_object`` or ``json_schema``: the answer is constrained by a grammar to parse (and
+    validate); ``text``: no constraint."""
+    grammar: str | None = Field(default=None, min_length=1, max_length=65536)
+    """A GBNF grammar (llama.cpp's server's extension); not with a JSON ``response_format``."""
+
     _integers = field_validator("max_tokens", "top_k", "seed", "n", mode="before")(integral)
+
+    def grammar_text(self) -> str | None:
+        """The GBNF the generation follows, or None; :class:`BadRequest` names an unsupported
+        schema keyword (``response_format``) or a conflict with ``grammar``."""
+        fmt = self.response_format
+        if fmt is None or isinstance(fmt, TextFormat):
+            return None if self.grammar is None else check_gbnf(self.grammar)
+        if self.grammar is not None:
+            raise BadRequest("grammar: give a grammar or a JSON response_format, not both", param="grammar")
+        if isinstance(fmt, JsonObjectFormat):
+            return json_object_grammar()
+        schema: Any = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else True
+        return schema_grammar(schema, "response_format.json_schema.schema")
 
     @field_validator("stop")
     @classmethod
@@ -129,6 +180,7 @@ class _SamplingBody(BaseModel):
             presence_penalty=self.presence_penalty,
             seed=self.seed,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            grammar=self.grammar_text(),
         )
 
     def stops(self) -> tuple[str, ...]:
@@ -421,6 +473,11 @@ __all__ = [
     "UNSUPPORTED",
     "ChatBody",
     "ChatMessageBody",
+    "JsonObjectFormat",
+    "JsonSchemaFormat",
+    "JsonSchemaSpec",
+    "ResponseFormat",
+    "TextFormat",
     "CompletionBody",
     "EmbeddingBody",
     "StreamOptions",

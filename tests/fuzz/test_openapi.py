@@ -176,6 +176,26 @@ _HI = [{"role": "user", "content": "hi"}]
         pytest.param(
             "ChatBody", {"messages": _HI, "metadata": {"a": "b"}, "store": True}, True, id="metadata"
         ),
+        pytest.param(
+            "ChatBody",
+            {
+                "messages": _HI,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+            },
+            True,
+            id="json-schema",
+        ),
+        pytest.param(
+            "ChatBody",
+            {"messages": _HI, "response_format": {"type": "json_schema"}},
+            False,
+            id="json-schema-missing",
+        ),
+        pytest.param(
+            "ChatBody", {"messages": _HI, "response_format": {"type": "yaml"}}, False, id="format-type"
+        ),
+        pytest.param("CompletionBody", {"prompt": "x", "grammar": 'root ::= "a"'}, True, id="grammar"),
+        pytest.param("CompletionBody", {"prompt": "x", "grammar": ""}, False, id="empty-grammar"),
         pytest.param("CompletionBody", {"prompt": "x", "suffix": "y"}, False, id="completion-extra"),
         pytest.param("EmbeddingBody", {"input": "a", "extra": 1}, False, id="embedding-extra"),
         pytest.param("EmbeddingBody", {"input": ["a"] * 512}, True, id="512-inputs"),
