@@ -126,3 +126,15 @@ def running_daemon(
         yield daemon
     finally:
         daemon.stop()
+
+
+@contextmanager
+def demo_daemon(state_dir: Path, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    """``make run`` in miniature: the signed demo store (Gemma the default for completions,
+    SmolLM2-135M-Instruct for chat, MiniLM for embeddings) built into ``state_dir`` and served."""
+    from agent.demo import build_demo_store
+    from tests.conftest import MODEL_CACHE
+
+    build_demo_store(state_dir, out=lambda _: None, sources=MODEL_CACHE)
+    with running_daemon(state_dir, None, env={"EDGE_AGENT_ENGINE__N_THREADS": "2", **(env or {})}) as daemon:
+        yield daemon

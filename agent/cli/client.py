@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +42,7 @@ class LocalClient:
     def _raise_for(response: httpx.Response) -> None:
         if response.status_code < 400:
             return
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
-        raise ClientError(f"HTTP {response.status_code}: {message}")
+        raise ClientError(f"HTTP {response.status_code}: {_message(response)}")
 
     def get(self, path: str) -> Any:
         try:
@@ -57,23 +54,65 @@ class LocalClient:
 
     def stream_completion(self, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Yield each SSE chunk of ``POST /v1/completions`` with ``stream: true``."""
+        return self.stream("/v1/completions", body)
+
+    def stream_chat(
+        self, body: dict[str, Any], *, wait_s: float = 0.0, on_wait: Callable[[str], None] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Yield each SSE chunk of ``POST /v1/chat/completions`` with ``stream: true``."""
+        return self.stream("/v1/chat/completions", body, wait_s=wait_s, on_wait=on_wait)
+
+    def stream(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        wait_s: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield each SSE chunk of ``POST path`` with ``stream: true``.
+
+        A ``503`` with ``Retry-After`` (a model still loading) is retried for up to ``wait_s``
+        seconds, ``on_wait`` told the daemon's message each time; other errors raise
+        :class:`ClientError` with the API's message.
+        """
+        deadline = time.monotonic() + wait_s
         try:
-            with self._client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    self._raise_for(response)
-                for line in response.iter_lines():
-                    if not line.startswith("data: "):
+            while True:
+                with self._client.stream("POST", path, json={**body, "stream": True}) as response:
+                    retry = response.headers.get("retry-after")
+                    if response.status_code == 503 and retry and time.monotonic() < deadline:
+                        response.read()
+                        if on_wait is not None:
+                            on_wait(_message(response))
+                        time.sleep(min(float(retry), max(0.1, deadline - time.monotonic())))
                         continue
-                    data = line.removeprefix("data: ")
-                    if data == "[DONE]":
-                        return
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise ClientError(chunk["error"].get("message", "stream failed"))
-                    yield chunk
+                    yield from self._events(response)
+                    return
         except httpx.HTTPError as exc:
             raise self._fail(exc) from None
+
+    def _events(self, response: httpx.Response) -> Iterator[dict[str, Any]]:
+        if response.status_code >= 400:
+            response.read()
+            self._raise_for(response)
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise ClientError(chunk["error"].get("message", "stream failed"))
+            yield chunk
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
 
 
 __all__ = ["LocalClient"]

@@ -74,6 +74,23 @@ def cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from agent.cli.chat import ChatSession, reader
+    from agent.cli.client import LocalClient
+
+    settings = settings_from_args(args)
+    options: dict[str, object] = {"max_tokens": args.max_tokens}
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.seed is not None:
+        options["seed"] = args.seed
+    with LocalClient(_socket(args, settings)) as client:
+        session = ChatSession(client, model=args.model, system=args.system, options=options)
+        if sys.stdin.isatty():
+            sys.stderr.write("edge-agent chat: /bye to leave, /help for more\n")
+        return session.run(reader(sys.stdin))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.cli.client import LocalClient
 
@@ -103,7 +120,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-_BUILTIN = frozenset({"run", "demo", "complete", "status"})
+_BUILTIN = frozenset({"run", "demo", "complete", "chat", "status"})
 
 
 def _builtin_command(argv: list[str]) -> bool:
@@ -126,7 +143,9 @@ def build_parser(load_modules: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the daemon in the foreground")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="place the demo model (Gemma 3 270M) in the store")
+    p = sub.add_parser(
+        "demo", help="build the signed demo store (Gemma 3 270M, SmolLM2-135M-Instruct, MiniLM)"
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("complete", help="stream a completion from the running daemon")
@@ -137,6 +156,15 @@ def build_parser(load_modules: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--socket", type=Path, default=None)
     p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("chat", help="chat with a model of the running daemon (interactive, streaming)")
+    p.add_argument("model", nargs="?", default=None, help="a served model id (default: the chat default)")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--socket", type=Path, default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("status", help="show the daemon's state")
     p.add_argument("--json", action="store_true")

@@ -52,6 +52,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None
+    """A GBNF grammar (root rule ``root``) every sampled token must keep the text within: the
+    text of a generation that ends by itself (not by ``max_tokens``) is a complete match."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,6 +227,8 @@ class LlamaEngine(EngineLifecycle):
                 f"(ids 0 to {n_vocab - 1 if n_vocab else 0})",
                 param="logit_bias",
             )
+        if sampling.grammar is not None and self._model is not None:
+            self._model.check_grammar(sampling.grammar)  # a 400 before the stream starts
         if len(tokens) + max_tokens > self._n_ctx:
             raise ContextOverflow(
                 f"prompt has {len(tokens)} tokens and max_tokens is {max_tokens}: "

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from agent.engine.base import SamplingParams
-from agent.errors import EngineError, ModelLoadError
+from agent.errors import BadRequest, EngineError, ModelLoadError
 from fleet.log import get_logger
 
 log = get_logger(__name__)
@@ -47,6 +48,13 @@ PENALTY_LAST_N = 64
 """Tokens of history the repeat/frequency/presence penalties look at (llama.cpp's default)."""
 GREEDY_PENALTY_TOP_K = 64
 """Candidates kept before the penalties when sampling greedily with penalties."""
+GRAMMAR_TOP_N = 1024
+"""A token the grammar rejects is re-drawn among the grammar-allowed ones of the most likely
+``GRAMMAR_TOP_N`` (the whole vocabulary when none of those is allowed). With ``top_k`` at most
+that, the draw is the one llama.cpp's full-vocabulary pass gives whenever ``top_k`` allowed tokens
+are among them; tokens further down have next to no probability anyway."""
+GRAMMAR_CACHE = 64
+"""Compiled grammars kept per model (each sequence gets a clone: a grammar sampler has state)."""
 
 _GGML_LOG_ERROR = 4
 _log_lock = threading.Lock()
@@ -98,6 +106,8 @@ class NativeModel:
         self.bos_id: int = lib.llama_vocab_bos(self._vocab)
         self.eos_id: int = lib.llama_vocab_eos(self._vocab)
         self.has_encoder: bool = bool(lib.llama_model_has_encoder(model))
+        self._grammars: OrderedDict[str, Any] = OrderedDict()
+        self._grammar_lock = threading.Lock()
 
     @property
     def ptr(self) -> Any:
@@ -152,7 +162,36 @@ class NativeModel:
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
 
+    def check_grammar(self, gbnf: str) -> None:
+        """Compile ``gbnf`` (cached): :class:`BadRequest` naming ``grammar`` if llama.cpp cannot."""
+        self._lib.llama_sampler_free(self.grammar_sampler(gbnf))
+
+    def grammar_sampler(self, gbnf: str) -> Any:
+        """A fresh grammar sampler for ``gbnf`` (a clone of the compiled one, cached per grammar);
+        :class:`BadRequest` naming ``grammar`` when llama.cpp cannot parse it. Any thread."""
+        with self._grammar_lock:
+            pristine = self._grammars.get(gbnf)
+            if pristine is None:
+                pristine = self._lib.llama_sampler_init_grammar(self._vocab, gbnf.encode(), b"root")
+                if not pristine:
+                    raise BadRequest(
+                        "grammar: llama.cpp could not parse the GBNF grammar (its root rule must be "
+                        "named root; see llama.cpp's grammars/README.md)",
+                        param="grammar",
+                    )
+                self._grammars[gbnf] = pristine
+                while len(self._grammars) > GRAMMAR_CACHE:
+                    _, old = self._grammars.popitem(last=False)
+                    self._lib.llama_sampler_free(old)
+            else:
+                self._grammars.move_to_end(gbnf)
+            return self._lib.llama_sampler_clone(pristine)
+
     def close(self) -> None:
+        with self._grammar_lock:
+            for pristine in self._grammars.values():
+                self._lib.llama_sampler_free(pristine)
+            self._grammars.clear()
         if self._model:
             self._lib.llama_model_free(self._model)
             self._model = None
@@ -165,10 +204,23 @@ class NativeSampler:
     logit bias, which is what llama.cpp's ``logit_bias`` + ``greedy`` chain returns (biases are
     added to the logits, the first maximum wins), without building its 262k-entry candidate
     array for every token.
+
+    With a ``grammar`` sampler the token is drawn as llama.cpp's own ``common_sampler`` does:
+    first without the grammar; if the grammar rejects that one token, again with the grammar
+    applied first (over the ``GRAMMAR_TOP_N`` most likely tokens, else the whole vocabulary).
+    Invariant: only a token the grammar allows is accepted into it (llama.cpp aborts the process
+    otherwise); when no token is allowed the model's end-of-generation token is returned.
     """
 
     def __init__(
-        self, lib: Any, chain: Any, ctx: Any, n_vocab: int, bias: dict[int, float] | None = None
+        self,
+        lib: Any,
+        chain: Any,
+        ctx: Any,
+        n_vocab: int,
+        bias: dict[int, float] | None = None,
+        grammar: Any = None,
+        eos: int = -1,
     ) -> None:
         self._lib = lib
         self._chain = chain
@@ -176,29 +228,129 @@ class NativeSampler:
         self._n_vocab = n_vocab
         self._bias_ids: Any = None
         self._bias_values: Any = None
+        self._grammar = grammar
+        self._eos = eos
+        self._cur: Any = None
+        self._one: Any = None
         if bias:
             import numpy as np
 
             self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64)
             self._bias_values = np.fromiter(bias.values(), dtype=np.float32)
 
+    def _logits(self, batch_index: int) -> Any:
+        import numpy as np
+
+        row = self._lib.llama_get_logits_ith(self._ctx, batch_index)
+        return np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+
     def sample(self, batch_index: int) -> int:
         """Sample from the logits of ``batch_index`` in the last batch; the token is accepted."""
+        if self._grammar is not None:
+            return self._sample_constrained(batch_index)
         if self._chain is None:
-            import numpy as np
-
-            row = self._lib.llama_get_logits_ith(self._ctx, batch_index)
-            logits = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+            logits = self._logits(batch_index)
             if self._bias_ids is not None:
                 logits = logits.copy()
                 logits[self._bias_ids] += self._bias_values
             return int(logits.argmax())
         return int(self._lib.llama_sampler_sample(self._chain, self._ctx, batch_index))
 
+    # -- grammar -------------------------------------------------------------------------------
+
+    def _candidates(self, logits: Any, ids: Any = None) -> Any:
+        """A llama_token_data_array of ``logits`` over ``ids`` (default: the whole vocabulary),
+        in a reused buffer."""
+        import numpy as np
+
+        lib = self._lib
+        if self._cur is None:
+            dtype = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._buf = np.zeros(self._n_vocab, dtype=dtype)
+            self._cur = lib.llama_token_data_array()
+        n = self._n_vocab if ids is None else len(ids)
+        view = self._buf[:n]
+        if ids is None:
+            view["id"] = np.arange(self._n_vocab, dtype=np.int32)
+            view["logit"] = logits
+        else:
+            view["id"] = ids
+            view["logit"] = logits[ids]
+        view["p"] = 0.0
+        cur = self._cur
+        cur.data = ctypes.cast(self._buf.ctypes.data, ctypes.POINTER(lib.llama_token_data))
+        cur.size = n
+        cur.selected = -1
+        cur.sorted = False
+        return cur
+
+    def _allowed(self, token: int) -> bool:
+        """Whether the grammar accepts ``token`` next (nothing is accepted)."""
+        lib = self._lib
+        if self._one is None:
+            self._one_data = (lib.llama_token_data * 1)()
+            self._one = lib.llama_token_data_array()
+        self._one_data[0].id = token
+        self._one_data[0].logit = 1.0
+        self._one_data[0].p = 0.0
+        one = self._one
+        one.data = ctypes.cast(self._one_data, ctypes.POINTER(lib.llama_token_data))
+        one.size = 1
+        one.selected = -1
+        one.sorted = False
+        lib.llama_sampler_apply(self._grammar, ctypes.byref(one))
+        return bool(self._one_data[0].logit != float("-inf"))
+
+    def _pick(self, logits: Any, ids: Any = None, with_grammar: bool = False) -> int:
+        """The token the chain (or greedy) picks among ``ids`` (default: all), the grammar applied
+        first if asked; -1 when nothing is left."""
+        lib = self._lib
+        if self._chain is None and not with_grammar:
+            return int(logits.argmax())
+        cur = self._candidates(logits, ids)
+        if with_grammar:
+            lib.llama_sampler_apply(self._grammar, ctypes.byref(cur))
+        kept = self._buf[: cur.size]
+        if not (kept["logit"] != float("-inf")).any():
+            return -1
+        if self._chain is None:  # greedy: the first maximum
+            return int(kept["id"][int(kept["logit"].argmax())])
+        lib.llama_sampler_apply(self._chain, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size:
+            return -1
+        return int(cur.data[cur.selected].id)
+
+    def _sample_constrained(self, batch_index: int) -> int:
+        logits = self._logits(batch_index)
+        if self._chain is None and self._bias_ids is not None:
+            logits = logits.copy()
+            logits[self._bias_ids] += self._bias_values
+        token = self._pick(logits)
+        if not self._allowed(token):
+            import numpy as np
+
+            # the grammar over the most likely GRAMMAR_TOP_N tokens first (Gemma's vocabulary is
+            # 262k tokens: ~0.15 s a step through the grammar), over all of them if none is allowed
+            top = np.argpartition(-logits, GRAMMAR_TOP_N - 1)[:GRAMMAR_TOP_N]
+            token = self._pick(logits, top, with_grammar=True) if len(logits) > GRAMMAR_TOP_N else -1
+            if token < 0:
+                token = self._pick(logits, None, with_grammar=True)
+            if token < 0 or not self._allowed(token):
+                if self._eos < 0:
+                    raise EngineError("the grammar allows no token and the model has no end token")
+                return self._eos  # nothing allowed: end here rather than break the grammar
+        self._lib.llama_sampler_accept(self._grammar, token)
+        if self._chain is not None:
+            self._lib.llama_sampler_accept(self._chain, token)
+        return token
+
     def close(self) -> None:
         if self._chain is not None:
             self._lib.llama_sampler_free(self._chain)
             self._chain = None
+        if self._grammar is not None:
+            self._lib.llama_sampler_free(self._grammar)
+            self._grammar = None
 
 
 class NativeContext:
@@ -285,7 +437,8 @@ class NativeContext:
             self._lib.llama_kv_self_clear(self._ctx)
 
     def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> NativeSampler:
-        """The native chain: logit bias, top-k, penalties, then greedy or top-p/min-p/temp/dist.
+        """The native chain: logit bias, top-k, penalties, then greedy or top-p/min-p/temp/dist;
+        with ``params.grammar``, the grammar constrains it (see :class:`NativeSampler`).
 
         Top-k runs before the penalties (llama.cpp warns that penalties over the whole vocabulary
         are slow: 262k hash look-ups per token for Gemma); greedy with penalties keeps the top
@@ -299,8 +452,10 @@ class NativeContext:
             params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
         )
         bias = {t: b for t, b in params.logit_bias.items() if 0 <= t < n_vocab}
+        grammar = self._model.grammar_sampler(params.grammar) if params.grammar else None
+        eos = self._model.eos_id
         if greedy and not penalised:
-            return NativeSampler(lib, None, self._ctx, n_vocab, bias)
+            return NativeSampler(lib, None, self._ctx, n_vocab, bias, grammar, eos)
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lib.llama_sampler_chain_add
         if bias:
@@ -333,7 +488,7 @@ class NativeContext:
             add(chain, lib.llama_sampler_init_temp(params.temperature))
             seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
             add(chain, lib.llama_sampler_init_dist(seed))
-        return NativeSampler(lib, chain, self._ctx, n_vocab)
+        return NativeSampler(lib, chain, self._ctx, n_vocab, None, grammar, eos)
 
     def is_eog(self, token: int) -> bool:
         return self._model.is_eog(token)

@@ -20,8 +20,11 @@ and smoke-tests the new one; if that fails, the previous model is loaded again b
 
 Invariants:
 - ``resolve`` never returns an engine that failed to load, nor a retired one; a request naming
-  no model goes to the default; an unknown id raises :class:`NotFound` listing what exists.
-- the default model and pinned models are never unloaded for idleness nor evicted.
+  no model goes to the default of its task (:meth:`ModelPool.default_for`: a chat request to the
+  best served model whose task is ``chat``, anything else to the default); an unknown id raises
+  :class:`NotFound` listing what exists.
+- the default model and pinned models are never unloaded for idleness nor evicted; the chat
+  default is loaded at start and never unloaded for idleness (it may be evicted for room).
 - the sum of the estimates of loaded models never exceeds the budget because of a load this pool
   started (models added already constructed are accounted for too).
 - swaps are serialised; the default changes only after the new engine passed its smoke test.
@@ -280,8 +283,9 @@ class ModelPool:
         Models that do not fit the budget stay unloaded (logged); loading errors are kept on the entry.
         """
         order = sorted(self._entries.values(), key=lambda e: (e.info.id != self._default, not e.pinned))
+        defaults = {self._default, self.default_for("chat")}
         for entry in order:
-            wanted = entry.engine is not None or entry.pinned or entry.info.id == self._default
+            wanted = entry.engine is not None or entry.pinned or entry.info.id in defaults
             idle = entry.engine is None or entry.engine.state is EngineState.IDLE
             if wanted and idle and entry.task is None and not entry.broken:
                 try:
@@ -315,6 +319,7 @@ class ModelPool:
         except ModelLoadError as exc:
             entry.error = str(exc)
             log.error("model_load_failed", model=engine.info.id, error=str(exc))
+            self._load_next_chat_default(entry)
             return
         except Exception as exc:  # an engine bug: contain it, never leave the model "loading"
             entry.error = f"{type(exc).__name__}: {exc}"
@@ -323,11 +328,23 @@ class ModelPool:
             entry.engine = None
             with contextlib.suppress(Exception):
                 await engine.close()
+            self._load_next_chat_default(entry)
             return
         finally:
             entry.task = None
         log.info("model_ready", model=engine.info.id)
         self._emit("loaded", engine.info.id)
+
+    def _load_next_chat_default(self, failed: _Entry) -> None:
+        """A chat model failed to load: the next chat default (if any) starts loading now."""
+        if failed.info.task != "chat":
+            return
+        nxt = self._entries.get(self.default_for("chat") or "")
+        if nxt is None or nxt is failed or nxt.task is not None or nxt.broken:
+            return
+        if nxt.engine is None or nxt.engine.state is EngineState.IDLE:
+            with contextlib.suppress(Overloaded, ModelNotReady, ModelLoadError):
+                self._begin_load(nxt)
 
     async def wait_loaded(self) -> None:
         """Wait until no load is in progress."""
@@ -436,8 +453,28 @@ class ModelPool:
         """Engines currently constructed (loaded, loading or failed), not the retiring ones."""
         return [e.engine for e in self._entries.values() if e.engine is not None]
 
-    def resolve(self, model_id: str | None) -> Engine:
-        key = model_id or self._default
+    def default_for(self, task: str) -> str | None:
+        """The model a request of ``task`` that names no model goes to.
+
+        ``chat``: the default if its task is chat, else the first served model (in the order the
+        models were added: the selection's best fit first) whose task is ``chat`` and that has not
+        failed, else the default (a base model then answers through its template or the fallback).
+        Any other task: the default.
+        """
+        if task != "chat":
+            return self._default
+        default = self._entries.get(self._default or "")
+        if default is not None and default.info.task == "chat":
+            return self._default
+        for entry in self._entries.values():
+            failed = entry.broken or (entry.engine is not None and entry.engine.state is EngineState.FAILED)
+            if entry.info.task == "chat" and not failed:
+                return entry.info.id
+        return self._default
+
+    def resolve(self, model_id: str | None, task: str = "completion") -> Engine:
+        """The engine for ``model_id``, else for the default of ``task`` (see :meth:`default_for`)."""
+        key = model_id or self.default_for(task)
         if key is None:
             raise ModelNotReady("no model is installed; import or sync one first", retry_after=30.0)
         entry = self._entries.get(key)
@@ -490,7 +527,8 @@ class ModelPool:
     def unload_idle(self) -> list[str]:
         """Unload models unused for ``keep_alive_s`` (never the default, a pinned or a busy one)."""
         now = self._clock()
-        gone = [e for e in self._evictable(exclude="") if now - e.last_used >= self.keep_alive_s]
+        chat = self.default_for("chat")
+        gone = [e for e in self._evictable(exclude=chat or "") if now - e.last_used >= self.keep_alive_s]
         for entry in gone:
             log.info("model_idle_unload", model=entry.info.id, idle_s=round(now - entry.last_used, 1))
             self._unload(entry)

@@ -37,10 +37,11 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-async def _begin(request: web.Request, model: type[Any]) -> tuple[Any, Any, Any, str]:
-    """Parse and resolve a generation request: ``(body, engine, engine request, id prefix)``."""
+async def _begin(request: web.Request, model: type[Any], task: str) -> tuple[Any, Any, Any, str]:
+    """Parse and resolve a generation request: ``(body, engine, engine request, id prefix)``; a
+    body naming no model goes to the default of ``task`` (a chat model for chat)."""
     body = schemas.parse_body(model, await read_json(request))
-    engine = request.app[POOL_KEY].resolve(body.model)
+    engine = request.app[POOL_KEY].resolve(body.model, task)
     limits = request.app[LIMITS_KEY]
     rid = request[REQUEST_ID_KEY]
     deadline = time.monotonic() + limits["request_timeout_s"]
@@ -62,7 +63,7 @@ def _include_usage(body: Any) -> bool:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body, engine, req, rid = await _begin(request, schemas.CompletionBody)
+    body, engine, req, rid = await _begin(request, schemas.CompletionBody, "completion")
     cid, model, created = f"cmpl-{rid}", engine.info.id, int(time.time())
     if not body.stream:
         text, last = await _collect(engine.generate(req), req.prompt if body.echo else "")
@@ -82,7 +83,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body, engine, req, rid = await _begin(request, schemas.ChatBody)
+    body, engine, req, rid = await _begin(request, schemas.ChatBody, "chat")
     cid, model, created = f"chatcmpl-{rid}", engine.info.id, int(time.time())
     if not body.stream:
         text, last = await _collect(engine.chat(req))

@@ -8,7 +8,7 @@ JSON Schema by pydantic.
 
 Invariants: every operation documents the error statuses the server can answer with (all in the
 OpenAI error shape, ``429``/``503`` with ``Retry-After``); a request model's schema is exactly what
-its pydantic validation accepts (unknown fields are allowed, as the models ignore them); the
+its pydantic validation accepts (``additionalProperties: false``: an unknown field is a 400); the
 document is built once per application, on first request, after every route is registered.
 """
 

@@ -1,8 +1,10 @@
 """OpenAI-compatible request bodies and response builders (pure: no I/O).
 
-Request models validate types and ranges and name the offending parameter; unknown fields are
-ignored, as OpenAI's API does, so newer clients keep working. Builders produce the exact JSON
-shapes the official client parses.
+Request models validate types and ranges and name the offending parameter. Nothing is silently
+ignored: a field we do not implement (OpenAI's ``audio``, a typo, a newer field) is a ``400`` with
+code ``unsupported_parameter`` naming it; fields that are only metadata to us (``user``, ``store``,
+``metadata``, ...) are accepted and documented as such (docs/api.md, "Request fields"). Builders
+produce the exact JSON shapes the official client parses.
 
 Invariant: a request model's JSON schema (served in /openapi.json) accepts exactly what its
 validation accepts. A rule a validator enforces is stated in the schema next to it (the
@@ -16,7 +18,7 @@ import base64
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -28,6 +30,7 @@ from agent.engine.base import (
     SamplingParams,
     Usage,
 )
+from agent.engine.grammar import check_gbnf, json_object_grammar, schema_grammar
 from agent.errors import BadRequest
 
 
@@ -63,15 +66,52 @@ def _token_bias(schema: Any) -> None:
             branch["additionalProperties"] = {"type": "number", "minimum": -100, "maximum": 100}
 
 
+_STRICT = ConfigDict(extra="forbid", strict=True)
+"""Every request model: unknown fields refused (``unsupported_parameter``), types strict."""
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = _STRICT
     include_usage: bool = False
+    include_obfuscation: Literal[False] = False
+    """OpenAI pads stream chunks with an ``obfuscation`` field; we do not: only ``false`` is taken."""
+
+
+class JsonSchemaSpec(BaseModel):
+    """``response_format.json_schema``: the schema the answer must validate against."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    """JSON Schema (docs/api.md, "Structured output", lists the keywords enforced); absent: any JSON."""
+    strict: bool | None = None
+    """Accepted either way: the schema is always enforced (by grammar)."""
+
+
+class TextFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_object"]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class _SamplingBody(BaseModel):
     """Fields shared by ``/v1/completions`` and ``/v1/chat/completions``."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = _STRICT
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
@@ -89,8 +129,28 @@ class _SamplingBody(BaseModel):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(default=None, json_schema_extra=_token_bias)
     user: str | None = None
+    """Metadata: recorded in the request log line, nothing else."""
+
+    response_format: ResponseFormat | None = None
+    """``json_object`` or ``json_schema``: the answer is constrained by a grammar to parse (and
+    validate); ``text``: no constraint."""
+    grammar: str | None = Field(default=None, min_length=1, max_length=65536)
+    """A GBNF grammar (llama.cpp's server's extension); not with a JSON ``response_format``."""
 
     _integers = field_validator("max_tokens", "top_k", "seed", "n", mode="before")(integral)
+
+    def grammar_text(self) -> str | None:
+        """The GBNF the generation follows, or None; :class:`BadRequest` names an unsupported
+        schema keyword (``response_format``) or a conflict with ``grammar``."""
+        fmt = self.response_format
+        if fmt is None or isinstance(fmt, TextFormat):
+            return None if self.grammar is None else check_gbnf(self.grammar)
+        if self.grammar is not None:
+            raise BadRequest("grammar: give a grammar or a JSON response_format, not both", param="grammar")
+        if isinstance(fmt, JsonObjectFormat):
+            return json_object_grammar()
+        schema: Any = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else True
+        return schema_grammar(schema, "response_format.json_schema.schema")
 
     @field_validator("stop")
     @classmethod
@@ -120,6 +180,7 @@ class _SamplingBody(BaseModel):
             presence_penalty=self.presence_penalty,
             seed=self.seed,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            grammar=self.grammar_text(),
         )
 
     def stops(self) -> tuple[str, ...]:
@@ -165,15 +226,20 @@ def _text_part(schema: Any) -> None:
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=_text_part)
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_text_part)
     type: str
     text: str | None = None
 
 
 class ChatMessageBody(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    refusal: None = None
+    """What a client echoes back from our own answer (``message.model_dump()``): always null."""
+    audio: None = None
+    function_call: None = None
+    annotations: None = None
 
     @field_validator("content")
     @classmethod
@@ -201,6 +267,18 @@ class ChatBody(_SamplingBody):
 
     messages: list[ChatMessageBody] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    store: bool | None = None
+    """Metadata: nothing is stored either way (OpenAI keeps completions for its dashboard)."""
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    """Metadata: at most 16 string pairs, as OpenAI takes; not used."""
+    safety_identifier: str | None = None
+    """Metadata, like ``user``."""
+    prompt_cache_key: str | None = None
+    """Metadata: prefix reuse is automatic here (docs/engine.md, "Prefix reuse")."""
+    service_tier: Literal["auto", "default"] | None = None
+    """There is one tier; ``flex``, ``priority`` ... are refused."""
+    modalities: list[Literal["text"]] | None = Field(default=None, min_length=1, max_length=1)
+    """Text only: ``["text"]``."""
 
     _chat_integers = field_validator("max_completion_tokens", mode="before")(integral)  # a new name:
     # the same name would replace the inherited validator of max_tokens, top_k, seed and n
@@ -222,7 +300,7 @@ MAX_EMBEDDING_INPUTS = 512
 class EmbeddingBody(BaseModel):
     """``POST /v1/embeddings``. Text inputs only (token-id arrays depend on the model's tokenizer)."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = _STRICT
 
     model: str | None = None
     input: str | list[str] = Field(json_schema_extra=_list_branch(1, MAX_EMBEDDING_INPUTS))
@@ -249,15 +327,32 @@ class EmbeddingBody(BaseModel):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+UNSUPPORTED = "unsupported_parameter"
+"""The error code of a field edge-agent does not implement."""
+
+
 def parse_body(model: type[BaseModel], data: Any) -> Any:
-    """Validate ``data`` as ``model``; raise :class:`BadRequest` naming the first bad parameter."""
+    """Validate ``data`` as ``model``; raise :class:`BadRequest` naming the first bad parameter.
+
+    A field the model does not declare is reported first, with code ``unsupported_parameter``
+    (it is the likelier mistake: a feature the client expects and we lack).
+    """
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
+        errors = exc.errors(include_url=False)
+        extra = [e for e in errors if e["type"] == "extra_forbidden"]
+        first = extra[0] if extra else errors[0]
         param = ".".join(str(p) for p in first["loc"]) or None
+        if extra:
+            raise BadRequest(
+                f"{param}: unsupported parameter: edge-agent does not implement it "
+                "(docs/api.md lists every field it takes)",
+                param=param,
+                code=UNSUPPORTED,
+            ) from None
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "missing":
             msg = "required parameter is missing"
@@ -375,8 +470,14 @@ def error_json(message: str, type_: str, code: str | None = None, param: str | N
 
 __all__ = [
     "MAX_EMBEDDING_INPUTS",
+    "UNSUPPORTED",
     "ChatBody",
     "ChatMessageBody",
+    "JsonObjectFormat",
+    "JsonSchemaFormat",
+    "JsonSchemaSpec",
+    "ResponseFormat",
+    "TextFormat",
     "CompletionBody",
     "EmbeddingBody",
     "StreamOptions",

@@ -169,6 +169,35 @@ _HI = [{"role": "user", "content": "hi"}]
             id="part-no-text",
         ),
         pytest.param("ChatBody", {"messages": []}, False, id="no-messages"),
+        pytest.param("ChatBody", {"messages": _HI, "audio": {}}, False, id="unsupported-field"),
+        pytest.param(
+            "ChatBody", {"messages": [{"role": "user", "content": "x", "x": 1}]}, False, id="message-extra"
+        ),
+        pytest.param(
+            "ChatBody", {"messages": _HI, "metadata": {"a": "b"}, "store": True}, True, id="metadata"
+        ),
+        pytest.param(
+            "ChatBody",
+            {
+                "messages": _HI,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+            },
+            True,
+            id="json-schema",
+        ),
+        pytest.param(
+            "ChatBody",
+            {"messages": _HI, "response_format": {"type": "json_schema"}},
+            False,
+            id="json-schema-missing",
+        ),
+        pytest.param(
+            "ChatBody", {"messages": _HI, "response_format": {"type": "yaml"}}, False, id="format-type"
+        ),
+        pytest.param("CompletionBody", {"prompt": "x", "grammar": 'root ::= "a"'}, True, id="grammar"),
+        pytest.param("CompletionBody", {"prompt": "x", "grammar": ""}, False, id="empty-grammar"),
+        pytest.param("CompletionBody", {"prompt": "x", "suffix": "y"}, False, id="completion-extra"),
+        pytest.param("EmbeddingBody", {"input": "a", "extra": 1}, False, id="embedding-extra"),
         pytest.param("EmbeddingBody", {"input": ["a"] * 512}, True, id="512-inputs"),
         pytest.param("EmbeddingBody", {"input": ["a"] * 513}, False, id="513-inputs"),
         pytest.param("EmbeddingBody", {"input": []}, False, id="no-inputs"),

@@ -81,6 +81,10 @@ def model_dependent_refusal(path: str, response: httpx.Response) -> str | None:
         return "embedding-size"
     if param == "logit_bias" and "vocabulary" in str(error.get("message")):
         return "token-beyond-vocabulary"
+    if code == "unsupported_schema":
+        return "schema-beyond-the-grammar"  # a JSON Schema keyword the grammar cannot enforce
+    if param == "grammar":
+        return "grammar-syntax"  # GBNF that llama.cpp cannot parse
     return None
 
 

@@ -57,6 +57,56 @@ def test_resolve_default_and_named() -> None:
     run(main())
 
 
+CHAT_DEFAULTS = [
+    pytest.param([("base", "completion"), ("tuned", "chat")], set(), "tuned", id="first-chat-model"),
+    pytest.param([("tuned", "chat"), ("base", "completion")], set(), "tuned", id="default-is-chat"),
+    pytest.param([("base", "completion"), ("a", "chat"), ("b", "chat")], set(), "a", id="best-fit-first"),
+    pytest.param([("base", "completion"), ("a", "chat"), ("b", "chat")], {"a"}, "b", id="skip-failed"),
+    pytest.param([("base", "completion"), ("other", "completion")], set(), "base", id="no-chat-model"),
+    pytest.param([("base", "completion"), ("e", "embedding")], set(), "base", id="embedding-is-not-chat"),
+]
+
+
+@pytest.mark.parametrize(("models", "failing", "chat_default"), CHAT_DEFAULTS)
+def test_chat_requests_without_a_model_go_to_the_best_chat_model(
+    models: list[tuple[str, str]], failing: set[str], chat_default: str
+) -> None:
+    """Completions keep the default; chat goes to a chat-tuned model, loaded at start."""
+
+    async def main() -> None:
+        factory = FakeFactory({m: FakeBehaviour(fail_load=True) for m in failing})
+        pool = ModelPool(factory)
+        for name, task in models:
+            pool.register(fake_info(name, task=task))
+        pool.start_loading()
+        await pool.wait_loaded()
+        assert pool.default_for("chat") == chat_default
+        assert pool.resolve(None, "chat").info.id == chat_default  # loaded at start: no 503
+        assert pool.resolve(None).info.id == models[0][0] == pool.default_for("completion")
+        await pool.close()
+
+    run(main())
+
+
+def test_the_chat_default_is_not_unloaded_for_idleness() -> None:
+    async def main() -> None:
+        clock = Clock()
+        pool = ModelPool(FakeFactory(), keep_alive_s=60, clock=clock)
+        pool.register(fake_info("base"))
+        pool.register(fake_info("tuned", task="chat"))
+        pool.register(fake_info("spare", task="chat"))
+        pool.start_loading()
+        await pool.wait_loaded()
+        with pytest.raises(ModelNotReady):
+            pool.resolve("spare")
+        await pool.wait_loaded()
+        clock.now += 61
+        assert pool.unload_idle() == ["spare"]
+        await pool.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize(
     ("setup", "request_id", "error", "match"),
     [
