@@ -152,6 +152,11 @@ class _SamplingBody(BaseModel):
         schema: Any = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else True
         return schema_grammar(schema, "response_format.json_schema.schema")
 
+    def token_budget(self, default_max_tokens: int) -> int:
+        """The most tokens this request may generate: the one value both the guard's role limit and
+        the engine request use (:meth:`to_request`)."""
+        return self.max_tokens or default_max_tokens
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -210,7 +215,7 @@ class CompletionBody(_SamplingBody):
     ) -> CompletionRequest:
         return CompletionRequest(
             prompt=self.prompt_text,
-            max_tokens=self.max_tokens or default_max_tokens,
+            max_tokens=self.token_budget(default_max_tokens),
             sampling=self.sampling(),
             stop=self.stops(),
             request_id=request_id,
@@ -283,10 +288,14 @@ class ChatBody(_SamplingBody):
     _chat_integers = field_validator("max_completion_tokens", mode="before")(integral)  # a new name:
     # the same name would replace the inherited validator of max_tokens, top_k, seed and n
 
+    def token_budget(self, default_max_tokens: int) -> int:
+        """``max_completion_tokens`` (OpenAI's current name) wins over ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens or default_max_tokens
+
     def to_request(self, default_max_tokens: int, request_id: str, deadline: float | None) -> ChatRequest:
         return ChatRequest(
             messages=tuple(m.to_message() for m in self.messages),
-            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            max_tokens=self.token_budget(default_max_tokens),
             sampling=self.sampling(),
             stop=self.stops(),
             request_id=request_id,
@@ -329,6 +338,17 @@ class EmbeddingBody(BaseModel):
 
 UNSUPPORTED = "unsupported_parameter"
 """The error code of a field edge-agent does not implement."""
+GenerationBody = _SamplingBody
+"""The common type of the generation bodies (:class:`CompletionBody`, :class:`ChatBody`)."""
+
+
+def generation_body(path: str) -> type[_SamplingBody] | None:
+    """The body model of a generation route, or None."""
+    bodies: dict[str, type[_SamplingBody]] = {
+        "/v1/completions": CompletionBody,
+        "/v1/chat/completions": ChatBody,
+    }
+    return bodies.get(path)
 
 
 def parse_body(model: type[BaseModel], data: Any) -> Any:
@@ -480,6 +500,7 @@ __all__ = [
     "TextFormat",
     "CompletionBody",
     "EmbeddingBody",
+    "GenerationBody",
     "StreamOptions",
     "TextPart",
     "chat_chunk_json",
@@ -489,6 +510,7 @@ __all__ = [
     "completion_chunk_json",
     "completion_json",
     "error_json",
+    "generation_body",
     "integral",
     "parse_body",
     "public_finish",
