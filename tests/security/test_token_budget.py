@@ -44,7 +44,7 @@ CASES = [
         {"max_completion_tokens": 1, "max_tokens": 4000},
         400,
         None,
-        id="completions-ignores-max_completion_tokens-so-the-guard-does-too",
+        id="completions-refuses-max_completion_tokens-by-name",
     ),
     pytest.param("/v1/completions", {"max_tokens": 4000.0}, 400, None, id="completions-float-over-limit"),
     pytest.param("/v1/completions", {"max_tokens": 200}, 200, 200, id="completions-within-limit"),
@@ -112,6 +112,11 @@ def test_the_limit_checks_what_the_handler_generates(
     assert got == status, answer
     if status == 200:
         assert answer["usage"]["completion_tokens"] == generated
+    elif "max_completion_tokens" in fields and "chat" not in route:  # not a completions field
+        assert (answer["error"]["code"], answer["error"]["param"]) == (
+            "unsupported_parameter",
+            "max_completion_tokens",
+        )
     elif all(isinstance(v, int | float) for v in fields.values()):  # a number over the limit
         assert answer["error"]["code"] == "max_tokens_limit"
     else:  # a budget of the wrong type: the schema names it
@@ -138,6 +143,6 @@ def test_the_real_daemon_refuses_the_completions_bypass(tmp_path: Path) -> None:
                     break
                 except Exception:
                     time.sleep(0.1)
-            assert r.status_code == 400, r.text
-            assert r.json()["error"]["code"] == "max_tokens_limit"
-            assert "max_tokens 4000 exceeds the limit 256" in r.json()["error"]["message"]
+            assert r.status_code == 400, r.text  # /v1/completions has no max_completion_tokens: named
+            assert r.json()["error"]["code"] == "unsupported_parameter"
+            assert r.json()["error"]["param"] == "max_completion_tokens"
