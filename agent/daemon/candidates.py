@@ -19,8 +19,7 @@ from agent.engine.base import ModelInfo
 from agent.errors import AgentError
 from agent.hardware.probe import probe
 from agent.hardware.types import HardwareProfile
-
-from agent.memory import MIB, ModelShape, RuntimeParams, estimate, fmt_bytes, repack_types
+from agent.memory import MIB, ModelShape, RuntimeParams, estimate, repack_types
 from agent.selection import (
     Candidate,
     Selection,

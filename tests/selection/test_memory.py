@@ -7,11 +7,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from agent.catalog import info_for_file
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.catalog import info_for_file
 from agent.config import EngineSettings, Settings
+from agent.daemon.candidates import model_memory_estimate
 from agent.memory import (
     MIB,
     REPACKABLE_TYPES,
@@ -27,7 +28,6 @@ from agent.memory import (
     shape_from_gguf,
     weights_bytes,
 )
-from agent.daemon.candidates import model_memory_estimate
 from registry.gguf_info import read_gguf_info
 
 KIB = 1 << 10
