@@ -40,7 +40,10 @@ from agent.errors import BadRequest
 __all__ = [
     "ANNOTATIONS",
     "MAX_REPETITION",
+    "MAX_CALLS",
+    "ToolSpec",
     "check_gbnf",
+    "tool_calls_grammar",
     "JSON_OBJECT_GRAMMAR",
     "SUPPORTED",
     "SchemaError",
@@ -218,10 +221,12 @@ def _number_range(lo: int | None, hi: int | None) -> str:
 
 
 class _Converter:
-    def __init__(self, root: Any, param: str) -> None:
+    def __init__(self, root: Any, param: str, prefix: str = "", rules: dict[str, str] | None = None) -> None:
         self.root = root
         self.param = param
-        self.rules: dict[str, str] = {}
+        self.prefix = prefix
+        """Put before the name of every rule but the shared primitives (several schemas, one grammar)."""
+        self.rules: dict[str, str] = {} if rules is None else rules
         self.refs: dict[str, str] = {}
 
     def fail(self, keyword: str | None, pointer: str, why: str) -> SchemaError:
@@ -239,14 +244,15 @@ class _Converter:
     def rule(self, hint: str, body: str) -> str:
         """A named rule for ``body`` (reusing an identical one)."""
         for name, existing in self.rules.items():
-            if existing == body and name not in _PRIMITIVES and name not in self.refs.values():
+            mine = name.startswith(self.prefix) and name not in self.refs.values()
+            if existing == body and name not in _PRIMITIVES and mine:
                 return name
         name = self.fresh(hint)
         self.rules[name] = body
         return name
 
     def fresh(self, hint: str) -> str:
-        base = re.sub(r"[^a-zA-Z0-9-]+", "-", hint).strip("-").lower() or "r"
+        base = self.prefix + (re.sub(r"[^a-zA-Z0-9-]+", "-", hint).strip("-").lower() or "r")
         name, n = base, 1
         while name in self.rules or name in _PRIMITIVES or name == "root":
             n += 1
@@ -548,6 +554,52 @@ JSON_OBJECT_GRAMMAR = _Converter({"type": "object"}, "response_format").grammar(
 
 def json_object_grammar() -> str:
     return JSON_OBJECT_GRAMMAR
+
+
+MAX_CALLS = 4
+"""Calls in one answer at most (a small model may otherwise repeat calls until ``max_tokens``)."""
+ToolSpec = tuple[str, Any, str]
+"""A function a model may call: ``(name, parameters schema, request field of the schema)``."""
+
+
+def tool_calls_grammar(tools: tuple[ToolSpec, ...], *, parallel: bool, text: bool) -> str:
+    """The grammar of an answer in the generic tool-call format (docs/api.md, "Tool calls"):
+    ``{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}``, each call's arguments valid for
+    its function (one call only unless ``parallel``, then ``MAX_CALLS`` at most); with ``text``,
+    plain text not starting with ``{`` is allowed instead. Cached; :class:`SchemaError` names the
+    tool's bad keyword."""
+    key = json.dumps([[n, s, p] for n, s, p in tools], ensure_ascii=False)
+    return _tool_grammar(key, parallel, text)
+
+
+@lru_cache(maxsize=128)
+def _tool_grammar(key: str, parallel: bool, text: bool) -> str:
+    rules: dict[str, str] = {}
+    calls = []
+    for i, (name, schema, param) in enumerate(json.loads(key)):
+        conv = _Converter(schema, param, prefix=f"t{i}-", rules=rules)
+        try:
+            arguments = conv.visit(schema, "")
+        except RecursionError:
+            raise SchemaError(f"{param}: the schema is nested too deeply", param=param) from None
+        head = _literal(json.dumps(name, ensure_ascii=False))
+        rules[f"t{i}-call"] = (
+            f'"{{" space "\\"name\\"" space ":" space {head} space "," space '
+            f'"\\"arguments\\"" space ":" space ({arguments}) "}}" space'
+        )
+        calls.append(f"t{i}-call")
+    conv = _Converter({}, "tools", rules=rules)
+    conv.primitive("space")
+    many = f'("," space call){{0,{MAX_CALLS - 1}}}' if parallel else ""
+    lines = [
+        "root ::= calls" + (" | text" if text else ""),
+        f'calls ::= "{{" space "\\"tool_calls\\"" space ":" space "[" space call {many} "]" space "}}" space',
+        f"call ::= {' | '.join(calls)}",
+    ]
+    if text:
+        lines.append(r"text ::= [ \t\r\n]* ([^{ \t\r\n] [\x00-\U0010FFFF]*)?")
+    lines += [f"{n} ::= {b}" for n, b in rules.items()]
+    return "\n".join(lines) + "\n"
 
 
 MAX_REPETITION = 2000

@@ -13,13 +13,14 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
 from agent.engine.base import GenerationChunk, Usage
 from agent.errors import BadRequest, EngineError, RequestError
-from agent.server import schemas
+from agent.server import schemas, tools
 from agent.server.common import read_json, translate
 from agent.server.keys import LIMITS_KEY, PARSED_BODY_KEY, POOL_KEY, REQUEST_ID_KEY
 from agent.server.usage import note_usage, record_before_done
@@ -27,8 +28,9 @@ from fleet.log import get_logger
 
 log = get_logger(__name__)
 
-ChunkJson = Callable[[GenerationChunk, bool], dict[str, Any]]
-"""Builds the SSE payload of one chunk; the flag is true for the first chunk of the stream."""
+ChunkJson = Callable[[GenerationChunk, bool], dict[str, Any] | None]
+"""Builds the SSE payload of one chunk (None: nothing to send for it; never for the final chunk);
+the flag is true for the first chunk of the stream."""
 UsageJson = Callable[[Usage], dict[str, Any]]
 
 
@@ -89,15 +91,40 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body, engine, req, rid = await _begin(request, schemas.ChatBody, "chat")
     cid, model, created = f"chatcmpl-{rid}", engine.info.id, int(time.time())
+    plan = tools.plan_tools(body)
+    if plan is not None:
+        grammar = plan.grammar if plan.grammar is not None else req.sampling.grammar
+        req = replace(req, messages=plan.messages, sampling=replace(req.sampling, grammar=grammar))
+    calls = tools.ToolCallStream() if plan is not None and plan.mode != "none" else None
     if not body.stream:
         text, last = await _collect(engine.chat(req))
         usage = last.usage or Usage(0, 0)
+        if calls is not None and last.finish_reason == "stop":
+            calls.feed(text)
+            if calls.called:
+                doc = schemas.chat_json(cid, model, None, "tool_calls", usage, created, calls.final_calls())
+                return web.json_response(doc)
         return web.json_response(schemas.chat_json(cid, model, text, last.finish_reason, usage, created))
 
-    def chunk_json(chunk: GenerationChunk, first: bool) -> dict[str, Any]:
-        content = chunk.text if chunk.text or chunk.finish_reason is None else None
+    started = [False]
+
+    def chunk_json(chunk: GenerationChunk, first: bool) -> dict[str, Any] | None:
+        text, deltas = (chunk.text, []) if calls is None else calls.feed(chunk.text)
+        finish: str | None = chunk.finish_reason
+        if finish == "stop" and calls is not None and calls.called:
+            finish = "tool_calls"
+        if not text and not deltas and finish is None and started[0]:
+            return None  # a piece of a call's head: sent once the name is complete
+        role, started[0] = not started[0], True
+        content = text if text or (finish is None and not deltas) else None
         return schemas.chat_chunk_json(
-            cid, model, created, content=content, finish=chunk.finish_reason, role=first
+            cid,
+            model,
+            created,
+            content=content,
+            finish=finish,
+            role=role,
+            tool_calls=[d.json() for d in deltas],
         )
 
     def usage_json(usage: Usage) -> dict[str, Any]:
@@ -147,7 +174,9 @@ async def _stream(
         chunk: GenerationChunk | None = first
         is_first = True
         while chunk is not None:
-            await response.write(_sse(chunk_json(chunk, is_first)))
+            payload = chunk_json(chunk, is_first)
+            if payload is not None:
+                await response.write(_sse(payload))
             is_first = False
             if chunk.finish_reason is not None:
                 if chunk.usage is not None:  # the audit record carries the tokens

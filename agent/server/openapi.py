@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired
 
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
@@ -88,17 +88,31 @@ class Completion(TypedDict):
     usage: UsageCounts
 
 
+class FunctionCallOut(TypedDict):
+    name: str
+    arguments: str
+    """JSON text that validates against the function's parameters."""
+
+
+class ToolCallOut(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class ChatMessageOut(TypedDict):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    """Null when the answer is tool calls."""
     refusal: None
+    tool_calls: NotRequired[list[ToolCallOut]]
 
 
 class ChatChoice(TypedDict):
     index: int
     message: ChatMessageOut
     logprobs: None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletion(TypedDict):

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.engine.base import (
     ChatMessage,
@@ -235,36 +235,120 @@ class TextPart(BaseModel):
     type: str
     text: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_type(cls, data: Any) -> Any:
+        """An image or audio part is refused as such, before its fields are looked at."""
+        if isinstance(data, dict) and data.get("type") != "text":
+            raise ValueError(f"only text content parts are supported, got type {data.get('type')!r}")
+        return data
 
-class ChatMessageBody(BaseModel):
+
+def _text_only(value: str | list[TextPart] | None) -> str | list[TextPart] | None:
+    if isinstance(value, list):
+        for part in value:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"only text content parts are supported, got type {part.type!r}")
+    return value
+
+
+def content_text(content: str | list[TextPart] | None) -> str:
+    """A message's content as one string (text parts joined; none: empty)."""
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(p.text or "" for p in content)
+
+
+class _Message(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+
+    _text = field_validator("content")(_text_only)
+
+    @property
+    def text(self) -> str:
+        return content_text(self.content)
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    """``developer`` is OpenAI's newer name for ``system``."""
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    arguments: str
+    """JSON text, as the answer gave it."""
+
+
+class ToolCall(BaseModel):
+    model_config = _STRICT
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class AssistantMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["assistant"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
     refusal: None = None
     """What a client echoes back from our own answer (``message.model_dump()``): always null."""
     audio: None = None
     function_call: None = None
     annotations: None = None
 
-    @field_validator("content")
-    @classmethod
-    def _text_only(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
-        if isinstance(value, list):
-            for part in value:
-                if part.type != "text" or part.text is None:
-                    raise ValueError(f"only text content parts are supported, got type {part.type!r}")
-        return value
+    _text = field_validator("content")(_text_only)
 
-    def to_message(self) -> ChatMessage:
-        content = self.content
-        text = (
-            ""
-            if content is None
-            else content
-            if isinstance(content, str)
-            else "".join(p.text or "" for p in content)
-        )
-        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
+    @property
+    def text(self) -> str:
+        return content_text(self.content)
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    tool_call_id: str = Field(min_length=1, max_length=256)
+    """The ``id`` of the call (in an earlier assistant message) this is the result of."""
+
+
+ChatMessageBody = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
+"""One message of ``messages``, by ``role``."""
+
+
+class FunctionDef(BaseModel):
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON Schema of an object (docs/api.md, "Structured output", lists what is enforced);
+    absent: no parameters."""
+    strict: bool | None = None
+    """Accepted either way: the arguments of a call always validate."""
+
+
+class ToolDef(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatBody(_SamplingBody):
@@ -272,6 +356,11 @@ class ChatBody(_SamplingBody):
 
     messages: list[ChatMessageBody] = Field(min_length=1, max_length=4096)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1 << 20)
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """Default: ``auto`` with tools, ``none`` without."""
+    parallel_tool_calls: bool | None = None
+    """Default true: an answer may call several functions."""
     store: bool | None = None
     """Metadata: nothing is stored either way (OpenAI keeps completions for its dashboard)."""
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
@@ -293,8 +382,13 @@ class ChatBody(_SamplingBody):
         return self.max_completion_tokens or self.max_tokens or default_max_tokens
 
     def to_request(self, default_max_tokens: int, request_id: str, deadline: float | None) -> ChatRequest:
+        """The engine request; ``tool_choice``, ``tools`` and tool messages are planned apart
+        (:mod:`agent.server.tools` rewrites the messages and the grammar)."""
         return ChatRequest(
-            messages=tuple(m.to_message() for m in self.messages),
+            messages=tuple(
+                ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text)
+                for m in self.messages
+            ),
             max_tokens=self.token_budget(default_max_tokens),
             sampling=self.sampling(),
             stop=self.stops(),
@@ -336,6 +430,23 @@ class EmbeddingBody(BaseModel):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
+_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "text", "json_object", "json_schema"})
+
+
+def _untagged(loc: tuple[int | str, ...]) -> list[int | str]:
+    """A validation error's location without the tags pydantic adds for a discriminated union
+    (``messages.0.user.name`` is ``messages.0.name``)."""
+    out: list[int | str] = []
+    for i, part in enumerate(loc):
+        holder = loc[i - 1] if i else None
+        if part in _TAGS and (isinstance(holder, int) or holder == "response_format"):
+            continue
+        if part in ("str", "list[TextPart]"):  # a message's content: the part is named in the message
+            break
+        out.append(part)
+    return out
+
+
 UNSUPPORTED = "unsupported_parameter"
 """The error code of a field edge-agent does not implement."""
 GenerationBody = _SamplingBody
@@ -365,7 +476,10 @@ def parse_body(model: type[BaseModel], data: Any) -> Any:
         errors = exc.errors(include_url=False)
         extra = [e for e in errors if e["type"] == "extra_forbidden"]
         first = extra[0] if extra else errors[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        loc = _untagged(first["loc"])
+        if first["type"] == "union_tag_invalid":  # e.g. a role no message has: name the role
+            loc.append(str((first.get("ctx") or {}).get("discriminator", "")).strip("'"))
+        param = ".".join(str(p) for p in loc) or None
         if extra:
             raise BadRequest(
                 f"{param}: unsupported parameter: edge-agent does not implement it "
@@ -388,10 +502,10 @@ def usage_json(usage: Usage) -> dict[str, int]:
 
 
 def public_finish(reason: str | None) -> str | None:
-    """OpenAI knows ``stop`` and ``length``; a cancelled or timed-out run reports ``length``."""
+    """OpenAI's ``stop``, ``length`` and ``tool_calls``; a cancelled or timed-out run reports ``length``."""
     if reason is None:
         return None
-    return "stop" if reason == "stop" else "length"
+    return reason if reason in ("stop", "tool_calls") else "length"
 
 
 def _envelope(
@@ -438,11 +552,21 @@ def usage_chunk_json(cid: str, model: str, usage: Usage, created: int) -> dict[s
 
 
 def chat_json(
-    cid: str, model: str, text: str, finish: str | None, usage: Usage, created: int | None = None
+    cid: str,
+    model: str,
+    text: str | None,
+    finish: str | None,
+    usage: Usage,
+    created: int | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A chat completion; with ``tool_calls`` the content is null and ``finish`` is ``tool_calls``."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": text, "refusal": None},
+        "message": message,
         "logprobs": None,
         "finish_reason": public_finish(finish),
     }
@@ -450,13 +574,22 @@ def chat_json(
 
 
 def chat_chunk_json(
-    cid: str, model: str, created: int, *, content: str | None, finish: str | None, role: bool = False
+    cid: str,
+    model: str,
+    created: int,
+    *,
+    content: str | None,
+    finish: str | None,
+    role: bool = False,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if role:
         delta["role"] = "assistant"
     if content is not None:
         delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": public_finish(finish)}
     return _envelope(cid, "chat.completion.chunk", model, created, [choice])
 
@@ -492,7 +625,17 @@ __all__ = [
     "MAX_EMBEDDING_INPUTS",
     "UNSUPPORTED",
     "ChatBody",
+    "AssistantMessage",
     "ChatMessageBody",
+    "FunctionCall",
+    "FunctionDef",
+    "NamedToolChoice",
+    "SystemMessage",
+    "ToolCall",
+    "ToolDef",
+    "ToolMessage",
+    "UserMessage",
+    "content_text",
     "JsonObjectFormat",
     "JsonSchemaFormat",
     "JsonSchemaSpec",

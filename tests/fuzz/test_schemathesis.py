@@ -14,8 +14,9 @@ The request models are strict and their schema states every rule their validator
   (2xx), except for refusals that depend on the model served, which no schema can state (see
   :func:`model_dependent_refusal`: an unknown model name, a prompt beyond the context, the chat
   template's rules on roles, the model's embedding size, a ``logit_bias`` token id beyond its
-  vocabulary). These are named, and nothing else is
-  excused.
+  vocabulary), or on rules across fields that JSON Schema does not state here (a JSON Schema
+  keyword the grammar cannot enforce, GBNF that llama.cpp cannot parse, a tool result answering no
+  call, ``tool_choice`` without ``tools``). These are named, and nothing else is excused.
 
 Budget: about 20 s on 2 cores (most of it the positive runs, which generate a few tokens each).
 """
@@ -85,6 +86,10 @@ def model_dependent_refusal(path: str, response: httpx.Response) -> str | None:
         return "schema-beyond-the-grammar"  # a JSON Schema keyword the grammar cannot enforce
     if param == "grammar":
         return "grammar-syntax"  # GBNF that llama.cpp cannot parse
+    if path == CHAT and str(param).endswith(".tool_call_id"):
+        return "tool-result-without-its-call"  # a tool message answering no earlier call
+    if path == CHAT and str(param).split(".")[0] in ("tool_choice", "parallel_tool_calls", "tools"):
+        return "tool-rules"  # tool_choice without tools, a name given twice or not among them, ...
     return None
 
 
