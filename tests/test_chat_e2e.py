@@ -93,41 +93,69 @@ def test_seed_makes_sampling_repeatable(client: Any) -> None:
         r = client.completions.create(
             model=MODEL, prompt="My favourite animal is", max_tokens=12, temperature=1.0, seed=seed
         )
-        return r.choices[0].text
+        return str(r.choices[0].text)
 
     assert sample(1234) == sample(1234)
     assert len({sample(s) for s in (1, 2, 3, 4)}) > 1
 
 
-def test_concurrent_streams_each_equal_their_solo_output(client: Any) -> None:
-    prompts = [
-        "The capital of France is",
-        "Water boils at",
-        "1, 2, 3, 4,",
-        "The largest planet in the solar system is",
-    ]
+PROMPTS = [
+    "The capital of France is",
+    "Water boils at",
+    "1, 2, 3, 4,",
+    "The largest planet in the solar system is",
+    "The first man on the moon was",
+    "A recipe for bread needs",
+    "The speed of light is",
+    "In 1492, Columbus",
+]
 
-    def stream(prompt: str) -> str:
-        parts = []
-        for chunk in client.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True
-        ):
-            parts.extend(c.text for c in chunk.choices)
-        return "".join(parts)
 
-    solo = [stream(p) for p in prompts]
-    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        together = list(pool.map(stream, prompts))
+@pytest.fixture(scope="module")
+def eight_slots(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterator[Daemon]:
+    """8 slots: generation batches of 8 rows, where ggml would take its tiled K-quant matmul."""
+    env = {"EDGE_AGENT_ENGINE__N_PARALLEL": "8"}
+    with running_daemon(tmp_path_factory.mktemp("eight-slots"), gemma_path, env=env) as d:
+        yield d
+
+
+# Batch invariance (docs/engine.md): 4 rows take the plain quantized dot products and llamafile's
+# sgemm; 8 rows are where ggml's tiled K-quant matmul (x86 AVX/AVX2/AVX512-VNNI) would start.
+@pytest.mark.parametrize(
+    ("daemon_fixture", "n_streams"),
+    [("daemon", 4), ("eight_slots", 8)],
+    ids=["4-slots-4-streams", "8-slots-8-streams"],
+)
+def test_concurrent_streams_each_equal_their_solo_output(
+    request: pytest.FixtureRequest, daemon_fixture: str, n_streams: int
+) -> None:
+    d: Daemon = request.getfixturevalue(daemon_fixture)
+    prompts = PROMPTS[:n_streams]
+    with openai_client(d.socket) as client:
+
+        def stream(prompt: str) -> str:
+            parts: list[str] = []
+            for chunk in client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True
+            ):
+                parts.extend(c.text for c in chunk.choices)
+            return "".join(parts)
+
+        solo = [stream(p) for p in prompts]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(stream, prompts))
     assert together == solo
     assert len(set(solo)) == len(prompts)
 
 
 def test_long_prompt_joining_a_running_stream_changes_neither_output(client: Any) -> None:
+    # The long prompt's context passes 512 cells: decoded alone, ggml's flash attention would take
+    # its split-KV path, and the plain one when the short stream shares the batch.
     long_prompt = "Notes on the history of computing. " * 80 + "In summary,"
     short_prompt = "The first man on the moon was"
 
     def stream(prompt: str, n: int) -> str:
-        parts = []
+        parts: list[str] = []
         for chunk in client.completions.create(
             model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True
         ):

@@ -16,6 +16,15 @@ Invariants:
   that a sequence can be truncated to any common prefix with ``llama_memory_seq_rm``
   (llama-cpp-python 0.3.36 binds the ``llama_memory_*`` API; the older ``llama_kv_self_*`` names
   are used when it is absent).
+* A model loaded with ``repack=False`` selects the batch-invariant kernel set, in which a row's
+  logits do not depend on how many other rows share its batch: no repacked weights
+  (``use_extra_bufts = false``); no flash attention in its contexts (ggml's CPU flash attention
+  takes a split-KV path for a lone one-token query over >= 512 cells, and the plain one when two
+  streams share the batch, with different rounding); and, for a context of
+  ``TILED_MIN_ROWS`` (8) slots or more, whose generation batches can reach 8 rows, no tiled K-quant
+  matmul (``GGML_CPU_TILED_MM=0``: ggml takes it for >= 8 rows on x86 with AVX, AVX2 or
+  AVX512-VNNI, while one row takes the plain dot product). That switch is an environment variable
+  ggml reads once per process, at its first matrix product: it is set before the context exists.
 * Every C object created here is freed exactly once by ``close()``.
 * llama.cpp's own logging is routed into our structlog logger (errors only), never to stdout.
 """
@@ -23,6 +32,7 @@ Invariants:
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,11 +46,14 @@ log = get_logger(__name__)
 
 __all__ = [
     "GREEDY_PENALTY_TOP_K",
+    "INVARIANT_KERNEL_ENV",
     "PENALTY_LAST_N",
     "NativeContext",
     "NativeModel",
     "NativeSampler",
+    "TILED_MIN_ROWS",
     "silence_llama_logs",
+    "use_invariant_kernels",
 ]
 
 PENALTY_LAST_N = 64
@@ -48,9 +61,17 @@ PENALTY_LAST_N = 64
 GREEDY_PENALTY_TOP_K = 64
 """Candidates kept before the penalties when sampling greedily with penalties."""
 
+INVARIANT_KERNEL_ENV = {"GGML_CPU_TILED_MM": "0"}
+"""Process-wide ggml switches of the batch-invariant kernel set (read once, at the first matmul)."""
+TILED_MIN_ROWS = 8
+"""Rows from which ggml's tiled K-quant matmul replaces the plain dot product (``ggml_tiled_min_batch``)."""
+
 _GGML_LOG_ERROR = 4
+_LLAMA_FLASH_ATTN_DISABLED = 0
+_LLAMA_FLASH_ATTN_ENABLED = 1
 _log_lock = threading.Lock()
 _log_state: dict[str, Any] = {}
+_kernel_state: dict[str, bool] = {}
 
 
 def _lib() -> Any:
@@ -74,13 +95,35 @@ def silence_llama_logs() -> None:
         lib.llama_log_set(_log_state["callback"], ctypes.c_void_p(0))
 
 
+def use_invariant_kernels() -> bool:
+    """Turn ggml's tiled K-quant matmul off for this process (idempotent).
+
+    Sets :data:`INVARIANT_KERNEL_ENV`. ggml reads it once per process, at its first matrix
+    product; returns False (and logs it once) when a context was created in this process before
+    without the switch, since then it may come too late.
+    """
+    with _log_lock:
+        os.environ.update(INVARIANT_KERNEL_ENV)
+        late = _kernel_state.get("context_without_switch", False)
+        if late and not _kernel_state.get("warned", False):
+            _kernel_state["warned"] = True
+            log.warning("invariant_kernels_late", env=INVARIANT_KERNEL_ENV)
+        return not late
+
+
 class NativeModel:
-    """A loaded GGUF model: vocabulary, metadata, tokenizer. Shared by contexts."""
+    """A loaded GGUF model: vocabulary, metadata, tokenizer. Shared by contexts.
+
+    ``repack=False`` is the batch-invariant kernel set (module docstring): plain weights here,
+    and contexts without flash attention (and without tiled matmul from 8 slots on).
+    """
 
     def __init__(self, path: Path, *, repack: bool = True) -> None:
         lib = _lib()
         silence_llama_logs()
         self._lib = lib
+        self.batch_invariant: bool = not repack
+        """Plain kernels: a row's logits do not depend on the other rows of its batch."""
         params = lib.llama_model_default_params()
         params.use_extra_bufts = repack
         model = lib.llama_model_load_from_file(str(path).encode(), params)
@@ -202,9 +245,12 @@ class NativeSampler:
 
 
 class NativeContext:
-    """A llama context with ``n_slots`` sequences sharing one unified KV cache.
+    """A llama context with ``n_slots`` sequences: one shared (unified) KV cache, or a stream each.
 
-    Implements :class:`agent.engine.batching.DecodeBackend`.
+    ``flash_attn``: ``None`` follows the model (off for a batch-invariant model, whose invariance
+    it would break; llama.cpp's automatic choice otherwise), ``True``/``False`` force it. A
+    batch-invariant model's context of ``TILED_MIN_ROWS`` slots or more calls
+    :func:`use_invariant_kernels` first. Implements :class:`agent.engine.batching.DecodeBackend`.
     """
 
     def __init__(
@@ -218,6 +264,7 @@ class NativeContext:
         embeddings: bool = False,
         pooling: int | None = None,
         unified: bool = True,
+        flash_attn: bool | None = None,
     ) -> None:
         lib = _lib()
         self._lib = lib
@@ -232,6 +279,17 @@ class NativeContext:
         p.kv_unified = unified
         p.swa_full = True
         p.no_perf = True
+        if flash_attn is None and model.batch_invariant:
+            flash_attn = False
+        if model.batch_invariant and n_slots >= TILED_MIN_ROWS:
+            use_invariant_kernels()
+        elif os.environ.get("GGML_CPU_TILED_MM") != "0":
+            with _log_lock:
+                _kernel_state["context_without_switch"] = True
+        if flash_attn is not None:
+            p.flash_attn_type = _LLAMA_FLASH_ATTN_ENABLED if flash_attn else _LLAMA_FLASH_ATTN_DISABLED
+        self.flash_attn: bool | None = flash_attn
+        """False: attention as plain matmul + softmax; None: llama.cpp decides (auto)."""
         if embeddings:
             p.embeddings = True
             if pooling is not None:
