@@ -6,21 +6,40 @@ For a GGUF model served by llama.cpp (through llama-cpp-python, CPU backend)::
 
 * ``weights``  the file's tensor data. The file is mmapped; every tensor is touched by a forward pass
   (Gemma's output projection is the tied 262k-row embedding table), so all of it becomes resident.
-* ``kv_cache`` per layer ``cells(layer) x n_head_kv(layer) x (key_length + value_length) x kv_bytes``.
-  Global layers hold ``n_ctx`` cells (padded to 256). Sliding-window layers hold
-  ``min(n_ctx, pad(window + n_ubatch, 256))`` cells when ``swa_full`` is off; llama-cpp-python's
-  default context parameters switch it ON, so they hold ``n_ctx`` cells too. Grouped-query attention
-  enters through ``n_head_kv``. The buffer is cleared at creation, so it is resident at load.
+  With repacked kernels (``RuntimeParams.repack``, the engine's ``batch_invariant = false``) a
+  tensor moved to llama.cpp's CPU_REPACK buffer is held twice: the mapped file pages its copy read
+  stay mapped, and the repacked copy is anonymous memory. Which types are repacked depends on the
+  CPU (:func:`repack_types`: Q4_0/Q4_K/IQ4_NL/MXFP4 with AVX2, plus Q2_K with AVX-512; the K-quants,
+  Q8_0 and more on ARM with dotprod or i8mm); on an unknown CPU, or for a model whose tensor types
+  are unknown (a manifest), every type that some CPU repacks (:data:`REPACKABLE_TYPES`) counts.
+* ``kv_cache`` ``streams x`` per layer ``cells(layer) x n_head_kv(layer) x (key_length + value_length)
+  x kv_bytes``. It mirrors llama.cpp's allocation, which is **resident at creation on every CPU**:
+  the KV buffer is cleared with ``memset`` when the context is created, which touches every page
+  (measured: the whole cache is resident before the first token; no transparent huge pages).
+
+  - unified cache (``kv_unified``, or one sequence): one stream of ``pad256(n_ctx)`` cells that
+    all ``n_seq`` sequences share; sliding-window layers without ``swa_full`` hold
+    ``min(n_ctx, pad256(window x n_seq + n_ubatch))`` cells;
+  - a stream per sequence (``kv_unified = false``, the engine's default): the engine asks
+    llama.cpp for ``n_ctx x n_seq`` cells, which it splits into ``n_seq`` streams of
+    ``n_ctx_seq = pad256(pad256(n_ctx x n_seq) / n_seq)`` (= ``pad256(n_ctx)``) cells each;
+    sliding-window layers without ``swa_full`` hold ``min(n_ctx_seq, pad256(window + n_ubatch))``
+    per stream. So the KV cache is ``n_seq`` times that of one sequence.
+
+  ``swa_full`` (the engine's setting) makes sliding-window layers full-size. Grouped-query
+  attention enters through ``n_head_kv``.
 * ``compute`` llama.cpp *reserves* a graph buffer for the worst ubatch:
   ``max(n_ubatch x n_vocab x 4, attention)`` -- 514.5 MiB for Gemma 3's 262k vocabulary at ubatch
   512 -- but only the pages a real graph writes become resident. With one output row per sequence
-  (llama-cpp-python without ``logits_all``) the logits part stays virtual; what is written grows with
-  the context in use: the f32 attention scores and mask ``n_ubatch x n_kv x (n_head + 1) x 4`` plus the
-  per-token activations ``n_ubatch x (4 n_embd + 2 n_ff) x 4``. :attr:`MemoryEstimate.compute` is that
-  resident part at ``context_used`` (default: the whole context, the worst case);
-  :attr:`MemoryEstimate.compute_reserved` is the address space llama.cpp asks for, which matters
-  under strict overcommit (``vm.overcommit_memory=2``) or on a GPU, where reservations are real.
-* ``output``   ``n_outputs x n_vocab x 4`` (one row per sequence) -- 1 MiB for Gemma 3.
+  the logits part stays virtual; what is written grows with the context in use: the f32 attention
+  scores and mask ``n_ubatch x n_kv x (n_head + 1) x 4`` (the engine's batch-invariant contexts
+  compute attention without flash attention, so the scores exist) plus the per-token activations
+  ``n_ubatch x (4 n_embd + 2 n_ff) x 4``. ``n_kv`` is the cells of one stream in use.
+  :attr:`MemoryEstimate.compute` is that resident part at ``context_used`` (default: the whole
+  context, the worst case); :attr:`MemoryEstimate.compute_reserved` is the address space llama.cpp
+  asks for, which matters under strict overcommit (``vm.overcommit_memory=2``) or on a GPU, where
+  reservations are real.
+* ``output``   ``n_seq x n_vocab x 4`` (one logits row per sequence) -- 1 MiB each for Gemma 3.
 * ``overhead`` the runtime: vocabulary tables, token-piece cache, thread pools, Python objects
   (``RUNTIME_OVERHEAD_BASE`` + ``RUNTIME_OVERHEAD_PER_TOKEN`` x ``n_vocab``; calibrated by
   ``bench/memory_estimate.py``).
@@ -30,7 +49,10 @@ optimisations, prepacked and dequantised weights) ``+ batch x max_length^2 x ONN
 (the arena a full batch of attention leaves behind); both factors are measured.
 
 Invariants: every function is pure and total over valid inputs; all sizes are non-negative ints in
-bytes; the estimate is monotonic in ``n_ctx``, ``context_used``, ``n_ubatch`` and file size.
+bytes; the estimate is monotonic in ``n_ctx``, ``n_seq``, ``context_used``, ``n_ubatch`` and file
+size; a per-sequence KV cache (``kv_unified = false``) is never smaller than a unified one, and
+repacked kernels never estimate less than plain ones. Allocations whose residency could depend on
+the CPU are counted as resident (an under-estimate is how a box gets OOM-killed).
 """
 
 from __future__ import annotations
@@ -52,6 +74,10 @@ ONNX_OVERHEAD_FACTOR = 9.4
 initializer byte: measured 214 MiB peak for MiniLM-L6 INT8's 21.8 MiB (bench/memory_estimate.py --onnx)."""
 ONNX_ATTENTION_BYTES = 304
 """Arena bytes per (batch x sequence^2) element of a forward pass, measured on the same 12-head encoder."""
+REPACKABLE_TYPES = frozenset({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q8_0", "IQ4_NL", "MXFP4", "Q1_0"})
+"""Tensor types some llama.cpp CPU repack kernel (``ggml-cpu/repack.cpp``, any CPU) may take."""
+_REPACK_X86_AVX2 = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})
+_REPACK_ARM_DOTPROD = frozenset({"Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "MXFP4", "Q1_0"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +100,8 @@ class ModelShape:
     format: str = "gguf"
     initializer_bytes: int = 0
     """ONNX only: total size of the graph's initializers."""
+    bytes_by_type: tuple[tuple[str, int], ...] = ()
+    """Tensor bytes per ggml type name (``("Q4_K", n)``); empty when unknown (a manifest)."""
 
     @classmethod
     def onnx(cls, file_size: int, initializer_bytes: int) -> ModelShape:
@@ -100,14 +128,24 @@ class ModelShape:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeParams:
-    """How the model is loaded. Defaults are the engine's: ``n_batch`` 512, f16 KV, full SWA cache."""
+    """How the model is loaded: ``n_batch`` 512, f16 KV, full SWA cache, plain kernels, a KV stream
+    per sequence are the engine's defaults. ``n_seq`` defaults to one sequence; the engine runs
+    ``engine.n_parallel`` (4) -- :func:`agent.select_cmd.policy_from_settings` passes it."""
 
     n_ctx: int = 4096
+    """Cells one sequence may use (``engine.n_ctx``); with ``kv_unified`` the cells all share."""
     n_batch: int = 512
     n_ubatch: int = 512
     kv_type: str = "f16"
     swa_full: bool = True
     n_seq: int = 1
+    """Sequence slots of the context (``engine.n_parallel``)."""
+    kv_unified: bool = False
+    """True: the ``n_seq`` slots share ``n_ctx`` cells; False: each has a stream of ``n_ctx`` cells."""
+    repack: bool = False
+    """llama.cpp's repacked CPU kernels (``engine.batch_invariant = false``)."""
+    repack_types: frozenset[str] = REPACKABLE_TYPES
+    """Types this CPU repacks (:func:`repack_types`); the default is every type any CPU repacks."""
     context_used: int | None = None
     """Tokens in the context when the peak is measured; ``None`` means ``n_ctx`` (worst case)."""
     onnx_batch: int = 32
@@ -158,44 +196,72 @@ def _pad(n: int, to: int = KV_PAD) -> int:
     return -(-n // to) * to
 
 
+def kv_streams(params: RuntimeParams) -> int:
+    """KV streams llama.cpp allocates: one when unified (or one sequence), else one per sequence."""
+    return 1 if params.kv_unified else max(1, params.n_seq)
+
+
+def kv_stream_cells(params: RuntimeParams) -> int:
+    """Cells of one stream for a full-attention layer (llama.cpp's ``n_ctx_seq``).
+
+    The engine creates a unified context with ``n_ctx`` cells and a per-sequence one with
+    ``n_ctx x n_seq``; llama.cpp pads the total to 256 and, per sequence, pads the share again.
+    """
+    if kv_streams(params) == 1:
+        return _pad(params.n_ctx)
+    streams = kv_streams(params)
+    return _pad(_pad(params.n_ctx * streams) // streams)
+
+
+def _swa_cells(shape: ModelShape, params: RuntimeParams, full: int) -> int:
+    if not shape.sliding_window or params.swa_full:
+        return full
+    seqs_in_stream = max(1, params.n_seq) if kv_streams(params) == 1 else 1
+    return min(full, _pad(shape.sliding_window * seqs_in_stream + params.n_ubatch))
+
+
 def kv_cells(shape: ModelShape, layer: int, params: RuntimeParams) -> int:
-    """Cells the KV cache holds for ``layer``."""
-    full = _pad(params.n_ctx)
-    if shape.is_swa(layer) and not params.swa_full and shape.sliding_window:
-        return min(full, _pad(shape.sliding_window * params.n_seq + params.n_ubatch))
+    """Cells one KV stream holds for ``layer`` (see :func:`kv_streams` for how many streams)."""
+    full = kv_stream_cells(params)
+    if shape.is_swa(layer):
+        return _swa_cells(shape, params, full)
     return full
 
 
 def kv_cache_bytes(shape: ModelShape, params: RuntimeParams) -> int:
-    """Sum over layers of cells x KV heads x (key + value length) x bytes per value."""
+    """Streams x sum over layers of cells x KV heads x (key + value length) x bytes per value."""
     per_value = KV_TYPE_BYTES[params.kv_type]
     width = shape.key_length + shape.value_length
-    full = _pad(params.n_ctx)
-    window = full
-    if shape.sliding_window and not params.swa_full:
-        window = min(full, _pad(shape.sliding_window * params.n_seq + params.n_ubatch))
+    full = kv_stream_cells(params)
+    window = _swa_cells(shape, params, full)
+    streams = kv_streams(params)
     swa = shape.swa_layers if shape.sliding_window else ()
     if len(shape.n_head_kv) == 1:
         n_swa = sum(1 for flag in swa[: shape.n_layers] if flag)
         heads = shape.n_head_kv[0]
         total = (n_swa * window + (shape.n_layers - n_swa) * full) * heads * width * per_value
-        return int(total)
+        return int(total) * streams
     acc = 0.0
     for layer in range(shape.n_layers):
         cells = window if layer < len(swa) and swa[layer] else full
         acc += cells * shape.n_head_kv[layer] * width * per_value
-    return int(acc)
+    return int(acc) * streams
 
 
 def compute_bytes(shape: ModelShape, params: RuntimeParams) -> tuple[int, int]:
-    """(resident at ``context_used``, reserved by llama.cpp's worst-case graph)."""
+    """(resident at ``context_used``, reserved by llama.cpp's worst-case graph).
+
+    ``n_kv`` counts the cells of one stream: the largest ubatch is a prompt chunk, which belongs to
+    one sequence; a generation batch has one query row per stream, far fewer than ``n_ubatch``.
+    """
     ub = min(params.n_ubatch, params.n_batch)
-    used = min(params.context_used or params.n_ctx, params.n_ctx)
-    n_kv = min(_pad(used + ub), _pad(params.n_ctx))
+    cells = kv_stream_cells(params)
+    used = min(params.context_used or cells, cells)
+    n_kv = min(_pad(used + ub), cells)
     attention = ub * n_kv * (shape.n_head + 1) * 4
     activations = ub * (4 * shape.n_embd + 2 * shape.n_ff) * 4
     resident = attention + activations
-    worst_attention = ub * _pad(params.n_ctx) * (shape.n_head + 1) * 4
+    worst_attention = ub * cells * (shape.n_head + 1) * 4
     reserved = max(ub * shape.n_vocab * 4, worst_attention) + activations
     return resident, reserved
 
@@ -204,14 +270,38 @@ def runtime_overhead(shape: ModelShape) -> int:
     return RUNTIME_OVERHEAD_BASE + RUNTIME_OVERHEAD_PER_TOKEN * shape.n_vocab
 
 
+def repack_types(arch: str, features: frozenset[str]) -> frozenset[str]:
+    """Tensor types llama.cpp's CPU repack takes on a CPU (``ggml_repack_get_optimal_repack_type``
+    of the llama.cpp in llama-cpp-python 0.3.36); :data:`REPACKABLE_TYPES` when unknown."""
+    if arch == "x86_64" and features:
+        if "avx2" not in features:
+            return frozenset()
+        return _REPACK_X86_AVX2 | ({"Q2_K"} if "avx512f" in features else set())
+    if arch == "aarch64" and features:
+        if "dotprod" in features or "i8mm" in features:
+            return _REPACK_ARM_DOTPROD
+        return frozenset()
+    return REPACKABLE_TYPES
+
+
+def weights_bytes(shape: ModelShape, params: RuntimeParams) -> int:
+    """The mapped file, plus a second copy of every repacked tensor when kernels are repacked."""
+    if not params.repack:
+        return shape.file_size
+    if not shape.bytes_by_type:
+        return 2 * shape.file_size
+    extra = sum(n for t, n in shape.bytes_by_type if t in params.repack_types)
+    return shape.file_size + min(extra, shape.file_size)
+
+
 def estimate_gguf(shape: ModelShape, params: RuntimeParams) -> MemoryEstimate:
     """Resident memory of a llama.cpp CPU load of ``shape`` with ``params`` (see module docstring)."""
     resident, reserved = compute_bytes(shape, params)
     return MemoryEstimate(
-        weights=shape.file_size,
+        weights=weights_bytes(shape, params),
         kv_cache=kv_cache_bytes(shape, params),
         compute=resident,
-        output=params.n_seq * shape.n_vocab * 4,
+        output=max(1, params.n_seq) * shape.n_vocab * 4,
         overhead=runtime_overhead(shape),
         compute_reserved=reserved,
     )
@@ -249,6 +339,7 @@ def shape_from_gguf(info: GGUFInfo) -> ModelShape:
         n_ff=info.feed_forward_length,
         sliding_window=info.sliding_window,
         swa_layers=info.sliding_window_layers,
+        bytes_by_type=tuple(sorted(info.bytes_by_type.items())),
     )
 
 
@@ -265,6 +356,7 @@ __all__ = [
     "KV_TYPE_BYTES",
     "MIB",
     "ONNX_OVERHEAD_FACTOR",
+    "REPACKABLE_TYPES",
     "RUNTIME_OVERHEAD_BASE",
     "RUNTIME_OVERHEAD_PER_TOKEN",
     "MemoryEstimate",
@@ -277,6 +369,10 @@ __all__ = [
     "fmt_bytes",
     "kv_cache_bytes",
     "kv_cells",
+    "kv_stream_cells",
+    "kv_streams",
+    "repack_types",
     "runtime_overhead",
     "shape_from_gguf",
+    "weights_bytes",
 ]

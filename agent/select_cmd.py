@@ -32,7 +32,7 @@ from agent.errors import AgentError, ConfigError
 from agent.hardware.probe import measure_bandwidth, probe
 from agent.hardware.types import HardwareProfile
 from agent.log import get_logger
-from agent.memory import MIB, ModelShape, RuntimeParams, estimate, fmt_bytes
+from agent.memory import MIB, ModelShape, RuntimeParams, estimate, fmt_bytes, repack_types
 from agent.selection import (
     Candidate,
     Selection,
@@ -183,6 +183,9 @@ def policy_from_settings(settings: Settings, profile: HardwareProfile, task: str
             n_batch=settings.engine.n_batch,
             n_ubatch=settings.engine.n_batch,
             n_seq=settings.engine.n_parallel,
+            kv_unified=settings.engine.kv_unified,
+            repack=not settings.engine.batch_invariant,
+            repack_types=repack_types(profile.cpu.arch, profile.cpu.features),
             onnx_batch=settings.embedding.batch_size,
             onnx_max_length=settings.embedding.max_length,
         ),

@@ -1,4 +1,5 @@
-"""agent.memory against the real Gemma 3 270M header and the sizes llama.cpp itself reports."""
+"""agent.memory against the real Gemma 3 270M header, the sizes llama.cpp itself reports and the
+resident memory bench/memory_estimate.py measured (docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from agent.catalog import info_for_file
+from agent.config import EngineSettings, Settings
 from agent.memory import (
     MIB,
+    REPACKABLE_TYPES,
     ModelShape,
     RuntimeParams,
     estimate,
     fmt_bytes,
     kv_cache_bytes,
     kv_cells,
+    kv_stream_cells,
+    kv_streams,
+    repack_types,
     shape_from_gguf,
+    weights_bytes,
 )
+from agent.select_cmd import model_memory_estimate
 from registry.gguf_info import read_gguf_info
+
+KIB = 1 << 10
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +38,58 @@ def gemma_shape(gemma_path: Path) -> ModelShape:
     return shape_from_gguf(read_gguf_info(gemma_path))
 
 
-# llama.cpp's own log for this file ("llama_kv_cache: size = ... MiB"), swa_full on (the default of
-# llama-cpp-python's context parameters): 3 global + 15 SWA layers x n_ctx cells x 1 KiB.
+# llama.cpp's own log for this file ("llama_kv_cache: size = ... MiB", non-SWA + SWA caches) with the
+# context the engine creates: n_ctx cells when unified, n_ctx x n_seq split into n_seq streams
+# otherwise. Gemma 3 270M: 3 global + 15 sliding-window layers, 1 KiB per layer and cell.
 @pytest.mark.parametrize(
-    ("n_ctx", "swa_full", "mib"),
-    [(2048, True, 36), (8192, True, 144), (32768, True, 576), (32768, False, 96 + 15)],
-    ids=["2k", "8k", "32k", "32k-swa-window"],
+    ("n_ctx", "n_seq", "unified", "swa_full", "size"),
+    [
+        (2048, 1, False, True, 36 * MIB),
+        (8192, 1, False, True, 144 * MIB),
+        (32768, 1, False, True, 576 * MIB),
+        (32768, 1, False, False, (96 + 15) * MIB),
+        (2048, 4, True, True, 36 * MIB),  # logged 6 + 30 MiB, "4/1 seqs"
+        (2048, 4, False, True, 144 * MIB),  # logged 24 + 120 MiB, "4/4 seqs"
+        (32768, 4, True, False, 96 * MIB + 15 * 2560 * KIB),  # SWA: pad(512 x 4 + 512) cells
+        (32768, 4, False, False, 4 * (96 + 15) * MIB),  # logged 384 + 60 MiB: SWA 1024 cells a stream
+        (1000, 3, False, True, 54 * MIB),  # logged 9 + 45 MiB: n_ctx_seq 1024
+    ],
+    ids=[
+        "2k",
+        "8k",
+        "32k",
+        "32k-swa-window",
+        "2k-4-slots-unified",
+        "2k-4-slots-a-stream-each",
+        "32k-4-slots-unified-swa-window",
+        "32k-4-slots-a-stream-each-swa-window",
+        "1000-3-slots-padded",
+    ],
 )
-def test_kv_cache_matches_llama_cpp(gemma_shape: ModelShape, n_ctx: int, swa_full: bool, mib: int) -> None:
-    assert kv_cache_bytes(gemma_shape, RuntimeParams(n_ctx=n_ctx, swa_full=swa_full)) == mib * MIB
+def test_kv_cache_matches_llama_cpp(
+    gemma_shape: ModelShape, n_ctx: int, n_seq: int, unified: bool, swa_full: bool, size: int
+) -> None:
+    params = RuntimeParams(n_ctx=n_ctx, n_seq=n_seq, kv_unified=unified, swa_full=swa_full)
+    assert kv_cache_bytes(gemma_shape, params) == size
+
+
+@pytest.mark.parametrize(
+    ("n_ctx", "n_seq", "unified", "streams", "cells"),
+    [
+        (2048, 1, False, 1, 2048),
+        (2048, 4, True, 1, 2048),
+        (2048, 4, False, 4, 2048),
+        (1000, 3, False, 3, 1024),
+        (100, 1, True, 1, 256),
+        (300, 2, False, 2, 512),
+    ],
+    ids=["one-seq", "unified", "a-stream-each", "padded-share", "tiny-unified", "tiny-streams"],
+)
+def test_streams_and_cells_follow_llama_cpp(
+    n_ctx: int, n_seq: int, unified: bool, streams: int, cells: int
+) -> None:
+    params = RuntimeParams(n_ctx=n_ctx, n_seq=n_seq, kv_unified=unified)
+    assert (kv_streams(params), kv_stream_cells(params)) == (streams, cells)
 
 
 def test_swa_cells_are_window_plus_ubatch(gemma_shape: ModelShape) -> None:
@@ -43,6 +97,8 @@ def test_swa_cells_are_window_plus_ubatch(gemma_shape: ModelShape) -> None:
     assert kv_cells(gemma_shape, 0, params) == 1024  # pad(512 + 512, 256)
     assert kv_cells(gemma_shape, 5, params) == 32768  # global layer
     assert kv_cells(gemma_shape, 0, RuntimeParams(n_ctx=700, swa_full=False)) == 768
+    unified = RuntimeParams(n_ctx=32768, swa_full=False, n_seq=4, kv_unified=True)
+    assert kv_cells(gemma_shape, 0, unified) == 2560  # pad(512 x 4 + 512): one window per sequence
 
 
 def test_compute_reservation_matches_llama_cpp(gemma_shape: ModelShape) -> None:
@@ -77,6 +133,128 @@ def test_onnx_estimate_uses_initializers() -> None:
     assert est.weights == 22 * MIB
     assert est.kv_cache == 0
     assert est.total > 22 * MIB
+
+
+# Which tensor types llama.cpp's CPU repack takes (ggml-cpu/repack.cpp, llama-cpp-python 0.3.36).
+@pytest.mark.parametrize(
+    ("arch", "features", "types"),
+    [
+        ("x86_64", {"avx", "avx2", "fma"}, {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}),
+        ("x86_64", {"avx", "avx2", "avx512f", "amx_tile"}, {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"}),
+        ("x86_64", {"sse4_2"}, set()),
+        ("aarch64", {"neon"}, set()),
+        ("aarch64", {"neon", "dotprod"}, {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ4_NL", "MXFP4", "Q1_0"}),
+        ("aarch64", set(), set(REPACKABLE_TYPES)),
+        ("unknown", set(), set(REPACKABLE_TYPES)),
+    ],
+    ids=[
+        "x86-avx2",
+        "x86-avx512-amx",
+        "x86-no-avx2",
+        "cortex-a72-neon",
+        "cortex-a76-dotprod",
+        "arm-features-unknown",
+        "unknown-cpu",
+    ],
+)
+def test_repack_types_by_cpu(arch: str, features: set[str], types: set[str]) -> None:
+    assert repack_types(arch, frozenset(features)) == frozenset(types)
+
+
+# Gemma 3 270M Q4_K_M holds Q4_K (12.6 MiB), Q6_K, Q5_0, Q8_0 (the 170 MiB token embedding) and F32.
+@pytest.mark.parametrize(
+    ("repack", "arch", "features", "header", "extra"),
+    [
+        (False, "x86_64", {"avx2", "avx512f"}, True, set()),
+        (True, "x86_64", {"avx2", "avx512f"}, True, {"Q4_K"}),
+        (True, "aarch64", {"neon", "dotprod"}, True, {"Q4_K", "Q6_K", "Q8_0"}),
+        (True, "unknown", set(), True, {"Q4_K", "Q6_K", "Q8_0"}),
+        (True, "x86_64", {"avx2"}, False, {"*"}),
+    ],
+    ids=[
+        "plain-kernels",
+        "repack-x86-avx512",
+        "repack-arm-dotprod",
+        "repack-unknown-cpu",
+        "repack-no-header",
+    ],
+)
+def test_repacked_tensors_count_twice(
+    gemma_shape: ModelShape, repack: bool, arch: str, features: set[str], header: bool, extra: set[str]
+) -> None:
+    shape = gemma_shape if header else replace(gemma_shape, bytes_by_type=())
+    params = RuntimeParams(repack=repack, repack_types=repack_types(arch, frozenset(features)))
+    by_type = dict(gemma_shape.bytes_by_type)
+    copies = shape.file_size if "*" in extra else sum(by_type[t] for t in extra)
+    assert weights_bytes(shape, params) == shape.file_size + copies
+
+
+# The pool's hook (and `edge-agent select`) estimate the engine's own context: n_parallel slots,
+# a KV stream each unless kv_unified.
+@pytest.mark.parametrize(
+    ("engine", "kv"),
+    [
+        (EngineSettings(n_ctx=2048), 4 * 36 * MIB),
+        (EngineSettings(n_ctx=2048, kv_unified=True), 36 * MIB),
+        (EngineSettings(n_ctx=2048, n_parallel=1), 36 * MIB),
+        (EngineSettings(n_ctx=4096, n_parallel=8), 8 * 72 * MIB),
+    ],
+    ids=["defaults-4-slots-a-stream-each", "unified", "one-slot", "8-slots-of-4k"],
+)
+def test_the_pool_estimates_with_the_engines_settings(
+    gemma_path: Path, gemma_shape: ModelShape, engine: EngineSettings, kv: int
+) -> None:
+    total = model_memory_estimate(Settings(engine=engine))(info_for_file(gemma_path))
+    without_kv = estimate(gemma_shape, RuntimeParams(n_ctx=engine.n_ctx, n_seq=engine.n_parallel))
+    assert total == without_kv.total - without_kv.kv_cache + kv
+
+
+# Peak RSS increase measured by bench/memory_estimate.py (docs/benchmarks.md: Selection). The bound
+# the selection relies on: at most 20 % over, never more than 10 % under.
+@pytest.mark.parametrize(
+    ("n_ctx", "used", "unified", "repack", "measured_mib"),
+    [
+        (2048, 1883, False, False, 459),
+        (8192, 1883, False, False, 899),
+        (32768, 1883, False, False, 2636),
+        (8192, 7786, False, False, 949),
+        (32768, 7786, False, False, 2686),
+        (2048, 1883, True, False, 350),
+        (32768, 1883, True, False, 898),
+        (2048, 1883, False, True, 463),
+        (32768, 1883, False, True, 2640),
+        (2048, 1883, True, False, 348),
+        (8192, 1883, True, False, 463),
+        (32768, 1883, True, False, 904),
+    ],
+    ids=[
+        "xeon-avx512-amx-2k",
+        "xeon-avx512-amx-8k",
+        "xeon-avx512-amx-32k",
+        "xeon-avx512-amx-8k-long-prompt",
+        "xeon-avx512-amx-32k-long-prompt",
+        "xeon-avx512-amx-2k-unified",
+        "xeon-avx512-amx-32k-unified",
+        "xeon-avx512-amx-2k-repack",
+        "xeon-avx512-amx-32k-repack",
+        "epyc-avx2-2k-unified",
+        "epyc-avx2-8k-unified",
+        "epyc-avx2-32k-unified",
+    ],
+)
+def test_estimate_bounds_the_measured_peak(
+    gemma_shape: ModelShape, n_ctx: int, used: int, unified: bool, repack: bool, measured_mib: int
+) -> None:
+    params = RuntimeParams(
+        n_ctx=n_ctx,
+        n_seq=4,
+        kv_unified=unified,
+        repack=repack,
+        repack_types=repack_types("x86_64", frozenset({"avx2", "avx512f"})),
+        context_used=used,
+    )
+    error = estimate(gemma_shape, params).total / (measured_mib * MIB) - 1
+    assert -0.10 <= error <= 0.20
 
 
 @pytest.mark.parametrize(
@@ -116,18 +294,42 @@ def test_estimate_is_monotonic_in_context(shape: ModelShape, a: int, b: int, ful
 
 @given(
     shape=shapes,
+    n_ctx=st.integers(128, 1 << 15),
+    a=st.integers(1, 16),
+    b=st.integers(1, 16),
+    full=st.booleans(),
+)
+def test_a_stream_per_slot_never_estimates_less(
+    shape: ModelShape, n_ctx: int, a: int, b: int, full: bool
+) -> None:
+    lo, hi = sorted((a, b))
+    for unified in (True, False):
+        few = estimate(shape, RuntimeParams(n_ctx=n_ctx, n_seq=lo, kv_unified=unified, swa_full=full))
+        many = estimate(shape, RuntimeParams(n_ctx=n_ctx, n_seq=hi, kv_unified=unified, swa_full=full))
+        assert few.total <= many.total
+    shared = estimate(shape, RuntimeParams(n_ctx=n_ctx, n_seq=hi, kv_unified=True, swa_full=full))
+    streams = estimate(shape, RuntimeParams(n_ctx=n_ctx, n_seq=hi, kv_unified=False, swa_full=full))
+    assert shared.kv_cache <= streams.kv_cache
+    repacked = estimate(shape, RuntimeParams(n_ctx=n_ctx, n_seq=hi, repack=True, swa_full=full))
+    assert repacked.total >= streams.total
+
+
+@given(
+    shape=shapes,
     n_ctx=st.integers(128, 1 << 16),
+    n_seq=st.integers(1, 8),
+    unified=st.booleans(),
     full=st.booleans(),
     per_layer=st.booleans(),
 )
 def test_fast_kv_sum_equals_the_per_layer_definition(
-    shape: ModelShape, n_ctx: int, full: bool, per_layer: bool
+    shape: ModelShape, n_ctx: int, n_seq: int, unified: bool, full: bool, per_layer: bool
 ) -> None:
     if per_layer:
         shape = replace(shape, n_head_kv=tuple((i % 4) + 1 for i in range(shape.n_layers)))
-    params = RuntimeParams(n_ctx=n_ctx, swa_full=full)
+    params = RuntimeParams(n_ctx=n_ctx, n_seq=n_seq, kv_unified=unified, swa_full=full)
     width = shape.key_length + shape.value_length
-    expected = sum(
+    per_stream = sum(
         kv_cells(shape, il, params) * shape.kv_heads(il) * width * 2 for il in range(shape.n_layers)
     )
-    assert kv_cache_bytes(shape, params) == expected
+    assert kv_cache_bytes(shape, params) == kv_streams(params) * per_stream

@@ -53,8 +53,9 @@ def test_select_explain_and_json(capsys: pytest.CaptureFixture[str], config: Pat
     data = json.loads(out)
     assert data["choice"] == "gemma"
     row = data["candidates"][0]
-    # 32k context with the full-size SWA cache llama.cpp is given: 576 MiB of KV.
-    assert row["memory"]["kv_cache"] == 576 << 20
+    # 32k context with the full-size SWA cache llama.cpp is given: 576 MiB of KV per slot, and the
+    # engine's 4 slots have a KV stream each (kv_unified = false).
+    assert row["memory"]["kv_cache"] == 4 * 576 << 20
     assert row["quantization"] == "Q4_K_M"
 
 
