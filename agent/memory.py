@@ -251,8 +251,8 @@ def kv_cache_bytes(shape: ModelShape, params: RuntimeParams) -> int:
 def compute_bytes(shape: ModelShape, params: RuntimeParams) -> tuple[int, int]:
     """(resident at ``context_used``, reserved by llama.cpp's worst-case graph).
 
-    ``n_kv`` is the cells of one stream a ubatch attends to: a prompt chunk is one sequence, and
-    one-token rows of several streams attend to ``n_streams x 1`` query rows, never more.
+    ``n_kv`` counts the cells of one stream: the largest ubatch is a prompt chunk, which belongs to
+    one sequence; a generation batch has one query row per stream, far fewer than ``n_ubatch``.
     """
     ub = min(params.n_ubatch, params.n_batch)
     cells = kv_stream_cells(params)

@@ -7,12 +7,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from agent.catalog import info_for_file
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import EngineSettings, Settings
 from agent.daemon.candidates import model_memory_estimate
+from agent.daemon.catalog import info_for_file
 from agent.memory import (
     MIB,
     REPACKABLE_TYPES,
