@@ -74,11 +74,6 @@ INVARIANT_KERNEL_ENV = {"GGML_CPU_TILED_MM": "0"}
 TILED_MIN_ROWS = 8
 """Rows from which ggml's tiled K-quant matmul replaces the plain dot product (``ggml_tiled_min_batch``)."""
 
-INVARIANT_KERNEL_ENV = {"GGML_CPU_TILED_MM": "0"}
-"""Process-wide ggml switches of the batch-invariant kernel set (read once, at the first matmul)."""
-TILED_MIN_ROWS = 8
-"""Rows from which ggml's tiled K-quant matmul replaces the plain dot product (``ggml_tiled_min_batch``)."""
-
 _GGML_LOG_ERROR = 4
 _LLAMA_FLASH_ATTN_DISABLED = 0
 _LLAMA_FLASH_ATTN_ENABLED = 1
