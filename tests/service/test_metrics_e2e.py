@@ -115,7 +115,13 @@ def test_admin_status_has_what_an_operator_needs(served: Daemon) -> None:
     assert body["memory"]["used_bytes"] == model["memory_bytes"]
     assert body["memory"]["budget_bytes"] > body["memory"]["used_bytes"]
     assert body["process"]["rss_bytes"] > 0 and body["process"]["pid"] == served.proc.pid
-    assert body["hub"] == {"configured": False, "connected": False, "last_sync": None}
+    assert body["hub"] == {
+        "configured": False,
+        "connected": False,
+        "last_sync": None,
+        "hub_online": None,
+        "transfers": None,
+    }
     assert body["policy_version"] is not None
     assert isinstance(body["audit_backlog"], int)
     jobs = {j["name"]: j for j in body["jobs"]}
