@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,7 @@ from agent.engine.base import (
     CompletionRequest,
     GenerationChunk,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
 from agent.engine.grammar import check_gbnf, json_object_grammar, schema_grammar
@@ -181,7 +182,12 @@ class _SamplingBody(BaseModel):
             seed=self.seed,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             grammar=self.grammar_text(),
+            logprobs=self.logprob_count(),
         )
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token to report, or None for no log probabilities."""
+        return None
 
     def stops(self) -> tuple[str, ...]:
         stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -193,6 +199,17 @@ class CompletionBody(_SamplingBody):
 
     prompt: str | list[str] = Field(json_schema_extra=_list_branch(1, 1))
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    """Log probabilities of the sampled tokens and this many alternatives (OpenAI's legacy shape)."""
+
+    _logprob_integers = field_validator("logprobs", mode="before")(integral)
+
+    def logprob_count(self) -> int | None:
+        if self.logprobs is not None and self.echo:
+            raise BadRequest(
+                "logprobs: not with echo (the prompt's log probabilities are not computed)", param="logprobs"
+            )
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -356,6 +373,18 @@ class ChatBody(_SamplingBody):
     """Default: ``auto`` with tools, ``none`` without."""
     parallel_tool_calls: bool | None = None
     """Default true: an answer may call several functions."""
+    logprobs: bool | None = None
+    """Log probabilities of the answer's tokens (``choices[0].logprobs.content``)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With ``logprobs``: this many most likely alternatives per token."""
+
+    _logprob_integers = field_validator("top_logprobs", mode="before")(integral)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs: only with logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     store: bool | None = None
     """Metadata: nothing is stored either way (OpenAI keeps completions for its dashboard)."""
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
@@ -510,18 +539,66 @@ def _envelope(
     return out
 
 
+def _token(piece: bytes) -> str:
+    return piece.decode("utf-8", "replace")
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a chat completion (or chunk): one entry per token."""
+    if tokens is None:
+        return None
+
+    def entry(piece: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": _token(piece), "logprob": logprob, "bytes": list(piece)}
+
+    content = [
+        {**entry(t.piece, t.logprob), "top_logprobs": [entry(p, lp) for p, lp in t.top]} for t in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: Sequence[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a (legacy) completion: parallel lists; ``offset`` is where the
+    first token's text starts in the completion."""
+    if tokens is None:
+        return None
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(_token(t.piece))
+    return {
+        "tokens": [_token(t.piece) for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{_token(p): lp for p, lp in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
 def completion_json(
-    cid: str, model: str, text: str, finish: str | None, usage: Usage, created: int | None = None
+    cid: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    usage: Usage,
+    created: int | None = None,
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
-    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": public_finish(finish)}
+    choice = {
+        "text": text,
+        "index": 0,
+        "logprobs": completion_logprobs(logprobs),
+        "finish_reason": public_finish(finish),
+    }
     return _envelope(cid, "text_completion", model, created, [choice], usage)
 
 
-def completion_chunk_json(cid: str, model: str, chunk: GenerationChunk, created: int) -> dict[str, Any]:
+def completion_chunk_json(
+    cid: str, model: str, chunk: GenerationChunk, created: int, logprobs: bool = False, offset: int = 0
+) -> dict[str, Any]:
     choice = {
         "text": chunk.text,
         "index": 0,
-        "logprobs": None,
+        "logprobs": completion_logprobs(chunk.logprobs, offset) if logprobs else None,
         "finish_reason": public_finish(chunk.finish_reason),
     }
     return _envelope(cid, "text_completion", model, created, [choice])
@@ -539,6 +616,7 @@ def chat_json(
     usage: Usage,
     created: int | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
     """A chat completion; with ``tool_calls`` the content is null and ``finish`` is ``tool_calls``."""
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
@@ -547,7 +625,7 @@ def chat_json(
     choice = {
         "index": 0,
         "message": message,
-        "logprobs": None,
+        "logprobs": chat_logprobs(logprobs),
         "finish_reason": public_finish(finish),
     }
     return _envelope(cid, "chat.completion", model, created, [choice], usage)
@@ -562,6 +640,7 @@ def chat_chunk_json(
     finish: str | None,
     role: bool = False,
     tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if role:
@@ -570,7 +649,12 @@ def chat_chunk_json(
         delta["content"] = content
     if tool_calls:
         delta["tool_calls"] = tool_calls
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": public_finish(finish)}
+    choice = {
+        "index": 0,
+        "delta": delta,
+        "logprobs": chat_logprobs(logprobs),
+        "finish_reason": public_finish(finish),
+    }
     return _envelope(cid, "chat.completion.chunk", model, created, [choice])
 
 
@@ -626,6 +710,8 @@ __all__ = [
     "StreamOptions",
     "TextPart",
     "chat_chunk_json",
+    "chat_logprobs",
+    "completion_logprobs",
     "chat_json",
     "chat_usage_chunk_json",
     "embedding_json",

@@ -16,7 +16,8 @@ The request models are strict and their schema states every rule their validator
   template's rules on roles, the model's embedding size, a ``logit_bias`` token id beyond its
   vocabulary), or on rules across fields that JSON Schema does not state here (a JSON Schema
   keyword the grammar cannot enforce, GBNF that llama.cpp cannot parse, a tool result answering no
-  call, ``tool_choice`` without ``tools``). These are named, and nothing else is excused.
+  call, ``tool_choice`` without ``tools``, ``top_logprobs`` without ``logprobs``). These are
+  named, and nothing else is excused.
 
 Budget: about 20 s on 2 cores (most of it the positive runs, which generate a few tokens each).
 """
@@ -88,6 +89,8 @@ def model_dependent_refusal(path: str, response: httpx.Response) -> str | None:
         return "grammar-syntax"  # GBNF that llama.cpp cannot parse
     if path == CHAT and str(param).endswith(".tool_call_id"):
         return "tool-result-without-its-call"  # a tool message answering no earlier call
+    if param in ("top_logprobs", "logprobs"):
+        return "logprobs-rules"  # top_logprobs without logprobs: true; logprobs with echo
     if path == CHAT and str(param).split(".")[0] in ("tool_choice", "parallel_tool_calls", "tools"):
         return "tool-rules"  # tool_choice without tools, a name given twice or not among them, ...
     return None
