@@ -212,10 +212,46 @@ async def _stream(
     return response
 
 
+def _tokenizer(request: web.Request, model: str | None) -> Any:
+    engine = request.app[POOL_KEY].resolve(model)
+    if not hasattr(engine, "detokenize"):
+        raise BadRequest(
+            f"model: {engine.info.id} has no llama.cpp vocabulary to (de)tokenize with", param="model"
+        )
+    return engine
+
+
+async def tokenize(request: web.Request) -> web.StreamResponse:
+    """Token ids of a text, as llama.cpp's server answers ``/tokenize``."""
+    body = schemas.parse_body(schemas.TokenizeBody, await read_json(request))
+    engine = _tokenizer(request, body.model)
+    ids = engine.tokenize(body.content, add_bos=body.add_special)
+    if not body.with_pieces:
+        return web.json_response({"tokens": ids})
+    _, pieces = engine.detokenize(ids)
+    out = []
+    for token, piece in zip(ids, pieces, strict=True):
+        try:
+            text: str | list[int] = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            text = list(piece)
+        out.append({"id": token, "piece": text})
+    return web.json_response({"tokens": out})
+
+
+async def detokenize(request: web.Request) -> web.StreamResponse:
+    """The text of token ids, as llama.cpp's server answers ``/detokenize``."""
+    body = schemas.parse_body(schemas.DetokenizeBody, await read_json(request))
+    text, _ = _tokenizer(request, body.model).detokenize(body.tokens)
+    return web.json_response({"content": text})
+
+
 def register(router: web.UrlDispatcher) -> None:
     router.add_post("/v1/completions", completions)
     router.add_post("/v1/chat/completions", chat_completions)
     router.add_post("/v1/embeddings", embeddings)
+    router.add_post("/tokenize", tokenize)
+    router.add_post("/detokenize", detokenize)
 
 
-__all__ = ["chat_completions", "completions", "embeddings", "register"]
+__all__ = ["chat_completions", "completions", "detokenize", "embeddings", "register", "tokenize"]

@@ -211,7 +211,25 @@ class ReloadResult(TypedDict):
     duration_ms: float
 
 
+class TokenPiece(TypedDict):
+    id: int
+    piece: str | list[int]
+    """The token's text, or its bytes when they are not whole UTF-8."""
+
+
+class Tokens(TypedDict):
+    """``/tokenize``: ids, or ``{"id", "piece"}`` with ``with_pieces``."""
+
+    tokens: list[int] | list[TokenPiece]
+
+
+class Detokenized(TypedDict):
+    content: str
+
+
 RESPONSE_TYPES: dict[str, type] = {
+    "/tokenize": Tokens,
+    "/detokenize": Detokenized,
     "/health": Health,
     "/v1/models": ModelList,
     "/v1/completions": Completion,
@@ -398,6 +416,8 @@ __all__ = [
     "STREAMING_PATHS",
     "TEXT_PATHS",
     "ChatCompletion",
+    "Detokenized",
+    "Tokens",
     "Completion",
     "EmbeddingList",
     "ErrorResponse",

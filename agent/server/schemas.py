@@ -417,6 +417,31 @@ class ChatBody(_SamplingBody):
         )
 
 
+class TokenizeBody(BaseModel):
+    """``POST /tokenize``: llama.cpp's server's shape (``model`` added: which vocabulary)."""
+
+    model_config = _STRICT
+    model: str | None = None
+    content: str
+    add_special: bool = False
+    """Add the model's beginning-of-sequence token, as a prompt gets it."""
+    with_pieces: bool = False
+    """``[{"id", "piece"}]`` instead of ids (a piece that is not whole UTF-8 is given as its bytes)."""
+
+
+class DetokenizeBody(BaseModel):
+    """``POST /detokenize``: llama.cpp's server's shape (``model`` added)."""
+
+    model_config = _STRICT
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=(1 << 31) - 1)]] = Field(max_length=1 << 17)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _token_ids(cls, value: Any) -> Any:
+        return [integral(t) for t in value] if isinstance(value, list) else value
+
+
 MAX_EMBEDDING_INPUTS = 512
 
 
@@ -709,6 +734,8 @@ __all__ = [
     "EmbeddingBody",
     "StreamOptions",
     "TextPart",
+    "DetokenizeBody",
+    "TokenizeBody",
     "chat_chunk_json",
     "chat_logprobs",
     "completion_logprobs",

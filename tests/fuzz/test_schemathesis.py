@@ -81,7 +81,7 @@ def model_dependent_refusal(path: str, response: httpx.Response) -> str | None:
         return "chat-template-rules"  # e.g. Gemma's "roles must alternate user/assistant"
     if path == EMBEDDINGS and param == "dimensions":
         return "embedding-size"
-    if param == "logit_bias" and "vocabulary" in str(error.get("message")):
+    if param in ("logit_bias", "tokens") and "vocabulary" in str(error.get("message")):
         return "token-beyond-vocabulary"
     if code == "unsupported_schema":
         return "schema-beyond-the-grammar"  # a JSON Schema keyword the grammar cannot enforce
@@ -103,6 +103,10 @@ OPERATIONS = [
     pytest.param(CHAT, "POST", GenerationMode.NEGATIVE, 150, id="chat-invalid"),
     pytest.param(EMBEDDINGS, "POST", GenerationMode.POSITIVE, 10, id="embeddings-valid"),
     pytest.param(EMBEDDINGS, "POST", GenerationMode.NEGATIVE, 150, id="embeddings-invalid"),
+    pytest.param("/tokenize", "POST", GenerationMode.POSITIVE, 10, id="tokenize-valid"),
+    pytest.param("/tokenize", "POST", GenerationMode.NEGATIVE, 60, id="tokenize-invalid"),
+    pytest.param("/detokenize", "POST", GenerationMode.POSITIVE, 10, id="detokenize-valid"),
+    pytest.param("/detokenize", "POST", GenerationMode.NEGATIVE, 60, id="detokenize-invalid"),
     pytest.param("/v1/models", "GET", GenerationMode.POSITIVE, 3, id="models"),
     pytest.param("/health", "GET", GenerationMode.POSITIVE, 3, id="health"),
 ]
