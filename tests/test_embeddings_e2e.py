@@ -125,7 +125,8 @@ def test_bad_embedding_requests_get_openai_errors(
     [pytest.param("/v1/completions", id="completions"), pytest.param("/v1/chat/completions", id="chat")],
 )
 def test_generation_on_the_embedding_model_is_refused(agent: Daemon, path: str) -> None:
-    body = {"model": MINILM, "prompt": "x", "messages": [{"role": "user", "content": "x"}]}
+    field = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    body = {"model": MINILM, **field}
     with uds_client(agent.socket) as c:
         r = c.post(path, json=body)
     assert r.status_code == 400
