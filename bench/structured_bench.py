@@ -180,8 +180,11 @@ def main() -> None:
     env = {"EDGE_AGENT_ENGINE__N_THREADS": str(args.threads), "EDGE_AGENT_MODEL__ID": CHAT_MODEL_ID}
     with tempfile.TemporaryDirectory() as tmp, running_daemon(Path(tmp), model_path, env=env) as daemon:
         constrained = run_agent(daemon.socket, texts, CHAT_MODEL_ID, True, args.max_tokens)
+        print(f"(a) done: {sum(valid(t) for t, _ in constrained)} valid", file=sys.stderr, flush=True)
         free = run_agent(daemon.socket, texts, CHAT_MODEL_ID, False, args.max_tokens)
+        print("(b) done", file=sys.stderr, flush=True)
     peer = run_llama_cpp(model_path, texts, args.threads, args.max_tokens)
+    print(f"(c) done: {sum(valid(t) for t, _ in peer)} valid", file=sys.stderr, flush=True)
 
     def row(name: str, results: list[tuple[str, float]], check: bool) -> tuple[str, float, str]:
         speed = statistics.median(s for _, s in results if s > 0)
