@@ -7,8 +7,9 @@ city, birth date, skills), greedy, one request at a time:
   (a) edge-agent over its Unix socket, ``response_format: json_schema`` (our grammar);
   (b) edge-agent, the same prompts without ``response_format`` (unconstrained);
   (c) in-process ``llama_cpp.Llama.create_chat_completion(response_format={"type": "json_object",
-      "schema": ...})``: llama-cpp-python's converter and grammar (what ``python -m
-      llama_cpp.server`` runs for ``json_schema``; the server itself needs the ``bench`` extras).
+      "schema": ...})``: llama-cpp-python's converter and grammar;
+  (d) ``python -m llama_cpp.server`` over TCP on 127.0.0.1, the same ``response_format`` (needs the
+      ``bench`` extras, ``pip install -e '.[bench]'``; left out when they are missing).
 
 Reported: generation tokens/s after the first token (median over the prompts), and the share of
 answers that parse as JSON and validate against the schema (``jsonschema_rs``, formats checked).
@@ -163,6 +164,37 @@ def run_llama_cpp(path: Path, texts: list[str], threads: int, max_tokens: int) -
     return out
 
 
+def run_llama_server(path: Path, texts: list[str], threads: int, max_tokens: int) -> list[tuple[str, float]]:
+    from engine_bench import llama_cpp_server
+
+    out = []
+    with llama_cpp_server(path, threads, 2048) as make:
+        client = make()
+        for text in texts:
+            body = {
+                "messages": [{"role": "user", "content": text}],
+                "response_format": {"type": "json_object", "schema": SCHEMA},
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+            }
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                events = (
+                    json.loads(line[6:])
+                    for line in response.iter_lines()
+                    if line.startswith("data: ") and line != "data: [DONE]"
+                )
+
+                def piece(event: Any) -> str:
+                    choices = event.get("choices") or [{}]
+                    return str((choices[0].get("delta") or {}).get("content") or "")
+
+                answer, pieces, seconds = timed_stream(events, piece)
+            out.append((answer, (pieces - 1) / seconds if seconds > 0 and pieces > 1 else 0.0))
+        client.close()
+    return out
+
+
 def main() -> None:
     parser = bench_parser(__doc__, SECTION)
     parser.add_argument("--prompts", type=int, default=50)
@@ -185,6 +217,12 @@ def main() -> None:
         print("(b) done", file=sys.stderr, flush=True)
     peer = run_llama_cpp(model_path, texts, args.threads, args.max_tokens)
     print(f"(c) done: {sum(valid(t) for t, _ in peer)} valid", file=sys.stderr, flush=True)
+    import importlib.util
+
+    server = None
+    if all(importlib.util.find_spec(m) for m in ("uvicorn", "fastapi", "sse_starlette", "starlette_context")):
+        server = run_llama_server(model_path, texts, args.threads, args.max_tokens)
+        print(f"(d) done: {sum(valid(t) for t, _ in server)} valid", file=sys.stderr, flush=True)
 
     def row(name: str, results: list[tuple[str, float]], check: bool) -> tuple[str, float, str]:
         speed = statistics.median(s for _, s in results if s > 0)
@@ -196,6 +234,8 @@ def main() -> None:
         row("(b) edge-agent, unconstrained", free, False),
         row("(c) llama-cpp-python `create_chat_completion`, `json_object` + schema", peer, True),
     ]
+    if server is not None:
+        rows.append(row("(d) `python -m llama_cpp.server` (TCP), the same `response_format`", server, True))
     lines = [
         SECTION,
         "",
@@ -203,7 +243,7 @@ def main() -> None:
         "described in prose; schema: name, age 0-120, city, born as a date, 1-3 skills from an enum), "
         "greedy, "
         f"max {args.max_tokens} tokens, one request at a time; one run on 2 cores, load average at start "
-        f"{load:.2f}. Reproduce with:",
+        f"{load:.2f}. Reproduce with `pip install -e '.[bench]'` (for (d)) then:",
         "",
         "```",
         "    python bench/structured_bench.py --write",
@@ -219,10 +259,15 @@ def main() -> None:
         "|---|---|---|",
         f"| constrained / unconstrained (a)/(b) | {rows[0][1] / rows[1][1]:.2f}x | >= 0.8x |",
         f"| constrained / llama-cpp-python's schema path (a)/(c) | {rows[0][1] / rows[2][1]:.2f}x | >= 1x |",
+        *(
+            [f"| constrained / `llama_cpp.server` (a)/(d) | {rows[0][1] / rows[3][1]:.2f}x | >= 1x |"]
+            if server is not None
+            else []
+        ),
         f"| valid answers (a) | {rows[0][2]} | 100 % |",
         "",
-        "(c) is llama-cpp-python's own JSON Schema converter and grammar, in process (what `python -m "
-        "llama_cpp.server` runs for `json_schema`, without its HTTP hop); its converter lets raw control "
+        "(c) and (d) run llama-cpp-python's own JSON Schema converter and grammar ((d) counts streamed "
+        "pieces, one per token); its converter lets raw control "
         "characters into strings and ignores numeric bounds (docs/api.md, Structured output), which the "
         "validity column shows when a model strays.",
     ]
