@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 
 from agent.demo import CHAT_MODEL_ID, DEMO_MODEL_ID
@@ -114,3 +115,25 @@ def test_edge_agent_chat_keeps_the_history_and_reads_a_pipe(daemon: Daemon) -> N
     assert "(conversation cleared)" in done.stderr
     prompts = [line["prompt_tokens"] for line in daemon.log_lines() if line.get("event") == "generation"][-3:]
     assert prompts[2] > prompts[1]  # the third turn carries the second one (not the cleared first)
+
+
+def test_the_access_policy_sees_the_model_a_chat_really_goes_to(
+    tmp_path_factory: pytest.TempPathFactory, gemma_path: Path
+) -> None:
+    """A role allowed to infer on Gemma only: a chat naming no model goes to SmolLM2 and is
+    denied (the guard checks the chat default, not the completion default)."""
+    state = tmp_path_factory.mktemp("policy")
+    config = state / "config.toml"
+    config.write_text(
+        '[access.roles.app]\npermissions = [{ actions = ["infer"], models = ["gemma-*"] }]\n'
+        '[[access.bindings]]\nrole = "app"\nuids = [0]\n'
+    )
+    with demo_daemon(state, env={"EDGE_AGENT_CONFIG": str(config)}) as d, openai_client(d.socket) as client:
+        ask = [{"role": "user", "content": "Hi"}]
+        with pytest.raises(openai.PermissionDeniedError):
+            client.chat.completions.create(model="", messages=ask, max_tokens=2)
+        assert (
+            client.chat.completions.create(model=DEMO_MODEL_ID, messages=ask, max_tokens=2).model
+            == DEMO_MODEL_ID
+        )
+        assert client.completions.create(model="", prompt="Hi", max_tokens=2).model == DEMO_MODEL_ID

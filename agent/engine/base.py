@@ -52,6 +52,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None
+    """Report each sampled token's log probability and this many most likely alternatives
+    (``None``: no log probabilities)."""
     grammar: str | None = None
     """A GBNF grammar (root rule ``root``) every sampled token must keep the text within: the
     text of a generation that ends by itself (not by ``max_tokens``) is a complete match."""
@@ -104,10 +107,25 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled token: its bytes, its log probability, and the most likely alternatives.
+
+    Log probabilities are the log-softmax of the model's logits for that position (logit bias
+    included), before temperature, top-k/top-p, penalties or a grammar reshape them: the model's
+    own distribution, as OpenAI reports it."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationChunk:
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The tokens sampled since the previous chunk (only when asked for)."""
 
 
 @runtime_checkable
@@ -154,5 +172,6 @@ __all__ = [
     "GenerationChunk",
     "ModelInfo",
     "SamplingParams",
+    "TokenLogprob",
     "Usage",
 ]

@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.engine.base import FinishReason, GenerationChunk, SamplingParams, Usage
+from agent.engine.base import FinishReason, GenerationChunk, SamplingParams, TokenLogprob, Usage
 from agent.engine.slots import PrefillWork, SlotView, choose_slot, plan_step
 from agent.engine.textstream import TextStream
 from agent.errors import ContextOverflow, EngineError, Overloaded
@@ -55,6 +55,10 @@ DECODE_NO_SLOT = 1
 
 class Sampler(Protocol):
     def sample(self, batch_index: int) -> int: ...
+
+    def logprobs(self, batch_index: int, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+        """``token``'s log probability and the ``top_n`` best ``(token, logprob)``, most likely first."""
+        ...
 
     def close(self) -> None: ...
 
@@ -110,6 +114,8 @@ class Job:
     finished: bool = False
     sampler: Sampler | None = None
     text: TextStream | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Log probabilities of tokens sampled but not yet sent (when ``sampling.logprobs`` is set)."""
 
 
 @dataclass
@@ -308,9 +314,14 @@ class BatchRunner:
             return
         job.generated += 1
         self.stats.generated_tokens += 1
-        text, stopped = job.text.feed(self._backend.piece(token))
-        if text:
-            self._outbox.append((job, GenerationChunk(text=text)))
+        piece = self._backend.piece(token)
+        if job.sampling.logprobs is not None:
+            logprob, top = job.sampler.logprobs(index, token, job.sampling.logprobs)
+            alternatives = tuple((self._backend.piece(t), lp) for t, lp in top)
+            job.logprobs.append(TokenLogprob(piece, logprob, alternatives))
+        text, stopped = job.text.feed(piece)
+        if text or job.logprobs:
+            self._outbox.append((job, GenerationChunk(text=text, logprobs=self._take_logprobs(job))))
         if stopped:
             self._finish(job, "stop")
         elif job.generated >= job.max_tokens:
@@ -425,7 +436,15 @@ class BatchRunner:
             return
         job.finished = True
         usage = Usage(prompt_tokens=len(job.tokens), completion_tokens=job.generated)
-        self._outbox.append((job, GenerationChunk(text=tail, finish_reason=reason, usage=usage)))
+        final = GenerationChunk(
+            text=tail, finish_reason=reason, usage=usage, logprobs=self._take_logprobs(job)
+        )
+        self._outbox.append((job, final))
+
+    @staticmethod
+    def _take_logprobs(job: Job) -> tuple[TokenLogprob, ...]:
+        taken, job.logprobs = tuple(job.logprobs), []
+        return taken
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         self._release(job)

@@ -152,6 +152,20 @@ class LlamaEngine(EngineLifecycle):
         model = self._check_ready()
         return len(model.tokenize(text, add_bos=model.add_bos))
 
+    def detokenize(self, tokens: Sequence[int]) -> tuple[str, list[bytes]]:
+        """The text of ``tokens`` (control tokens as their text) and each token's bytes;
+        :class:`BadRequest` naming ``tokens`` for an id beyond the vocabulary."""
+        model = self._check_ready()
+        bad = [t for t in tokens if not 0 <= t < model.n_vocab]
+        if bad:
+            raise BadRequest(
+                f"tokens: id {bad[0]} is not in the vocabulary of {self._info.id} "
+                f"(ids 0 to {model.n_vocab - 1})",
+                param="tokens",
+            )
+        pieces = [model.piece(t, special=True) for t in tokens]
+        return b"".join(pieces).decode("utf-8", "replace"), pieces
+
     def tokenize(self, text: str, *, add_bos: bool = False) -> list[int]:
         """Token ids of ``text`` (special tokens parsed), e.g. to build a ``logit_bias``."""
         model = self._check_ready()

@@ -273,6 +273,8 @@ class NativeSampler:
         self._bias_values: Any = None
         self._grammar = grammar
         self._eos = eos
+        self._bias: tuple[Any, Any] | None = None
+        """(ids, values) of the logit bias, whichever way the chain applies it (for logprobs)."""
         self._cur: Any = None
         self._one: Any = None
         if bias:
@@ -280,6 +282,7 @@ class NativeSampler:
 
             self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64)
             self._bias_values = np.fromiter(bias.values(), dtype=np.float32)
+            self._bias = (self._bias_ids, self._bias_values)
 
     def _logits(self, batch_index: int) -> Any:
         import numpy as np
@@ -298,6 +301,23 @@ class NativeSampler:
                 logits[self._bias_ids] += self._bias_values
             return int(logits.argmax())
         return int(self._lib.llama_sampler_sample(self._chain, self._ctx, batch_index))
+
+    def logprobs(self, batch_index: int, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+        """The log probability of ``token`` and the ``top_n`` most likely tokens with theirs, from
+        the logits of ``batch_index`` (logit bias included; see :class:`TokenLogprob`)."""
+        import numpy as np
+
+        logits = self._logits(batch_index).astype(np.float64)
+        if self._bias is not None:
+            logits[self._bias[0]] += self._bias[1]
+        top = logits.max()
+        norm = top + np.log(np.exp(logits - top).sum())
+        best: list[tuple[int, float]] = []
+        if top_n > 0:
+            ids = np.argpartition(-logits, top_n - 1)[:top_n]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = [(int(i), float(logits[i] - norm)) for i in ids]
+        return float(logits[token] - norm), best
 
     # -- grammar -------------------------------------------------------------------------------
 
@@ -546,7 +566,15 @@ class NativeContext:
             add(chain, lib.llama_sampler_init_temp(params.temperature))
             seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
             add(chain, lib.llama_sampler_init_dist(seed))
-        return NativeSampler(lib, chain, self._ctx, n_vocab, None, grammar, eos)
+        sampler = NativeSampler(lib, chain, self._ctx, n_vocab, None, grammar, eos)
+        if bias:  # the chain applies it; logprobs need it too
+            import numpy as np
+
+            sampler._bias = (
+                np.fromiter(bias.keys(), dtype=np.int64),
+                np.fromiter(bias.values(), dtype=np.float32),
+            )
+        return sampler
 
     def is_eog(self, token: int) -> bool:
         return self._model.is_eog(token)

@@ -77,6 +77,8 @@ ROUTE_ACTIONS: dict[tuple[str, str], Action] = {
     ("POST", "/v1/completions"): Action.INFER,
     ("POST", "/v1/chat/completions"): Action.INFER,
     ("POST", "/v1/embeddings"): Action.EMBED,
+    ("POST", "/tokenize"): Action.INFER,
+    ("POST", "/detokenize"): Action.INFER,
     ("GET", "/v1/models"): Action.MODELS_LIST,
     ("GET", "/admin/status"): Action.STATUS,
     ("GET", "/metrics"): Action.STATUS,
@@ -280,8 +282,10 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         named = body.get("model") if body is not None else None
         if isinstance(named, str) and named:
             resource = named
-        elif action is not Action.MODELS_ADMIN:
-            resource = request.app[POOL_KEY].default_id
+        elif action is not Action.MODELS_ADMIN:  # the model the request will really go to
+            pool = request.app[POOL_KEY]
+            chat = request.path == "/v1/chat/completions"
+            resource = pool.default_for("chat") if chat else pool.default_id
     decision = decide(subject, action, resource, guard.policies.current())
     actor = actor_of(subject, decision)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.engine.base import GenerationChunk, Usage
+from agent.engine.base import GenerationChunk, TokenLogprob, Usage
 from agent.errors import BadRequest, EngineError, RequestError
 from agent.server import schemas, tools
 from agent.server.common import read_json, translate
@@ -54,14 +54,19 @@ async def _begin(request: web.Request, model: type[Any], task: str) -> tuple[Any
     return body, engine, body.to_request(limits["default_max_tokens"], rid, deadline), rid
 
 
-async def _collect(chunks: AsyncIterator[GenerationChunk], prefix: str = "") -> tuple[str, GenerationChunk]:
-    """A whole generation: its text and its final chunk (``finish_reason``, ``usage``)."""
+async def _collect(
+    chunks: AsyncIterator[GenerationChunk], prefix: str = ""
+) -> tuple[str, GenerationChunk, list[TokenLogprob]]:
+    """A whole generation: its text, its final chunk (``finish_reason``, ``usage``) and the log
+    probabilities of its tokens (when asked for)."""
     texts = [prefix]
+    logprobs: list[TokenLogprob] = []
     last = GenerationChunk(text="")
     async for chunk in chunks:
         texts.append(chunk.text)
+        logprobs.extend(chunk.logprobs)
         last = chunk
-    return "".join(texts), last
+    return "".join(texts), last, logprobs
 
 
 def _include_usage(body: Any) -> bool:
@@ -71,16 +76,22 @@ def _include_usage(body: Any) -> bool:
 async def completions(request: web.Request) -> web.StreamResponse:
     body, engine, req, rid = await _begin(request, schemas.CompletionBody, "completion")
     cid, model, created = f"cmpl-{rid}", engine.info.id, int(time.time())
+    want_logprobs = req.sampling.logprobs is not None
     if not body.stream:
-        text, last = await _collect(engine.generate(req), req.prompt if body.echo else "")
+        text, last, logprobs = await _collect(engine.generate(req), req.prompt if body.echo else "")
         usage = last.usage or Usage(0, 0)
-        doc = schemas.completion_json(cid, model, text, last.finish_reason, usage, created)
+        doc = schemas.completion_json(
+            cid, model, text, last.finish_reason, usage, created, logprobs if want_logprobs else None
+        )
         return web.json_response(doc)
+    offset = [0]
 
     def chunk_json(chunk: GenerationChunk, first: bool) -> dict[str, Any]:
         if first and body.echo:
-            chunk = GenerationChunk(body.prompt_text + chunk.text, chunk.finish_reason, chunk.usage)
-        return schemas.completion_chunk_json(cid, model, chunk, created)
+            chunk = replace(chunk, text=body.prompt_text + chunk.text)
+        doc = schemas.completion_chunk_json(cid, model, chunk, created, want_logprobs, offset[0])
+        offset[0] += sum(len(t.piece.decode("utf-8", "replace")) for t in chunk.logprobs)
+        return doc
 
     def usage_json(usage: Usage) -> dict[str, Any]:
         return schemas.usage_chunk_json(cid, model, usage, created)
@@ -96,15 +107,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         grammar = plan.grammar if plan.grammar is not None else req.sampling.grammar
         req = replace(req, messages=plan.messages, sampling=replace(req.sampling, grammar=grammar))
     calls = tools.ToolCallStream() if plan is not None and plan.mode != "none" else None
+    want_logprobs = req.sampling.logprobs is not None
     if not body.stream:
-        text, last = await _collect(engine.chat(req))
+        text, last, all_logprobs = await _collect(engine.chat(req))
         usage = last.usage or Usage(0, 0)
+        logprobs = all_logprobs if want_logprobs else None
         if calls is not None and last.finish_reason == "stop":
             calls.feed(text)
             if calls.called:
-                doc = schemas.chat_json(cid, model, None, "tool_calls", usage, created, calls.final_calls())
+                doc = schemas.chat_json(
+                    cid, model, None, "tool_calls", usage, created, calls.final_calls(), logprobs
+                )
                 return web.json_response(doc)
-        return web.json_response(schemas.chat_json(cid, model, text, last.finish_reason, usage, created))
+        doc = schemas.chat_json(cid, model, text, last.finish_reason, usage, created, None, logprobs)
+        return web.json_response(doc)
 
     started = [False]
 
@@ -113,7 +129,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         finish: str | None = chunk.finish_reason
         if finish == "stop" and calls is not None and calls.called:
             finish = "tool_calls"
-        if not text and not deltas and finish is None and started[0]:
+        if not text and not deltas and finish is None and started[0] and not chunk.logprobs:
             return None  # a piece of a call's head: sent once the name is complete
         role, started[0] = not started[0], True
         content = text if text or (finish is None and not deltas) else None
@@ -125,6 +141,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             finish=finish,
             role=role,
             tool_calls=[d.json() for d in deltas],
+            logprobs=chunk.logprobs if want_logprobs else None,
         )
 
     def usage_json(usage: Usage) -> dict[str, Any]:
@@ -199,10 +216,46 @@ async def _stream(
     return response
 
 
+def _tokenizer(request: web.Request, model: str | None) -> Any:
+    engine = request.app[POOL_KEY].resolve(model)
+    if not hasattr(engine, "detokenize"):
+        raise BadRequest(
+            f"model: {engine.info.id} has no llama.cpp vocabulary to (de)tokenize with", param="model"
+        )
+    return engine
+
+
+async def tokenize(request: web.Request) -> web.StreamResponse:
+    """Token ids of a text, as llama.cpp's server answers ``/tokenize``."""
+    body = schemas.parse_body(schemas.TokenizeBody, await read_json(request))
+    engine = _tokenizer(request, body.model)
+    ids = engine.tokenize(body.content, add_bos=body.add_special)
+    if not body.with_pieces:
+        return web.json_response({"tokens": ids})
+    _, pieces = engine.detokenize(ids)
+    out = []
+    for token, piece in zip(ids, pieces, strict=True):
+        try:
+            text: str | list[int] = piece.decode("utf-8")
+        except UnicodeDecodeError:
+            text = list(piece)
+        out.append({"id": token, "piece": text})
+    return web.json_response({"tokens": out})
+
+
+async def detokenize(request: web.Request) -> web.StreamResponse:
+    """The text of token ids, as llama.cpp's server answers ``/detokenize``."""
+    body = schemas.parse_body(schemas.DetokenizeBody, await read_json(request))
+    text, _ = _tokenizer(request, body.model).detokenize(body.tokens)
+    return web.json_response({"content": text})
+
+
 def register(router: web.UrlDispatcher) -> None:
     router.add_post("/v1/completions", completions)
     router.add_post("/v1/chat/completions", chat_completions)
     router.add_post("/v1/embeddings", embeddings)
+    router.add_post("/tokenize", tokenize)
+    router.add_post("/detokenize", detokenize)
 
 
-__all__ = ["chat_completions", "completions", "embeddings", "register"]
+__all__ = ["chat_completions", "completions", "detokenize", "embeddings", "register", "tokenize"]

@@ -71,10 +71,19 @@ class UsageCounts(TypedDict):
     total_tokens: int
 
 
+class CompletionLogprobs(TypedDict):
+    """OpenAI's legacy shape: parallel lists, one entry per sampled token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(TypedDict):
     text: str
     index: int
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -108,10 +117,29 @@ class ChatMessageOut(TypedDict):
     tool_calls: NotRequired[list[ToolCallOut]]
 
 
+class TopLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TypedDict):
+    token: str
+    logprob: float
+    """The log-softmax of the model's logits (logit bias included), before the sampler reshapes them."""
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(TypedDict):
+    content: list[TokenLogprobOut]
+    refusal: None
+
+
 class ChatChoice(TypedDict):
     index: int
     message: ChatMessageOut
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
@@ -183,7 +211,25 @@ class ReloadResult(TypedDict):
     duration_ms: float
 
 
+class TokenPiece(TypedDict):
+    id: int
+    piece: str | list[int]
+    """The token's text, or its bytes when they are not whole UTF-8."""
+
+
+class Tokens(TypedDict):
+    """``/tokenize``: ids, or ``{"id", "piece"}`` with ``with_pieces``."""
+
+    tokens: list[int] | list[TokenPiece]
+
+
+class Detokenized(TypedDict):
+    content: str
+
+
 RESPONSE_TYPES: dict[str, type] = {
+    "/tokenize": Tokens,
+    "/detokenize": Detokenized,
     "/health": Health,
     "/v1/models": ModelList,
     "/v1/completions": Completion,
@@ -370,6 +416,8 @@ __all__ = [
     "STREAMING_PATHS",
     "TEXT_PATHS",
     "ChatCompletion",
+    "Detokenized",
+    "Tokens",
     "Completion",
     "EmbeddingList",
     "ErrorResponse",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +28,7 @@ from agent.engine.base import (
     CompletionRequest,
     GenerationChunk,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
 from agent.engine.grammar import check_gbnf, json_object_grammar, schema_grammar
@@ -186,7 +187,12 @@ class _SamplingBody(BaseModel):
             seed=self.seed,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             grammar=self.grammar_text(),
+            logprobs=self.logprob_count(),
         )
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token to report, or None for no log probabilities."""
+        return None
 
     def stops(self) -> tuple[str, ...]:
         stops = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -198,6 +204,17 @@ class CompletionBody(_SamplingBody):
 
     prompt: str | list[str] = Field(json_schema_extra=_list_branch(1, 1))
     echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    """Log probabilities of the sampled tokens and this many alternatives (OpenAI's legacy shape)."""
+
+    _logprob_integers = field_validator("logprobs", mode="before")(integral)
+
+    def logprob_count(self) -> int | None:
+        if self.logprobs is not None and self.echo:
+            raise BadRequest(
+                "logprobs: not with echo (the prompt's log probabilities are not computed)", param="logprobs"
+            )
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -361,6 +378,18 @@ class ChatBody(_SamplingBody):
     """Default: ``auto`` with tools, ``none`` without."""
     parallel_tool_calls: bool | None = None
     """Default true: an answer may call several functions."""
+    logprobs: bool | None = None
+    """Log probabilities of the answer's tokens (``choices[0].logprobs.content``)."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """With ``logprobs``: this many most likely alternatives per token."""
+
+    _logprob_integers = field_validator("top_logprobs", mode="before")(integral)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs: only with logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     store: bool | None = None
     """Metadata: nothing is stored either way (OpenAI keeps completions for its dashboard)."""
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
@@ -395,6 +424,31 @@ class ChatBody(_SamplingBody):
             request_id=request_id,
             deadline=deadline,
         )
+
+
+class TokenizeBody(BaseModel):
+    """``POST /tokenize``: llama.cpp's server's shape (``model`` added: which vocabulary)."""
+
+    model_config = _STRICT
+    model: str | None = None
+    content: str
+    add_special: bool = False
+    """Add the model's beginning-of-sequence token, as a prompt gets it."""
+    with_pieces: bool = False
+    """``[{"id", "piece"}]`` instead of ids (a piece that is not whole UTF-8 is given as its bytes)."""
+
+
+class DetokenizeBody(BaseModel):
+    """``POST /detokenize``: llama.cpp's server's shape (``model`` added)."""
+
+    model_config = _STRICT
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=(1 << 31) - 1)]] = Field(max_length=1 << 17)
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _token_ids(cls, value: Any) -> Any:
+        return [integral(t) for t in value] if isinstance(value, list) else value
 
 
 MAX_EMBEDDING_INPUTS = 512
@@ -530,18 +584,66 @@ def _envelope(
     return out
 
 
+def _token(piece: bytes) -> str:
+    return piece.decode("utf-8", "replace")
+
+
+def chat_logprobs(tokens: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a chat completion (or chunk): one entry per token."""
+    if tokens is None:
+        return None
+
+    def entry(piece: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": _token(piece), "logprob": logprob, "bytes": list(piece)}
+
+    content = [
+        {**entry(t.piece, t.logprob), "top_logprobs": [entry(p, lp) for p, lp in t.top]} for t in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(tokens: Sequence[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+    """``choices[i].logprobs`` of a (legacy) completion: parallel lists; ``offset`` is where the
+    first token's text starts in the completion."""
+    if tokens is None:
+        return None
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(_token(t.piece))
+    return {
+        "tokens": [_token(t.piece) for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{_token(p): lp for p, lp in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
 def completion_json(
-    cid: str, model: str, text: str, finish: str | None, usage: Usage, created: int | None = None
+    cid: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    usage: Usage,
+    created: int | None = None,
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
-    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": public_finish(finish)}
+    choice = {
+        "text": text,
+        "index": 0,
+        "logprobs": completion_logprobs(logprobs),
+        "finish_reason": public_finish(finish),
+    }
     return _envelope(cid, "text_completion", model, created, [choice], usage)
 
 
-def completion_chunk_json(cid: str, model: str, chunk: GenerationChunk, created: int) -> dict[str, Any]:
+def completion_chunk_json(
+    cid: str, model: str, chunk: GenerationChunk, created: int, logprobs: bool = False, offset: int = 0
+) -> dict[str, Any]:
     choice = {
         "text": chunk.text,
         "index": 0,
-        "logprobs": None,
+        "logprobs": completion_logprobs(chunk.logprobs, offset) if logprobs else None,
         "finish_reason": public_finish(chunk.finish_reason),
     }
     return _envelope(cid, "text_completion", model, created, [choice])
@@ -559,6 +661,7 @@ def chat_json(
     usage: Usage,
     created: int | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
     """A chat completion; with ``tool_calls`` the content is null and ``finish`` is ``tool_calls``."""
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
@@ -567,7 +670,7 @@ def chat_json(
     choice = {
         "index": 0,
         "message": message,
-        "logprobs": None,
+        "logprobs": chat_logprobs(logprobs),
         "finish_reason": public_finish(finish),
     }
     return _envelope(cid, "chat.completion", model, created, [choice], usage)
@@ -582,6 +685,7 @@ def chat_chunk_json(
     finish: str | None,
     role: bool = False,
     tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: Sequence[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if role:
@@ -590,7 +694,12 @@ def chat_chunk_json(
         delta["content"] = content
     if tool_calls:
         delta["tool_calls"] = tool_calls
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": public_finish(finish)}
+    choice = {
+        "index": 0,
+        "delta": delta,
+        "logprobs": chat_logprobs(logprobs),
+        "finish_reason": public_finish(finish),
+    }
     return _envelope(cid, "chat.completion.chunk", model, created, [choice])
 
 
@@ -646,7 +755,11 @@ __all__ = [
     "GenerationBody",
     "StreamOptions",
     "TextPart",
+    "DetokenizeBody",
+    "TokenizeBody",
     "chat_chunk_json",
+    "chat_logprobs",
+    "completion_logprobs",
     "chat_json",
     "chat_usage_chunk_json",
     "embedding_json",

@@ -49,6 +49,10 @@ class FakeSampler:
     def sample(self, batch_index: int) -> int:
         return self.backend.sample_row(batch_index, self.params)
 
+    def logprobs(self, batch_index: int, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+        """The toy model is certain of its token."""
+        return 0.0, [(token, 0.0)][:top_n]
+
     def close(self) -> None:
         assert not self.closed, "sampler closed twice"
         self.closed = True

@@ -16,7 +16,8 @@ The request models are strict and their schema states every rule their validator
   template's rules on roles, the model's embedding size, a ``logit_bias`` token id beyond its
   vocabulary), or on rules across fields that JSON Schema does not state here (a JSON Schema
   keyword the grammar cannot enforce, GBNF that llama.cpp cannot parse, a tool result answering no
-  call, ``tool_choice`` without ``tools``). These are named, and nothing else is excused.
+  call, ``tool_choice`` without ``tools``, ``top_logprobs`` without ``logprobs``). These are
+  named, and nothing else is excused.
 
 Budget: about 20 s on 2 cores (most of it the positive runs, which generate a few tokens each).
 """
@@ -80,7 +81,7 @@ def model_dependent_refusal(path: str, response: httpx.Response) -> str | None:
         return "chat-template-rules"  # e.g. Gemma's "roles must alternate user/assistant"
     if path == EMBEDDINGS and param == "dimensions":
         return "embedding-size"
-    if param == "logit_bias" and "vocabulary" in str(error.get("message")):
+    if param in ("logit_bias", "tokens") and "vocabulary" in str(error.get("message")):
         return "token-beyond-vocabulary"
     if code == "unsupported_schema":
         return "schema-beyond-the-grammar"  # a JSON Schema keyword the grammar cannot enforce
@@ -88,6 +89,8 @@ def model_dependent_refusal(path: str, response: httpx.Response) -> str | None:
         return "grammar-syntax"  # GBNF that llama.cpp cannot parse
     if path == CHAT and str(param).endswith(".tool_call_id"):
         return "tool-result-without-its-call"  # a tool message answering no earlier call
+    if param in ("top_logprobs", "logprobs"):
+        return "logprobs-rules"  # top_logprobs without logprobs: true; logprobs with echo
     if path == CHAT and str(param).split(".")[0] in ("tool_choice", "parallel_tool_calls", "tools"):
         return "tool-rules"  # tool_choice without tools, a name given twice or not among them, ...
     return None
@@ -100,6 +103,10 @@ OPERATIONS = [
     pytest.param(CHAT, "POST", GenerationMode.NEGATIVE, 150, id="chat-invalid"),
     pytest.param(EMBEDDINGS, "POST", GenerationMode.POSITIVE, 10, id="embeddings-valid"),
     pytest.param(EMBEDDINGS, "POST", GenerationMode.NEGATIVE, 150, id="embeddings-invalid"),
+    pytest.param("/tokenize", "POST", GenerationMode.POSITIVE, 10, id="tokenize-valid"),
+    pytest.param("/tokenize", "POST", GenerationMode.NEGATIVE, 60, id="tokenize-invalid"),
+    pytest.param("/detokenize", "POST", GenerationMode.POSITIVE, 10, id="detokenize-valid"),
+    pytest.param("/detokenize", "POST", GenerationMode.NEGATIVE, 60, id="detokenize-invalid"),
     pytest.param("/v1/models", "GET", GenerationMode.POSITIVE, 3, id="models"),
     pytest.param("/health", "GET", GenerationMode.POSITIVE, 3, id="health"),
 ]

@@ -10,11 +10,12 @@ import json
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from pydantic import BaseModel
 
 from agent.errors import BadRequest
-from agent.server import schemas
+from agent.server import schemas, tools
 
 HI = [{"role": "user", "content": "Hi"}]
 CHAT = {"messages": HI}
@@ -190,9 +191,37 @@ SDK_CALLS = [
         schemas.CompletionBody, lambda c: c.completions.create(model="m", prompt="x"), id="completion"
     ),
     pytest.param(schemas.EmbeddingBody, lambda c: c.embeddings.create(model="m", input="x"), id="embedding"),
+    pytest.param(
+        schemas.ChatBody,
+        lambda c: c.chat.completions.parse(model="m", messages=HI, response_format=Answer),
+        id="parse-helper",
+    ),
+    pytest.param(
+        schemas.ChatBody,
+        lambda c: c.chat.completions.parse(
+            model="m", messages=HI, tools=[openai.pydantic_function_tool(Answer)], tool_choice="required"
+        ),
+        id="pydantic-function-tool",
+    ),
+    pytest.param(
+        schemas.ChatBody,
+        lambda c: c.chat.completions.stream(model="m", messages=HI, response_format=Answer).__enter__(),
+        id="stream-helper",
+    ),
 ]
+
+
+class Answer(BaseModel):
+    """What the SDK's helpers turn into a strict JSON Schema."""
+
+    city: str
+    population: int | None
 
 
 @pytest.mark.parametrize(("model", "call"), SDK_CALLS)
 def test_what_the_openai_client_sends_by_default_is_accepted(model: type[BaseModel], call: Any) -> None:
-    schemas.parse_body(model, _sent_by_sdk(call))
+    """... and its helpers' strict schemas (pydantic's) compile into grammars."""
+    body = schemas.parse_body(model, _sent_by_sdk(call))
+    if isinstance(body, schemas.ChatBody):
+        body.sampling()
+        tools.plan_tools(body)
