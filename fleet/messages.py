@@ -394,7 +394,8 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class StateReport:
-    """Reported state, retained on ``devices/<id>/state``. ``online`` False is the Last Will."""
+    """Reported state on ``devices/<id>/state`` (not retained; sent after every connect and on
+    change). ``online`` False is the Last Will."""
 
     device: str
     online: bool
@@ -455,21 +456,24 @@ class StateReport:
 
 
 def offline_will(device_id: str) -> Outgoing:
-    """The Last Will: retained ``{"device": id, "online": false}`` on the device's status topic."""
+    """The Last Will: ``{"device": id, "online": false}`` on the device's status topic.
+
+    Not retained: devices never publish retained messages (the broker refuses them,
+    mosquitto/edge_acl.c, and would silently drop a retained Will); the hub keeps the inventory in
+    its own store."""
     return Outgoing(
         device_topic(device_id, "status"),
         _dumps({"device": check_id(device_id), "online": False}),
         qos=1,
-        retain=True,
     )
 
 
 def online_status(device_id: str, at: float) -> Outgoing:
+    """``{"at": ..., "device": id, "online": true}``, sent after every connect (not retained)."""
     return Outgoing(
         device_topic(device_id, "status"),
         _dumps({"at": at, "device": check_id(device_id), "online": True}),
         qos=1,
-        retain=True,
     )
 
 

@@ -7,6 +7,15 @@ Protocol (docs/protocol.md): the device publishes :class:`~fleet.messages.AuditB
 Invariants:
 - Records are marked uploaded only up to an ``up_to_seq`` the hub acknowledged, never on PUBACK
   (the broker having a message is not the hub having stored it).
+- An acknowledgement moves the mark only when (1) its status is ``ok``, (2) it is not a retained
+  message (a retained ack answers nothing this device sent; devices cannot write their ack topic,
+  mosquitto/acl, but a message retained there earlier would be replayed at every subscribe), (3)
+  records are in flight, and (4) its ``up_to_seq`` lies within the records in flight
+  (``lo - 1 <= up_to_seq <= hi``). Anything else is ignored and counted (``acks_ignored``): a
+  forged ``{"up_to_seq": 999999999, "status": "ok"}`` cannot discard a single record.
+- An ack with any other status (``chain_broken``, ``bad_request``) marks nothing: the records stay,
+  the problem is reported once through ``on_problem`` (an event to the hub, kind ``audit``) and the
+  upload pauses for ``problem_retry_s`` before trying again (the hub may have been repaired).
 - After a reconnect, or when no ack arrives in time, upload restarts from the uploaded mark:
   records may be sent twice, which the hub's idempotent store by (device, seq) makes harmless.
 - At most ``window`` batches are in flight; each batch holds at most ``batch_size`` records.
@@ -16,8 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from agent.sync.errors import SyncError
 from fleet.chain import Checkpoint, Sealed
 from fleet.errors import MqttError
 from fleet.log import get_logger
@@ -41,6 +52,15 @@ class AuditSource(Protocol):
     def anchor(self) -> tuple[int, str]: ...
 
 
+class AuditRefused(SyncError):
+    """The hub answered a batch with a status other than ok; nothing was marked uploaded."""
+
+    def __init__(self, status: str, detail: str) -> None:
+        super().__init__(f"the hub refused the audit batch: {status} {detail}".strip())
+        self.status = status
+        self.detail = detail
+
+
 class AuditUploader:
     """Sends the audit backlog whenever connected; :meth:`kick` after new records."""
 
@@ -55,7 +75,11 @@ class AuditUploader:
         window: int = 4,
         ack_timeout_s: float = 30.0,
         idle_s: float = 5.0,
+        problem_retry_s: float = 300.0,
+        on_problem: Callable[[str, str, int, int], Awaitable[None]] | None = None,
     ) -> None:
+        """``on_problem(status, detail, lo, hi)`` is called once per distinct refusal of the
+        records ``lo..hi`` (the sync service sends it to the hub as an event)."""
         self.client = client
         self.source = source
         self.device_id = device_id
@@ -64,9 +88,15 @@ class AuditUploader:
         self.window = max(1, window)
         self.ack_timeout_s = ack_timeout_s
         self.idle_s = idle_s
+        self.problem_retry_s = problem_retry_s
+        self.on_problem = on_problem
         self.acked = 0
         self.last_status: str = Status.OK.value
         self.uploaded_records = 0
+        self.acks_ignored = 0
+        self._in_flight: tuple[int, int] | None = None
+        self._problem: AuditAck | None = None
+        self._reported: tuple[str, str] | None = None
         self._ack_changed = asyncio.Event()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -99,12 +129,41 @@ class AuditUploader:
             ack = AuditAck.decode(msg.payload)
         except Exception as exc:
             log.warning("audit_ack_malformed", error=str(exc))
+            self.acks_ignored += 1
+            return
+        reason = self._ignore_reason(ack, retained=msg.retain)
+        if reason is not None:
+            self.acks_ignored += 1
+            log.warning(
+                "audit_ack_ignored",
+                reason=reason,
+                status=ack.status,
+                up_to_seq=ack.up_to_seq,
+                acked=self.acked,
+            )
             return
         self.last_status = ack.status
         if ack.status != Status.OK.value:
             log.warning("audit_ack_problem", status=ack.status, detail=ack.detail)
-        self.acked = max(self.acked, ack.up_to_seq)
+            self._problem = ack
+        else:
+            self.acked = max(self.acked, ack.up_to_seq)
         self._ack_changed.set()
+
+    def _ignore_reason(self, ack: AuditAck, *, retained: bool) -> str | None:
+        """Why ``ack`` must not be acted on, or None (the invariants in the module docstring)."""
+        if retained:
+            return "retained"
+        if self._in_flight is None:
+            return "nothing_in_flight"
+        lo, hi = self._in_flight
+        if ack.status != Status.OK.value:
+            return None  # a refusal marks nothing; it pauses the upload and is reported
+        if ack.up_to_seq > hi:
+            return "beyond_sent"
+        if ack.up_to_seq < lo - 1:
+            return "stale"
+        return None
 
     async def _run(self) -> None:
         delay = 1.0
@@ -113,6 +172,10 @@ class AuditUploader:
                 await self.client.wait_connected(None)
                 await self.flush()
                 delay = 1.0
+            except AuditRefused as exc:
+                log.warning("audit_upload_refused", status=exc.status, detail=exc.detail)
+                await asyncio.sleep(self.problem_retry_s)
+                continue
             except (MqttError, TimeoutError) as exc:
                 log.info("audit_upload_paused", error=str(exc))
                 await asyncio.sleep(delay)
@@ -123,7 +186,10 @@ class AuditUploader:
                 await asyncio.wait_for(self._kick.wait(), self.idle_s)
 
     async def flush(self) -> int:
-        """Upload until nothing is pending; returns how many records the hub acknowledged."""
+        """Upload until nothing is pending; returns how many records the hub acknowledged.
+
+        Raises :class:`AuditRefused` when the hub answered a batch with a status other than ok
+        (after marking what it did acknowledge), ``TimeoutError`` when acks stop coming."""
         to_thread = asyncio.to_thread
         total = 0
         while True:
@@ -134,32 +200,52 @@ class AuditUploader:
             cps = [c for c in await to_thread(self.source.checkpoints) if lo <= c.seq <= hi]
             anchor = (await to_thread(self.source.anchor))[0]
             self._ack_changed.clear()
-            for start in range(0, len(rows), self.batch_size):
-                part = rows[start : start + self.batch_size]
-                p_lo, p_hi = part[0].seq, part[-1].seq
-                batch = AuditBatch(
-                    self.device_id,
-                    tuple((r.seq, r.body, r.hash) for r in part),
-                    tuple((c.seq, c.body, c.signature) for c in cps if p_lo <= c.seq <= p_hi),
-                    self.key_hex,
-                    anchor,
-                )
-                await self.client.publish(Outgoing(self.topic, batch.encode(), qos=1))
-            await self._wait_acked(hi)
-            if self.last_status != Status.OK.value and self.acked < lo:
-                raise MqttError(f"the hub refused the audit batch: {self.last_status}")
-            marked = await to_thread(self.source.mark_uploaded, self.acked)
-            total += max(0, min(self.acked, hi) - lo + 1)
-            self.uploaded_records += max(0, min(self.acked, hi) - lo + 1)
-            if marked < lo:
-                raise MqttError(f"the hub acknowledged up to {self.acked}, below {lo}")
+            self._problem = None
+            self.acked = max(self.acked, lo - 1)
+            self._in_flight = (lo, hi)
+            timed_out: TimeoutError | None = None
+            try:
+                for start in range(0, len(rows), self.batch_size):
+                    part = rows[start : start + self.batch_size]
+                    p_lo, p_hi = part[0].seq, part[-1].seq
+                    batch = AuditBatch(
+                        self.device_id,
+                        tuple((r.seq, r.body, r.hash) for r in part),
+                        tuple((c.seq, c.body, c.signature) for c in cps if p_lo <= c.seq <= p_hi),
+                        self.key_hex,
+                        anchor,
+                    )
+                    await self.client.publish(Outgoing(self.topic, batch.encode(), qos=1))
+                try:
+                    await self._wait_acked(hi)
+                except TimeoutError as exc:  # keep what was acknowledged, then re-send the rest
+                    timed_out = exc
+            finally:
+                self._in_flight = None
+            acked = min(self.acked, hi)
+            if acked >= lo:
+                await to_thread(self.source.mark_uploaded, acked)
+                total += acked - lo + 1
+                self.uploaded_records += acked - lo + 1
+            if self._problem is not None:
+                problem = self._problem
+                if self._reported != (problem.status, problem.detail):
+                    self._reported = (problem.status, problem.detail)
+                    if self.on_problem is not None:
+                        await self.on_problem(problem.status, problem.detail, max(lo, acked + 1), hi)
+                raise AuditRefused(problem.status, problem.detail)
+            self._reported = None
+            if timed_out is not None:
+                raise timed_out
+            if acked < hi:
+                raise TimeoutError(f"the hub acknowledged up to {acked} of {lo}..{hi}")
 
     async def _wait_acked(self, seq: int) -> None:
+        """Until the hub acknowledged ``seq`` or refused a batch; TimeoutError after
+        ``ack_timeout_s`` without either."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ack_timeout_s
-        while self.acked < seq:
-            if self.last_status != Status.OK.value and self._ack_changed.is_set():
-                return
+        while self.acked < seq and self._problem is None:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"no audit acknowledgement up to {seq}")
@@ -168,4 +254,4 @@ class AuditUploader:
                 await asyncio.wait_for(self._ack_changed.wait(), remaining)
 
 
-__all__ = ["AuditSource", "AuditUploader"]
+__all__ = ["AuditRefused", "AuditSource", "AuditUploader"]

@@ -17,7 +17,7 @@ hub is reachable); a background task waits for a connection, then for every new 
    pool at once (only models from the store, never the default or the last one), delete unneeded
    versions from the store after ``removal_grace_s`` (the previous version stays as the rollback
    target with ``keep_previous``).
-5. Publish the reported state (retained) and upload the audit log.
+5. Publish the reported state (never retained) and upload the audit log.
 
 Events go through the persistent outbox (:mod:`agent.sync.outbox`); retry schedules and removal
 clocks live in the same sync ledger (:mod:`agent.sync.ledger`).
@@ -191,7 +191,12 @@ class SyncService:
         await self.metadata.start()
         if self.audit is not None:
             self.uploader = AuditUploader(
-                self.client, self.audit, o.device_id, o.audit_key_hex, batch_size=o.audit_batch
+                self.client,
+                self.audit,
+                o.device_id,
+                o.audit_key_hex,
+                batch_size=o.audit_batch,
+                on_problem=self._audit_refused,
             )
             await self.uploader.start()
         self._task = loop.create_task(self._run())
@@ -210,6 +215,11 @@ class SyncService:
                 await self.client.publish(offline_will(self.options.device_id), timeout=2)
         await self.client.close()
         self.ledger.close()
+
+    async def _audit_refused(self, status: str, detail: str, lo: int, hi: int) -> None:
+        """The hub refused audit records ``lo..hi`` (``chain_broken``, ``bad_request``): they stay
+        in the log, unmarked; the operator hears of it as an event (kind ``audit``)."""
+        await self.report(Event("audit", status, f"audit/{lo}-{hi}", detail[:1900], time.time()))
 
     def _wake_up(self) -> None:
         self._wake.set()

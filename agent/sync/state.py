@@ -1,4 +1,8 @@
-"""Reported state: what the device tells the hub about itself (retained, ``devices/<id>/state``).
+"""Reported state: what the device tells the hub about itself (``devices/<id>/state``).
+
+Never retained (devices publish no retained message; the broker refuses them): the state is sent
+after every connect (:meth:`StatePublisher.forget`) and whenever it changes, and the hub keeps the
+last one in its store.
 
 :func:`build_report` is pure (plain values in, a :class:`StateReport` out);
 :class:`StatePublisher` publishes a report when it differs from the last one published (ignoring
@@ -53,7 +57,7 @@ def build_report(
 
 
 class StatePublisher:
-    """Publishes the report retained with QoS 1 when its content changed."""
+    """Publishes the report with QoS 1 (not retained) when its content changed."""
 
     def __init__(self, client: MqttClient, device_id: str) -> None:
         self.client = client
@@ -68,7 +72,7 @@ class StatePublisher:
         if self._last is not None and dataclasses.replace(self._last, at=report.at) == report:
             return False
         try:
-            await self.client.publish(Outgoing(self.topic, report.encode(), qos=1, retain=True))
+            await self.client.publish(Outgoing(self.topic, report.encode(), qos=1))
         except MqttError:
             return False
         self._last = report

@@ -84,8 +84,16 @@ def ensure_ca(directory: Path, cn: str = "edge-fleet-ca") -> CertPaths:
     return paths
 
 
-def issue(directory: Path, cn: str, *, server: bool = False, hosts: tuple[str, ...] = ()) -> CertPaths:
-    """Issue ``<cn>.crt``/``<cn>.key`` signed by the CA in ``directory`` (created if missing)."""
+def issue(
+    directory: Path,
+    cn: str,
+    *,
+    server: bool = False,
+    hosts: tuple[str, ...] = (),
+    dest: Path | None = None,
+) -> CertPaths:
+    """Issue ``<cn>.crt``/``<cn>.key`` signed by the CA in ``directory`` (created if missing),
+    written to ``dest`` (default: ``directory``)."""
     ca_paths = ensure_ca(directory)
     ca_key = serialization.load_pem_private_key(ca_paths.key.read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate(ca_paths.cert.read_bytes())
@@ -118,7 +126,8 @@ def issue(directory: Path, cn: str, *, server: bool = False, hosts: tuple[str, .
                 names.append(x509.DNSName(h))
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    paths = CertPaths(directory / f"{cn}.crt", directory / f"{cn}.key")
+    out = directory if dest is None else dest
+    paths = CertPaths(out / f"{cn}.crt", out / f"{cn}.key")
     _write(paths.key, _key_pem(key), 0o600)
     _write(paths.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return paths

@@ -6,8 +6,11 @@ device is refused.
 
 Audit batches arrive on the shared subscription ``$share/hub/edge/v1/devices/+/audit`` (several
 hub workers may split them) and are stored one device at a time, in arrival order; the
-acknowledgement goes to ``edge/v1/devices/<id>/audit/ack``. State and status are retained
-messages, read with a plain subscription so a restarted hub relearns the inventory at once.
+acknowledgement goes to ``edge/v1/devices/<id>/audit/ack`` (never retained). State and status are
+read with a plain subscription; devices never retain them (the broker refuses a retained publish by
+a device, mosquitto/edge_acl.c), so the store keeps the inventory across hub restarts and devices
+send their state after every connect. A message that still arrives retained on a device topic (left
+by an agent older than this rule) is recorded and then cleared.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class Collector:
             log.warning("state_for_other_device", topic=msg.topic, claimed=report.device)
             return
         await asyncio.to_thread(self.store.record_state, device, report)
+        await self._clear_retained(msg)
 
     async def _on_status(self, msg: Incoming) -> None:
         if not msg.payload:
@@ -95,6 +99,15 @@ class Collector:
             return
         if claimed == device:
             await asyncio.to_thread(self.store.record_status, device, online)
+        await self._clear_retained(msg)
+
+    async def _clear_retained(self, msg: Incoming) -> None:
+        """Clear a retained message on a device's uplink topic (from agents older than the rule)."""
+        if msg.retain and msg.payload:
+            try:
+                await self.client.publish(Outgoing(msg.topic, b"", qos=1, retain=True))
+            except MqttError as exc:
+                log.info("retained_clear_failed", topic=msg.topic, error=str(exc))
 
     async def _on_event(self, msg: Incoming) -> None:
         try:

@@ -7,13 +7,15 @@ Audit invariants:
   with :func:`fleet.chain.verify` from the device's last stored ``(seq, hash)``, against the
   checkpoints of the batch, signed by the device key pinned on first contact (trust on first
   use; a different key later is refused). A batch with any problem stores nothing.
-- The acknowledgement names the highest seq held contiguously; the device marks records uploaded
-  only up to it, so duplicates and retries are harmless.
+- The acknowledgement names the highest seq held contiguously, capped at the batch's last seq (a
+  replayed batch is answered with what it carried); the device marks records uploaded only up to
+  it, so duplicates and retries are harmless.
 - A device whose log was pruned before the hub first heard of it is *anchored* at the anchor its
   batches declare (``anchor_seq``): its chain is verified from there on. A first batch that does
   not start right after that anchor is a gap, never a new anchor (lost batches are re-sent).
 
-Inventory: the last reported state and online status of each device, from retained messages.
+Inventory: the last reported state and online status of each device (devices publish no retained
+message: the store is the inventory's memory).
 """
 
 from __future__ import annotations
@@ -186,8 +188,9 @@ class HubStore:
                             conn, device, last_seq, f"record {seq} differs from the one held (rewritten)"
                         )
             new = [r for r in batch.rows if r[0] > last_seq]
-            if not new:
-                return AuditAck(last_seq)
+            if not new:  # a replay: acknowledge what this batch carried, never more (the device
+                # acts only on acks within the records it sent, agent/sync/audit_upload.py)
+                return AuditAck(min(last_seq, batch.last_seq))
             if new[0][0] != last_seq + 1:
                 return AuditAck(last_seq, Status.OK.value, f"gap: expected record {last_seq + 1}")
             keys = []

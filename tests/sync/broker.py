@@ -1,13 +1,16 @@
 """A real Mosquitto for the sync tests: TLS with client certificates and the repo's ACL.
 
 The config is ``mosquitto/mosquitto.conf`` rendered with a free loopback port, the certificate
-directory and the ACL file; the certificates are generated per test session by
-:mod:`hub.sync.certs`.
+directory, the ACL file and the plugin ``mosquitto/edge_acl.c`` (built by
+``mosquitto/build-plugin.sh`` once per source version, cached under ``~/.cache/edge-agent``); the
+certificates are generated per test session by :mod:`hub.sync.certs`.
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
+import os
 import shutil
 import socket
 import ssl
@@ -24,6 +27,22 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 CLIENTS = ("hub", "operator", "dev-a", "dev-b", "dev-c", "dev-bench")
 
 
+def plugin_path() -> Path:
+    """The broker plugin built from the shipped source (rebuilt when the source changes)."""
+    source = REPO / "mosquitto" / "edge_acl.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-agent" / "mosquitto"
+    out = cache / f"edge_acl-{digest}.so"
+    if not out.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["bash", str(REPO / "mosquitto" / "build-plugin.sh"), str(out)],
+            check=True,
+            capture_output=True,
+        )
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,6 +57,8 @@ class Broker:
     certdir: Path
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    extra: str = ""
+    """lines appended to the rendered config (a test's own settings, e.g. ``crlfile``)"""
 
     def config_path(self) -> Path:
         template = (REPO / "mosquitto" / "mosquitto.conf").read_text()
@@ -45,6 +66,8 @@ class Broker:
         conf = conf.replace("{acl}", str(REPO / "mosquitto" / "acl")).replace(
             "{persistence}", str(self.workdir)
         )
+        conf = conf.replace("{plugin}", str(plugin_path()))
+        conf += self.extra
         # Run as the test user: the certificates live in the user's private temp directory.
         conf += f"\nuser {getpass.getuser()}\n"
         path = self.workdir / "mosquitto.conf"
@@ -106,4 +129,4 @@ class Broker:
         )
 
 
-__all__ = ["CLIENTS", "Broker", "free_port"]
+__all__ = ["CLIENTS", "Broker", "free_port", "plugin_path"]

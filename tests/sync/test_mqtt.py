@@ -148,9 +148,7 @@ async def test_last_will_marks_device_offline(broker: Broker) -> None:
         inbox = Inbox()
         await hub.subscribe("edge/v1/devices/dev-c/status", inbox)
         dev = await connected(broker, "dev-c", will=offline_will("dev-c"), keepalive_s=2)
-        await dev.publish(
-            Outgoing("edge/v1/devices/dev-c/status", b'{"device":"dev-c","online":true}', retain=True)
-        )
+        await dev.publish(Outgoing("edge/v1/devices/dev-c/status", b'{"device":"dev-c","online":true}'))
         while (await inbox.get()).payload != b'{"device":"dev-c","online":true}':
             pass
         # Drop the TCP connection without DISCONNECT: the broker must publish the will.
@@ -159,7 +157,7 @@ async def test_last_will_marks_device_offline(broker: Broker) -> None:
         sock.close()  # simulate a crash of the device
         msg = await inbox.get(timeout=10)
         assert parse_status(msg.payload) == ("dev-c", False)
-        assert msg.retain is False or json.loads(msg.payload)["online"] is False
+        assert msg.retain is False and json.loads(msg.payload)["online"] is False
         await dev.close()
 
 
@@ -168,13 +166,13 @@ async def test_reconnects_after_broker_restart_and_resubscribes(own_broker: Brok
     hub = await connected(own_broker, "hub")
     inbox = Inbox()
     try:
-        await dev.subscribe(device_topic("dev-a", "events"), inbox)
+        await dev.subscribe(device_topic("dev-a", "blobs"), inbox)
         own_broker.restart(down_s=0.5)
         await asyncio.wait_for(dev.wait_disconnected(), 5)
         await dev.wait_connected(15)
         await hub.wait_connected(15)
         await asyncio.sleep(0.3)  # resubscription after connect
-        await hub.publish(Outgoing(device_topic("dev-a", "events"), b"after-restart"))
+        await hub.publish(Outgoing(device_topic("dev-a", "blobs"), b"after-restart"))
         assert (await inbox.get(10)).payload == b"after-restart"
         assert dev.connects >= 2
     finally:
