@@ -64,6 +64,20 @@ class Status(enum.StrEnum):
     ERROR = "error"
 
 
+RESERVED_DEVICE_IDS = frozenset({"hub", "operator", "ca", "broker"})
+"""The names :data:`registry.device.RESERVED_DEVICE_IDS` refuses at enrollment (kept equal by a
+test; the registry imports no package of ours and this module stays light)."""
+
+
+def check_device_id(value: str) -> str:
+    """:func:`check_id` for a device, also refusing the reserved names (``hub``, ``operator``,
+    ``ca``, ``broker``: broker roles and certificate files)."""
+    check_id(value)
+    if value in RESERVED_DEVICE_IDS:
+        raise ProtocolError(f"bad device id {value!r}: reserved for the broker's own identities")
+    return value
+
+
 def check_id(value: str, what: str = "device id") -> str:
     """Return ``value`` if it is a valid device id or group name, else raise :class:`ProtocolError`."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
@@ -102,7 +116,7 @@ def device_of(topic: str) -> tuple[str, str]:
     if not topic.startswith(head):
         raise ProtocolError(f"not a device topic: {topic!r}")
     device, _, leaf = topic[len(head) :].partition("/")
-    check_id(device)
+    check_device_id(device)
     if leaf not in DEVICE_LEAVES:
         raise ProtocolError(f"unknown device topic {topic!r}")
     return device, leaf
@@ -528,6 +542,8 @@ __all__ = [
     "Outgoing",
     "StateReport",
     "Status",
+    "RESERVED_DEVICE_IDS",
+    "check_device_id",
     "check_id",
     "device_of",
     "device_topic",

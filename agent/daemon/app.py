@@ -331,8 +331,8 @@ async def build_sync(
     """Fleet sync when ``[hub] host`` is set; None otherwise.
 
     A device that is not enrolled and has no ``[hub] device_id`` cannot sync: that is logged, never
-    fatal; a missing certificate or key file is a :class:`ConfigError` (the start-up stops what it
-    started and the service exits 2).
+    fatal; a missing certificate or key file, or a key file that group or others may read, is a
+    :class:`ConfigError` (the start-up stops what it started and the service exits 2).
     """
     if settings.hub.host is None:
         return None
@@ -340,6 +340,8 @@ async def build_sync(
     from agent.sync.errors import SYNC_FAILURES
     from agent.sync.service import SyncService, options_from_settings
     from fleet.device_key import ensure_device_key
+    from fleet.errors import InsecureKeyFile
+    from fleet.mqtt import check_private_key
 
     device_id = settings.hub.device_id
     if device_id is None:
@@ -352,6 +354,11 @@ async def build_sync(
         path = getattr(settings.hub, name)
         if not Path(path).is_file():
             raise ConfigError(f"config error: hub.{name} = {str(path)!r}: file not found")
+    key_file = Path(str(settings.hub.key_file))
+    try:  # the device's broker identity: never readable by API users (docs/security.md)
+        check_private_key(key_file)
+    except InsecureKeyFile as exc:
+        raise ConfigError(f"config error: hub.key_file = {str(key_file)!r}: {exc}") from None
     hardware: dict[str, Any] = {}
     try:
         from agent.hardware.probe import probe

@@ -137,7 +137,7 @@ def odd_identities(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> 
     malformed id (written beside copies of the session's CA, never over its files)."""
     out = tmp_path_factory.mktemp("odd-pki")
     for cn in ("ca", "broker", "Dev_Upper"):
-        issue(broker.certdir, cn, dest=out)
+        issue(broker.certdir, cn, dest=out, any_name=True)
     return out
 
 
