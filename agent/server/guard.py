@@ -10,7 +10,9 @@ Invariants:
 - Model-scoped actions are decided on the model the request names (``model`` in the JSON body,
   else the pool's default), before the handler runs; a denial is a 403 naming the missing
   permission, and it is recorded durably before the 403 is sent.
-- Role limits: ``max_tokens`` beyond the role's limit is a 400 naming the limit;
+- Role limits: a token budget beyond the role's limit is a 400 naming the limit. The budget is
+  read from the body validated by the route's own model (``max_completion_tokens`` counts for chat
+  only, as the handler reads it), and the handler generates with that same validated object;
   ``requests_per_minute`` beyond the role's budget is a 429 with ``Retry-After``. Both recorded.
 - Durable before acknowledged: for an audited request the record is committed before the
   response is released to aiohttp (which sends a plain body, or the end of a chunked stream, only
@@ -50,8 +52,9 @@ from agent.errors import (
     RequestError,
 )
 from agent.policy import PolicyHolder
+from agent.server import schemas
 from agent.server.common import read_json
-from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY
+from agent.server.keys import LIMITS_KEY, PARSED_BODY_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY
 from agent.server.usage import FINISH_KEY, Finisher, note_usage, noted_usage
 from fleet.chain import Entry
 from fleet.log import get_logger
@@ -213,16 +216,19 @@ def _usage_from(response: web.StreamResponse) -> dict[str, Any]:
     return out
 
 
-def _requested_tokens(body: dict[str, Any] | None, default: int) -> int:
-    if body is None:
+def _token_budget(request: web.Request, body: dict[str, Any], default: int) -> int | None:
+    """The generation's token budget as the handler will read it: the body is validated with the
+    route's own model and kept (``PARSED_BODY_KEY``) for the handler, which generates with exactly
+    this object. None when the body does not validate (the handler then answers 400 naming why)."""
+    model = schemas.generation_body(request.path)
+    if model is None:
         return default
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, float) and value.is_integer():  # the handler takes 5.0 as 5
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return default
+    try:
+        parsed: schemas.GenerationBody = schemas.parse_body(model, body)
+    except RequestError:
+        return None
+    request[PARSED_BODY_KEY] = parsed
+    return parsed.token_budget(default)
 
 
 @web.middleware
@@ -268,7 +274,8 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     audited = guard.audit_reads or action not in READS
     if action is Action.INFER and body is not None:  # no body: the handler names what is wrong with it
         default = request.app[LIMITS_KEY].get("default_max_tokens", 256)
-        problem = check_max_tokens(decision, _requested_tokens(body, default))
+        budget = _token_budget(request, body, default)
+        problem = check_max_tokens(decision, budget) if budget is not None else None
         if problem is not None:
             await record("refused", problem, status=400)
             raise BadRequest(problem, param="max_tokens", code="max_tokens_limit")

@@ -15,5 +15,8 @@ LIMITS_KEY: web.AppKey[dict[str, Any]] = web.AppKey("limits", dict)
 
 REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id", str)
 PEER_KEY: web.RequestKey[PeerCred | None] = web.RequestKey("peer", PeerCred)
+PARSED_BODY_KEY: web.RequestKey[object] = web.RequestKey("parsed_body", object)
+"""A generation body validated by the guard (its role limit checked its token budget); the
+handler takes this very object, so the limit and the generation read one value."""
 
-__all__ = ["PEER_KEY", "REQUEST_ID_KEY", "LIMITS_KEY", "POOL_KEY", "STARTED_KEY"]
+__all__ = ["PARSED_BODY_KEY", "PEER_KEY", "REQUEST_ID_KEY", "LIMITS_KEY", "POOL_KEY", "STARTED_KEY"]

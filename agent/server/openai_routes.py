@@ -21,7 +21,7 @@ from agent.engine.base import GenerationChunk, Usage
 from agent.errors import BadRequest, EngineError, RequestError
 from agent.server import schemas
 from agent.server.common import read_json, translate
-from agent.server.keys import LIMITS_KEY, POOL_KEY, REQUEST_ID_KEY
+from agent.server.keys import LIMITS_KEY, PARSED_BODY_KEY, POOL_KEY, REQUEST_ID_KEY
 from agent.server.usage import note_usage, record_before_done
 from fleet.log import get_logger
 
@@ -38,8 +38,12 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 
 async def _begin(request: web.Request, model: type[Any]) -> tuple[Any, Any, Any, str]:
-    """Parse and resolve a generation request: ``(body, engine, engine request, id prefix)``."""
-    body = schemas.parse_body(model, await read_json(request))
+    """Parse and resolve a generation request: ``(body, engine, engine request, id prefix)``.
+
+    The body the guard validated (and whose token budget it held against the caller's role) is
+    used as it is; only without a guard is it parsed here."""
+    kept = request.get(PARSED_BODY_KEY)
+    body = kept if isinstance(kept, model) else schemas.parse_body(model, await read_json(request))
     engine = request.app[POOL_KEY].resolve(body.model)
     limits = request.app[LIMITS_KEY]
     rid = request[REQUEST_ID_KEY]

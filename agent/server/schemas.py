@@ -92,6 +92,11 @@ class _SamplingBody(BaseModel):
 
     _integers = field_validator("max_tokens", "top_k", "seed", "n", mode="before")(integral)
 
+    def token_budget(self, default_max_tokens: int) -> int:
+        """The most tokens this request may generate: the one value both the guard's role limit and
+        the engine request use (:meth:`to_request`)."""
+        return self.max_tokens or default_max_tokens
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -149,7 +154,7 @@ class CompletionBody(_SamplingBody):
     ) -> CompletionRequest:
         return CompletionRequest(
             prompt=self.prompt_text,
-            max_tokens=self.max_tokens or default_max_tokens,
+            max_tokens=self.token_budget(default_max_tokens),
             sampling=self.sampling(),
             stop=self.stops(),
             request_id=request_id,
@@ -205,10 +210,14 @@ class ChatBody(_SamplingBody):
     _chat_integers = field_validator("max_completion_tokens", mode="before")(integral)  # a new name:
     # the same name would replace the inherited validator of max_tokens, top_k, seed and n
 
+    def token_budget(self, default_max_tokens: int) -> int:
+        """``max_completion_tokens`` (OpenAI's current name) wins over ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens or default_max_tokens
+
     def to_request(self, default_max_tokens: int, request_id: str, deadline: float | None) -> ChatRequest:
         return ChatRequest(
             messages=tuple(m.to_message() for m in self.messages),
-            max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
+            max_tokens=self.token_budget(default_max_tokens),
             sampling=self.sampling(),
             stop=self.stops(),
             request_id=request_id,
@@ -247,6 +256,19 @@ class EmbeddingBody(BaseModel):
     @property
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+GenerationBody = _SamplingBody
+"""The common type of the generation bodies (:class:`CompletionBody`, :class:`ChatBody`)."""
+
+
+def generation_body(path: str) -> type[_SamplingBody] | None:
+    """The body model of a generation route, or None."""
+    bodies: dict[str, type[_SamplingBody]] = {
+        "/v1/completions": CompletionBody,
+        "/v1/chat/completions": ChatBody,
+    }
+    return bodies.get(path)
 
 
 def parse_body(model: type[BaseModel], data: Any) -> Any:
@@ -379,6 +401,7 @@ __all__ = [
     "ChatMessageBody",
     "CompletionBody",
     "EmbeddingBody",
+    "GenerationBody",
     "StreamOptions",
     "TextPart",
     "chat_chunk_json",
@@ -388,6 +411,7 @@ __all__ = [
     "completion_chunk_json",
     "completion_json",
     "error_json",
+    "generation_body",
     "integral",
     "parse_body",
     "public_finish",
