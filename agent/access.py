@@ -219,8 +219,55 @@ class RateLimiter:
                 del self._buckets[key]
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Whether a refusal is recorded now; if so, how many of the same caller's refusals were
+    suppressed before it (and since when); if not, when to try again."""
+
+    record: bool
+    suppressed: int = 0
+    since: float | None = None
+    retry_after: float = 0.0
+
+
+class RefusalGate:
+    """A per-caller budget for *recording* refusals (403 denied, 400/429 over a limit).
+
+    Invariants: each caller (``key``, the peer's uid) gets ``per_minute`` recorded refusals per
+    minute (a burst of as many); beyond that a refusal is not written but counted, and the count
+    (with the time of the first one) rides on that caller's next recorded refusal, or comes out of
+    :meth:`drain` when the agent stops. So a caller looping on a forbidden route costs no fsync per
+    request, and what it did is still on record, counted. Memory: at most ``max_keys`` callers are
+    tracked; beyond that their counts fold into the key ``"*"``.
+    """
+
+    def __init__(self, clock: Callable[[], float], per_minute: int = 30, max_keys: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._limiter = RateLimiter(clock, max_keys)
+        self._suppressed: dict[str, tuple[int, float]] = {}
+        self._max_keys = max_keys
+
+    def admit(self, key: str) -> Admission:
+        wait = self._limiter.hit(key, self.per_minute)
+        if wait > 0:
+            if key not in self._suppressed and len(self._suppressed) >= self._max_keys:
+                key = "*"
+            count, since = self._suppressed.get(key, (0, self._clock()))
+            self._suppressed[key] = (count + 1, since)
+            return Admission(False, retry_after=wait)
+        count, since = self._suppressed.pop(key, (0, 0.0))
+        return Admission(True, count, since if count else None)
+
+    def drain(self) -> dict[str, tuple[int, float]]:
+        """Counts not yet recorded, by caller: ``{key: (count, since)}``; forgets them."""
+        out, self._suppressed = self._suppressed, {}
+        return out
+
+
 __all__ = [
     "MODEL_SCOPED",
+    "Admission",
     "Action",
     "Binding",
     "Decision",
@@ -228,6 +275,7 @@ __all__ = [
     "Permission",
     "Policy",
     "RateLimiter",
+    "RefusalGate",
     "Role",
     "Subject",
     "check_max_tokens",

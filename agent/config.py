@@ -203,6 +203,9 @@ class AuditSettings(_Section):
     """... or this many seconds after the last one, whichever comes first."""
     audit_reads: bool = False
     """Also record allowed reads (models.list, status, health); denials are always recorded."""
+    refusals_per_minute: int = Field(default=30, ge=1, le=100_000)
+    """Refused requests (403, and 400/429 over a role limit) recorded one by one per caller (uid)
+    and minute; beyond it they are answered 429 and counted onto the caller's next record."""
     synchronous: Literal["full", "normal"] = "full"
     """``full``: each commit is fsynced before the request completes (survives power loss);
     ``normal``: written to the OS before it completes, fsynced at WAL checkpoints (survives a

@@ -18,6 +18,10 @@ Invariants:
   :class:`AuditFull`, HTTP 503) and ``record_gap`` keeps serving without writing their records. In
   both modes what went unrecorded is counted durably and written as one ``audit.gap`` record as
   soon as there is room again: nothing is dropped silently.
+- Room is kept for allowed traffic: a record submitted with ``shed=True`` (a refusal: denied,
+  over a limit) is written only while the log holds less than :data:`SHED_AT` of ``max_bytes``;
+  past that it is counted as unrecorded (the ``audit.gap`` record names how many), so refusals
+  alone can never fill the log and turn ``fail_closed`` into a 503 for everyone.
 - A checkpoint (Ed25519 over the head's seq and hash, :mod:`fleet.chain`) is written in
   the same transaction as the records it covers every ``checkpoint_every`` records, after
   ``checkpoint_interval_s`` with new records, and when the log closes.
@@ -65,6 +69,9 @@ RESERVE_MIN = 256 << 10
 of the fraction and the minimum): room for the records of requests in flight."""
 PRUNE_AT = 0.8
 """Uploaded records are pruned once the log holds this fraction of ``max_bytes``."""
+SHED_AT = 0.5
+"""Refusals (records submitted with ``shed=True``) are written only below this fraction of
+``max_bytes``; the rest of the log is kept for allowed requests."""
 RECOUNT_S = 1.0
 """Near the cap, the size is recounted from the table at most this often (see ``_transact``)."""
 
@@ -82,6 +89,7 @@ _META_DEFAULTS = {
     "uploaded_seq": "0",
     "unrecorded": "0",
     "refused": "0",
+    "shed": "0",
     "gap_since": "",
 }
 
@@ -266,20 +274,22 @@ class AuditLog:
                 "not been uploaded; refusing new requests until they are"
             )
 
-    def submit(self, entry: Entry) -> Future[int]:
-        """Queue ``entry``; the future gives its seq once durable (0: not recorded, gap mode)."""
+    def submit(self, entry: Entry, *, shed: bool = False) -> Future[int]:
+        """Queue ``entry``; the future gives its seq once durable (0: not recorded, gap mode, or a
+        ``shed`` record over :data:`SHED_AT`)."""
         waiter = _Waiter(cfut=Future())
-        self._submit("rec", entry, waiter)
+        self._submit("shed" if shed else "rec", entry, waiter)
         assert waiter.cfut is not None
         return waiter.cfut
 
-    async def append(self, entry: Entry) -> int:
-        """Record ``entry`` and return its seq once it is on disk (0: not recorded, gap mode)."""
+    async def append(self, entry: Entry, *, shed: bool = False) -> int:
+        """Record ``entry`` and return its seq once it is on disk (0: not recorded, gap mode, or a
+        ``shed`` record over :data:`SHED_AT`)."""
         loop = asyncio.get_running_loop()
         if self._thread is None:
-            return await loop.run_in_executor(None, self._append_sync, entry)
+            return await loop.run_in_executor(None, lambda: self.submit(entry, shed=shed).result())
         fut: asyncio.Future[int] = loop.create_future()
-        self._submit("rec", entry, _Waiter(loop=loop, afut=fut))
+        self._submit("shed" if shed else "rec", entry, _Waiter(loop=loop, afut=fut))
         # Once queued the record is written even if this task is cancelled (the future is then
         # cancelled and its result dropped).
         return await fut
@@ -414,6 +424,7 @@ class AuditLog:
             self._last_recount = now
         unrecorded = int(meta["unrecorded"])
         refused = int(meta["refused"])
+        shed = int(meta.get("shed", "0"))
         gap_since = meta["gap_since"]
         updates: dict[str, str] = {}
 
@@ -436,9 +447,13 @@ class AuditLog:
             if kind == "refused":
                 refused += 1
                 gap_since = gap_since or iso_time(now)
-            elif kind == "rec":
+            elif kind in ("rec", "shed"):
                 size = _estimate(payload)
-                if self.on_full == "record_gap" and used + size > self.max_bytes:
+                if kind == "shed" and used + size > SHED_AT * self.max_bytes:
+                    shed += 1  # a refusal: never at the cost of room for allowed requests
+                    gap_since = gap_since or iso_time(now)
+                    results[i] = 0
+                elif self.on_full == "record_gap" and used + size > self.max_bytes:
                     unrecorded += 1
                     gap_since = gap_since or iso_time(now)
                     results[i] = 0
@@ -450,19 +465,32 @@ class AuditLog:
                     to_write.append(payload)
                     slots.append(i)
                     used += size
-        if (unrecorded or refused) and used + 512 <= self.max_bytes:
+        # One counted record for what went unrecorded, once there is room for it: below the cap
+        # for requests, below the refusals' share for refusals (else every shed refusal would
+        # write a gap record of its own).
+        if ((unrecorded or refused) and used + 512 <= self.max_bytes) or (
+            shed and used + 512 <= SHED_AT * self.max_bytes
+        ):
             gap = Entry(
                 "audit.gap",
                 None,
                 "gap",
                 "the audit log was full: requests went unrecorded (record_gap) or were refused (fail_closed)",
                 agent_actor(),
-                {"unrecorded": unrecorded, "refused": refused, "since": gap_since, "until": iso_time(now)},
+                {
+                    "unrecorded": unrecorded,
+                    "refused": refused,
+                    "refusals_unrecorded": shed,
+                    "since": gap_since,
+                    "until": iso_time(now),
+                },
             )
             to_write.insert(0, gap)
             slots.insert(0, -1)
-            log.warning("audit_gap_recorded", unrecorded=unrecorded, refused=refused)
-            unrecorded = refused = 0
+            log.warning(
+                "audit_gap_recorded", unrecorded=unrecorded, refused=refused, refusals_unrecorded=shed
+            )
+            unrecorded = refused = shed = 0
             gap_since = ""
         sealed = seal_all(to_write, head_seq, head_hash, now)
         used = used_base + sum(len(x.body) + ROW_OVERHEAD for x in sealed)
@@ -500,7 +528,7 @@ class AuditLog:
         elif head_seq == cp_seq:
             self._last_cp_time = now
 
-        updates.update(unrecorded=str(unrecorded), refused=str(refused), gap_since=gap_since)
+        updates.update(unrecorded=str(unrecorded), refused=str(refused), shed=str(shed), gap_since=gap_since)
         changed = [(v, k) for k, v in updates.items() if meta.get(k) != v]
         if changed:  # most commits change nothing here: one page less to write and fsync
             conn.executemany("UPDATE meta SET value = ? WHERE key = ?", changed)

@@ -38,7 +38,16 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.access import Action, Decision, Policy, RateLimiter, Subject, check_max_tokens, decide
+from agent.access import (
+    Action,
+    Decision,
+    Policy,
+    RateLimiter,
+    RefusalGate,
+    Subject,
+    check_max_tokens,
+    decide,
+)
 from agent.audit.store import AuditFull, AuditLog, AuditUnavailable
 from agent.config import Settings
 from agent.engine.pool import ModelPool
@@ -56,7 +65,7 @@ from agent.server import schemas
 from agent.server.common import read_json
 from agent.server.keys import LIMITS_KEY, PARSED_BODY_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY
 from agent.server.usage import FINISH_KEY, Finisher, note_usage, noted_usage
-from fleet.chain import Entry
+from fleet.chain import Entry, iso_time
 from fleet.log import get_logger
 
 log = get_logger(__name__)
@@ -106,12 +115,26 @@ class Guard:
     audit: AuditLog
     policies: PolicyHolder
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(time.monotonic))
+    refusals: RefusalGate = field(default_factory=lambda: RefusalGate(time.time))
     audit_reads: bool = False
     identity_ttl_s: float = 30.0
     _identities: dict[tuple[int, int], tuple[float, str, tuple[str, ...]]] = field(default_factory=dict)
 
     def close(self) -> None:
-        """Flush the audit log (final checkpoint) and stop its writer."""
+        """Record the refusals still counted but unwritten (one record per caller), flush the
+        audit log (final checkpoint) and stop its writer."""
+        for key, (count, since) in self.refusals.drain().items():
+            self.audit.submit(
+                Entry(
+                    "access.refusals",
+                    None,
+                    "denied",
+                    f"{count} refused request(s) over the caller's recording budget",
+                    {"caller": key},
+                    {"suppressed": count, "suppressed_since": iso_time(since)},
+                ),
+                shed=True,
+            )
         self.audit.close()
 
     def subject(self, peer: Any) -> Subject:
@@ -137,6 +160,11 @@ _POOL_EVENTS = {
     "swapped": ("models.switch", "ok"),
     "swap_failed": ("models.switch", "failed"),
 }
+
+
+def _caller_key(subject: Subject) -> str:
+    """Whose refusal budget a request draws on: its uid (every process of a user shares one)."""
+    return f"uid:{subject.uid}" if subject.uid is not None else "uid:unknown"
 
 
 def _resolve(uid: int, gid: int) -> tuple[str, tuple[str, ...]]:
@@ -257,7 +285,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     decision = decide(subject, action, resource, guard.policies.current())
     actor = actor_of(subject, decision)
 
-    async def record(outcome: str, reason: str, **extra: Any) -> None:
+    async def record(outcome: str, reason: str, *, shed: bool = False, **extra: Any) -> None:
         entry = Entry(
             action.value,
             resource,
@@ -266,10 +294,28 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             actor,
             {**details, **extra, "latency_ms": round((time.monotonic() - started) * 1000, 3)},
         )
-        await guard.audit.append(entry)
+        await guard.audit.append(entry, shed=shed)
+
+    async def refuse(outcome: str, reason: str, status: int) -> None:
+        """Record a refusal within the caller's budget (:class:`RefusalGate`), as a record the log
+        may shed when it is half full; over the budget nothing is written (it is counted onto the
+        caller's next recorded refusal) and the answer is a 429."""
+        admission = guard.refusals.admit(_caller_key(subject))
+        if not admission.record:
+            throttled = Overloaded(
+                f"too many refused requests; retry after {admission.retry_after:.1f} s",
+                retry_after=admission.retry_after,
+                status=429,
+            )
+            throttled.code = "refusals_throttled"
+            raise throttled
+        extra: dict[str, Any] = {"status": status}
+        if admission.suppressed and admission.since is not None:
+            extra.update(suppressed=admission.suppressed, suppressed_since=iso_time(admission.since))
+        await record(outcome, reason, shed=True, **extra)
 
     if not decision.allowed:
-        await record("denied", decision.reason, status=403)
+        await refuse("denied", decision.reason, 403)
         raise Forbidden(decision.reason)
     audited = guard.audit_reads or action not in READS
     if action is Action.INFER and body is not None:  # no body: the handler names what is wrong with it
@@ -277,14 +323,14 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         budget = _token_budget(request, body, default)
         problem = check_max_tokens(decision, budget) if budget is not None else None
         if problem is not None:
-            await record("refused", problem, status=400)
+            await refuse("refused", problem, 400)
             raise BadRequest(problem, param="max_tokens", code="max_tokens_limit")
     rpm = decision.limits.requests_per_minute
     if rpm is not None:
         wait = guard.limiter.hit(f"{subject.uid}/{','.join(decision.roles)}", rpm)
         if wait > 0:
             reason = f"rate limit of {rpm} requests per minute for role(s) {','.join(decision.roles)}"
-            await record("refused", reason, status=429)
+            await refuse("refused", reason, 429)
             refusal = Overloaded(f"{reason} reached; retry after {wait:.1f} s", retry_after=wait, status=429)
             refusal.code = "rate_limit_exceeded"  # OpenAI's code; a full queue stays "overloaded"
             raise refusal
@@ -397,7 +443,12 @@ def open_guard(settings: Settings, pool: ModelPool) -> Guard:
         )
 
     pool.add_listener(pool_event)  # loads, unloads and switches of the served model
-    return Guard(audit, holder, audit_reads=settings.audit.audit_reads)
+    return Guard(
+        audit,
+        holder,
+        refusals=RefusalGate(time.time, settings.audit.refusals_per_minute),
+        audit_reads=settings.audit.audit_reads,
+    )
 
 
 __all__ = [
