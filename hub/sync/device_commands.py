@@ -1,4 +1,10 @@
-"""``edge-hub device issue|revoke|rotate|crl|list``: the fleet's client certificates.
+"""``edge-hub device issue|revoke|rotate|crl|list|register``: the fleet's client certificates and
+the devices' audit keys.
+
+``register ID --audit-key HEX`` records the device's audit public key (printed by ``edge-agent
+enroll``) in the hub database (``--db``, else ``$EDGE_HUB_DB``, else ``./hub.db``); the hub stores
+no audit record of a device without one (:mod:`hub.sync.store`).
+
 
 They work on the CA directory (``--pki``, default ``$EDGE_HUB_PKI`` else ``/var/lib/edge-hub/pki``)
 through :mod:`hub.sync.certs`. Revoking or rotating re-signs ``crl.pem``; the broker reads it at
@@ -64,6 +70,20 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from fleet.errors import DeviceKeyError, ProtocolError
+    from hub.sync.store import HubStore
+
+    db = Path(args.db) if args.db is not None else Path(os.environ.get("EDGE_HUB_DB", "hub.db"))
+    try:
+        HubStore(db).register_key(args.device, args.audit_key)
+    except (DeviceKeyError, ProtocolError) as exc:
+        print(f"edge-hub: {exc}")
+        return 2
+    print(f"audit key {args.audit_key[:16]}... registered for {args.device} in {db}")
+    return 0
+
+
 def cmd_crl(args: argparse.Namespace) -> int:
     path = write_crl(_pki(args), days=args.days)
     print(f"{path} signed, valid {args.days} days; {RELOAD_HINT}")
@@ -115,6 +135,12 @@ def register(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--keep-previous", action="store_true", help="do not revoke the older certificates yet")
     p.set_defaults(func=cmd_rotate)
+
+    p = dsub.add_parser("register", help="register a device's audit public key (from edge-agent enroll)")
+    p.add_argument("device")
+    p.add_argument("--audit-key", required=True, help="Ed25519 public key, hex")
+    p.add_argument("--db", default=None, help="hub database ($EDGE_HUB_DB, else ./hub.db)")
+    p.set_defaults(func=cmd_register)
 
     p = dsub.add_parser("crl", help="re-sign the CRL (run well within its validity, e.g. weekly)")
     common(p)

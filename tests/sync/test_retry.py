@@ -144,7 +144,7 @@ async def test_failed_activation_is_retried_across_a_restart_until_it_serves(
     set_deployment(repo, "edge", "gemma", version="1", pin=True)
     enrolled_device(tmp_path / "dev", repo.path, "dev-a")
     hub = await started_hub_server(repo.path, tmp_path, broker)
-    audit, key = device_audit(tmp_path / "dev")
+    audit, key = device_audit(tmp_path / "dev", hub)
 
     pool = small_llama_pool(memory_budget=1 << 20)  # memory pressure: nothing fits
     options = SyncOptions(
