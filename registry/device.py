@@ -50,7 +50,7 @@ from registry.exceptions import (
 from registry.fetch import METADATA_BASE, TARGETS_BASE, BundleFetcher, RegistryFetcher
 from registry.files import atomic_write, read_bounded, translate_os_error
 from registry.index import Index, InstalledModel, InstalledTarget, deployment_of, load_index, save_index
-from registry.metadata import DOCUMENT_MAX_BYTES, METADATA_MAX_BYTES, Deployment
+from registry.metadata import DOCUMENT_MAX_BYTES, METADATA_MAX_BYTES, Deployment, policy_target_path
 from registry.store import BlobStore
 from registry.trust import TargetEntry, entries_from_targets, refusal_for, verify_trust_anchor
 
@@ -271,12 +271,9 @@ class DeviceRegistry:
         version = targets.version
         by_path = {e.path: e for e in entries}
 
-        # Documents first: this device's deployments and every policy.
-        wanted_docs = [
-            e
-            for e in entries
-            if e.ref.kind == "policy" or (e.ref.kind == "deployment" and e.ref.name in enrollment.groups)
-        ]
+        # Documents first: this device's deployments, then the policies they name (never a policy
+        # no deployment of this device names: a lab policy does not reach the shop's boxes).
+        wanted_docs = [e for e in entries if e.ref.kind == "deployment" and e.ref.name in enrollment.groups]
         fresh: list[InstalledTarget] = []
         installed: list[str] = []
         already: list[str] = []
@@ -300,6 +297,19 @@ class DeviceRegistry:
                     deployments.append(deployment_of(fresh[-1], raw))
                 except ManifestError as exc:
                     raise Refused(f"{e.path}: {exc.detail}", reason=Reason.MALFORMED) from None
+        for name in sorted({d.policy for d in deployments if d.policy is not None}):
+            policy = by_path.get(policy_target_path(name))
+            if policy is None:
+                raise Refused(
+                    f"a deployment names policy {name!r}, which is not signed", reason=Reason.MISSING
+                )
+            if policy.length > DOCUMENT_MAX_BYTES:
+                raise Refused(
+                    f"{policy.path} is {policy.length} bytes, documents are capped at {DOCUMENT_MAX_BYTES}",
+                    reason=Reason.METADATA_TOO_LARGE,
+                )
+            take(policy)
+            wanted_docs.append(policy)
 
         for e in self._wanted_models(entries, deployments):
             assert e.manifest is not None

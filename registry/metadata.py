@@ -334,9 +334,13 @@ class Deployment:
     models: tuple[DeploymentEntry, ...] = ()
     maintenance_window: str | None = None
     """``HH:MM-HH:MM`` UTC during which swaps may happen; None means any time."""
+    policy: str | None = None
+    """The access policy (``policies/<name>.json``) the group's devices apply. A device installs
+    only the policies its groups' deployments name, never every signed policy."""
 
     def __post_init__(self) -> None:
         _check(bool(_ID.fullmatch(self.group)), f"bad group name {self.group!r}")
+        _check(self.policy is None or bool(_ID.fullmatch(self.policy)), f"bad policy name {self.policy!r}")
         ids = [m.model for m in self.models]
         _check(len(ids) == len(set(ids)), "a model appears twice in the deployment")
         _check(sum(m.pin for m in self.models) <= 1, "at most one model can be pinned")
@@ -349,18 +353,19 @@ class Deployment:
         )
 
     def to_json(self) -> bytes:
-        return canonical_json(
-            {
-                "group": self.group,
-                "maintenance_window": self.maintenance_window,
-                "models": [asdict(m) for m in self.models],
-            }
-        )
+        data: dict[str, Any] = {
+            "group": self.group,
+            "maintenance_window": self.maintenance_window,
+            "models": [asdict(m) for m in self.models],
+        }
+        if self.policy is not None:  # absent otherwise: older deployments keep their bytes
+            data["policy"] = self.policy
+        return canonical_json(data)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Deployment:
         data = load_json_object(raw, "deployment")
-        if set(data) - {"group", "models", "maintenance_window"}:
+        if set(data) - {"group", "models", "maintenance_window", "policy"}:
             raise ManifestError("unknown deployment fields")
         models = data.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
@@ -370,6 +375,7 @@ class Deployment:
                 group=data.get("group", ""),
                 models=tuple(DeploymentEntry(**m) for m in models),
                 maintenance_window=data.get("maintenance_window"),
+                policy=data.get("policy"),
             )
         except TypeError as exc:
             raise ManifestError(f"deployment: {exc}") from None
@@ -381,7 +387,7 @@ class Deployment:
             for m in self.models
             if m.model != entry.model
         )
-        return Deployment(self.group, (*others, entry), self.maintenance_window)
+        return Deployment(self.group, (*others, entry), self.maintenance_window, self.policy)
 
 
 # --- target paths ----------------------------------------------------------------------------

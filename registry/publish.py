@@ -5,6 +5,7 @@ with one :meth:`Repository.publish`, so a reader never sees half of an operation
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,9 +125,12 @@ def quantize_and_add(
     return out
 
 
-def add_policy(repo: Repository, source: Path, name: str | None = None) -> str:
+def add_policy(repo: Repository, source: Path, name: str | None = None, groups: tuple[str, ...] = ()) -> str:
     """Publish a policy document as ``policies/<name>.json``, only after it validates
-    (:func:`registry.policy.validate_policy`): nothing is signed for a document devices would refuse."""
+    (:func:`registry.policy.validate_policy`): nothing is signed for a document devices would refuse.
+
+    ``groups``: the groups whose devices apply it; each one's deployment names it (``policy``), in
+    the same signed targets version. A device installs only the policies its deployments name."""
     name = name or source.stem
     try:
         with source.open("rb") as fh:
@@ -137,6 +141,9 @@ def add_policy(repo: Repository, source: Path, name: str | None = None) -> str:
     validate_policy(data, str(source))
     path = policy_target_path(name)
     repo.add_bytes(path, canonical_json(data), {"kind": "policy"})
+    for group in groups:
+        dep = dataclasses.replace(current_deployment(repo, group), policy=name)
+        repo.add_bytes(deployment_target_path(group), dep.to_json(), {"kind": "deployment"})
     repo.publish()
     return path
 
@@ -165,7 +172,7 @@ def set_deployment(
         raise ManifestError(f"model {model_id!r} has no version {version!r}")
     dep = current_deployment(repo, group).with_model(DeploymentEntry(model_id, version, pin))
     if maintenance_window is not None:
-        dep = Deployment(dep.group, dep.models, maintenance_window)
+        dep = Deployment(dep.group, dep.models, maintenance_window, dep.policy)
     repo.add_bytes(deployment_target_path(group), dep.to_json(), {"kind": "deployment"})
     repo.publish()
     return dep

@@ -7,8 +7,9 @@ hub is reachable); a background task waits for a connection, then for every new 
 1. ``DeviceRegistry.update`` with the :class:`~agent.sync.fetcher.MqttFetcher` (python-tuf checks the
    metadata; missing models are fetched chunk by chunk, verified, installed atomically). A refusal
    is recorded in the audit log and reported as an event with status ``metadata_refused``.
-2. Policies: every installed policy target is offered to :func:`agent.policy.accept_policy`
-   (which refuses older versions and records the outcome in the audit log).
+2. Policies: the policy this device's deployments name (the registry installs no other) is
+   offered to :func:`agent.policy.accept_policy` (which refuses older versions and records the
+   outcome in the audit log); groups naming different policies apply none.
 3. Reconcile (:mod:`agent.sync.reconcile`) and apply: activation = load + smoke test + switch
    through the pool's ``swap``, which keeps the previous model serving when the new one fails.
    Every outcome is an event with a status code; a failed version is retried with exponential
@@ -288,9 +289,19 @@ class SyncService:
         await self.publish_state()
 
     async def _apply_policies(self) -> None:
+        """Offer the policy this device's deployments name to the sink. The registry installs only
+        policies named by the device's own deployments; when its groups name different ones, none
+        is applied (the policy in force stays) and each is reported refused."""
         if self.policy_sink is None:
             return
-        for target in self.registry.index().of_kind("policy"):
+        targets = self.registry.index().of_kind("policy")
+        if len(targets) > 1:
+            names = ", ".join(sorted(t.ref.name for t in targets))
+            detail = f"this device's groups name different policies ({names}); the policy in force stays"
+            for target in targets:
+                await self._report_once(Event("policy", Status.POLICY_REFUSED.value, target.path, detail))
+            return
+        for target in targets:
             try:
                 raw = await asyncio.to_thread(self.registry.policy_bytes, target.ref.name)
             except RegistryError as exc:

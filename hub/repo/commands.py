@@ -147,8 +147,9 @@ def cmd_model_list(args: argparse.Namespace) -> int:
 def cmd_policy_add(args: argparse.Namespace) -> int:
     from registry.publish import add_policy
 
-    path = add_policy(open_repo(args), Path(args.file), args.name)
-    print(f"published {path}")
+    path = add_policy(open_repo(args), Path(args.file), args.name, tuple(args.group))
+    scope = f" for group(s) {', '.join(args.group)}" if args.group else " (no group applies it yet: --group)"
+    print(f"published {path}{scope}")
     return 0
 
 
@@ -257,6 +258,7 @@ def register(sub: Any) -> None:
     p = policy_p.add_parser("add", help="publish a policy JSON document")
     p.add_argument("file")
     p.add_argument("--name", default=None, help="default: the file name without .json")
+    p.add_argument("--group", action="append", default=[], help="a group whose devices apply it (repeatable)")
     repo_opts(p)
     p.set_defaults(func=cmd_policy_add)
 

@@ -190,11 +190,12 @@ def cmd_policy_push(args: argparse.Namespace) -> int:
 
     with repo_lock(_repo_dir(args)):
         repo = open_repo(args)
-        path = add_policy(repo, Path(args.file), args.name)
-    print(f"published {path} (targets v{repo.targets.signed.version})")
+        path = add_policy(repo, Path(args.file), args.name, tuple(args.group))
+    print(f"published {path} for group(s) {', '.join(args.group)} (targets v{repo.targets.signed.version})")
     if args.wait <= 0:
         return 0
-    return asyncio.run(_push_and_watch(args, repo.path, args.group, "policy", path))
+    group = args.group[0] if len(args.group) == 1 else None
+    return asyncio.run(_push_and_watch(args, repo.path, group, "policy", path))
 
 
 async def _push_and_watch(
@@ -338,7 +339,12 @@ def register(sub: Any) -> None:
     p = policy_sub.add_parser("push", help="publish a policy document and watch devices apply it")
     p.add_argument("file")
     p.add_argument("--name", default=None)
-    p.add_argument("--group", default=None, help="only count devices of this group")
+    p.add_argument(
+        "--group",
+        action="append",
+        required=True,
+        help="a group whose devices apply it (its deployment names the policy); repeat for more",
+    )
     _repo_opts(p)
     _watch_opts(p)
     p.set_defaults(func=cmd_policy_push)

@@ -60,7 +60,7 @@ def test_operator_to_box_round_trip(env: Path, capsys: pytest.CaptureFixture[str
     assert hub("deployment", "set", "--group", "lab", "--model", "minilm", "--pin") == 0
     policy = env / "default.json"
     policy.write_text('{"roles": {}, "bindings": []}')
-    assert hub("policy", "add", str(policy)) == 0
+    assert hub("policy", "add", str(policy), "--group", "lab") == 0  # the lab's devices apply it
     assert hub("timestamp", "refresh") == 0
     assert hub("key", "revoke", "--role", "snapshot") == 0
     assert hub("root", "rotate") == 0

@@ -22,15 +22,18 @@ def fleet(tmp_path: Path) -> Fleet:
     return Fleet(tmp_path)
 
 
-def test_import_from_a_tar_bundle_installs_every_model_and_the_policies(fleet: Fleet) -> None:
+def test_import_from_a_tar_bundle_installs_every_model_and_the_named_policy(fleet: Fleet) -> None:
     a = fleet.model("a")
     fleet.repo.add_bytes("policies/default.json", b'{"roles": {}}', {"kind": "policy"})
+    fleet.repo.add_bytes(
+        "deployments/lab.json", Deployment("lab", policy="default").to_json(), {"kind": "deployment"}
+    )
     fleet.repo.publish()
     box = fleet.box()
 
     result = box.import_bundle(fleet.bundle(tar=True))
 
-    assert set(result.installed) == {a.target_path, "policies/default.json"}
+    assert set(result.installed) == {a.target_path, "policies/default.json", "deployments/lab.json"}
     assert box.model_ids() == ["a"]
     assert box.registry.policy_bytes("default") == b'{"roles": {}}'
     again = box.import_bundle(fleet.bundle(tar=True))
@@ -196,7 +199,10 @@ def test_index_is_plain_json_naming_verified_targets(fleet: Fleet) -> None:
 
 def test_documents_follow_the_signed_set_and_oversized_ones_are_refused(fleet: Fleet) -> None:
     fleet.repo.add_bytes("policies/default.json", b'{"roles": {}}', {"kind": "policy"})
-    fleet.deploy("lab")
+    fleet.repo.add_bytes(
+        "deployments/lab.json", Deployment("lab", policy="default").to_json(), {"kind": "deployment"}
+    )
+    fleet.repo.publish()
     box = fleet.box()
     box.import_bundle(fleet.bundle())
     assert box.registry.policy_bytes("default") is not None
@@ -207,6 +213,9 @@ def test_documents_follow_the_signed_set_and_oversized_ones_are_refused(fleet: F
     assert box.registry.policy_bytes("default") is None
     assert box.registry.deployments() == []
     fleet.repo.add_bytes("policies/huge.json", b" " * (DOCUMENT_MAX_BYTES + 1), {"kind": "policy"})
+    fleet.repo.add_bytes(
+        "deployments/lab.json", Deployment("lab", policy="huge").to_json(), {"kind": "deployment"}
+    )
     fleet.repo.publish()
     with pytest.raises(Refused) as info:
         box.import_bundle(fleet.bundle())

@@ -111,7 +111,7 @@ async def test_refusals_are_audited_and_a_pushed_policy_is_applied(
             policy["version"] = 7
             doc = tmp_path / "fleet.json"
             doc.write_text(json.dumps(policy))
-            add_policy(Repository.open(repo.path), doc, "fleet")  # as `edge-hub policy push` does
+            add_policy(Repository.open(repo.path), doc, "fleet", ("edge",))  # as `edge-hub policy push` does
             await hub.meta.sync()
             await wait_for(
                 lambda: any(e.status == "policy_applied" for e in sync.events_sent),
