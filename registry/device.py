@@ -224,13 +224,48 @@ class DeviceRegistry:
             return self.update(fetcher)
 
     def update(self, fetcher: RegistryFetcher | FetcherInterface) -> ImportResult:
-        """Refresh trusted metadata from ``fetcher`` and install what this device wants."""
+        """Refresh trusted metadata from ``fetcher`` and install what this device wants.
+
+        A refused update changes nothing: python-tuf persists each metadata file as it verifies
+        it, so checks that come after (a signed target with a bad path, a bad sha256, an oversized
+        manifest, a missing blob) would otherwise leave the new timestamp, snapshot and targets
+        trusted, and the hub's next good bundle of the same versions would be refused as a
+        rollback. Those three files are restored as they were before the update (a verified root
+        rotation is kept: it is checked by the previous root's threshold on its own)."""
         try:
             with self._locked():
-                return self._update(fetcher)
+                saved = self._trusted_files()
+                try:
+                    return self._update(fetcher)
+                except RegistryError:
+                    self._restore_trusted_files(saved)
+                    raise
         except RegistryError as exc:
             self._refuse(exc)
             raise
+
+    _RESTORED = ("timestamp.json", "snapshot.json", "targets.json")
+
+    def _trusted_files(self) -> dict[str, bytes | None]:
+        out: dict[str, bytes | None] = {}
+        for name in self._RESTORED:
+            path = self.metadata_dir / name
+            out[name] = read_bounded(path, METADATA_MAX_BYTES["targets"]) if path.is_file() else None
+        return out
+
+    def _restore_trusted_files(self, saved: dict[str, bytes | None]) -> None:
+        for name, data in saved.items():
+            path = self.metadata_dir / name
+            try:
+                current = path.read_bytes() if path.is_file() else None
+                if current == data:
+                    continue
+                if data is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    atomic_write(path, data)
+            except OSError as exc:  # the refusal stands either way; the next update retries
+                _log.warning("trusted_metadata_restore_failed", file=name, error=str(exc))
 
     def _update(self, fetcher: FetcherInterface) -> ImportResult:
         enrollment = self.enrollment()

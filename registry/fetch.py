@@ -34,6 +34,9 @@ from registry.exceptions import BundleError
 METADATA_BASE = "registry:/metadata/"
 TARGETS_BASE = "registry:/targets/"
 BLOCK_SIZE = 1 << 20
+MAX_BUNDLE_ENTRIES = 20_000
+"""Tar entries a bundle may hold (headers of any kind): a real one has its metadata files and its
+targets, far fewer; past this the bundle is refused before anything is verified."""
 
 
 def bundle_name(url: str) -> str:
@@ -69,6 +72,11 @@ class BundleFetcher(RegistryFetcher):
 
     Only regular files inside the bundle are served: symlinks, devices and names that resolve
     outside the bundle directory are reported as missing.
+
+    A tar bundle is read once, header by header, in bounded memory: only regular files under
+    ``metadata/`` and ``targets/`` are indexed, tarfile's own list of every header is not kept,
+    and a bundle with more than :data:`MAX_BUNDLE_ENTRIES` entries is refused
+    (:class:`~registry.exceptions.BundleError`) as soon as the count is passed.
     """
 
     def __init__(self, bundle: Path) -> None:
@@ -80,9 +88,13 @@ class BundleFetcher(RegistryFetcher):
         elif bundle.is_file():
             try:
                 self._tar = tarfile.open(bundle, "r:")  # noqa: SIM115 - closed in close()
-                self._members = {m.name: m for m in self._tar.getmembers() if m.isreg()}
+                self._members = _index(self._tar, bundle)
             except (tarfile.TarError, OSError) as exc:
+                self.close()
                 raise BundleError(f"{bundle} is not a readable tar bundle: {exc}") from None
+            except BundleError:
+                self.close()
+                raise
         else:
             raise BundleError(f"bundle {bundle} does not exist")
 
@@ -105,6 +117,22 @@ class BundleFetcher(RegistryFetcher):
         if not path.is_relative_to(self._root) or not path.is_file() or (self._root / name).is_symlink():
             raise DownloadHTTPError(f"{name} is not in bundle {self.bundle}", 404)
         return _file_blocks(path)
+
+
+def _index(tar: tarfile.TarFile, bundle: Path) -> dict[str, tarfile.TarInfo]:
+    """The regular files under ``metadata/`` and ``targets/``; BundleError past the entry cap."""
+    members: dict[str, tarfile.TarInfo] = {}
+    count = 0
+    while (member := tar.next()) is not None:
+        count += 1
+        if count > MAX_BUNDLE_ENTRIES:
+            raise BundleError(
+                f"{bundle} has more than {MAX_BUNDLE_ENTRIES} entries; a bundle holds far fewer"
+            )
+        if member.isreg() and member.name.startswith(("metadata/", "targets/")):
+            members[member.name] = member
+        tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every header it read
+    return members
 
 
 class _Readable(Protocol):

@@ -55,6 +55,20 @@ METADATA_MAX_BYTES: Mapping[str, int] = {
 DOCUMENT_MAX_BYTES = 1 << 20
 """Policies and deployments are small JSON documents; larger ones are refused."""
 
+CUSTOM_MAX_BYTES = 4 << 20
+"""A target's signed ``custom`` (the model manifest) as canonical JSON: refused above this at
+publish and at import, since the device copies it into its index (``installed.json``, read with a
+64 MiB cap). 4 MiB holds the chunk hashes of a 250 GiB model in 4 MiB chunks (or of a 160 MiB one
+in 4 KiB chunks, as the tests use) and a long chat template."""
+
+
+def check_custom_size(path: str, custom: Mapping[str, Any]) -> None:
+    """:class:`ManifestError` when ``custom`` is larger than :data:`CUSTOM_MAX_BYTES`."""
+    size = len(canonical_json(dict(custom)))
+    if size > CUSTOM_MAX_BYTES:
+        raise ManifestError(f"{path}: manifest of {size} bytes, above the cap of {CUSTOM_MAX_BYTES}")
+
+
 DEFAULT_CHUNK_SIZE = 4 << 20
 """Per-chunk hashes let a transfer resume and verify each chunk as it arrives (MQTT sync)."""
 
@@ -495,6 +509,7 @@ def digest_file(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> FileDigest:
 
 
 __all__ = [
+    "CUSTOM_MAX_BYTES",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_EXPIRY",
     "DOCUMENT_MAX_BYTES",
@@ -512,6 +527,7 @@ __all__ = [
     "TargetRef",
     "Task",
     "canonical_json",
+    "check_custom_size",
     "deployment_target_path",
     "digest_file",
     "load_json_object",

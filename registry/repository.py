@@ -48,7 +48,13 @@ from tuf.api.serialization.json import JSONSerializer
 from registry.exceptions import RepositoryError
 from registry.files import atomic_write, fsync_dir, read_bounded, temp_name, translate_os_error
 from registry.keys import KeyStore, generate
-from registry.metadata import DEFAULT_CHUNK_SIZE, DEFAULT_EXPIRY, METADATA_MAX_BYTES, parse_target_path
+from registry.metadata import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_EXPIRY,
+    METADATA_MAX_BYTES,
+    check_custom_size,
+    parse_target_path,
+)
 
 CONFIG_NAME = "repo.json"
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
@@ -268,6 +274,7 @@ class Repository:
         :meth:`publish`). ``sha256`` must be the file's digest (computed by the caller, who also
         needs it for the manifest); the copy is re-hashed by python-tuf and refused on mismatch."""
         parse_target_path(target_path)
+        check_custom_size(target_path, custom)
         dest = self._target_file_path(target_path, sha256)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not dest.is_file():
@@ -293,6 +300,7 @@ class Repository:
         """Add a small document (policy, deployment) as a target."""
         sha = hashlib.sha256(data).hexdigest()
         parse_target_path(target_path)
+        check_custom_size(target_path, custom)
         dest = self._target_file_path(target_path, sha)
         if not dest.is_file():
             atomic_write(dest, data)

@@ -34,8 +34,11 @@ from registry.metadata import (
     CompanionFile,
     ModelManifest,
     TargetRef,
+    check_custom_size,
     parse_target_path,
 )
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def role_of(url: str | None) -> str | None:
@@ -207,9 +210,15 @@ def entries_from_targets(targets: Mapping[str, TargetFile]) -> list[TargetEntry]
             raise Refused(f"target {path!r} names itself {target.path!r}", reason=Reason.BAD_PATH)
         ref = parse_target_path(path)
         sha = target.hashes.get("sha256")
-        if not isinstance(sha, str) or len(sha) != 64:
-            raise Refused(f"target {path!r} has no sha256", reason=Reason.MALFORMED)
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise Refused(
+                f"target {path!r} has no sha256 of 64 lowercase hex digits", reason=Reason.MALFORMED
+            )
         custom = dict(target.custom or {})
+        try:
+            check_custom_size(path, custom)
+        except ManifestError as exc:
+            raise Refused(exc.detail, reason=Reason.METADATA_TOO_LARGE) from None
         manifest = companion = None
         try:
             if ref.kind == "model":
