@@ -81,8 +81,12 @@ class Permission:
             return True
         if action not in self.actions:
             return False
-        if action not in MODEL_SCOPED or resource is None:
+        if action not in MODEL_SCOPED:
             return True
+        if resource is None:
+            # Administering no particular model (POST /admin/reload: everything) needs the grant on
+            # every model; for infer/embed this is the coarse check before a model is known.
+            return action is not Action.MODELS_ADMIN or "*" in self.models
         return any(fnmatchcase(resource, pattern) for pattern in self.models)
 
 

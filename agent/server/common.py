@@ -68,6 +68,8 @@ def decode_json(raw: bytes) -> Any:
         raise BadRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits (Python's int limit)
+        raise BadRequest(f"request body is not valid JSON: {str(exc)[:200]}") from None
     if b"\\ud" in raw.lower():
         try:
             json.dumps(data, ensure_ascii=False).encode("utf-8")

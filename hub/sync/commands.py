@@ -99,6 +99,16 @@ def _passphrase(args: argparse.Namespace) -> bytes | None:
     return passphrase_from_env(var)
 
 
+def shown(value: object, limit: int = 300) -> str:
+    """A device-supplied value as safe terminal text: control characters (escape sequences,
+    carriage returns) become ``?`` and rich markup (``[link=...]``, ``[/]``) is escaped, so a
+    device can neither restyle, hide nor link text on the operator's terminal."""
+    from rich.markup import escape
+
+    text = "".join(ch if ch.isprintable() else "?" for ch in str(value)[:limit])
+    return escape(text)
+
+
 def _repo_dir(args: argparse.Namespace) -> Path:
     return Path(args.repo) if args.repo is not None else Path(os.environ.get("EDGE_HUB_REPO", "hub-repo"))
 
@@ -145,13 +155,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for r in rows:
         s = r.state
         table.add_row(
-            r.device,
+            shown(r.device),
             "[green]yes[/green]" if r.online else "[red]no[/red]",
-            ",".join(s.groups) if s else "",
-            (s.selected_model or "") if s else "",
-            ",".join(s.loaded_models) if s else "",
-            (s.policy_version or "") if s else "",
-            str(r.audit_seq) + (f" [red]({r.problem})[/red]" if r.problem else ""),
+            shown(",".join(s.groups)) if s else "",
+            shown(s.selected_model or "") if s else "",
+            shown(",".join(s.loaded_models)) if s else "",
+            shown(s.policy_version or "") if s else "",
+            str(r.audit_seq) + (f" [red]({shown(r.problem)})[/red]" if r.problem else ""),
             str(s.audit_backlog) if s else "",
             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.last_sync)) if s and s.last_sync else "",
         )
@@ -259,7 +269,8 @@ async def _push_and_watch(
     failed = {d: e for d, e in outcomes.items() if not DONE_STATUSES[e.status]}
     for device, event in sorted(outcomes.items()):
         colour = "red" if device in failed else "green"
-        console.print(f"[{colour}]{device}: {event.status}[/{colour}] {event.target} {event.detail}")
+        said = f"{shown(event.target)} {shown(event.detail)}"
+        console.print(f"[{colour}]{shown(device)}: {shown(event.status)}[/{colour}] {said}")
     missing = sorted(expected - set(outcomes))
     if missing:
         console.print(f"[yellow]no outcome within {args.wait:g}s from: {', '.join(missing)}[/yellow]")
@@ -361,4 +372,4 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_audit_query)
 
 
-__all__ = ["add_broker_options", "mqtt_config", "register", "serve_config"]
+__all__ = ["add_broker_options", "mqtt_config", "register", "serve_config", "shown"]
