@@ -106,7 +106,7 @@ def device_topic(device_id: str, leaf: str) -> str:
     return f"{PREFIX}/devices/{check_id(device_id)}/{leaf}"
 
 
-DEVICE_LEAVES = ("state", "status", "blobs", "audit", "audit/ack", "events")
+DEVICE_LEAVES = ("state", "status", "blobs", "audit", "audit/ack", "events", "events/ack")
 
 
 def shared(topic: str, group: str = HUB_SHARE_GROUP) -> str:
@@ -372,6 +372,33 @@ class AuditAck:
         )
 
 
+MAX_ACK_IDS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class EventAck:
+    """The hub stored the events ``ids`` of the device (``devices/<id>/events/ack``, QoS 1): only
+    then do they leave the device's outbox (a PUBACK only says the broker has them)."""
+
+    ids: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return _dumps({"ids": list(self.ids)})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> EventAck:
+        data = _loads(raw, "event ack")
+        _fields(data, "event ack", {"ids"})
+        ids = data["ids"]
+        if (
+            not isinstance(ids, list)
+            or len(ids) > MAX_ACK_IDS
+            or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
+        ):
+            raise ProtocolError(f"event ack: ids must be a list of at most {MAX_ACK_IDS} event ids")
+        return cls(tuple(ids))
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """An outcome the device reports on ``devices/<id>/events`` (QoS 1).
@@ -541,6 +568,8 @@ __all__ = [
     "AuditBatch",
     "ChunkRequest",
     "Event",
+    "EventAck",
+    "MAX_ACK_IDS",
     "Incoming",
     "MetaIndex",
     "Outgoing",

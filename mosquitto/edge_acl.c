@@ -10,7 +10,8 @@
  *     name (hub, operator, ca, broker: broker roles and certificate file names);
  *   - any action of a device whose MQTT client id is not its certificate CN;
  *   - SUBSCRIBE to anything but its downlink: edge/v1/repo/meta/..., edge/v1/devices/<id>/blobs,
- *     edge/v1/devices/<id>/audit/ack (so no "$share/...", no wildcard over devices, no uplink topic);
+ *     edge/v1/devices/<id>/audit/ack, .../events/ack (so no "$share/...", no wildcard over devices,
+ *     no uplink topic);
  *   - PUBLISH with the retain flag (also the Last Will: Mosquitto checks it when it sends it);
  *   - PUBLISH to anything but its uplink (edge/v1/repo/blobs/get, edge/v1/devices/<id>/{state,status,
  *     audit,events}) or with a payload above that topic's cap.
@@ -104,7 +105,7 @@ static bool may_subscribe(const char *id, const char *filter)
 	static const char meta[] = PREFIX "repo/meta/";
 	if(strncmp(filter, meta, sizeof(meta) - 1) == 0) return true;
 	const char *leaf = own_leaf(filter, id);
-	return leaf && (strcmp(leaf, "blobs") == 0 || strcmp(leaf, "audit/ack") == 0);
+	return leaf && (strcmp(leaf, "blobs") == 0 || strcmp(leaf, "audit/ack") == 0 || strcmp(leaf, "events/ack") == 0);
 }
 
 /* The payload cap of an uplink topic, or -1 when the device may not publish there. */
