@@ -10,7 +10,6 @@ concrete classes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import signal
 import socket
@@ -36,7 +35,7 @@ from agent.server.admin_routes import REFUSED_KEY, RELOAD_KEY
 from agent.server.guard import Guard, open_guard
 from agent.server.http import ApiServer, build_app
 from agent.server.limits import ServerLimits
-from agent.server.listener import bind_unix, systemd_socket
+from agent.server.listener import bind_unix, remove_socket_file, systemd_socket
 from agent.server.metrics import HubState, Metrics, StatusSources
 from fleet.log import get_logger
 from registry.device import DeviceRegistry
@@ -293,8 +292,7 @@ def _close_socket(sock: socket.socket, path: Path | None) -> None:
     """The listening socket, if the server did not take it down (a failed start): closed, file removed."""
     sock.close()
     if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_socket_file(path)
 
 
 def _limits(s: Settings) -> dict[str, Any]:
@@ -500,6 +498,13 @@ class Daemon:
         refusals.targets.append(_audit_registry_refusal(guard))
 
         inherited = systemd_socket()
+        if inherited is not None and (s.server.socket_group is not None or s.server.socket_mode != 0o660):
+            log.warning(  # the socket unit's SocketMode=/SocketGroup= apply, not the config's
+                "socket_settings_ignored",
+                reason="socket activation: the socket unit sets the mode and group",
+                socket_mode=f"{s.server.socket_mode:04o}",
+                socket_group=s.server.socket_group,
+            )
         sock = inherited or bind_unix(s.socket_path, s.server.socket_mode, s.server.socket_group)
         stop.push("socket", lambda: _close_socket(sock, None if inherited else s.socket_path))
         metrics = Metrics(s.metrics.latency_buckets_s, _sources(pool, guard)) if s.metrics.enabled else None
