@@ -205,6 +205,7 @@ class AuditLog:
         self._conn: sqlite3.Connection | None = None
         self._conn_lock = threading.Lock()
         self._used = 0
+        self._last_failure: AuditUnavailable | None = None
         self._unrecorded_pending = 0
         self._refused_pending = 0
         self._last_cp_time = clock()
@@ -395,7 +396,17 @@ class AuditLog:
             log.error("audit_write_failed", error=str(exc), records=len(items))
             failure = AuditUnavailable(f"the audit log cannot be written: {exc}")
             results = [failure] * len(items)
+            self._last_failure = failure
+        else:
+            self._last_failure = None
         self._deliver(items, results)
+
+    def check_writable(self) -> None:
+        """Raise :class:`AuditUnavailable` when the last commit failed (a full disk, an I/O
+        error): a stream in progress stops instead of sending more text that may go unrecorded."""
+        failure = self._last_failure
+        if failure is not None:
+            raise AuditUnavailable(str(failure))
 
     def _deliver(self, items: list[tuple[str, Any, _Waiter]], results: list[int | BaseException]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | BaseException]]] = {}
