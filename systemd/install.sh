@@ -72,7 +72,7 @@ ln -sfn "$PREFIX/bin/edge-agent" "$DESTDIR$BINDIR/edge-agent"
 
 install -d -m 0755 "$UNITDIR"
 units=(edge-agent.service edge-agent.socket)
-[ "$HUB" = 1 ] && units+=(edge-hub.service)
+[ "$HUB" = 1 ] && units+=(edge-hub.service edge-hub-crl.service edge-hub-crl.timer)
 for unit in "${units[@]}"; do
   # ExecStart names $BINDIR (the units ship with /usr/local/bin).
   sed "s#/usr/local/bin/#$BINDIR/#" "systemd/$unit" > "$UNITDIR/.$unit.tmp"
@@ -116,6 +116,7 @@ if [ "$START" = 1 ]; then
   systemctl enable --now edge-agent.socket
   systemctl enable --now edge-agent.service
   [ "$HUB" = 1 ] && systemctl enable --now edge-hub.service
+  [ "$HUB" = 1 ] && systemctl enable edge-hub-crl.timer  # started once the PKI exists (docs)
   say "started; check with: systemctl status edge-agent && edge-agent status"
 else
   systemctl enable edge-agent.socket edge-agent.service

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason=
 def _installed_copy(tmp_path: Path) -> list[Path]:
     """The units as `make install-service` writes them: ExecStart pointing at real executables."""
     out = []
-    for unit in sorted(p for p in UNITS.iterdir() if p.suffix in (".service", ".socket")):
+    for unit in sorted(p for p in UNITS.iterdir() if p.suffix in (".service", ".socket", ".timer")):
         text = unit.read_text().replace("/usr/local/bin/", f"{BIN}/")
         target = tmp_path / unit.name
         target.write_text(text)
@@ -30,7 +30,13 @@ def _installed_copy(tmp_path: Path) -> list[Path]:
 
 def test_units_verify_cleanly(tmp_path: Path) -> None:
     units = _installed_copy(tmp_path)
-    assert [u.name for u in units] == ["edge-agent.service", "edge-agent.socket", "edge-hub.service"]
+    assert [u.name for u in units] == [
+        "edge-agent.service",
+        "edge-agent.socket",
+        "edge-hub-crl.service",
+        "edge-hub-crl.timer",
+        "edge-hub.service",
+    ]
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *map(str, units)],
         capture_output=True,
@@ -137,6 +143,8 @@ def test_install_service_stages_units_config_and_links(tmp_path: Path) -> None:
     assert sorted(p.name for p in units.iterdir()) == [
         "edge-agent.service",
         "edge-agent.socket",
+        "edge-hub-crl.service",
+        "edge-hub-crl.timer",
         "edge-hub.service",
     ]
     assert (stage / "usr/local/bin/edge-agent").readlink() == Path("/opt/edge-agent/bin/edge-agent")
