@@ -16,6 +16,10 @@
  *   - PUBLISH to anything but its uplink (edge/v1/repo/blobs/get, edge/v1/devices/<id>/{state,status,
  *     audit,events}) or with a payload above that topic's cap.
  *
+ *   - anything at all of a revoked device: the CNs listed in plugin_opt_revoked_file (one a line,
+ *     written by `edge-hub device revoke`); the list is re-read on SIGHUP and connected clients
+ *     with such a CN are disconnected then (the CRL only refuses new TLS handshakes).
+ *
  * Everything it does not refuse is deferred to the acl_file, which stays the one readable topic ACL
  * (so each rule is enforced twice for devices). Privileged identities (hub, operator by default) are
  * always deferred.
@@ -27,6 +31,7 @@
  *   plugin_opt_max_events  16384
  *   plugin_opt_max_audit   8388608
  *   plugin_opt_max_request 4096           edge/v1/repo/blobs/get
+ *   plugin_opt_revoked_file PATH          revoked device CNs (a missing file is an empty list)
  *
  * Build: cc -shared -fPIC -O2 -Wall -Wextra -o edge_acl.so edge_acl.c (Debian: mosquitto-dev,
  * libmosquitto-dev); mosquitto/build-plugin.sh does this.
@@ -60,6 +65,67 @@ static struct {
 static unsigned long max_request = 4096UL;
 
 static const char *reserved[] = {"hub", "operator", "ca", "broker", NULL};
+
+#define REVOKED_MAX (1 << 20)
+static char revoked_path[4096] = "";
+static char *revoked = NULL; /* the file's content: names separated by newlines, NUL-terminated */
+
+static bool is_revoked(const char *user)
+{
+	if(!revoked) return false;
+	size_t n = strlen(user);
+	const char *p = revoked;
+	while(*p){
+		const char *end = strchr(p, '\n');
+		size_t len = end ? (size_t)(end - p) : strlen(p);
+		if(len == n && strncmp(p, user, n) == 0) return true;
+		if(!end) break;
+		p = end + 1;
+	}
+	return false;
+}
+
+/* Re-read the revoked list; with kick, disconnect every client whose CN is on it. */
+static void load_revoked(bool kick)
+{
+	if(!revoked_path[0]) return;
+	FILE *fh = fopen(revoked_path, "r");
+	char *fresh = calloc(1, REVOKED_MAX + 1);
+	if(!fresh){
+		if(fh) fclose(fh);
+		return;
+	}
+	if(fh){
+		size_t got = fread(fresh, 1, REVOKED_MAX, fh);
+		fresh[got] = '\0';
+		fclose(fh);
+	}
+	free(revoked);
+	revoked = fresh;
+	if(!kick) return;
+	const char *p = revoked;
+	char name[MAX_ID + 1];
+	while(*p){
+		const char *end = strchr(p, '\n');
+		size_t len = end ? (size_t)(end - p) : strlen(p);
+		if(len > 0 && len <= MAX_ID){
+			memcpy(name, p, len);
+			name[len] = '\0';
+			mosquitto_kick_client_by_username(name, false);
+		}
+		if(!end) break;
+		p = end + 1;
+	}
+}
+
+static int on_reload(int event, void *event_data, void *userdata)
+{
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	load_revoked(true);
+	return MOSQ_ERR_PLUGIN_DEFER;
+}
 
 static bool in_list(const char *list, const char *name)
 {
@@ -136,6 +202,7 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	if(!user) return deny(user, "anonymous", ed->topic);
 	if(in_list(privileged, user)) return MOSQ_ERR_PLUGIN_DEFER;
 	if(!valid_device_id(user)) return deny(user, "invalid device id", ed->topic);
+	if(is_revoked(user)) return deny(user, "revoked device", ed->topic);
 	const char *cid = mosquitto_client_id(ed->client);
 	if(!cid || strcmp(cid, user) != 0) return deny(user, "client id other than the CN", ed->topic);
 
@@ -161,6 +228,11 @@ static int read_options(struct mosquitto_opt *options, int option_count)
 		if(strcmp(k, "privileged") == 0){
 			if(strlen(v) >= sizeof(privileged)) return MOSQ_ERR_INVAL;
 			snprintf(privileged, sizeof(privileged), "%s", v);
+			continue;
+		}
+		if(strcmp(k, "revoked_file") == 0){
+			if(strlen(v) >= sizeof(revoked_path)) return MOSQ_ERR_INVAL;
+			snprintf(revoked_path, sizeof(revoked_path), "%s", v);
 			continue;
 		}
 		char *end = NULL;
@@ -203,6 +275,9 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **user_data, s
 	int rc = read_options(options, option_count);
 	if(rc != MOSQ_ERR_SUCCESS) return rc;
 	mosquitto_log_printf(MOSQ_LOG_INFO, "edge_acl: loaded (privileged: %s)", privileged);
+	load_revoked(false);
+	rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL, NULL);
+	if(rc != MOSQ_ERR_SUCCESS) return rc;
 	return mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, NULL);
 }
 
@@ -211,5 +286,8 @@ int mosquitto_plugin_cleanup(void *user_data, struct mosquitto_opt *options, int
 	(void)user_data;
 	(void)options;
 	(void)option_count;
+	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_RELOAD, on_reload, NULL);
+	free(revoked);
+	revoked = NULL;
 	return mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
 }

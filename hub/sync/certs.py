@@ -6,8 +6,9 @@ broker reads the same way). The client certificate's CN is the MQTT identity the
 for a device.
 
 Files in the CA directory: ``ca.crt``/``ca.key``, ``<cn>.crt``/``<cn>.key`` per identity,
-``issued.json`` (every certificate issued: CN, serial, expiry, revocation) and ``crl.pem``, the
-certificate revocation list the broker loads (``crlfile``; re-read on SIGHUP).
+``issued.json`` (every certificate issued: CN, serial, expiry, revocation), ``crl.pem``, the
+certificate revocation list the broker loads (``crlfile``; re-read on SIGHUP), and ``revoked.txt``,
+the CNs revoked outright, which the broker plugin refuses and disconnects on SIGHUP.
 
 Invariants:
 - Keys are ECDSA P-256 (Mosquitto/OpenSSL handle them everywhere); private keys are written with
@@ -52,6 +53,9 @@ PRIVILEGED = ("hub", "operator")
 """Client CNs that are broker roles, not devices (mosquitto/acl, plugin_opt_privileged)."""
 INDEX = "issued.json"
 CRL = "crl.pem"
+REVOKED = "revoked.txt"
+"""CNs revoked outright (``revoke``, not ``rotate``), one a line: the broker plugin refuses them
+and disconnects them on SIGHUP (the CRL only stops new TLS handshakes)."""
 
 
 class PkiError(Exception):
@@ -246,7 +250,22 @@ def issue(
         }
     )
     _save_index(directory, index)
+    if not server:
+        _set_revoked(directory, cn, False)  # a device issued again (new hardware, same id)
     return paths
+
+
+def revoked_cns(directory: Path) -> list[str]:
+    path = directory / REVOKED
+    return sorted(set(path.read_text().split())) if path.is_file() else []
+
+
+def _set_revoked(directory: Path, cn: str, revoked: bool) -> None:
+    names = set(revoked_cns(directory))
+    if (cn in names) == revoked:
+        return
+    names = names | {cn} if revoked else names - {cn}
+    _write(directory / REVOKED, "".join(f"{n}\n" for n in sorted(names)).encode(), 0o644)
 
 
 def revoke(directory: Path, cn: str, *, keep_serial: int | None = None) -> list[int]:
@@ -264,6 +283,8 @@ def revoke(directory: Path, cn: str, *, keep_serial: int | None = None) -> list[
             revoked.append(int(entry["serial"]))
     _save_index(directory, index)
     write_crl(directory)
+    if keep_serial is None:  # revoked outright (not a rotation): the plugin disconnects the CN too
+        _set_revoked(directory, cn, True)
     return revoked
 
 
@@ -322,6 +343,7 @@ __all__ = [
     "main",
     "make_test_pki",
     "revoke",
+    "revoked_cns",
     "rotate",
     "write_crl",
 ]

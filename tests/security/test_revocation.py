@@ -129,3 +129,33 @@ def test_revoking_an_unknown_device_fails(tmp_path: Path, capsys: pytest.Capture
     make_test_pki(tmp_path, ("dev-a",))
     assert hub_main(["device", "revoke", "dev-zz", "--pki", str(tmp_path)]) == 1
     assert "no certificate was issued to 'dev-zz'" in capsys.readouterr().out
+
+
+async def test_a_connected_revoked_device_is_disconnected_on_sighup(fleet_broker: Broker) -> None:
+    """The CRL stops new handshakes only; the plugin's revoked list cuts the open connection."""
+    dev = MqttClient(fleet_broker.client_config("dev-a"))
+    other = MqttClient(fleet_broker.client_config("dev-b"))
+    for c in (dev, other):
+        await c.start()
+        await c.wait_connected(10)
+    try:
+        assert hub_main(["device", "revoke", "dev-a", "--pki", str(fleet_broker.certdir)]) == 0
+        reload(fleet_broker)
+        await asyncio.wait_for(dev.wait_disconnected(), 10)
+        await asyncio.sleep(2.0)  # it tries to come back: the CRL refuses the handshake
+        assert not dev.is_connected
+        assert other.is_connected
+    finally:
+        await dev.close()
+        await other.close(end_session=True)
+
+
+def test_issuing_again_lifts_an_outright_revocation(tmp_path: Path) -> None:
+    from hub.sync.certs import revoked_cns
+
+    make_test_pki(tmp_path, ("dev-a",))
+    assert hub_main(["device", "revoke", "dev-a", "--pki", str(tmp_path)]) == 0
+    assert revoked_cns(tmp_path) == ["dev-a"]
+    assert hub_main(["device", "rotate", "dev-a", "--pki", str(tmp_path)]) == 0  # a rotation adds none
+    assert hub_main(["device", "issue", "dev-a", "--pki", str(tmp_path)]) == 0  # new hardware, same id
+    assert revoked_cns(tmp_path) == []
