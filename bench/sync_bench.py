@@ -135,6 +135,7 @@ async def audit_upload(broker: object, work: Path, records: int) -> float:
     for f in futures:
         f.result(120)
     repo = new_repo(work / "audit-repo")
+    HubStore(work / "hub.db").register_key("dev-bench", key.public.raw.hex())  # as edge-hub device register
     certdir = broker.certdir  # type: ignore[attr-defined]
     port = broker.service_port  # type: ignore[attr-defined]
     argv = ["-m", "hub.sync.worker", "--role", "all", "--repo", str(repo.path), "--db", str(work / "hub.db")]

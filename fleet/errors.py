@@ -7,7 +7,8 @@
     │   ├── PublishRefused   the broker answered a publish with a failure reason code (e.g. ACL)
     │   └── SubscribeRefused the broker refused a subscription (reason code >= 0x80)
     ├── ProtocolError        a message does not have the shape docs/protocol.md defines
-    └── DeviceKeyError       a device key cannot be read, written or used (fleet.device_key)
+    ├── DeviceKeyError       a device key cannot be read, written or used (fleet.device_key)
+    └── InsecureKeyFile      a TLS private key file is readable or writable by group or others
 
 paho's return codes and reason codes are translated into these in :mod:`fleet.mqtt`, the only
 importer of paho. The agent and the hub catch them beside their own error trees.
@@ -52,10 +53,16 @@ class DeviceKeyError(FleetError):
     """A device key is missing, unreadable, malformed, or a signature does not verify."""
 
 
+class InsecureKeyFile(FleetError):
+    """A private key file that others than its owner may read or write (the MQTT identity must stay
+    the service user's: anyone who reads it can connect to the broker as that device or hub)."""
+
+
 __all__ = [
     "AckTimeout",
     "DeviceKeyError",
     "FleetError",
+    "InsecureKeyFile",
     "MqttError",
     "NotConnected",
     "ProtocolError",

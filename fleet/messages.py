@@ -57,11 +57,29 @@ class Status(enum.StrEnum):
     MODEL_REFUSED = "model_refused"
     """Crash isolation refused the model: its trial crashed or hung, or the daemon died loading it."""
     CHAIN_BROKEN = "chain_broken"
+    KEY_NOT_REGISTERED = "key_not_registered"
+    """The hub has no audit key registered for the device (``edge-hub device register``)."""
+    UNSIGNED = "unsigned"
+    """An audit batch without a valid checkpoint at its last record, by the registered key."""
     POLICY_APPLIED = "policy_applied"
     POLICY_REFUSED = "policy_refused"
     UNLOADED = "unloaded"
     REMOVED = "removed"
     ERROR = "error"
+
+
+RESERVED_DEVICE_IDS = frozenset({"hub", "operator", "ca", "broker"})
+"""The names :data:`registry.device.RESERVED_DEVICE_IDS` refuses at enrollment (kept equal by a
+test; the registry imports no package of ours and this module stays light)."""
+
+
+def check_device_id(value: str) -> str:
+    """:func:`check_id` for a device, also refusing the reserved names (``hub``, ``operator``,
+    ``ca``, ``broker``: broker roles and certificate files)."""
+    check_id(value)
+    if value in RESERVED_DEVICE_IDS:
+        raise ProtocolError(f"bad device id {value!r}: reserved for the broker's own identities")
+    return value
 
 
 def check_id(value: str, what: str = "device id") -> str:
@@ -88,7 +106,7 @@ def device_topic(device_id: str, leaf: str) -> str:
     return f"{PREFIX}/devices/{check_id(device_id)}/{leaf}"
 
 
-DEVICE_LEAVES = ("state", "status", "blobs", "audit", "audit/ack", "events")
+DEVICE_LEAVES = ("state", "status", "blobs", "audit", "audit/ack", "events", "events/ack")
 
 
 def shared(topic: str, group: str = HUB_SHARE_GROUP) -> str:
@@ -102,7 +120,7 @@ def device_of(topic: str) -> tuple[str, str]:
     if not topic.startswith(head):
         raise ProtocolError(f"not a device topic: {topic!r}")
     device, _, leaf = topic[len(head) :].partition("/")
-    check_id(device)
+    check_device_id(device)
     if leaf not in DEVICE_LEAVES:
         raise ProtocolError(f"unknown device topic {topic!r}")
     return device, leaf
@@ -354,6 +372,33 @@ class AuditAck:
         )
 
 
+MAX_ACK_IDS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class EventAck:
+    """The hub stored the events ``ids`` of the device (``devices/<id>/events/ack``, QoS 1): only
+    then do they leave the device's outbox (a PUBACK only says the broker has them)."""
+
+    ids: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return _dumps({"ids": list(self.ids)})
+
+    @classmethod
+    def decode(cls, raw: bytes) -> EventAck:
+        data = _loads(raw, "event ack")
+        _fields(data, "event ack", {"ids"})
+        ids = data["ids"]
+        if (
+            not isinstance(ids, list)
+            or len(ids) > MAX_ACK_IDS
+            or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
+        ):
+            raise ProtocolError(f"event ack: ids must be a list of at most {MAX_ACK_IDS} event ids")
+        return cls(tuple(ids))
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """An outcome the device reports on ``devices/<id>/events`` (QoS 1).
@@ -556,11 +601,15 @@ __all__ = [
     "AuditBatch",
     "ChunkRequest",
     "Event",
+    "EventAck",
+    "MAX_ACK_IDS",
     "Incoming",
     "MetaIndex",
     "Outgoing",
     "StateReport",
     "Status",
+    "RESERVED_DEVICE_IDS",
+    "check_device_id",
     "check_id",
     "device_of",
     "device_topic",

@@ -24,14 +24,19 @@ Invariants:
   request published as soon as the client reports "connected" cannot miss its reply.
 - Handlers are called on the loop in arrival order; an exception in one is logged, never kills the
   network thread.
+- The client certificate's private key is loaded only from a regular file that neither group nor
+  others may read or write (:func:`check_private_key`, :class:`~fleet.errors.InsecureKeyFile`
+  otherwise), the rule the hub applies to its signing keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import ssl
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +49,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fleet.errors import AckTimeout, MqttError, NotConnected, PublishRefused, SubscribeRefused
+from fleet.errors import (
+    AckTimeout,
+    InsecureKeyFile,
+    MqttError,
+    NotConnected,
+    PublishRefused,
+    SubscribeRefused,
+)
 from fleet.log import get_logger
 from fleet.messages import Incoming, Outgoing
 
@@ -134,6 +146,7 @@ class MqttClient:
 
     def _make_client(self) -> paho.Client:
         c = self.config
+        check_private_key(c.key_file)
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=c.client_id,
@@ -477,4 +490,22 @@ async def _guard(result: Awaitable[None], topic: str) -> None:
         log.warning("mqtt_handler_failed", topic=topic, error=repr(exc))
 
 
-__all__ = ["Handler", "MqttClient", "MqttConfig", "backoff_delay"]
+def check_private_key(path: Path) -> None:
+    """Refuse a private key file that is not a regular file or that group or others may read or
+    write (mode & 0o077). ``stat`` follows a symlink (systemd's ``LoadCredential=`` hands over a
+    0400 copy owned by the service user, which passes)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InsecureKeyFile(f"key file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InsecureKeyFile(f"key file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise InsecureKeyFile(
+            f"key file {path} is readable or writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); make it 0600 and owned by the service user, "
+            "or pass it with systemd LoadCredential="
+        )
+
+
+__all__ = ["Handler", "MqttClient", "MqttConfig", "backoff_delay", "check_private_key"]

@@ -14,7 +14,7 @@ from registry.exceptions import ManifestError, RegistryError
 
 # Each area of the hub registers its own subcommands: a module with ``register(sub)`` that adds
 # parsers whose ``func`` takes the parsed arguments and returns the exit status.
-COMMAND_MODULES: tuple[str, ...] = ("hub.repo.commands", "hub.sync.commands")
+COMMAND_MODULES: tuple[str, ...] = ("hub.repo.commands", "hub.sync.commands", "hub.sync.device_commands")
 EXIT_RULES = (ExitRule(ManifestError, 2, "edge-hub: "), ExitRule(RegistryError, 1, "edge-hub: "))
 
 

@@ -57,6 +57,9 @@ from registry.trust import TargetEntry, entries_from_targets, refusal_for, verif
 RefusalCallback = Callable[[str, str], None]
 _GROUP = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RESERVED_DEVICE_IDS = frozenset({"hub", "operator", "ca", "broker"})
+"""Names a device may not take: broker identities (the ACL's and the plugin's privileged users) and
+the certificate files of the fleet CA and the broker (``ca.crt``, ``broker.key`` ...)."""
 
 _log = structlog.get_logger("registry")
 
@@ -165,6 +168,8 @@ class DeviceRegistry:
         ``force`` and clears the trusted metadata (installed blobs stay, the index is cleared)."""
         if not _DEVICE.fullmatch(device_id):
             raise ManifestError(f"bad device id {device_id!r} (letters, digits, . _ -)")
+        if device_id.lower() in RESERVED_DEVICE_IDS:
+            raise ManifestError(f"bad device id {device_id!r}: reserved for the broker's own identities")
         if not groups or not all(_GROUP.fullmatch(g) for g in groups):
             raise ManifestError(f"bad groups {groups!r} (lowercase letters, digits, . _ -; at least one)")
         try:
@@ -223,7 +228,7 @@ class DeviceRegistry:
     ) -> ImportResult:
         """Refresh trusted metadata from ``fetcher`` and install what this device wants.
 
-        Wanted: this device's deployments (its groups), every policy, and the models the deployments
+        Wanted: this device's deployments (its groups), the policies they name, and the models the deployments
         name. With no deployment naming a model, a bundle import (``only_deployed=False``: the
         operator chose the bundle) installs every model in it, while a fleet sync
         (``only_deployed=True``) installs no model at all: a box downloads nothing until something

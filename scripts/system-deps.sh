@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the build and the tests need: a C/C++ toolchain and cmake (llama-cpp-python is
 # built from source when no cached wheel is there), the venv module, Mosquitto (the sync tests start
-# their own brokers), openssl (test certificates) and systemd (`systemd-analyze verify` of the
-# units). Installs the missing ones when run as root on a system with apt-get; otherwise names them
+# their own brokers) with its plugin headers (mosquitto-dev, libmosquitto-dev: the broker plugin
+# mosquitto/edge_acl.c is compiled by the tests and by operators), openssl (test certificates) and
+# systemd (`systemd-analyze verify` of the units). Installs the missing ones when run as root on a system with apt-get; otherwise names them
 # and exits 1. Does nothing when all are there, or on a system without dpkg.
 set -euo pipefail
 if ! command -v dpkg-query >/dev/null 2>&1; then
@@ -10,7 +11,7 @@ if ! command -v dpkg-query >/dev/null 2>&1; then
   exit 0
 fi
 need=()
-for pkg in build-essential cmake mosquitto mosquitto-clients openssl systemd; do
+for pkg in build-essential cmake mosquitto mosquitto-clients mosquitto-dev libmosquitto-dev openssl systemd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)

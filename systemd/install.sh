@@ -48,7 +48,15 @@ owner() {  # the owner spec for install(1): root:group, or nothing when staging
   if [ -n "$DESTDIR" ]; then echo ""; else echo "-o root -g $1"; fi
 }
 
+ensure_group() {  # name: a group without a user (API callers join it)
+  if [ -n "$DESTDIR" ]; then return; fi
+  if ! getent group "$1" >/dev/null; then groupadd --system "$1"; say "group $1 created"; fi
+}
+
 ensure_user edge-agent /var/lib/edge-agent
+# Local applications that use the API join edge-agent-clients (the socket's group), never
+# edge-agent: that group's files (the MQTT key directory) are the service's.
+ensure_group edge-agent-clients
 [ "$HUB" = 1 ] && ensure_user edge-hub /var/lib/edge-hub
 
 if [ "$WITH_VENV" = 1 ]; then
@@ -64,7 +72,7 @@ ln -sfn "$PREFIX/bin/edge-agent" "$DESTDIR$BINDIR/edge-agent"
 
 install -d -m 0755 "$UNITDIR"
 units=(edge-agent.service edge-agent.socket)
-[ "$HUB" = 1 ] && units+=(edge-hub.service)
+[ "$HUB" = 1 ] && units+=(edge-hub.service edge-hub-crl.service edge-hub-crl.timer)
 for unit in "${units[@]}"; do
   # ExecStart names $BINDIR (the units ship with /usr/local/bin).
   sed "s#/usr/local/bin/#$BINDIR/#" "systemd/$unit" > "$UNITDIR/.$unit.tmp"
@@ -73,16 +81,20 @@ for unit in "${units[@]}"; do
 done
 say "units in $UNITDIR: ${units[*]}"
 
-# The configuration: the example with the service's paths, readable by the edge-agent group
-# (the daemon and the operators who use the socket). An existing file is never overwritten.
+# The configuration: the example with the service's paths. It holds no secret (keys live in their
+# own files), so it is world-readable: `edge-agent status` run by an API caller reads it to find the
+# socket. An existing file is never overwritten.
 install -d -m 0755 "$DESTDIR/etc/edge-agent"
+# The broker identity: only the service user may read the key (docs/operations.md, section 4).
+# shellcheck disable=SC2046
+install -d -m 0750 $(owner edge-agent) "$DESTDIR/etc/edge-agent/mqtt"
 if [ ! -e "$DESTDIR/etc/edge-agent/config.toml" ]; then
   sed -e 's#^state_dir = "var"#state_dir = "/var/lib/edge-agent"#' \
       -e 's|^# socket_path = .*|socket_path = "/run/edge-agent/edge-agent.sock"|' \
-      -e 's|^# socket_group = .*|socket_group = "edge-agent"|' \
+      -e 's|^# socket_group = .*|socket_group = "edge-agent-clients"|' \
       config.example.toml > "$DESTDIR/etc/edge-agent/.config.toml.tmp"
   # shellcheck disable=SC2046
-  install -m 0640 $(owner edge-agent) "$DESTDIR/etc/edge-agent/.config.toml.tmp" "$DESTDIR/etc/edge-agent/config.toml"
+  install -m 0644 $(owner root) "$DESTDIR/etc/edge-agent/.config.toml.tmp" "$DESTDIR/etc/edge-agent/config.toml"
   rm -f "$DESTDIR/etc/edge-agent/.config.toml.tmp"
   say "config written to /etc/edge-agent/config.toml"
 else
@@ -104,6 +116,7 @@ if [ "$START" = 1 ]; then
   systemctl enable --now edge-agent.socket
   systemctl enable --now edge-agent.service
   [ "$HUB" = 1 ] && systemctl enable --now edge-hub.service
+  [ "$HUB" = 1 ] && systemctl enable edge-hub-crl.timer  # started once the PKI exists (docs)
   say "started; check with: systemctl status edge-agent && edge-agent status"
 else
   systemctl enable edge-agent.socket edge-agent.service

@@ -205,6 +205,7 @@ class AuditLog:
         self._conn: sqlite3.Connection | None = None
         self._conn_lock = threading.Lock()
         self._used = 0
+        self._last_failure: AuditUnavailable | None = None
         self._unrecorded_pending = 0
         self._refused_pending = 0
         self._last_cp_time = clock()
@@ -324,6 +325,14 @@ class AuditLog:
         assert waiter.cfut is not None
         return waiter.cfut.result()
 
+    def sign_at(self, seq: int) -> int:
+        """Make sure record ``seq`` has a signed checkpoint (the uploader signs every batch at its
+        last record, which the hub requires); returns ``seq``, or 0 without a key or record."""
+        waiter = _Waiter(cfut=Future())
+        self._submit("sign_at", int(seq), waiter)
+        assert waiter.cfut is not None
+        return waiter.cfut.result()
+
     def prune_uploaded(self) -> int:
         """Delete uploaded records now; returns how many were deleted."""
         waiter = _Waiter(cfut=Future())
@@ -387,7 +396,17 @@ class AuditLog:
             log.error("audit_write_failed", error=str(exc), records=len(items))
             failure = AuditUnavailable(f"the audit log cannot be written: {exc}")
             results = [failure] * len(items)
+            self._last_failure = failure
+        else:
+            self._last_failure = None
         self._deliver(items, results)
+
+    def check_writable(self) -> None:
+        """Raise :class:`AuditUnavailable` when the last commit failed (a full disk, an I/O
+        error): a stream in progress stops instead of sending more text that may go unrecorded."""
+        failure = self._last_failure
+        if failure is not None:
+            raise AuditUnavailable(str(failure))
 
     def _deliver(self, items: list[tuple[str, Any, _Waiter]], results: list[int | BaseException]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | BaseException]]] = {}
@@ -513,6 +532,8 @@ class AuditLog:
                 results[i] = pruned
             elif kind == "checkpoint":
                 results[i] = head_seq
+            elif kind == "sign_at":
+                results[i] = self._sign_at(conn, int(payload), now)
 
         cp = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM checkpoints").fetchone()
         cp_seq = int(cp[0])
@@ -533,6 +554,20 @@ class AuditLog:
         if changed:  # most commits change nothing here: one page less to write and fsync
             conn.executemany("UPDATE meta SET value = ? WHERE key = ?", changed)
         self._used = used
+
+    def _sign_at(self, conn: sqlite3.Connection, seq: int, now: float) -> int:
+        if self._key is None:
+            return 0
+        if conn.execute("SELECT 1 FROM checkpoints WHERE seq = ?", (seq,)).fetchone():
+            return seq
+        row = conn.execute("SELECT hash FROM records WHERE seq = ?", (seq,)).fetchone()
+        if row is None:
+            return 0
+        c = make_checkpoint(seq, str(row[0]), self._key.key_id, now, self._key.sign)
+        conn.execute(
+            "INSERT INTO checkpoints (seq, body, signature) VALUES (?, ?, ?)", (c.seq, c.body, c.signature)
+        )
+        return seq
 
     def _prune(self, conn: sqlite3.Connection, upto: int) -> tuple[int, int, str]:
         row = conn.execute("SELECT hash FROM records WHERE seq = ?", (upto,)).fetchone()

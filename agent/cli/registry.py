@@ -58,6 +58,13 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     groups = tuple(g for item in args.group for g in item.split(",") if g)
     e = _registry(args).enroll(root, args.device_id, groups, force=args.force)
     print(f"enrolled {e.device_id} in {', '.join(e.groups)}; trust anchor sha256 {e.root_sha256[:16]}...")
+    from fleet.device_key import ensure_device_key
+
+    key = ensure_device_key(settings_from_args(args).state_dir)  # the key the audit log signs with
+    print(f"audit key {key.public.raw.hex()}")
+    print(
+        f"register it at the hub: edge-hub device register {e.device_id} --audit-key {key.public.raw.hex()}"
+    )
     return 0
 
 

@@ -51,6 +51,14 @@ def sync_status(settings: Any) -> tuple[dict[str, Any], list[str]]:
             path = getattr(h, name)
             if path is None or not Path(path).is_file():
                 problems.append(f"hub.{name} = {path}: file not found")
+        if h.key_file is not None and Path(h.key_file).is_file():
+            from fleet.errors import InsecureKeyFile
+            from fleet.mqtt import check_private_key
+
+            try:
+                check_private_key(Path(h.key_file))
+            except InsecureKeyFile as exc:
+                problems.append(str(exc))
         if h.cert_file is not None and Path(h.cert_file).is_file():
             cn = _cert_cn(Path(h.cert_file))
             facts["certificate_cn"] = cn

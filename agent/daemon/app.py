@@ -10,7 +10,6 @@ concrete classes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import signal
 import socket
@@ -36,7 +35,7 @@ from agent.server.admin_routes import REFUSED_KEY, RELOAD_KEY
 from agent.server.guard import Guard, open_guard
 from agent.server.http import ApiServer, build_app
 from agent.server.limits import ServerLimits
-from agent.server.listener import bind_unix, systemd_socket
+from agent.server.listener import bind_unix, remove_socket_file, systemd_socket
 from agent.server.metrics import HubState, Metrics, StatusSources
 from fleet.log import get_logger
 from registry.device import DeviceRegistry
@@ -296,8 +295,7 @@ def _close_socket(sock: socket.socket, path: Path | None) -> None:
     """The listening socket, if the server did not take it down (a failed start): closed, file removed."""
     sock.close()
     if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_socket_file(path)
 
 
 def _limits(s: Settings) -> dict[str, Any]:
@@ -334,8 +332,8 @@ async def build_sync(
     """Fleet sync when ``[hub] host`` is set; None otherwise.
 
     A device that is not enrolled and has no ``[hub] device_id`` cannot sync: that is logged, never
-    fatal; a missing certificate or key file is a :class:`ConfigError` (the start-up stops what it
-    started and the service exits 2).
+    fatal; a missing certificate or key file, or a key file that group or others may read, is a
+    :class:`ConfigError` (the start-up stops what it started and the service exits 2).
     """
     if settings.hub.host is None:
         return None
@@ -343,6 +341,8 @@ async def build_sync(
     from agent.sync.errors import SYNC_FAILURES
     from agent.sync.service import SyncService, options_from_settings
     from fleet.device_key import ensure_device_key
+    from fleet.errors import InsecureKeyFile
+    from fleet.mqtt import check_private_key
 
     device_id = settings.hub.device_id
     if device_id is None:
@@ -355,6 +355,11 @@ async def build_sync(
         path = getattr(settings.hub, name)
         if not Path(path).is_file():
             raise ConfigError(f"config error: hub.{name} = {str(path)!r}: file not found")
+    key_file = Path(str(settings.hub.key_file))
+    try:  # the device's broker identity: never readable by API users (docs/security.md)
+        check_private_key(key_file)
+    except InsecureKeyFile as exc:
+        raise ConfigError(f"config error: hub.key_file = {str(key_file)!r}: {exc}") from None
     hardware: dict[str, Any] = {}
     try:
         from agent.hardware.probe import probe
@@ -496,6 +501,13 @@ class Daemon:
         refusals.targets.append(_audit_registry_refusal(guard))
 
         inherited = systemd_socket()
+        if inherited is not None and (s.server.socket_group is not None or s.server.socket_mode != 0o660):
+            log.warning(  # the socket unit's SocketMode=/SocketGroup= apply, not the config's
+                "socket_settings_ignored",
+                reason="socket activation: the socket unit sets the mode and group",
+                socket_mode=f"{s.server.socket_mode:04o}",
+                socket_group=s.server.socket_group,
+            )
         sock = inherited or bind_unix(s.socket_path, s.server.socket_mode, s.server.socket_group)
         stop.push("socket", lambda: _close_socket(sock, None if inherited else s.socket_path))
         metrics = Metrics(s.metrics.latency_buckets_s, _sources(pool, guard)) if s.metrics.enabled else None

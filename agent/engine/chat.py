@@ -12,11 +12,20 @@ Python internals, no mutation of the messages); a template's ``raise_exception(.
 rendering error becomes :class:`agent.errors.BadRequest` naming the cause; the rendered prompt is
 never empty for a non-empty conversation; the fallback's turn markers are returned as stop strings,
 so a base model that keeps writing turns is cut at the end of its own.
+
+Bounded: a template (it comes from a signed manifest or a GGUF header, but is still code) renders
+within :data:`RENDER_MAX_S` seconds and :data:`RENDER_MAX_CHARS` characters, or the request is
+refused with a 400: ``range`` counts every iteration against the deadline (nested loops without
+output included), ``*`` and ``+`` on strings and lists are checked for the size of their result
+before they run, and the output is produced piecewise and checked as it grows. Engines call
+:func:`render_chat` in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextvars
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NoReturn
@@ -100,8 +109,32 @@ def pick_template(src: TemplateSource) -> ChatTemplate:
     return ChatTemplate(f"fallback:{kind}", text, _FALLBACK_STOPS[kind], src.bos_token, src.eos_token)
 
 
+RENDER_MAX_S = 2.0
+RENDER_MAX_CHARS = 4 << 20
+_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("chat_render_deadline", default=0.0)
+
+
 def _raise(message: str) -> NoReturn:
     raise BadRequest(f"messages: {message}", param="messages")
+
+
+def _over_time() -> None:
+    deadline = _DEADLINE.get()
+    if deadline and time.monotonic() > deadline:
+        _raise(f"the chat template ran longer than {RENDER_MAX_S:g} s")
+
+
+def _bounded_range(*args: int) -> Iterator[int]:
+    """``range`` for templates: each iteration is checked against the render's deadline."""
+    if len(args) > 3 or not all(isinstance(a, int) for a in args):
+        _raise("the chat template called range() with bad arguments")
+    for i in range(*args):
+        _over_time()
+        yield i
+
+
+def _sized(value: Any) -> int:
+    return len(value) if isinstance(value, str | list | tuple) else 0
 
 
 @lru_cache(maxsize=16)
@@ -109,8 +142,22 @@ def _compile(text: str) -> Any:
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "+"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _over_time()
+            if operator == "*":
+                n = right if isinstance(right, int) else left if isinstance(left, int) else 0
+                if max(_sized(left), _sized(right)) * max(n, 0) > RENDER_MAX_CHARS:
+                    _raise(f"the chat template built a value over {RENDER_MAX_CHARS} characters")
+            elif _sized(left) + _sized(right) > RENDER_MAX_CHARS:
+                _raise(f"the chat template built a value over {RENDER_MAX_CHARS} characters")
+            return super().call_binop(context, operator, left, right)
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False)
     env.globals["raise_exception"] = _raise
+    env.globals["range"] = _bounded_range
     try:
         return env.from_string(text)
     except TemplateError as exc:
@@ -125,17 +172,30 @@ def render_chat(template: ChatTemplate, messages: Sequence[ChatMessage]) -> str:
         raise BadRequest("messages: at least one message is required", param="messages")
     compiled = _compile(template.text)
     data = [{"role": m.role, "content": m.content} for m in messages]
+    token = _DEADLINE.set(time.monotonic() + RENDER_MAX_S)
     try:
-        out = compiled.render(
+        parts: list[str] = []
+        size = 0
+        for piece in compiled.generate(
             messages=data,
             add_generation_prompt=True,
             bos_token=template.bos_token,
             eos_token=template.eos_token,
-        )
+        ):
+            size += len(piece)
+            if size > RENDER_MAX_CHARS:
+                _raise(f"the chat template rendered more than {RENDER_MAX_CHARS} characters")
+            _over_time()
+            parts.append(piece)
+        out = "".join(parts)
     except BadRequest:
         raise
-    except (TemplateError, TypeError, ValueError, KeyError, IndexError) as exc:
+    except RecursionError:
+        raise BadRequest("messages: the chat template recursed too deeply", param="messages") from None
+    except (TemplateError, TypeError, ValueError, KeyError, IndexError, OverflowError, MemoryError) as exc:
         raise BadRequest(f"messages: the chat template failed: {exc}", param="messages") from None
+    finally:
+        _DEADLINE.reset(token)
     if not isinstance(out, str) or not out.strip():
         raise BadRequest("messages: the chat template rendered an empty prompt", param="messages")
     return out

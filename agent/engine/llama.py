@@ -192,7 +192,7 @@ class LlamaEngine(EngineLifecycle):
         model = self._check_ready()
         template = self._template
         assert template is not None
-        prompt = render_chat(template, request.messages)
+        prompt = await asyncio.to_thread(render_chat, template, request.messages)  # bounded, off the loop
         has_bos = bool(template.bos_token) and prompt.startswith(template.bos_token)
         tokens = model.tokenize(prompt, add_bos=model.add_bos and not has_bos)
         stops = tuple(dict.fromkeys((*request.stop, *template.stops)))

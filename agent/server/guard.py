@@ -64,7 +64,7 @@ from agent.policy import PolicyHolder
 from agent.server import schemas
 from agent.server.common import read_json
 from agent.server.keys import LIMITS_KEY, PARSED_BODY_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY
-from agent.server.usage import FINISH_KEY, Finisher, note_usage, noted_usage
+from agent.server.usage import FINISH_KEY, STREAM_AUDIT_KEY, Finisher, StreamAudit, note_usage, noted_usage
 from fleet.chain import Entry, iso_time
 from fleet.log import get_logger
 
@@ -346,9 +346,13 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
             await record("ok", decision.reason, **noted_usage(request), status=200)
             recorded = True
 
+    async def stream_started() -> None:  # a stream: durable before its first byte
+        await record("started", decision.reason, status=200, stream=True)
+
     if audited:
         guard.audit.admit()
         request[FINISH_KEY] = Finisher(finish)
+        request[STREAM_AUDIT_KEY] = StreamAudit(stream_started, guard.audit.check_writable)
     try:
         if body_error is not None:
             raise body_error

@@ -17,7 +17,6 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from agent.server.common import translate
 from agent.server.guard import GUARD_KEY, Guard, guard_middleware
 from agent.server.keys import LIMITS_KEY, PEER_KEY, POOL_KEY, REQUEST_ID_KEY, STARTED_KEY
 from agent.server.limits import GuardedSite, ServerLimits, throttle_middleware
+from agent.server.listener import remove_socket_file
 from agent.server.metrics import Metrics
 from agent.server.peercred import peer_credentials
 from fleet.log import get_logger
@@ -159,8 +159,7 @@ class ApiServer:
             await self._runner.cleanup()
         finally:
             if self._socket_path is not None:
-                with suppress(FileNotFoundError):
-                    self._socket_path.unlink()
+                remove_socket_file(self._socket_path)
 
 
 __all__ = ["ApiServer", "build_app"]

@@ -3,6 +3,12 @@
 Invariants: a socket we create has the configured mode and group before ``listen()`` is called,
 so no client can connect through a wider mode; a stale socket file left by a crash is replaced
 only when nothing answers on it (a second daemon on the same path is refused).
+
+The socket's directory must belong to us or root and must not be writable by everyone without the
+sticky bit: otherwise another user could swap the freshly bound socket for a symlink before its
+mode and group are set. Mode and group are applied only to the socket we just bound (checked with
+``lstat``; the group with ``lchown``, never through a symlink), and on stop the file is removed
+only if it is still that socket (same device and inode), never whatever has taken its path.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from pathlib import Path
 from agent.errors import AgentError
 
 SD_LISTEN_FDS_START = 3
+_BOUND: dict[str, tuple[int, int]] = {}
+"""(st_dev, st_ino) of each socket file this process bound, by path."""
 
 
 class ListenerError(AgentError):
@@ -57,9 +65,23 @@ def _in_use(path: Path) -> bool:
     return True
 
 
+def _check_directory(directory: Path) -> None:
+    st = directory.stat()
+    if st.st_uid not in (0, os.geteuid()):
+        raise ListenerError(
+            f"{directory} belongs to uid {st.st_uid}: the socket's directory must be ours or root's"
+        )
+    if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
+        raise ListenerError(
+            f"{directory} is writable by everyone (mode {stat.S_IMODE(st.st_mode):04o}): another user "
+            "could replace the socket; use a directory of the service's own"
+        )
+
+
 def bind_unix(path: Path, mode: int = 0o660, group: str | None = None, backlog: int = 128) -> socket.socket:
     """Bind and listen on ``path`` with ``mode`` and ``group`` applied before listening."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _check_directory(path.parent)
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ListenerError(f"{path} exists and is not a socket; refusing to replace it")
@@ -82,9 +104,16 @@ def bind_unix(path: Path, mode: int = 0o660, group: str | None = None, backlog: 
     finally:
         os.umask(old_umask)
     try:
+        st = path.lstat()
+        if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+            raise ListenerError(f"{path} was replaced right after bind; refusing to change its mode")
         if gid != -1:
-            os.chown(path, -1, gid)
+            os.chown(path, -1, gid, follow_symlinks=False)
         os.chmod(path, mode)
+        _BOUND[str(path)] = (st.st_dev, st.st_ino)
+    except ListenerError:
+        sock.close()
+        raise
     except OSError as exc:
         sock.close()
         with contextlib.suppress(OSError):
@@ -95,4 +124,19 @@ def bind_unix(path: Path, mode: int = 0o660, group: str | None = None, backlog: 
     return sock
 
 
-__all__ = ["ListenerError", "bind_unix", "systemd_socket"]
+def remove_socket_file(path: Path) -> bool:
+    """Remove the socket file this process bound at ``path``, and nothing else: not a file that
+    replaced it, not a symlink, not another daemon's socket. True if removed."""
+    ident = _BOUND.pop(str(path), None)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if ident is None or not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != ident:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return True
+
+
+__all__ = ["ListenerError", "bind_unix", "remove_socket_file", "systemd_socket"]

@@ -23,7 +23,7 @@ from agent.errors import BadRequest, EngineError, RequestError
 from agent.server import schemas, tools
 from agent.server.common import read_json, translate
 from agent.server.keys import LIMITS_KEY, PARSED_BODY_KEY, POOL_KEY, REQUEST_ID_KEY
-from agent.server.usage import note_usage, record_before_done
+from agent.server.usage import STREAM_AUDIT_KEY, note_usage, record_before_done
 from fleet.log import get_logger
 
 log = get_logger(__name__)
@@ -173,12 +173,24 @@ async def _stream(
     usage_json: UsageJson,
     include_usage: bool,
 ) -> web.StreamResponse:
-    """Send SSE chunks. Refusals (400/429/503) surface before the first byte is sent."""
+    """Send SSE chunks. Refusals (400/429/503) surface before the first byte is sent.
+
+    An audited stream has a ``started`` record on disk before its first byte (a log that cannot be
+    written is a 503 with nothing sent), stops at the next chunk once the log cannot be written
+    (an error event, no ``[DONE]``), and has its final record on disk before ``[DONE]``."""
     iterator = aiter(chunks)
     try:
         first = await anext(iterator)
     except StopAsyncIteration:
         first = GenerationChunk(text="", finish_reason="stop", usage=Usage(0, 0))
+    audit = request.get(STREAM_AUDIT_KEY)
+    if audit is not None:
+        try:
+            await audit.start()
+        except BaseException:
+            with suppress(Exception):
+                await iterator.aclose()  # type: ignore[attr-defined]
+            raise
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -191,6 +203,8 @@ async def _stream(
         chunk: GenerationChunk | None = first
         is_first = True
         while chunk is not None:
+            if audit is not None:
+                audit.check()  # raises AuditUnavailable: stop now, not only before [DONE]
             payload = chunk_json(chunk, is_first)
             if payload is not None:
                 await response.write(_sse(payload))

@@ -30,6 +30,20 @@ class Finisher:
 FINISH_KEY: web.RequestKey[Finisher] = web.RequestKey("audit_finish", Finisher)
 
 
+class StreamAudit:
+    """Set on the request by the guard for an audited stream: :meth:`start` writes a ``started``
+    record durably before the first byte is sent (a log that cannot be written refuses the stream
+    with a 503 before any text leaves), :meth:`check` raises while the log cannot be written
+    (the stream then stops at once instead of sending text that may go unrecorded)."""
+
+    def __init__(self, start: Callable[[], Awaitable[None]], check: Callable[[], None]) -> None:
+        self.start = start
+        self.check = check
+
+
+STREAM_AUDIT_KEY: web.RequestKey[StreamAudit] = web.RequestKey("audit_stream", StreamAudit)
+
+
 def note_usage(request: web.Request, prompt_tokens: int, completion_tokens: int) -> None:
     """Routes that stream call this with the final usage, so the audit record carries tokens
     (for plain JSON responses the guard reads ``usage`` from the body itself)."""
@@ -49,4 +63,13 @@ async def record_before_done(request: web.Request) -> None:
         await finish()
 
 
-__all__ = ["FINISH_KEY", "USAGE_KEY", "Finisher", "note_usage", "noted_usage", "record_before_done"]
+__all__ = [
+    "FINISH_KEY",
+    "STREAM_AUDIT_KEY",
+    "USAGE_KEY",
+    "Finisher",
+    "StreamAudit",
+    "note_usage",
+    "noted_usage",
+    "record_before_done",
+]

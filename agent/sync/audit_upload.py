@@ -18,7 +18,9 @@ Invariants:
   upload pauses for ``problem_retry_s`` before trying again (the hub may have been repaired).
 - After a reconnect, or when no ack arrives in time, upload restarts from the uploaded mark:
   records may be sent twice, which the hub's idempotent store by (device, seq) makes harmless.
-- At most ``window`` batches are in flight; each batch holds at most ``batch_size`` records.
+- At most ``window`` batches are in flight; each batch holds at most ``batch_size`` records and
+  a checkpoint signed at its last record (:meth:`AuditSource.sign_at`), without which the hub
+  stores nothing of it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class AuditSource(Protocol):
     def mark_uploaded(self, up_to_seq: int) -> int: ...
 
     def checkpoints(self) -> list[Checkpoint]: ...
+
+    def sign_at(self, seq: int) -> int: ...
 
     def backlog(self) -> int: ...
 
@@ -197,6 +201,9 @@ class AuditUploader:
             if not rows:
                 return total
             lo, hi = rows[0].seq, rows[-1].seq
+            parts = [rows[start : start + self.batch_size] for start in range(0, len(rows), self.batch_size)]
+            for part in parts:  # the hub stores no batch that is not signed at its last record
+                await to_thread(self.source.sign_at, part[-1].seq)
             cps = [c for c in await to_thread(self.source.checkpoints) if lo <= c.seq <= hi]
             anchor = (await to_thread(self.source.anchor))[0]
             self._ack_changed.clear()
@@ -205,8 +212,7 @@ class AuditUploader:
             self._in_flight = (lo, hi)
             timed_out: TimeoutError | None = None
             try:
-                for start in range(0, len(rows), self.batch_size):
-                    part = rows[start : start + self.batch_size]
+                for part in parts:
                     p_lo, p_hi = part[0].seq, part[-1].seq
                     batch = AuditBatch(
                         self.device_id,

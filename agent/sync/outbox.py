@@ -1,4 +1,4 @@
-"""The persistent event outbox: events wait here until the broker acknowledged them.
+"""The persistent event outbox: events wait here until the hub acknowledged storing them.
 
 Stored in the sync ledger (:mod:`agent.sync.ledger`), oldest first.
 
@@ -7,10 +7,12 @@ Invariants:
   the broker is unreachable survives a restart or a ``kill -9``; a torn event is never read back
   (SQLite transactions are atomic).
 - Every event gets an ``id`` unique to this device when appended; the same event is re-sent
-  with the same id if its PUBACK never arrived, and the hub stores each id once
+  with the same id until the hub acknowledged it, and the hub stores each id once
   (delivery at least once, stored exactly once).
-- An event leaves the outbox only through :meth:`Outbox.acked`, which the sender calls after the
-  broker's QoS 1 PUBACK (once per flushed batch: one transaction for all its acknowledged ids).
+- An event leaves the outbox only through :meth:`Outbox.acked`, which the sync service calls when
+  the hub's application-level acknowledgement (``devices/<id>/events/ack``) names it, never on the
+  broker's PUBACK: the broker having an event is not the hub having stored it (one transaction for
+  a burst of acknowledged ids).
 - Every method may be called from any thread (the ledger serializes them); the service calls the
   fsyncing ones from a worker thread, never on the event loop.
 - At most ``capacity`` events are held: appending to a full outbox drops the oldest and adds it
@@ -31,7 +33,7 @@ DEFAULT_CAPACITY = 10_000
 
 
 class Outbox:
-    """Events not yet acknowledged by the broker."""
+    """Events not yet acknowledged by the hub."""
 
     def __init__(self, ledger: Ledger, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
@@ -69,7 +71,7 @@ class Outbox:
         return out
 
     def acked(self, *event_ids: str) -> None:
-        """The broker acknowledged ``event_ids``: forget them (one transaction, none if empty)."""
+        """The hub acknowledged ``event_ids``: forget them (one transaction, none if empty)."""
         if not event_ids:
             return
         with self.ledger.tx() as conn:

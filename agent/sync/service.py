@@ -57,9 +57,18 @@ from agent.sync.retry import (
 )
 from agent.sync.state import StatePublisher, build_report
 from agent.sync.wake import actionable_times, sleep_s
-from fleet.errors import FleetError, MqttError
+from fleet.errors import FleetError, MqttError, ProtocolError
 from fleet.log import get_logger
-from fleet.messages import Event, Outgoing, Status, device_topic, offline_will, online_status
+from fleet.messages import (
+    Event,
+    EventAck,
+    Incoming,
+    Outgoing,
+    Status,
+    device_topic,
+    offline_will,
+    online_status,
+)
 from fleet.mqtt import MqttClient, MqttConfig
 from registry.device import DeviceRegistry
 from registry.exceptions import RegistryError
@@ -100,6 +109,12 @@ class SyncOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     keep_previous: bool = True
     removal_grace_s: float = 3600.0
+    event_ack_timeout_s: float = 30.0
+    """An event sent and not acknowledged by the hub within this long is sent again."""
+
+
+EVENTS_IN_FLIGHT = 500
+"""Events sent and awaiting the hub's acknowledgement at most (the outbox flush stops there)."""
 
 
 def _entry(action: str, resource: str | None, outcome: str, reason: str, details: dict[str, Any]) -> Any:
@@ -158,6 +173,10 @@ class SyncService:
         self._flush_lock = asyncio.Lock()
         self._flush_wanted = False
         self._flusher: asyncio.Task[None] | None = None
+        self._awaiting: dict[str, float] = {}  # event id -> when sent (monotonic), awaiting the hub
+        self._acked_ids: list[str] = []  # acknowledged by the hub, to delete from the outbox
+        self._deleting: set[str] = set()  # acknowledged, deletion not committed yet: not re-sent
+        self._ack_writer: asyncio.Task[None] | None = None
         self.failures = FailureBook(self.ledger)
         self.unneeded = UnneededBook(self.ledger)
         self._basis = ""
@@ -190,6 +209,7 @@ class SyncService:
         self.metadata.on_hub_back = self._hub_back
         self.client.on_connect(self._on_connect)
         await self.client.start()
+        await self.client.subscribe(device_topic(o.device_id, "events/ack"), self._on_events_ack, qos=1)
         await self.metadata.start()
         if self.audit is not None:
             self.uploader = AuditUploader(
@@ -205,7 +225,7 @@ class SyncService:
         self._state_task = loop.create_task(self._state_loop())
 
     async def close(self) -> None:
-        for task in (self._task, self._state_task, self._flusher):
+        for task in (self._task, self._state_task, self._flusher, self._ack_writer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -233,6 +253,7 @@ class SyncService:
 
     async def _on_connect(self, _session_present: bool) -> None:
         self.state.forget()
+        self._awaiting.clear()  # what was sent before may have been lost with the connection
         with contextlib.suppress(MqttError):
             await self.client.publish(online_status(self.options.device_id, time.time()))
         await self._flush_events()
@@ -276,6 +297,8 @@ class SyncService:
         while True:
             if self.client.is_connected:
                 await self.publish_state()
+                if self._awaiting:  # events whose ack is overdue are sent again
+                    self._kick_flush()
             await asyncio.sleep(self.options.state_interval_s)
 
     async def sync_once(self) -> None:
@@ -577,43 +600,71 @@ class SyncService:
                 await self._flush_outbox()
 
     async def _flush_outbox(self) -> None:
-        """Batches of 100: an event leaves the outbox only after the broker's PUBACK, and the ids
-        acknowledged in one batch leave it in one transaction (in a worker thread). A crash before
-        that commit re-sends them with the same ids; the hub stores each id once."""
+        """Publish the outbox oldest first, with at most :data:`EVENTS_IN_FLIGHT` events awaiting
+        the hub's acknowledgement. An event leaves the outbox only when the hub says it stored it
+        (``events/ack``, :meth:`_on_events_ack`), never on the broker's PUBACK: an event the broker
+        accepted but no hub stored is sent again (same id) after ``event_ack_timeout_s``, and the
+        hub stores each id once."""
         topic = device_topic(self.options.device_id, "events")
+        timeout = self.options.event_ack_timeout_s
         while self.client.is_connected:
+            now = time.monotonic()
+            waiting = {i for i, sent in self._awaiting.items() if now - sent < timeout} | self._deleting
+            room = EVENTS_IN_FLIGHT - len(waiting)
+            if room <= 0:
+                return
             try:
-                batch = await asyncio.to_thread(self.outbox.pending, 100)
+                batch = await asyncio.to_thread(self.outbox.pending, len(waiting) + min(room, 100))
             except SYNC_FAILURES as exc:
                 log.error("sync_outbox_unreadable", error=str(exc))
                 return
-            if not batch:
+            due = [e for e in batch if e.id not in waiting][:room]
+            if not due:
                 return
-            done: list[Event] = []
-            acked = False
-            try:
-                for event in batch:
-                    try:
-                        await self.client.publish(Outgoing(topic, event.encode(), qos=1))
-                    except SYNC_FAILURES:  # not connected or no PUBACK: the rest waits for next time
-                        return
-                    done.append(event)
-            finally:
-                acked = await self._acked(done)
-            if not acked or len(done) < len(batch):
-                return
+            for event in due:
+                first = event.id not in self._awaiting
+                # awaiting before the publish: the hub's ack may overtake the PUBACK's handling
+                self._awaiting[event.id] = time.monotonic()
+                try:
+                    await self.client.publish(Outgoing(topic, event.encode(), qos=1))
+                except SYNC_FAILURES:  # not connected or no PUBACK: the rest waits for next time
+                    self._awaiting.pop(event.id, None)
+                    return
+                if first:
+                    self.events_sent.append(event)
 
-    async def _acked(self, events: list[Event]) -> bool:
-        """Forget ``events`` (PUBACKed); False if the ledger failed (they are re-sent later, with
-        the same ids, and the hub stores each id once)."""
-        if events:
-            self.events_sent.extend(events)
+    async def _on_events_ack(self, msg: Incoming) -> None:
+        """The hub stored these events: forget the ones this device sent and awaits (an ack naming
+        anything else, or retained, is ignored). Deletions of a burst of acks are one transaction,
+        in a worker thread."""
+        if msg.retain:
+            return
+        try:
+            ack = EventAck.decode(msg.payload)
+        except ProtocolError as exc:
+            log.warning("event_ack_malformed", error=str(exc))
+            return
+        ids = [i for i in ack.ids if i in self._awaiting]
+        if not ids:
+            return
+        for i in ids:
+            del self._awaiting[i]
+        self._acked_ids.extend(ids)
+        self._deleting.update(ids)
+        if self._ack_writer is None or self._ack_writer.done():
+            self._ack_writer = asyncio.get_running_loop().create_task(self._write_acks())
+
+    async def _write_acks(self) -> None:
+        while self._acked_ids:
+            await asyncio.sleep(0)  # let a burst of acks gather
+            ids, self._acked_ids = self._acked_ids, []
             try:
-                await asyncio.to_thread(self.outbox.acked, *(e.id for e in events))
-            except SYNC_FAILURES as exc:
+                await asyncio.to_thread(self.outbox.acked, *ids)
+            except SYNC_FAILURES as exc:  # they stay in the outbox and are sent again; stored once
                 log.error("sync_outbox_ack_failed", error=str(exc))
-                return False
-        return True
+            finally:
+                self._deleting.difference_update(ids)
+        self._kick_flush()  # room for more
 
     async def publish_state(self) -> None:
         enrollment = None

@@ -1,9 +1,13 @@
 """``edge-hub broker install``: lay out the fleet's Mosquitto as the shipped files describe it.
 
-The shipped ``mosquitto/mosquitto.conf`` has ``{placeholders}``; :func:`install` fills them,
-copies the CA certificates, the broker's certificate and key and the ACL next to the rendered
-config, and creates the persistence directory. The tests install their broker through the same
-function (tests/sync/broker.py), then start ``mosquitto -c <dest>/mosquitto.conf`` as the docs say.
+The shipped ``mosquitto/mosquitto.conf`` has ``{placeholders}``; :func:`install` fills them, copies
+the CA certificates, the broker's certificate and key, the CRLs and revoked list, the ACL and the
+broker plugin (``mosquitto/edge_acl.c``, built by ``mosquitto/build-plugin.sh`` unless a built one
+is given) next to the rendered config, and creates the persistence directory.
+:func:`install_revocation` (``edge-hub broker crl``) copies the revocation files again after
+``edge-hub device revoke|rotate|crl``; the broker reads them on SIGHUP. The tests install their
+broker through the same function (tests/sync/broker.py), then start ``mosquitto -c
+<dest>/mosquitto.conf`` as the docs say.
 
 Invariants:
 - Every placeholder of the template is filled and every value names a placeholder the template
@@ -26,13 +30,17 @@ import pwd
 import re
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
-PKI_FILES = ("ca.crt", "service-ca.crt", "broker.crt", "broker.key")
+PKI_FILES = ("ca.crt", "service-ca.crt", "broker.crt", "broker.key", "crl.pem", "service-crl.pem")
+REVOCATION_FILES = ("crl.pem", "service-crl.pem")
+REVOKED_LIST = "revoked.txt"
+PLUGIN = "edge_acl.so"
 
 
 class BrokerSetupError(Exception):
@@ -47,6 +55,7 @@ class BrokerLayout:
     certdir: Path
     acl: Path
     data: Path
+    plugin: Path
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -103,6 +112,49 @@ def _check_reachable(path: Path, user: str, uid: int, gids: set[int]) -> None:
             )
 
 
+def _owner_of(user: str) -> tuple[int, int] | None:
+    """``(root, user's group)`` when running as root (Mosquitto reads as ``user``), else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return (0, pwd.getpwnam(user).pw_gid)
+    except KeyError:
+        raise BrokerSetupError(f"no user {user!r} (the Debian package creates `mosquitto`)") from None
+
+
+def install_revocation(pki: Path, certdir: Path, *, user: str = "mosquitto") -> list[Path]:
+    """Copy the CRLs and the revoked list from ``pki`` into an installed broker's ``certdir``
+    (atomically, with the install's owner and mode); an absent revoked list is written empty.
+    Returns the files written. The broker reads them on SIGHUP."""
+    missing = [n for n in REVOCATION_FILES if not (pki / n).is_file()]
+    if missing:
+        raise BrokerSetupError(f"{pki} lacks {', '.join(missing)} (make them with `edge-hub certs {pki}`)")
+    if not certdir.is_dir():
+        raise BrokerSetupError(f"{certdir}: no installed broker there (run `edge-hub broker install` first)")
+    owner = _owner_of(user)
+    mode = 0o640 if owner is not None else 0o600
+    written = []
+    for name in (*REVOCATION_FILES, REVOKED_LIST):
+        src = pki / name
+        _write(certdir / name, src.read_bytes() if src.is_file() else b"", mode, owner)
+        written.append(certdir / name)
+    return written
+
+
+def build_plugin(source: Path, out: Path) -> Path:
+    """Build ``source/edge_acl.c`` into ``out`` with ``source/build-plugin.sh`` (a C compiler and
+    Debian's ``mosquitto-dev`` headers); :class:`BrokerSetupError` with the compiler's output."""
+    script = source / "build-plugin.sh"
+    if not script.is_file():
+        raise BrokerSetupError(f"{script}: no such file (--source is the checkout's mosquitto/ directory)")
+    done = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BrokerSetupError(
+            f"building the broker plugin failed (needs cc and mosquitto-dev): {done.stderr.strip()[-2000:]}"
+        )
+    return out
+
+
 def install(
     source: Path,
     pki: Path,
@@ -114,11 +166,13 @@ def install(
     service_bind: str = "127.0.0.1",
     data: Path | None = None,
     user: str = "mosquitto",
+    plugin: Path | None = None,
     extra: dict[str, str] | None = None,
 ) -> BrokerLayout:
-    """Render ``source/mosquitto.conf`` into ``dest`` with ``source/acl`` and the broker's files
-    from ``pki`` (``edge-hub certs``); see the module docstring for owners and modes. ``extra``
-    gives values for placeholders beyond the listeners, files and user (checked like the rest)."""
+    """Render ``source/mosquitto.conf`` into ``dest`` with ``source/acl``, the broker's files from
+    ``pki`` (``edge-hub certs``) and the plugin (``plugin``, a built ``edge_acl.so``, else built
+    from ``source``); see the module docstring for owners and modes. ``extra`` gives values for
+    placeholders beyond the listeners, files and user (checked like the rest)."""
     template_path, acl_source = source / "mosquitto.conf", source / "acl"
     for need in (template_path, acl_source):
         if not need.is_file():
@@ -148,6 +202,14 @@ def install(
             _check_reachable(path, user, entry.pw_uid, gids)
     for name in PKI_FILES:
         _write(certdir / name, (pki / name).read_bytes(), file_mode, files_owner)
+    install_revocation(pki, certdir, user=user)
+    plugin_dest = dest / PLUGIN
+    if plugin is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            plugin = build_plugin(source, Path(tmp) / PLUGIN)
+            _write(plugin_dest, plugin.read_bytes(), 0o644 if files_owner is None else 0o640, files_owner)
+    else:
+        _write(plugin_dest, plugin.read_bytes(), 0o644 if files_owner is None else 0o640, files_owner)
     acl = dest / "acl"
     _write(acl, acl_source.read_bytes(), file_mode, files_owner)
     values = {
@@ -159,11 +221,12 @@ def install(
         "acl": str(acl),
         "persistence": str(data),
         "user": user,
+        "plugin": str(plugin_dest),
         **(extra or {}),
     }
     config = dest / "mosquitto.conf"
     _write(config, render(template_path.read_text(), values).encode(), file_mode, files_owner)
-    return BrokerLayout(config, certdir, acl, data)
+    return BrokerLayout(config, certdir, acl, data, plugin_dest)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,6 +241,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--service-port", type=int, default=8884, help="hub and operator listener port")
     p.add_argument("--service-bind", default="127.0.0.1", help="hub and operator listener address")
     p.add_argument("--user", default="mosquitto", help="the user Mosquitto drops to when started as root")
+    p.add_argument(
+        "--plugin", type=Path, default=None, help="a built edge_acl.so (default: build mosquitto/edge_acl.c)"
+    )
+
+
+def add_crl_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pki", type=Path, required=True, help="the directory `edge-hub certs` wrote")
+    p.add_argument("--dest", type=Path, default=Path("/etc/mosquitto/edge"), help="the installed broker")
+    p.add_argument("--user", default="mosquitto", help="the user Mosquitto drops to when started as root")
+
+
+def run_crl(args: argparse.Namespace) -> int:
+    """``edge-hub broker crl``: hand the broker the current CRLs and revoked list."""
+    try:
+        written = install_revocation(args.pki, args.dest / "certs", user=args.user)
+    except (BrokerSetupError, OSError) as exc:
+        print(f"edge-hub broker crl: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, BrokerSetupError) else 1
+    print(f"copied {', '.join(p.name for p in written)} to {args.dest / 'certs'}; reload the broker (SIGHUP)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
             service_bind=args.service_bind,
             data=args.data,
             user=args.user,
+            plugin=args.plugin,
         )
     except (BrokerSetupError, OSError) as exc:
         print(f"edge-hub broker install: {exc}", file=sys.stderr)
@@ -205,10 +289,16 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 __all__ = [
     "MOSQUITTO",
     "PKI_FILES",
+    "PLUGIN",
+    "REVOCATION_FILES",
     "BrokerLayout",
     "BrokerSetupError",
     "add_arguments",
+    "add_crl_arguments",
+    "build_plugin",
     "install",
+    "install_revocation",
     "render",
     "run",
+    "run_crl",
 ]

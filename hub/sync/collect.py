@@ -6,7 +6,10 @@ device is refused.
 
 Audit batches arrive on the shared subscription ``$share/hub/edge/v1/devices/+/audit`` (several
 hub workers may split them) and are stored one device at a time, in arrival order; the
-acknowledgement goes to ``edge/v1/devices/<id>/audit/ack`` (never retained). State and status are
+acknowledgement goes to ``edge/v1/devices/<id>/audit/ack`` (never retained). Events arrive on
+``$share/hub/.../events``; once an event is stored (or found already stored) its id is
+acknowledged on ``edge/v1/devices/<id>/events/ack`` (:class:`~fleet.messages.EventAck`, the ids
+of a short moment together), and only then does it leave the device's outbox. State and status are
 read with a plain subscription; devices never retain them (the broker refuses a retained publish by
 a device, mosquitto/edge_acl.c), so the store keeps the inventory across hub restarts and devices
 send their state after every connect. A message that still arrives retained on a device topic (left
@@ -22,10 +25,12 @@ from collections.abc import Callable
 from fleet.errors import MqttError, ProtocolError
 from fleet.log import get_logger
 from fleet.messages import (
+    MAX_ACK_IDS,
     PREFIX,
     AuditAck,
     AuditBatch,
     Event,
+    EventAck,
     Incoming,
     Outgoing,
     StateReport,
@@ -40,6 +45,9 @@ from hub.sync.store import HubStore
 
 log = get_logger(__name__)
 
+ACK_DELAY_S = 0.05
+"""Event ids stored within this long are acknowledged in one message."""
+
 
 class Collector:
     """Stores what devices send and acknowledges audit batches."""
@@ -51,6 +59,8 @@ class Collector:
         self.store = store
         self.on_event = on_event
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._acks: defaultdict[str, list[str]] = defaultdict(list)
+        self._ack_tasks: dict[str, asyncio.Task[None]] = {}
         self.batches = 0
 
     async def start(self) -> None:
@@ -118,6 +128,28 @@ class Collector:
         new = await asyncio.to_thread(self.store.record_event, device, event)
         if new and self.on_event is not None:  # a redelivered event is not news
             self.on_event(device, event)
+        if event.id:  # stored (now or before): the device may let it go
+            self._acks[device].append(event.id)
+            if device not in self._ack_tasks:
+                self._ack_tasks[device] = asyncio.get_running_loop().create_task(self._send_acks(device))
+
+    async def _send_acks(self, device: str) -> None:
+        """One :class:`EventAck` for the events of ``device`` stored in the last moment (a backlog
+        flushed by a device is acknowledged in a few messages, not one per event)."""
+        try:
+            await asyncio.sleep(ACK_DELAY_S)
+            while self._acks[device]:
+                ids = self._acks[device][:MAX_ACK_IDS]
+                del self._acks[device][: len(ids)]
+                try:
+                    ack = Outgoing(device_topic(device, "events/ack"), EventAck(tuple(ids)).encode(), qos=1)
+                    await self.client.publish(ack)
+                except MqttError as exc:  # the device re-sends, the hub stores once and acks again
+                    log.info("event_ack_failed", device=device, error=str(exc))
+        finally:
+            self._ack_tasks.pop(device, None)
+            if not self._acks[device]:
+                del self._acks[device]
 
 
 __all__ = ["Collector"]

@@ -358,6 +358,9 @@ def register(sub: Any) -> None:
     p = broker_sub.add_parser("install", help="render mosquitto/mosquitto.conf and lay out its files")
     broker.add_arguments(p)
     p.set_defaults(func=broker.run)
+    p = broker_sub.add_parser("crl", help="copy the current CRLs and revoked list to the installed broker")
+    broker.add_crl_arguments(p)
+    p.set_defaults(func=broker.run_crl)
 
     p = sub.add_parser("serve", help="run the hub: metadata, blobs, audit, inventory over MQTT")
     _repo_opts(p)

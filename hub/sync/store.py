@@ -5,8 +5,15 @@ Audit invariants:
   its hash is the one stored; a different hash for a held seq is refused as ``rewritten``.
 - New records are stored only if they extend the device's chain without a gap: they are checked
   with :func:`fleet.chain.verify` from the device's last stored ``(seq, hash)``, against the
-  checkpoints of the batch, signed by the device key pinned on first contact (trust on first
-  use; a different key later is refused). A batch with any problem stores nothing.
+  checkpoints of the batch. A batch with any problem stores nothing.
+- Audit keys are registered, never learnt: the operator registers a device's audit public key
+  (``edge-hub device register ID --audit-key HEX``, printed by ``edge-agent enroll``); a batch
+  from a device with no registered key is refused (``key_not_registered``), one naming another
+  key is refused, and every batch that brings new records must carry a checkpoint at its last
+  record signed by the device's current key (``unsigned`` otherwise), so no record is stored on
+  hash links alone. Keys pinned on first use by older hubs are carried over as registered.
+  Re-verification (:meth:`HubStore.verify_device`) accepts every key ever registered for the
+  device (a rotated key still verifies its older checkpoints).
 - The acknowledgement names the highest seq held contiguously, capped at the batch's last seq (a
   replayed batch is answered with what it carried); the device marks records uploaded only up to
   it, so duplicates and retries are harmless.
@@ -31,7 +38,7 @@ from typing import Any
 
 from fleet.chain import GENESIS, Checkpoint, Sealed, verify
 from fleet.device_key import DeviceKeyError, DevicePublicKey
-from fleet.messages import AuditAck, AuditBatch, Event, StateReport, Status
+from fleet.messages import AuditAck, AuditBatch, Event, StateReport, Status, check_device_id
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -73,6 +80,12 @@ CREATE TABLE IF NOT EXISTS events (
     event_id TEXT
 );
 CREATE INDEX IF NOT EXISTS events_device ON events (device, at);
+CREATE TABLE IF NOT EXISTS audit_keys (
+    device TEXT NOT NULL,
+    key TEXT NOT NULL,
+    registered REAL NOT NULL,
+    PRIMARY KEY (device, key)
+) WITHOUT ROWID;
 """
 # Events carry an id unique per device since the device outbox (agent/sync/outbox.py) re-sends an
 # event whose PUBACK was lost: one id is stored once. Older databases get the column added.
@@ -113,6 +126,32 @@ class HubStore:
         if "event_id" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
             conn.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
         conn.executescript(_EVENT_IDS)
+        # keys pinned on first use by hubs before registration existed count as registered
+        conn.execute(
+            "INSERT OR IGNORE INTO audit_keys (device, key, registered) "
+            "SELECT device, key, 0 FROM devices WHERE key IS NOT NULL"
+        )
+
+    def register_key(self, device: str, key_hex: str, now: float | None = None) -> None:
+        """Register ``key_hex`` (Ed25519 public key, hex) as ``device``'s current audit key.
+        :class:`DeviceKeyError` for a malformed key; ProtocolError for a bad or reserved id."""
+        check_device_id(device)
+        DevicePublicKey.from_hex(key_hex)
+        with self._tx() as conn:
+            conn.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
+            conn.execute(
+                "INSERT INTO audit_keys (device, key, registered) VALUES (?, ?, ?) "
+                "ON CONFLICT (device, key) DO UPDATE SET registered = excluded.registered",
+                (device, key_hex, time.time() if now is None else now),
+            )
+            conn.execute("UPDATE devices SET key = ? WHERE device = ?", (key_hex, device))
+
+    def audit_keys(self, device: str) -> list[str]:
+        """The audit keys registered for ``device``, the current (latest registered) first."""
+        rows = self._conn().execute(
+            "SELECT key FROM audit_keys WHERE device = ? ORDER BY registered DESC", (device,)
+        )
+        return [str(k) for (k,) in rows]
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -152,14 +191,24 @@ class HubStore:
             return AuditAck(-1, Status.BAD_REQUEST.value, f"batch names device {batch.device!r}")
         with self._tx() as conn:
             conn.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
-            key_hex, anchor_seq, last_seq, last_hash = conn.execute(
+            _pinned, anchor_seq, last_seq, last_hash = conn.execute(
                 "SELECT key, anchor_seq, last_seq, last_hash FROM devices WHERE device = ?", (device,)
             ).fetchone()
-            if key_hex is None and batch.key:
-                key_hex = batch.key
-                conn.execute("UPDATE devices SET key = ? WHERE device = ?", (key_hex, device))
-            elif batch.key and batch.key != key_hex:
-                return self._problem(conn, device, last_seq, "the device key changed (pinned key differs)")
+            registered = conn.execute(
+                "SELECT key FROM audit_keys WHERE device = ? ORDER BY registered DESC LIMIT 1", (device,)
+            ).fetchone()
+            if registered is None:
+                return AuditAck(
+                    last_seq,
+                    Status.KEY_NOT_REGISTERED.value,
+                    f"no audit key is registered for {device}: edge-hub device register {device} "
+                    "--audit-key <hex from edge-agent enroll>",
+                )
+            key_hex = str(registered[0])
+            if batch.key != key_hex:
+                return self._problem(
+                    conn, device, last_seq, "the batch's key is not the device's registered audit key"
+                )
             if last_seq == 0 and not last_hash:
                 # First contact: the chain starts at the device's declared anchor (0 unless its log
                 # was pruned before this hub heard of it). A batch that starts later is a gap.
@@ -193,13 +242,17 @@ class HubStore:
                 return AuditAck(min(last_seq, batch.last_seq))
             if new[0][0] != last_seq + 1:
                 return AuditAck(last_seq, Status.OK.value, f"gap: expected record {last_seq + 1}")
-            keys = []
-            if key_hex:
-                try:
-                    keys = [DevicePublicKey.from_hex(key_hex)]
-                except DeviceKeyError as exc:
-                    return self._problem(conn, device, last_seq, f"pinned key unusable: {exc}")
+            try:
+                keys = [DevicePublicKey.from_hex(key_hex)]
+            except DeviceKeyError as exc:
+                return self._problem(conn, device, last_seq, f"registered key unusable: {exc}")
             cps = [Checkpoint(s, b, sig) for s, b, sig in batch.checkpoints if s > last_seq]
+            if not any(c.seq == batch.last_seq for c in cps):
+                return AuditAck(
+                    last_seq,
+                    Status.UNSIGNED.value,
+                    f"no checkpoint at record {batch.last_seq}: a batch must be signed at its last record",
+                )
             report = verify((Sealed(s, b, h) for s, b, h in new), cps, keys, (last_seq, last_hash))
             if not report.ok:
                 first = report.first_problem
@@ -249,8 +302,8 @@ class HubStore:
         ).fetchone()
         if row is None:
             return 0, [f"unknown device {device}"]
-        key_hex, anchor_seq, anchor_hash = row
-        keys = [DevicePublicKey.from_hex(key_hex)] if key_hex else []
+        _pinned, anchor_seq, anchor_hash = row
+        keys = [DevicePublicKey.from_hex(k) for k in self.audit_keys(device)]
         rows = (
             Sealed(int(s), str(b), str(h))
             for s, b, h in conn.execute(

@@ -38,6 +38,8 @@ class FakeBehaviour:
     produce_tokens: bool = True
     load_delay_s: float = 0.0
     first_token_delay_s: float = 0.0
+    token_delay_s: float = 0.0
+    """Pause before each token after the first (a slow stream)."""
 
 
 class FakeEngine(EngineLifecycle):
@@ -81,6 +83,8 @@ class FakeEngine(EngineLifecycle):
             for i, word in enumerate(words):
                 if i > 0 and self.gate is not None:
                     await self.gate.wait()
+                if i > 0 and self.behaviour.token_delay_s:
+                    await asyncio.sleep(self.behaviour.token_delay_s)
                 yield GenerationChunk(text=word + " ")
             yield GenerationChunk(
                 text="",

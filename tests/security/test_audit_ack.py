@@ -171,6 +171,7 @@ async def test_a_recreated_audit_database_keeps_its_records_and_raises_an_event(
     collector = Collector(hub, store)
     await collector.start()
     key = DeviceKey.generate()
+    store.register_key("dev-a", key.public.raw.hex())
     first = AuditLog(tmp_path / "first.db", key=key)
     first.start()
     dev = await connected(own_broker, "dev-a")
@@ -226,8 +227,18 @@ async def test_a_replayed_batch_is_acknowledged_with_what_it_carried(tmp_path: P
     rows = seal_all(entries(30), 0, GENESIS, _time.time())
     store = HubStore(tmp_path / "hub.db")
 
+    store.register_key("dev-a", key.public.raw.hex())
+
     def batch(part: list) -> AuditBatch:  # type: ignore[type-arg]
-        return AuditBatch("dev-a", tuple((r.seq, r.body, r.hash) for r in part), (), key.public.raw.hex())
+        from fleet.chain import make_checkpoint
+
+        cp = make_checkpoint(part[-1].seq, part[-1].hash, key.key_id, _time.time(), key.sign)
+        return AuditBatch(
+            "dev-a",
+            tuple((r.seq, r.body, r.hash) for r in part),
+            ((cp.seq, cp.body, cp.signature),),
+            key.public.raw.hex(),
+        )
 
     assert store.store_audit("dev-a", batch(rows)).up_to_seq == 30
     assert store.store_audit("dev-a", batch(rows[:10])).up_to_seq == 10

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason=
 def _installed_copy(tmp_path: Path) -> list[Path]:
     """The units as `make install-service` writes them: ExecStart pointing at real executables."""
     out = []
-    for unit in sorted(p for p in UNITS.iterdir() if p.suffix in (".service", ".socket")):
+    for unit in sorted(p for p in UNITS.iterdir() if p.suffix in (".service", ".socket", ".timer")):
         text = unit.read_text().replace("/usr/local/bin/", f"{BIN}/")
         target = tmp_path / unit.name
         target.write_text(text)
@@ -30,7 +30,13 @@ def _installed_copy(tmp_path: Path) -> list[Path]:
 
 def test_units_verify_cleanly(tmp_path: Path) -> None:
     units = _installed_copy(tmp_path)
-    assert [u.name for u in units] == ["edge-agent.service", "edge-agent.socket", "edge-hub.service"]
+    assert [u.name for u in units] == [
+        "edge-agent.service",
+        "edge-agent.socket",
+        "edge-hub-crl.service",
+        "edge-hub-crl.timer",
+        "edge-hub.service",
+    ]
     result = subprocess.run(
         ["systemd-analyze", "verify", "--man=no", *map(str, units)],
         capture_output=True,
@@ -79,7 +85,9 @@ def test_verify_catches_a_broken_unit(tmp_path: Path) -> None:
         pytest.param("edge-agent.service", "Service", "CapabilityBoundingSet", "", id="no-capabilities"),
         pytest.param("edge-agent.service", "Service", "SystemCallFilter", "@system-service", id="syscalls"),
         pytest.param("edge-agent.socket", "Socket", "SocketMode", "0660", id="socket-mode"),
-        pytest.param("edge-agent.socket", "Socket", "SocketGroup", "edge-agent", id="socket-group"),
+        pytest.param("edge-agent.socket", "Socket", "SocketGroup", "edge-agent-clients", id="socket-group"),
+        pytest.param("edge-agent.service", "Service", "StateDirectoryMode", "0700", id="state-dir-private"),
+        pytest.param("edge-agent.service", "Service", "UMask", "0077", id="umask-private"),
         pytest.param("edge-hub.service", "Service", "User", "edge-hub", id="hub-user"),
     ],
 )
@@ -135,13 +143,19 @@ def test_install_service_stages_units_config_and_links(tmp_path: Path) -> None:
     assert sorted(p.name for p in units.iterdir()) == [
         "edge-agent.service",
         "edge-agent.socket",
+        "edge-hub-crl.service",
+        "edge-hub-crl.timer",
         "edge-hub.service",
     ]
     assert (stage / "usr/local/bin/edge-agent").readlink() == Path("/opt/edge-agent/bin/edge-agent")
     config = (stage / "etc/edge-agent/config.toml").read_text()
     assert 'state_dir = "/var/lib/edge-agent"' in config
     assert 'socket_path = "/run/edge-agent/edge-agent.sock"' in config
-    assert (stage / "etc/edge-agent/config.toml").stat().st_mode & 0o777 == 0o640
+    assert 'socket_group = "edge-agent-clients"' in config
+    assert (stage / "etc/edge-agent/config.toml").stat().st_mode & 0o777 == 0o644  # no secret in it
+    assert (stage / "etc/edge-agent/mqtt").stat().st_mode & 0o777 == 0o750  # the key's directory
+    listen_group = dict(_items("edge-agent.socket", "Socket"))["SocketGroup"]
+    assert listen_group == "edge-agent-clients"
     # The installed configuration is valid for the agent, and points where the units listen.
     from agent.config import Settings, read_toml
 

@@ -1,15 +1,18 @@
 """A real Mosquitto for the sync tests, installed and started exactly as docs/operations.md says.
 
-``edge-hub broker install``'s function lays out the shipped ``mosquitto/mosquitto.conf`` and
-``mosquitto/acl`` with the session's certificates (:mod:`hub.sync.certs`) on two free loopback
-ports, and ``mosquitto -c <dest>/mosquitto.conf`` starts it unchanged: run as root (CI), the
-broker drops to user ``mosquitto`` and reads its files as that user, as on a fleet's broker. The
-layout lives under a directory of its own in the system temp directory, which that user can
-search (pytest's own temp directories are private to the test user).
+``edge-hub broker install``'s function lays out the shipped ``mosquitto/mosquitto.conf``,
+``mosquitto/acl`` and the plugin ``mosquitto/edge_acl.c`` (built by ``mosquitto/build-plugin.sh``
+once per source version, cached under ``~/.cache/edge-agent``) with the session's certificates
+(:mod:`hub.sync.certs`) on two free loopback ports, and ``mosquitto -c <dest>/mosquitto.conf``
+starts it unchanged: run as root (CI), the broker drops to user ``mosquitto`` and reads its files as
+that user, as on a fleet's broker. The layout lives under a directory of its own in the system temp
+directory, which that user can search (pytest's own temp directories are private to the test user).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import socket
 import ssl
@@ -21,11 +24,27 @@ from pathlib import Path
 
 from fleet.messages import Outgoing
 from fleet.mqtt import MqttConfig
-from hub.sync.broker import MOSQUITTO, BrokerLayout, install
+from hub.sync.broker import MOSQUITTO, BrokerLayout, install, install_revocation
 from hub.sync.certs import SERVICE_IDENTITIES
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = ("hub", "operator", "dev-a", "dev-b", "dev-c", "dev-bench")
+
+
+def plugin_path() -> Path:
+    """The broker plugin built from the shipped source (rebuilt when the source changes)."""
+    source = REPO / "mosquitto" / "edge_acl.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-agent" / "mosquitto"
+    out = cache / f"edge_acl-{digest}.so"
+    if not out.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["bash", str(REPO / "mosquitto" / "build-plugin.sh"), str(out)],
+            check=True,
+            capture_output=True,
+        )
+    return out
 
 
 def free_port() -> int:
@@ -52,9 +71,18 @@ class Broker:
         if self.layout is None:
             dest = Path(tempfile.mkdtemp(prefix="edge-broker-"))
             self.layout = install(
-                REPO / "mosquitto", self.certdir, dest, port=self.port, service_port=self.service_port
+                REPO / "mosquitto",
+                self.certdir,
+                dest,
+                port=self.port,
+                service_port=self.service_port,
+                plugin=plugin_path(),
             )
         return self.layout
+
+    def install_revocation(self) -> None:
+        """``edge-hub broker crl``: the PKI's current CRLs and revoked list, for the next SIGHUP."""
+        install_revocation(self.certdir, self.install().certdir)
 
     @property
     def log_path(self) -> Path:
@@ -125,4 +153,4 @@ class Broker:
         )
 
 
-__all__ = ["CLIENTS", "Broker", "free_port"]
+__all__ = ["CLIENTS", "Broker", "free_port", "plugin_path"]

@@ -223,9 +223,15 @@ async def started_hub_server(repo_dir: Path, work: Path, broker: Broker) -> HubS
     return hub
 
 
-def device_audit(dev_dir: Path) -> tuple[AuditLog, DeviceKey]:
-    """The device's audit log (started) under ``dev_dir`` and the key that signs it."""
+def device_audit(
+    dev_dir: Path, hub: HubServer | None = None, device: str = "dev-a"
+) -> tuple[AuditLog, DeviceKey]:
+    """The device's audit log (started) under ``dev_dir`` and the key that signs it, registered
+    with ``hub``'s store when given (as ``edge-hub device register`` does)."""
     key = DeviceKey.generate()
+    if hub is not None:
+        assert hub.store is not None
+        hub.store.register_key(device, key.public.raw.hex())
     audit = AuditLog(dev_dir / "audit.db", key=key)
     audit.start()
     return audit, key

@@ -27,14 +27,36 @@ def entries(n: int, start: int = 0) -> list[Entry]:
     ]
 
 
-def batch_of(key: DeviceKey, rows: list, device: str = "dev-a", cps: tuple = ()) -> AuditBatch:  # type: ignore[type-arg]
-    return AuditBatch(device, tuple((r.seq, r.body, r.hash) for r in rows), cps, key.public.raw.hex())
+def signed_at(key: DeviceKey, row: object) -> tuple[int, str, str]:
+    """The checkpoint the uploader signs at a batch's last record (the hub requires it)."""
+    cp = make_checkpoint(row.seq, row.hash, key.key_id, time.time(), key.sign)  # type: ignore[attr-defined]
+    return (cp.seq, cp.body, cp.signature)
+
+
+def batch_of(
+    key: DeviceKey,
+    rows: list,
+    device: str = "dev-a",
+    cps: tuple = (),
+    *,
+    sign: bool = True,  # type: ignore[type-arg]
+) -> AuditBatch:
+    extra = (signed_at(key, rows[-1]),) if sign else ()
+    return AuditBatch(
+        device, tuple((r.seq, r.body, r.hash) for r in rows), (*cps, *extra), key.public.raw.hex()
+    )
+
+
+def new_store(path: Path, key: DeviceKey, device: str = "dev-a") -> HubStore:
+    store = HubStore(path)
+    store.register_key(device, key.public.raw.hex())
+    return store
 
 
 def test_store_is_idempotent_and_acks_contiguously(tmp_path: Path) -> None:
     key = DeviceKey.generate()
     rows = seal_all(entries(30), 0, GENESIS, time.time())
-    store = HubStore(tmp_path / "hub.db")
+    store = new_store(tmp_path / "hub.db", key)
     assert store.store_audit("dev-a", batch_of(key, rows[:10])).up_to_seq == 10
     assert store.store_audit("dev-a", batch_of(key, rows[:10])).up_to_seq == 10  # replay
     assert store.store_audit("dev-a", batch_of(key, rows[5:20])).up_to_seq == 20  # overlap
@@ -72,7 +94,7 @@ def test_bad_batches_are_refused_and_nothing_is_stored(tmp_path: Path, case: str
 
     key = DeviceKey.generate()
     rows = seal_all(entries(20), 0, GENESIS, time.time())
-    store = HubStore(tmp_path / "hub.db")
+    store = new_store(tmp_path / "hub.db", key)
     assert store.store_audit("dev-a", batch_of(key, rows[:10])).up_to_seq == 10
     if case == "altered-body-keeps-old-hash":
         r = rows[12]
@@ -106,7 +128,7 @@ async def test_10000_records_written_while_broker_is_down_arrive_exactly_once(
     key = DeviceKey.generate()
     log = AuditLog(tmp_path / "audit.db", key=key, max_bytes=1 << 30)
     log.start()
-    store = HubStore(tmp_path / "hub.db")
+    store = new_store(tmp_path / "hub.db", key)
     hub = MqttClient(own_broker.client_config("hub"))
     dev = MqttClient(own_broker.client_config("dev-a"))
     for c in (hub, dev):
@@ -144,7 +166,7 @@ def test_first_contact_does_not_adopt_a_gap_as_anchor(tmp_path: Path) -> None:
     """Batches 1..k lost in transit: a later batch must not become the device's chain start."""
     key = DeviceKey.generate()
     rows = seal_all(entries(30), 0, GENESIS, time.time())
-    store = HubStore(tmp_path / "hub.db")
+    store = new_store(tmp_path / "hub.db", key)
     ack = store.store_audit("dev-a", batch_of(key, rows[10:]))
     assert ack.up_to_seq == 0
     assert store.audit_count("dev-a") == (0, 0)
@@ -154,9 +176,13 @@ def test_first_contact_does_not_adopt_a_gap_as_anchor(tmp_path: Path) -> None:
 def test_a_pruned_device_is_anchored_where_it_says(tmp_path: Path) -> None:
     key = DeviceKey.generate()
     rows = seal_all(entries(30), 0, GENESIS, time.time())
-    store = HubStore(tmp_path / "hub.db")
+    store = new_store(tmp_path / "hub.db", key)
     pruned = AuditBatch(
-        "dev-a", tuple((r.seq, r.body, r.hash) for r in rows[10:]), (), key.public.raw.hex(), 10
+        "dev-a",
+        tuple((r.seq, r.body, r.hash) for r in rows[10:]),
+        (signed_at(key, rows[-1]),),
+        key.public.raw.hex(),
+        10,
     )
     assert store.store_audit("dev-a", pruned).up_to_seq == 30
     assert store.verify_device("dev-a") == (20, [])

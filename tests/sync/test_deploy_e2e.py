@@ -71,7 +71,7 @@ async def test_deploy_activates_then_broken_version_keeps_previous(
     enrolled_device(tmp_path / "dev", repo.path, "dev-a")
 
     hub = await started_hub_server(repo.path, tmp_path, broker)
-    audit, key = device_audit(tmp_path / "dev")
+    audit, key = device_audit(tmp_path / "dev", hub)
     pool = make_pool()
     options = SyncOptions(
         "dev-a",

@@ -12,7 +12,7 @@ import pytest
 
 from agent.engine.pool import ModelPool
 from agent.sync.service import SyncOptions, SyncService
-from fleet.chain import GENESIS, Entry, seal_all
+from fleet.chain import GENESIS, Entry, make_checkpoint, seal_all
 from fleet.device_key import DeviceKey
 from fleet.messages import AuditBatch, StateReport
 from hub.cli import main as hub_main
@@ -28,9 +28,11 @@ def _filled_db(path: Path) -> None:
     rows = seal_all(
         [Entry("request", "m", "allow", "t", {}, {"i": i}) for i in range(5)], 0, GENESIS, time.time()
     )
-    store.store_audit(
-        "dev-a", AuditBatch("dev-a", tuple((r.seq, r.body, r.hash) for r in rows), (), key.public.raw.hex())
-    )
+    store.register_key("dev-a", key.public.raw.hex())
+    cp = make_checkpoint(rows[-1].seq, rows[-1].hash, key.key_id, time.time(), key.sign)
+    signed = ((cp.seq, cp.body, cp.signature),)
+    records = tuple((r.seq, r.body, r.hash) for r in rows)
+    store.store_audit("dev-a", AuditBatch("dev-a", records, signed, key.public.raw.hex()))
     store.record_state("dev-a", StateReport("dev-a", True, "0.1.0", ("edge",), {}, "gemma", ("gemma",)))
     store.record_status("dev-a", True)
     store.close()

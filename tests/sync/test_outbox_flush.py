@@ -1,34 +1,43 @@
-"""The outbox's fsyncing writes stay off the event loop (it also streams tokens), the acks of one
-flushed batch are one transaction, and report() never waits behind a backlog flush - while an
-event is still on disk before report() returns and leaves the outbox only after its PUBACK.
+"""The outbox's fsyncing writes stay off the event loop (it also streams tokens), the hub's acks
+are deleted in a few transactions (not one per event), and report() never waits behind a backlog
+flush - while an event is still on disk before report() returns and leaves the outbox only after
+the hub acknowledged storing it.
 
-The in-memory broker (tests/fakes/mqtt.py: the PUBACK comes back through the loop) where the
-broker's timing does not matter, a real Mosquitto where it does, a real ledger file; SQLite's own
-statement trace says which thread ran each COMMIT and how many there were."""
+A real Mosquitto, a real hub collector and store, a real ledger file; SQLite's own statement trace
+says which thread ran each COMMIT and how many there were."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from agent.engine.pool import ModelPool
 from agent.sync.service import SyncOptions, SyncService
 from fleet.messages import Event
-from fleet.mqtt import MqttConfig
-from tests.fakes.mqtt import FakeBroker
+from fleet.mqtt import MqttClient
+from hub.sync.collect import Collector
+from hub.sync.store import HubStore
 from tests.sync.broker import Broker
 from tests.sync.helpers import wait_for
 
 
-def service(client_id: str, state_dir: Path) -> SyncService:
-    nowhere = Path("/nonexistent")
-    config = MqttConfig("fake", 0, client_id, nowhere, nowhere, nowhere, backoff_min_s=0.01)
-    return SyncService(
-        SyncOptions(client_id, config), state_dir, ModelPool(), client_factory=FakeBroker().client
-    )
+@asynccontextmanager
+async def collecting(broker: Broker, db: Path) -> AsyncIterator[HubStore]:
+    """A hub worker storing events and acknowledging them, as ``edge-hub serve`` does."""
+    client = MqttClient(broker.client_config("hub", client_id=f"hub-collect-{db.parent.name}"[:60]))
+    await client.start()
+    await client.wait_connected(10)
+    store = HubStore(db)
+    await Collector(client, store).start()
+    try:
+        yield store
+    finally:
+        await client.close(end_session=True)
 
 
 def event(i: int) -> Event:
@@ -58,9 +67,9 @@ def on_disk(path: Path, event_id: str) -> bool:
         conn.close()
 
 
-async def test_outbox_writes_run_off_the_loop_and_acks_are_batched(tmp_path: Path) -> None:
+async def test_outbox_writes_run_off_the_loop_and_acks_are_batched(broker: Broker, tmp_path: Path) -> None:
     loop_thread = threading.get_ident()
-    sync = service("dev-a", tmp_path)
+    sync = SyncService(SyncOptions("dev-a", broker.client_config("dev-a")), tmp_path, ModelPool())
     trace = Trace(sync.ledger.conn)
     try:
         for i in range(250):  # not connected yet: the events wait in the outbox
@@ -70,20 +79,22 @@ async def test_outbox_writes_run_off_the_loop_and_acks_are_batched(tmp_path: Pat
         assert len(sync.outbox) == 250
 
         trace.statements.clear()
-        await sync.client.start()
-        await sync.client.wait_connected(30)
-        await sync._flush_events()
-        assert len(sync.outbox) == 0
+        async with collecting(broker, tmp_path / "hub.db") as store:
+            await sync.client.start()
+            await sync.client.subscribe("edge/v1/devices/dev-a/events/ack", sync._on_events_ack, qos=1)
+            await sync.client.wait_connected(30)
+            await sync._flush_events()
+            await wait_for(lambda: len(sync.outbox) == 0, 60, "the hub's acks")
+            assert len(store.events("dev-a")) == 250
         assert [e.target for e in sync.events_sent] == [f"models/m/{i}" for i in range(250)]
         acks = trace.commits()
-        assert len(acks) == 3  # batches of 100, 100, 50: one transaction each, not one per event
+        assert 1 <= len(acks) <= 25  # acks of a burst deleted together, not one per event
         assert loop_thread not in acks
     finally:
         await sync.close()
 
 
 async def test_report_does_not_wait_behind_a_backlog_flush(broker: Broker, tmp_path: Path) -> None:
-    """A real Mosquitto: the backlog must take real network round trips to still be flushing."""
     sync = SyncService(SyncOptions("dev-b", broker.client_config("dev-b")), tmp_path, ModelPool())
     try:
         with sync.ledger.tx() as conn:  # a backlog from a long time offline, in one transaction
@@ -92,16 +103,17 @@ async def test_report_does_not_wait_behind_a_backlog_flush(broker: Broker, tmp_p
                 [(f"{i:032x}", replace(event(i), id=f"{i:032x}").encode()) for i in range(2000)],
             )
         assert sync.outbox.pending(1)[0].id == f"{0:032x}"
-        await sync.client.start()
-        await sync.client.wait_connected(30)
-        sync._kick_flush()
-        await wait_for(lambda: len(sync.events_sent) >= 10, 30, "the backlog flush under way")
-        late = Event("deployment", "activated", "models/late/1", "serving", 1.0, "f" * 32)
-        await sync.report(late)
-        assert on_disk(sync.ledger.path, late.id)  # persisted before report() returned
-        assert sync._flusher is not None and not sync._flusher.done()  # the backlog still flushing
-        assert len(sync.outbox) > 1
-        await wait_for(lambda: len(sync.outbox) == 0, 120, "the backlog and the late event flushed")
+        async with collecting(broker, tmp_path / "hub.db"):
+            await sync.client.start()
+            await sync.client.subscribe("edge/v1/devices/dev-b/events/ack", sync._on_events_ack, qos=1)
+            await sync.client.wait_connected(30)
+            sync._kick_flush()
+            await wait_for(lambda: len(sync.events_sent) >= 10, 30, "the backlog flush under way")
+            late = Event("deployment", "activated", "models/late/1", "serving", 1.0, "f" * 32)
+            await sync.report(late)
+            assert on_disk(sync.ledger.path, late.id)  # persisted before report() returned
+            assert len(sync.outbox) > 1
+            await wait_for(lambda: len(sync.outbox) == 0, 120, "the backlog and the late event flushed")
         assert sync.events_sent[-1].id == late.id  # oldest first, the late event last
         assert len(sync.events_sent) == 2001
     finally:

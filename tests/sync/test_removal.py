@@ -182,7 +182,7 @@ async def test_undeployed_model_is_unloaded_and_deleted_after_grace_local_model_
     deploy_only(repo.path, "gemma", "1")
     enrolled_device(tmp_path / "dev", repo.path, "dev-a")
     hub = await started_hub_server(repo.path, tmp_path, broker)
-    audit, key = device_audit(tmp_path / "dev")
+    audit, key = device_audit(tmp_path / "dev", hub)
 
     pool = small_llama_pool()
     pool.register(info_for_file(gemma_path, "local"))  # configured locally ([model]), outside the store
