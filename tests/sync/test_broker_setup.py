@@ -202,9 +202,10 @@ def tls_accepted_quiet(port: int, certdir: Path, cn: str, server_name: str) -> b
 
 
 CERT_CASES = [
-    pytest.param("broker", "not a device id or service identity: 'broker'", id="broker-name-as-client"),
-    pytest.param("Dev_Upper", "not a device id or service identity: 'Dev_Upper'", id="not-a-device-id"),
-    pytest.param("dev/1", "not a device id or service identity: 'dev/1'", id="slash"),
+    pytest.param("broker", "cannot issue a client certificate for 'broker'", id="broker-name-as-client"),
+    pytest.param("ca", "cannot issue a client certificate for 'ca'", id="ca-file-name-as-client"),
+    pytest.param("Dev_Upper", "bad device id 'Dev_Upper'", id="not-a-device-id"),
+    pytest.param("dev/1", "bad device id 'dev/1'", id="slash"),
 ]
 
 
