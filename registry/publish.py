@@ -172,7 +172,7 @@ def set_deployment(
         raise ManifestError(f"model {model_id!r} has no version {version!r}")
     dep = current_deployment(repo, group).with_model(DeploymentEntry(model_id, version, pin))
     if maintenance_window is not None:
-        dep = Deployment(dep.group, dep.models, maintenance_window, dep.policy)
+        dep = Deployment(dep.group, dep.models, maintenance_window, dep.policy, dep.waves)
     repo.add_bytes(deployment_target_path(group), dep.to_json(), {"kind": "deployment"})
     repo.publish()
     return dep
