@@ -112,6 +112,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         blob_workers=args.blob_workers,
         timestamp_interval_s=args.timestamp_interval,
         passphrase=_passphrase(args),
+        rollout_interval_s=args.rollout_interval,
     )
 
 
@@ -369,7 +370,14 @@ def register(sub: Any) -> None:
     p.add_argument("--role", choices=("all", "blobs"), default="all")
     p.add_argument("--blob-workers", type=int, default=0, help="extra processes answering chunk requests")
     p.add_argument("--timestamp-interval", type=float, default=6 * 3600.0, help="re-sign every N seconds")
+    p.add_argument(
+        "--rollout-interval", type=float, default=5.0, help="drive staged rollouts every N seconds"
+    )
     p.set_defaults(func=cmd_serve)
+
+    from hub.rollout import commands as rollout_commands
+
+    rollout_commands.register(sub, _repo_opts, _db_opt)
 
     p = sub.add_parser("devices", help="the fleet inventory")
     p.add_argument("--json", action="store_true")
