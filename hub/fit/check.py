@@ -117,8 +117,36 @@ def refuse_unfit(
     return False
 
 
+def check_push(args: Any, repo: Any, group: str, model: str, version: str | None) -> bool:
+    """Before ``deployment set`` / ``deploy``: the fit on the group's boxes in the hub database
+    (``--db``, ``$EDGE_HUB_DB``, ``./hub.db``; none there: nothing to check, said so). True = refuse."""
+    import os
+    from pathlib import Path
+
+    from hub.sync.store import HubStore
+
+    db = Path(args.db) if getattr(args, "db", None) else Path(os.environ.get("EDGE_HUB_DB", "hub.db"))
+    if not db.is_file():
+        print(f"fit: no hub database at {db}: the boxes of {group} are not checked", file=sys.stderr)
+        return False
+    store = HubStore(db)
+    try:
+        return refuse_unfit(repo, store, group_boxes(store, group), model, version, force=args.force)
+    finally:
+        store.close()
+
+
 def group_boxes(store: Any, group: str) -> list[str]:
     return sorted(r.device for r in store.devices() if r.state is not None and group in r.state.groups)
 
 
-__all__ = ["Fit", "check_boxes", "fit", "group_boxes", "manifest_of", "profile_from_report", "refuse_unfit"]
+__all__ = [
+    "Fit",
+    "check_boxes",
+    "check_push",
+    "fit",
+    "group_boxes",
+    "manifest_of",
+    "profile_from_report",
+    "refuse_unfit",
+]
