@@ -462,6 +462,11 @@ class StateReport:
     """events waiting in the outbox for the broker"""
     events_dropped: int = 0
     """events dropped because the outbox was full (oldest first), since the outbox was created"""
+    health: tuple[Mapping[str, Any], ...] = ()
+    """per (model, version) served: ``model``, ``version``, ``requests``, ``errors``, ``activation``,
+    ``ttft_p95_s``, ``tokens_per_s``, ``samples`` (:mod:`agent.health`, at most 8 entries)"""
+    serving: Mapping[str, str] = field(default_factory=dict)
+    """model id -> version the pool serves from the registry store"""
 
     def encode(self) -> bytes:
         data = asdict(self)
@@ -469,6 +474,8 @@ class StateReport:
             data[key] = list(data[key])
         data["hardware"] = dict(self.hardware)
         data["failing"] = [dict(f) for f in self.failing]
+        data["health"] = [dict(h) for h in self.health]
+        data["serving"] = dict(self.serving)
         return _dumps(data)
 
     @classmethod
@@ -489,6 +496,16 @@ class StateReport:
         if not isinstance(failing, list) or not all(isinstance(f, dict) for f in failing):
             raise ProtocolError("state: failing must be a list of objects")
         data["failing"] = tuple(failing)
+        health = data.get("health", [])
+        if not isinstance(health, list) or len(health) > 64 or not all(isinstance(h, dict) for h in health):
+            raise ProtocolError("state: health must be a list of at most 64 objects")
+        data["health"] = tuple(health)
+        serving = data.get("serving", {})
+        if not isinstance(serving, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in serving.items()
+        ):
+            raise ProtocolError("state: serving must map model ids to versions")
+        data["serving"] = serving
         for key in ("events_pending", "events_dropped"):
             if key in data:
                 _int(data, key, "state")

@@ -337,7 +337,8 @@ class DeviceRegistry:
             if e.ref.kind == "deployment":
                 raw = read_bounded(self.store.path(e.sha256), DOCUMENT_MAX_BYTES)
                 try:
-                    deployments.append(deployment_of(fresh[-1], raw))
+                    # resolved for this device: a wave naming it, else the group's entry
+                    deployments.append(deployment_of(fresh[-1], raw).for_device(enrollment.device_id))
                 except ManifestError as exc:
                     raise Refused(f"{e.path}: {exc.detail}", reason=Reason.MALFORMED) from None
         for name in sorted({d.policy for d in deployments if d.policy is not None}):
@@ -451,10 +452,12 @@ class DeviceRegistry:
         out = []
         enrollment = self._read_enrollment()
         groups = enrollment.groups if enrollment else ()
+        device = enrollment.device_id if enrollment else ""
         for t in self.index().of_kind("deployment"):
             if t.ref.name in groups:
                 with contextlib.suppress(RegistryError):
-                    out.append(deployment_of(t, read_bounded(self.store.path(t.sha256), DOCUMENT_MAX_BYTES)))
+                    raw = read_bounded(self.store.path(t.sha256), DOCUMENT_MAX_BYTES)
+                    out.append(deployment_of(t, raw).for_device(device))
         return out
 
     def policy_bytes(self, name: str) -> bytes | None:

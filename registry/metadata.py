@@ -340,9 +340,40 @@ class DeploymentEntry:
         _check(isinstance(self.pin, bool), "pin must be true or false")
 
 
+MAX_WAVE_DEVICES = 10_000
+"""Device ids one deployment's waves may name in all (64 bytes each at most: well under
+:data:`DOCUMENT_MAX_BYTES`)."""
+_DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class WaveEntry:
+    """A staged rollout's signed selector: the devices named here hold ``model`` at ``version``
+    instead of the group's entry for that model; every other device of the group keeps the group's
+    entry. Signed with the deployment, so a device can take only what is signed for its own id."""
+
+    model: str
+    version: str
+    devices: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check(bool(_ID.fullmatch(self.model)), f"bad model id {self.model!r}")
+        _check(bool(_VERSION.fullmatch(self.version)), f"bad version {self.version!r}")
+        _check(
+            isinstance(self.devices, tuple)
+            and all(isinstance(d, str) and _DEVICE_ID.fullmatch(d) for d in self.devices),
+            "wave devices must be device ids",
+        )
+        _check(len(set(self.devices)) == len(self.devices), "a device appears twice in a wave")
+
+
 @dataclass(frozen=True, slots=True)
 class Deployment:
-    """Desired state of a device group (``deployments/<group>.json``)."""
+    """Desired state of a device group (``deployments/<group>.json``).
+
+    ``waves`` (staged rollouts, hub/rollout/): per model at most one entry naming the devices that
+    take another version than the group's entry; :meth:`for_device` resolves them for one device.
+    A device never sees another device's selection as its own: the selector is its device id."""
 
     group: str
     models: tuple[DeploymentEntry, ...] = ()
@@ -351,9 +382,15 @@ class Deployment:
     policy: str | None = None
     """The access policy (``policies/<name>.json``) the group's devices apply. A device installs
     only the policies its groups' deployments name, never every signed policy."""
+    waves: tuple[WaveEntry, ...] = ()
 
     def __post_init__(self) -> None:
         _check(bool(_ID.fullmatch(self.group)), f"bad group name {self.group!r}")
+        named = {m.model for m in self.models}
+        for w in self.waves:
+            _check(w.model in named, f"wave for {w.model!r}, which the deployment does not name")
+        _check(len({w.model for w in self.waves}) == len(self.waves), "two waves for one model")
+        _check(sum(len(w.devices) for w in self.waves) <= MAX_WAVE_DEVICES, "waves name too many devices")
         _check(self.policy is None or bool(_ID.fullmatch(self.policy)), f"bad policy name {self.policy!r}")
         ids = [m.model for m in self.models]
         _check(len(ids) == len(set(ids)), "a model appears twice in the deployment")
@@ -374,22 +411,48 @@ class Deployment:
         }
         if self.policy is not None:  # absent otherwise: older deployments keep their bytes
             data["policy"] = self.policy
+        if self.waves:
+            data["waves"] = [
+                {"devices": list(w.devices), "model": w.model, "version": w.version} for w in self.waves
+            ]
         return canonical_json(data)
+
+    def for_device(self, device_id: str) -> Deployment:
+        """What ``device_id`` must hold: each model's wave version when the wave names the device,
+        the group's entry otherwise (pin kept); the result has no waves."""
+        chosen = {w.model: w.version for w in self.waves if device_id in w.devices}
+        if not self.waves:
+            return self
+        models = tuple(DeploymentEntry(m.model, chosen.get(m.model, m.version), m.pin) for m in self.models)
+        return Deployment(self.group, models, self.maintenance_window, self.policy)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Deployment:
         data = load_json_object(raw, "deployment")
-        if set(data) - {"group", "models", "maintenance_window", "policy"}:
-            raise ManifestError("unknown deployment fields")
+        unknown = set(data) - {"group", "models", "maintenance_window", "policy", "waves"}
+        if unknown:
+            raise ManifestError(f"unknown deployment fields: {', '.join(sorted(unknown))}")
         models = data.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
             raise ManifestError("deployment models must be a list of objects")
+        waves = data.get("waves", [])
+        if not isinstance(waves, list) or not all(isinstance(w, dict) for w in waves):
+            raise ManifestError("deployment waves must be a list of objects")
         try:
             return cls(
                 group=data.get("group", ""),
                 models=tuple(DeploymentEntry(**m) for m in models),
                 maintenance_window=data.get("maintenance_window"),
                 policy=data.get("policy"),
+                waves=tuple(
+                    WaveEntry(
+                        w.get("model", ""),
+                        w.get("version", ""),
+                        tuple(w.get("devices", [])) if isinstance(w.get("devices"), list) else (),
+                    )
+                    for w in waves
+                    if _only(w, {"model", "version", "devices"})
+                ),
             )
         except TypeError as exc:
             raise ManifestError(f"deployment: {exc}") from None
@@ -401,7 +464,18 @@ class Deployment:
             for m in self.models
             if m.model != entry.model
         )
-        return Deployment(self.group, (*others, entry), self.maintenance_window, self.policy)
+        waves = tuple(w for w in self.waves if w.model != entry.model)
+        return Deployment(self.group, (*others, entry), self.maintenance_window, self.policy, waves)
+
+    def with_waves(self, waves: tuple[WaveEntry, ...]) -> Deployment:
+        return Deployment(self.group, self.models, self.maintenance_window, self.policy, waves)
+
+
+def _only(data: Mapping[str, Any], keys: set[str]) -> bool:
+    unknown = set(data) - keys
+    if unknown:
+        raise ManifestError(f"unknown deployment wave fields: {', '.join(sorted(unknown))}")
+    return True
 
 
 # --- target paths ----------------------------------------------------------------------------
@@ -519,6 +593,8 @@ __all__ = [
     "CompanionFile",
     "Deployment",
     "DeploymentEntry",
+    "MAX_WAVE_DEVICES",
+    "WaveEntry",
     "FileDigest",
     "ModelFormat",
     "ModelManifest",

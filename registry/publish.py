@@ -19,6 +19,7 @@ from registry.metadata import (
     DeploymentEntry,
     ModelManifest,
     Task,
+    WaveEntry,
     canonical_json,
     deployment_target_path,
     digest_file,
@@ -172,7 +173,24 @@ def set_deployment(
         raise ManifestError(f"model {model_id!r} has no version {version!r}")
     dep = current_deployment(repo, group).with_model(DeploymentEntry(model_id, version, pin))
     if maintenance_window is not None:
-        dep = Deployment(dep.group, dep.models, maintenance_window, dep.policy)
+        dep = Deployment(dep.group, dep.models, maintenance_window, dep.policy, dep.waves)
+    repo.add_bytes(deployment_target_path(group), dep.to_json(), {"kind": "deployment"})
+    repo.publish()
+    return dep
+
+
+def set_rollout(
+    repo: Repository, group: str, model_id: str, base_version: str, wave: WaveEntry | None
+) -> Deployment:
+    """Sign ``group``'s deployment with ``model_id`` at ``base_version`` for every box and, with
+    ``wave``, the wave's boxes at the wave's version (staged rollouts, hub/rollout/). The entry's
+    pin and the other models, window and policy are kept."""
+    dep = current_deployment(repo, group)
+    entry = next((m for m in dep.models if m.model == model_id), None)
+    pin = entry.pin if entry is not None else False
+    dep = dep.with_model(DeploymentEntry(model_id, base_version, pin))
+    others = tuple(w for w in dep.waves if w.model != model_id)
+    dep = dep.with_waves((*others, wave) if wave is not None else others)
     repo.add_bytes(deployment_target_path(group), dep.to_json(), {"kind": "deployment"})
     repo.publish()
     return dep
@@ -185,4 +203,5 @@ __all__ = [
     "current_deployment",
     "quantize_and_add",
     "set_deployment",
+    "set_rollout",
 ]

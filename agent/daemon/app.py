@@ -31,6 +31,7 @@ from agent.engine.factory import build_engine, engine_fingerprint
 from agent.engine.isolation import ChildTrial, Isolation, Verdict, current_build
 from agent.engine.pool import ModelPool, pool_options
 from agent.errors import ConfigError
+from agent.health import HealthBook
 from agent.server.admin_routes import REFUSED_KEY, RELOAD_KEY
 from agent.server.guard import Guard, open_guard
 from agent.server.http import ApiServer, build_app
@@ -327,7 +328,11 @@ def _announce(s: Settings, pool: ModelPool, inherited: bool, started: float) -> 
 
 
 async def build_sync(
-    settings: Settings, pool: ModelPool, guard: Guard, registry: DeviceRegistry
+    settings: Settings,
+    pool: ModelPool,
+    guard: Guard,
+    registry: DeviceRegistry,
+    health: HealthBook | None = None,
 ) -> SyncService | None:
     """Fleet sync when ``[hub] host`` is set; None otherwise.
 
@@ -387,6 +392,7 @@ async def build_sync(
             policy_sink=policy_sink,
             policy_version=policy_version,
             registry=registry,
+            health=health,
         )
     except SYNC_FAILURES as exc:  # the sync ledger cannot be opened: serve locally, say why
         log.error("sync_disabled", reason=str(exc))
@@ -511,7 +517,8 @@ class Daemon:
         sock = inherited or bind_unix(s.socket_path, s.server.socket_mode, s.server.socket_group)
         stop.push("socket", lambda: _close_socket(sock, None if inherited else s.socket_path))
         metrics = Metrics(s.metrics.latency_buckets_s, _sources(pool, guard)) if s.metrics.enabled else None
-        app = build_app(pool, _limits(s), started, guard=guard, metrics=metrics)
+        health = HealthBook()  # fed by the API, reported by sync (staged rollouts)
+        app = build_app(pool, _limits(s), started, guard=guard, metrics=metrics, health=health)
         if isolation is not None:
             app[REFUSED_KEY] = lambda: [v.to_dict() for v in isolation.refused()]
             isolation.add_listener(_audit_refusal(guard))
@@ -548,7 +555,7 @@ class Daemon:
         stop.push("scheduler", scheduler.shutdown)
         if metrics is not None:
             metrics.sources.scheduler, metrics.sources.watchdog = scheduler, service.watchdog
-        sync = await build_sync(s, pool, guard, registry)  # None unless [hub] host is set
+        sync = await build_sync(s, pool, guard, registry, health)  # None unless [hub] host is set
         if sync is not None:
             stop.push("sync", sync.close)
             refusals.targets.append(sync.refused)

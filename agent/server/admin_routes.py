@@ -30,12 +30,16 @@ from aiohttp import web
 from agent import __version__
 from agent.engine.pool import SwapFailed
 from agent.errors import BadRequest, NotFound
+from agent.health import HealthBook
 from agent.server.common import error_response, read_json
 from agent.server.keys import POOL_KEY, STARTED_KEY
 from agent.server.metrics import CONTENT_TYPE, Metrics
-from agent.server.usage import noted_usage
+from agent.server.usage import FIRST_TOKEN_KEY, noted_usage
 
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+HEALTH_KEY: web.AppKey[HealthBook] = web.AppKey("health", HealthBook)
+INFERENCE_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+"""The routes whose outcome and speed count in the per-model health (:mod:`agent.health`)."""
 
 
 class ReloadOutcome(Protocol):
@@ -313,6 +317,42 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         )
 
 
+@web.middleware
+async def health_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Feed the per-model health book with each inference request: a 5xx (or an exception that
+    becomes one) is an error; 4xx are the caller's and not counted; TTFT when the route streamed
+    (its first chunk's time, ``FIRST_TOKEN_KEY``), tokens/s over the decode time."""
+    if _route_label(request) not in INFERENCE_ROUTES:
+        return await handler(request)
+    started = time.monotonic()
+    response: web.StreamResponse | None = None
+    code = 500
+    try:
+        response = await handler(request)
+        code = response.status
+        return response
+    except web.HTTPException as exc:
+        code = exc.status
+        raise
+    except asyncio.CancelledError:
+        code = 499
+        raise
+    finally:
+        if code != 499 and not 400 <= code < 500:
+            model, _prompt, completion = _usage(request, response)
+            if model == "-" and response is not None and response.status < 400:
+                model = await _requested_model(request)
+            if model != "-":
+                first = request.get(FIRST_TOKEN_KEY)
+                request.app[HEALTH_KEY].observe(
+                    model,
+                    ok=code < 500,
+                    ttft_s=first - started if isinstance(first, float) else None,
+                    completion_tokens=int(completion or 0),
+                    duration_s=time.monotonic() - started,
+                )
+
+
 def register(router: web.UrlDispatcher) -> None:
     router.add_get("/health", health)
     router.add_get("/v1/models", list_models)
@@ -324,6 +364,7 @@ def register(router: web.UrlDispatcher) -> None:
 
 
 __all__ = [
+    "HEALTH_KEY",
     "METRICS_KEY",
     "REFUSED_KEY",
     "RELOAD_KEY",
@@ -331,6 +372,7 @@ __all__ = [
     "Reloads",
     "health",
     "list_models",
+    "health_middleware",
     "metrics_middleware",
     "metrics_text",
     "pin",

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from agent.engine.pool import ModelPool
 from agent.errors import ModelNotReady, RequestError
+from agent.health import HealthBook
 from agent.server import admin_routes, audit_routes, openai_routes, openapi
 from agent.server.audit_routes import AUDIT_KEY
 from agent.server.common import translate
@@ -87,6 +88,7 @@ def build_app(
     *,
     guard: Guard | None = None,
     metrics: Metrics | None = None,
+    health: HealthBook | None = None,
 ) -> web.Application:
     """The aiohttp application; ``limits`` holds max_body_bytes, default_max_tokens, request_timeout_s.
 
@@ -100,6 +102,8 @@ def build_app(
     middlewares: list[Any] = []
     if metrics is not None:
         middlewares += [throttle_middleware(metrics), admin_routes.metrics_middleware]
+    if health is not None:
+        middlewares.append(admin_routes.health_middleware)
     middlewares.append(request_context)
     if guard is not None:
         middlewares.append(guard_middleware)
@@ -109,6 +113,8 @@ def build_app(
     app[STARTED_KEY] = started if started is not None else time.monotonic()
     if metrics is not None:
         app[admin_routes.METRICS_KEY] = metrics
+    if health is not None:
+        app[admin_routes.HEALTH_KEY] = health
     if guard is not None:
         app[GUARD_KEY] = guard
         app[AUDIT_KEY] = guard.audit

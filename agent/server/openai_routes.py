@@ -23,7 +23,7 @@ from agent.errors import BadRequest, EngineError, RequestError
 from agent.server import schemas, tools
 from agent.server.common import read_json, translate
 from agent.server.keys import LIMITS_KEY, PARSED_BODY_KEY, POOL_KEY, REQUEST_ID_KEY
-from agent.server.usage import STREAM_AUDIT_KEY, note_usage, record_before_done
+from agent.server.usage import FIRST_TOKEN_KEY, STREAM_AUDIT_KEY, note_usage, record_before_done
 from fleet.log import get_logger
 
 log = get_logger(__name__)
@@ -183,6 +183,7 @@ async def _stream(
         first = await anext(iterator)
     except StopAsyncIteration:
         first = GenerationChunk(text="", finish_reason="stop", usage=Usage(0, 0))
+    request[FIRST_TOKEN_KEY] = time.monotonic()  # the per-model health's time to first token
     audit = request.get(STREAM_AUDIT_KEY)
     if audit is not None:
         try:

@@ -15,6 +15,8 @@ from typing import Any
 from aiohttp import web
 
 USAGE_KEY: web.RequestKey[dict[str, Any]] = web.RequestKey("audit_usage", dict)
+FIRST_TOKEN_KEY: web.RequestKey[float] = web.RequestKey("first_token_at", float)
+"""``time.monotonic()`` when a streamed response's first chunk came out of the engine."""
 
 
 class Finisher:
@@ -69,6 +71,7 @@ __all__ = [
     "USAGE_KEY",
     "Finisher",
     "StreamAudit",
+    "FIRST_TOKEN_KEY",
     "note_usage",
     "noted_usage",
     "record_before_done",

@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 from agent.engine.base import ModelInfo
 from agent.errors import EngineError
+from agent.health import HealthBook
 from agent.sync.audit_upload import AuditSource, AuditUploader
 from agent.sync.errors import SYNC_FAILURES, SyncError
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
@@ -140,6 +141,7 @@ class SyncService:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         registry: DeviceRegistry | None = None,
         ledger: Ledger | None = None,
+        health: HealthBook | None = None,
     ) -> None:
         """``registry`` and ``ledger`` default to new ones on ``state_dir``; the daemon passes its own
         (one :class:`DeviceRegistry` per daemon, :mod:`agent.daemon.app`), whose refusals it routes to
@@ -166,6 +168,10 @@ class SyncService:
         self.state = StatePublisher(self.client, options.device_id)
         self._standing: dict[str, str] = {}
         self.serving_versions: dict[str, str] = {}
+        self.health = health if health is not None else HealthBook()
+        self.health.version_of = self.serving_versions.get
+        """Per-model health the daemon feeds (requests, errors, TTFT, tokens/s) and activation
+        smoke tests; reported in the state for staged rollouts."""
         self.last_sync: float | None = None
         self.events_sent: list[Event] = []
         self.ledger = ledger if ledger is not None else Ledger.open(state_dir)
@@ -497,6 +503,7 @@ class SyncService:
             status = {"smoke_failed": Status.SMOKE_TEST_FAILED, "refused": Status.MODEL_REFUSED}.get(
                 reason, Status.LOAD_FAILED
             )
+            self.health.activation(action.model, action.version, status.value)
             failure = after_failure(
                 previous,
                 action.model,
@@ -524,6 +531,7 @@ class SyncService:
             return
         self._standing.pop(target, None)
         self.serving_versions[action.model] = action.version
+        self.health.activation(action.model, action.version, "passed")
         self._forget_failure(action.model)
         self._audit(
             "deployment.activate",
@@ -684,6 +692,8 @@ class SyncService:
             last_sync=self.last_sync,
             at=time.time(),
             failing=await asyncio.to_thread(self._failing_report),
+            health=self.health.report(),
+            serving=self._serving(self._installed()),
             **await asyncio.to_thread(self._outbox_counts),
         )
         await self.state.publish(report)

@@ -36,6 +36,8 @@ def build_report(
     failing: Iterable[Mapping[str, Any]] = (),
     events_pending: int = 0,
     events_dropped: int = 0,
+    health: Iterable[Mapping[str, Any]] = (),
+    serving: Mapping[str, str] | None = None,
 ) -> StateReport:
     return StateReport(
         device=device_id,
@@ -53,6 +55,8 @@ def build_report(
         failing=tuple(dict(f) for f in failing),
         events_pending=events_pending,
         events_dropped=events_dropped,
+        health=tuple(dict(h) for h in health),
+        serving=dict(serving or {}),
     )
 
 

@@ -154,10 +154,14 @@ def cmd_policy_add(args: argparse.Namespace) -> int:
 
 
 def cmd_deployment_set(args: argparse.Namespace) -> int:
+    from hub.fit.check import check_push
     from registry.publish import set_deployment
 
+    repo = open_repo(args)
+    if check_push(args, repo, args.group, args.model, args.model_version):
+        return 1
     dep = set_deployment(
-        open_repo(args),
+        repo,
         args.group,
         args.model,
         version=args.model_version,
@@ -271,6 +275,8 @@ def register(sub: Any) -> None:
     p.add_argument("--model-version", default=None)
     p.add_argument("--pin", action="store_true", help="serve this model as the group's default")
     p.add_argument("--window", default=None, help="maintenance window HH:MM-HH:MM (UTC)")
+    p.add_argument("--force", action="store_true", help="push even to boxes the model does not fit")
+    p.add_argument("--db", default=None, help="hub database for the fit check ($EDGE_HUB_DB, else ./hub.db)")
     repo_opts(p)
     p.set_defaults(func=cmd_deployment_set)
 

@@ -112,6 +112,7 @@ def serve_config(args: argparse.Namespace) -> Any:
         blob_workers=args.blob_workers,
         timestamp_interval_s=args.timestamp_interval,
         passphrase=_passphrase(args),
+        rollout_interval_s=args.rollout_interval,
     )
 
 
@@ -200,12 +201,15 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from hub.fit.check import check_push
     from hub.repo.commands import open_repo
     from hub.sync.meta import repo_lock
     from registry.publish import set_deployment
 
     with repo_lock(_repo_dir(args)):  # not while `edge-hub serve` re-signs the timestamp
         repo = open_repo(args)
+        if check_push(args, repo, args.group, args.model, args.model_version):
+            return 1
         dep = set_deployment(
             repo,
             args.group,
@@ -369,7 +373,14 @@ def register(sub: Any) -> None:
     p.add_argument("--role", choices=("all", "blobs"), default="all")
     p.add_argument("--blob-workers", type=int, default=0, help="extra processes answering chunk requests")
     p.add_argument("--timestamp-interval", type=float, default=6 * 3600.0, help="re-sign every N seconds")
+    p.add_argument(
+        "--rollout-interval", type=float, default=5.0, help="drive staged rollouts every N seconds"
+    )
     p.set_defaults(func=cmd_serve)
+
+    from hub.rollout import commands as rollout_commands
+
+    rollout_commands.register(sub, _repo_opts, _db_opt)
 
     p = sub.add_parser("devices", help="the fleet inventory")
     p.add_argument("--json", action="store_true")
@@ -382,6 +393,7 @@ def register(sub: Any) -> None:
     p.add_argument("--model-version", default=None)
     p.add_argument("--pin", action="store_true")
     p.add_argument("--window", default=None, help="maintenance window HH:MM-HH:MM (UTC)")
+    p.add_argument("--force", action="store_true", help="push even to boxes the model does not fit")
     _repo_opts(p)
     _watch_opts(p)
     p.set_defaults(func=cmd_deploy)

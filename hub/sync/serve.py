@@ -5,7 +5,8 @@ One process (role ``all``) publishes the repository metadata retained and keeps 
 ``meta_poll_s``), announces its presence (retained ``repo/meta/hub.presence``, a fresh session
 after every connect once its subscriptions are in place; its Last Will says offline) so devices
 ask again at once what they asked while it was away, re-signs the timestamp on a schedule
-(apscheduler), answers chunk requests, stores audit batches, state and events in the hub
+(apscheduler), drives the staged rollouts stored in the database (every ``rollout_interval_s``,
+hub/rollout/controller.py), answers chunk requests, stores audit batches, state and events in the hub
 database. ``blob_workers`` extra processes (role ``blobs``) answer chunk requests too: all of
 them share ``$share/hub/edge/v1/repo/blobs/get`` so the broker spreads the requests.
 
@@ -23,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleet.errors import MqttError
 from fleet.log import get_logger
@@ -32,6 +34,9 @@ from hub.sync.blobs import BlobIndex, BlobServer
 from hub.sync.collect import Collector
 from hub.sync.meta import MetaPublisher, refresh_timestamp
 from hub.sync.store import HubStore
+
+if TYPE_CHECKING:
+    from hub.rollout.controller import RolloutController
 
 log = get_logger(__name__)
 
@@ -46,6 +51,8 @@ class ServeConfig:
     timestamp_interval_s: float = 6 * 3600.0
     meta_poll_s: float = 2.0
     passphrase: bytes | None = None
+    rollout_interval_s: float = 5.0
+    """How often the rollout controller looks at the stored rollouts (hub/rollout/controller.py)."""
 
 
 class HubServer:
@@ -63,6 +70,7 @@ class HubServer:
         self.meta: MetaPublisher | None = None
         self.collector: Collector | None = None
         self.store: HubStore | None = None
+        self.rollouts: RolloutController | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduler: object | None = None
@@ -80,6 +88,10 @@ class HubServer:
             self.meta = MetaPublisher(self.client, c.repo)
             self.collector = Collector(self.client, self.store)
             await self.collector.start()
+            from hub.rollout.controller import RolloutController, repo_signer
+
+            self.rollouts = RolloutController(self.store, repo_signer(c.repo, c.passphrase))
+            self._tasks.append(asyncio.get_running_loop().create_task(self._drive_rollouts()))
             self.client.on_connect(self._republish)
             self._tasks.append(asyncio.get_running_loop().create_task(self._poll_meta()))
             self._start_scheduler()
@@ -139,6 +151,16 @@ class HubServer:
     async def _republish(self, _session_present: bool) -> None:
         if self.meta is not None:
             await self.meta.sync(force=True)
+
+    async def _drive_rollouts(self) -> None:
+        """The rollout controller's periodic tick (signing happens off the event loop)."""
+        assert self.rollouts is not None
+        while True:
+            await asyncio.sleep(self.config.rollout_interval_s)
+            try:
+                await asyncio.to_thread(self.rollouts.tick)
+            except Exception as exc:
+                log.error("rollout_tick_failed", error=repr(exc))
 
     async def _poll_meta(self) -> None:
         assert self.meta is not None

@@ -1,0 +1,1 @@
+"""Fit checked before a push: whether a model fits the boxes the hub knows."""
