@@ -147,7 +147,10 @@ def test_sighup_applies_a_new_binding_keeps_streams_and_refuses_a_bad_config(
     changes = [r for r in records if r["action"] == "policy.change"]
     assert len(changes) == 1 and changes[0]["resource"] == "config [access]"
     streamed = [r for r in records if r["action"] == "infer" and r["actor"].get("uid") == 0]
-    assert streamed[0]["seq"] > reloads[0]["seq"]  # the stream completed after the reload
+    started = [r for r in streamed if r["outcome"] == "started"]  # durable before its first byte
+    done = [r for r in streamed if r["outcome"] != "started"]
+    assert started and started[0]["seq"] < reloads[0]["seq"]  # the stream began before the reload
+    assert done[0]["seq"] > reloads[0]["seq"]  # and completed after it
     assert log.verify([ensure_device_key(state).public]).ok
 
 
