@@ -340,6 +340,33 @@ class DeploymentEntry:
         _check(isinstance(self.pin, bool), "pin must be true or false")
 
 
+def check_mirror_url(url: str) -> str:
+    """An ``http://`` or ``https://`` URL with a host and no credentials, query or fragment
+    (the base of a copy of the repository's ``targets/``); ValueError naming it otherwise."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        port_ok = False
+        parts = urlsplit("")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port_ok
+        or parts.username is not None
+        or parts.password is not None
+        or parts.query
+        or parts.fragment
+        or any(c.isspace() for c in url)
+    ):
+        raise ValueError(
+            f"bad mirror URL {url!r}: expected http(s)://host[:port]/path/ without credentials or query"
+        )
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Deployment:
     """Desired state of a device group (``deployments/<group>.json``)."""
@@ -351,6 +378,10 @@ class Deployment:
     policy: str | None = None
     """The access policy (``policies/<name>.json``) the group's devices apply. A device installs
     only the policies its groups' deployments name, never every signed policy."""
+    mirrors: tuple[str, ...] = ()
+    """HTTP(S) mirrors of the repository's ``targets/`` tree the group's devices may fetch model
+    bytes from (after their own ``[hub] mirrors``, before MQTT). Untrusted: every chunk is
+    checked against the signed hashes; signing the list only says where to look."""
 
     def __post_init__(self) -> None:
         _check(bool(_ID.fullmatch(self.group)), f"bad group name {self.group!r}")
@@ -358,6 +389,12 @@ class Deployment:
         ids = [m.model for m in self.models]
         _check(len(ids) == len(set(ids)), "a model appears twice in the deployment")
         _check(sum(m.pin for m in self.models) <= 1, "at most one model can be pinned")
+        _check(isinstance(self.mirrors, tuple) and len(self.mirrors) <= 16, "at most 16 mirrors")
+        for url in self.mirrors:
+            try:
+                check_mirror_url(url)
+            except ValueError as exc:
+                raise ManifestError(str(exc)) from None
         _check(
             self.maintenance_window is None
             or bool(
@@ -374,13 +411,19 @@ class Deployment:
         }
         if self.policy is not None:  # absent otherwise: older deployments keep their bytes
             data["policy"] = self.policy
+        if self.mirrors:  # likewise
+            data["mirrors"] = list(self.mirrors)
         return canonical_json(data)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Deployment:
         data = load_json_object(raw, "deployment")
-        if set(data) - {"group", "models", "maintenance_window", "policy"}:
-            raise ManifestError("unknown deployment fields")
+        unknown = set(data) - {"group", "models", "maintenance_window", "policy", "mirrors"}
+        if unknown:
+            raise ManifestError(f"unknown deployment fields: {', '.join(sorted(unknown))}")
+        mirrors = data.get("mirrors", [])
+        if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
+            raise ManifestError("deployment mirrors must be a list of URLs")
         models = data.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
             raise ManifestError("deployment models must be a list of objects")
@@ -390,6 +433,7 @@ class Deployment:
                 models=tuple(DeploymentEntry(**m) for m in models),
                 maintenance_window=data.get("maintenance_window"),
                 policy=data.get("policy"),
+                mirrors=tuple(mirrors),
             )
         except TypeError as exc:
             raise ManifestError(f"deployment: {exc}") from None
@@ -401,7 +445,7 @@ class Deployment:
             for m in self.models
             if m.model != entry.model
         )
-        return Deployment(self.group, (*others, entry), self.maintenance_window, self.policy)
+        return Deployment(self.group, (*others, entry), self.maintenance_window, self.policy, self.mirrors)
 
 
 # --- target paths ----------------------------------------------------------------------------

@@ -161,8 +161,10 @@ def set_deployment(
     version: str | None = None,
     pin: bool = False,
     maintenance_window: str | None = None,
+    mirrors: tuple[str, ...] | None = None,
 ) -> Deployment:
-    """Make ``group`` hold ``model_id`` (must be published); ``pin`` makes it the default."""
+    """Make ``group`` hold ``model_id`` (must be published); ``pin`` makes it the default;
+    ``maintenance_window`` and ``mirrors`` replace the group's when given, else stay."""
     published = {t.path for t in repo.published()}
     if not any(p.startswith(f"models/{model_id}/") for p in published):
         raise ManifestError(f"model {model_id!r} is not published (edge-hub model add first)")
@@ -172,7 +174,9 @@ def set_deployment(
         raise ManifestError(f"model {model_id!r} has no version {version!r}")
     dep = current_deployment(repo, group).with_model(DeploymentEntry(model_id, version, pin))
     if maintenance_window is not None:
-        dep = Deployment(dep.group, dep.models, maintenance_window, dep.policy)
+        dep = dataclasses.replace(dep, maintenance_window=maintenance_window)
+    if mirrors is not None:
+        dep = dataclasses.replace(dep, mirrors=tuple(mirrors))
     repo.add_bytes(deployment_target_path(group), dep.to_json(), {"kind": "deployment"})
     repo.publish()
     return dep

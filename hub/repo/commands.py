@@ -163,6 +163,7 @@ def cmd_deployment_set(args: argparse.Namespace) -> int:
         version=args.model_version,
         pin=args.pin,
         maintenance_window=args.window,
+        mirrors=tuple(args.mirror) if args.mirror is not None else None,
     )
     print(dep.to_json().decode())
     return 0
@@ -271,6 +272,12 @@ def register(sub: Any) -> None:
     p.add_argument("--model-version", default=None)
     p.add_argument("--pin", action="store_true", help="serve this model as the group's default")
     p.add_argument("--window", default=None, help="maintenance window HH:MM-HH:MM (UTC)")
+    p.add_argument(
+        "--mirror",
+        action="append",
+        default=None,
+        help="HTTP(S) mirror of the repo targets/ for the group (repeatable; replaces the list)",
+    )
     repo_opts(p)
     p.set_defaults(func=cmd_deployment_set)
 

@@ -145,7 +145,7 @@ async def running_device(
     window: int = 4,
     chunk_timeout_s: float = 10.0,
     adopt: bool = True,
-    mirrors: tuple[str, ...] = (),
+    mirrors: tuple[str, ...] | Callable[[], list[str]] = (),
     gate: TransferGate | None = None,
     mirror_ca_file: Path | None = None,
     mirror_timeout_s: float = 5.0,

@@ -28,6 +28,7 @@ from tests.sync.helpers import (
     installed_files,
     make_blob,
     new_repo,
+    offline_service,
     publish_model,
     running_device,
     running_hub,
@@ -156,6 +157,33 @@ async def test_mirror_sources(
     assert dev.fetcher.totals.mirror_skipped == collections.Counter(case.skipped)
     installed = tmp_path / "dev" / "registry" / "blobs" / "sha256" / manifest.sha256
     assert digest_file(installed).sha256 == manifest.sha256
+
+
+async def test_mirrors_named_by_the_signed_deployment(
+    broker: Broker, certdir: Path, tmp_path: Path, nginx_factory: Callable[..., Nginx]
+) -> None:
+    """``edge-hub deployment set --mirror``: the group's signed deployment names the mirror; the
+    box (no ``[hub] mirrors``) learns it from the verified document and fetches the model there."""
+    from registry.publish import set_deployment
+
+    repo = new_repo(tmp_path / "repo")
+    manifest = publish_model(repo, make_blob(tmp_path / "s.gguf", 3 * MiB + 5), "s", group=None)
+    server = nginx_factory("signed")
+    set_deployment(repo, "edge", "s", mirrors=(server.url,))
+    mirror_copy(repo.path, server.root)
+    enrolled_device(tmp_path / "dev", repo.path, "dev-a")
+    service = offline_service(tmp_path / "dev", certdir)
+    async with (
+        running_hub(broker, repo.path),
+        running_device(broker, tmp_path / "dev", "dev-a", mirrors=service.mirror_urls) as dev,
+    ):
+        service.registry = dev.registry  # the daemon's one registry (agent.daemon.app)
+        result = await dev.update()
+    service.ledger.close()
+    assert manifest.target_path in result.installed
+    assert service.mirror_urls() == [server.url]
+    stats = dev.fetcher.transfers[-1]
+    assert (stats.mirror_chunks, sum(stats.requested.values())) == (4, 0)
 
 
 async def test_mirror_of_wrong_bytes_is_dropped_after_three_bad_chunks(
