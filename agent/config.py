@@ -290,6 +290,42 @@ class HubSettings(_Section):
     chunk_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     audit_batch: int = Field(default=1000, ge=1, le=10000)
     state_interval_s: float = Field(default=60.0, ge=1, le=86400)
+    mirrors: list[str] = Field(default_factory=list, max_length=16)
+    """HTTP(S) mirrors of the repository's ``targets/`` tree, asked in order before MQTT chunks
+    (untrusted: every chunk is checked against the signed metadata). The signed deployments of
+    this box's groups may name more (asked after these)."""
+    mirror_ca_file: Path | None = None
+    """CA certificates for HTTPS mirrors; the system CA store when unset."""
+    mirror_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    """Connect, and read one chunk, within this long, or the mirror is skipped for the transfer."""
+    max_download_bytes_per_s: int | None = Field(default=None, ge=1024)
+    """Model transfer rate limit for this box (MQTT chunks and mirrors together); none when unset."""
+    download_window: str | None = None
+    """``HH:MM-HH:MM`` UTC (may wrap midnight; a deployment's maintenance window syntax): model
+    bytes are fetched only inside it; a transfer pauses at a chunk boundary when it closes."""
+
+    @field_validator("mirrors")
+    @classmethod
+    def _mirrors(cls, value: list[str]) -> list[str]:
+        from registry.metadata import check_mirror_url
+
+        for url in value:
+            check_mirror_url(url)
+        return value
+
+    @field_validator("mirror_ca_file")
+    @classmethod
+    def _mirror_ca(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file")
+        return value
+
+    @field_validator("download_window")
+    @classmethod
+    def _download_window(cls, value: str | None) -> str | None:
+        if value is not None and not _WINDOW.match(value):
+            raise ValueError("expected a window such as '01:00-05:00' (24-hour HH:MM-HH:MM, UTC)")
+        return value
 
     @field_validator("backoff_max_s")
     @classmethod

@@ -47,6 +47,8 @@ class Status(enum.StrEnum):
     INSTALLED = "installed"
     ACTIVATED = "activated"
     DEFERRED = "deferred_maintenance_window"
+    DOWNLOAD_WINDOW = "deferred_download_window"
+    """A transfer stopped or did not start: the box's ``[hub] download_window`` is closed."""
     CHUNK_HASH_MISMATCH = "chunk_hash_mismatch"
     FILE_HASH_MISMATCH = "file_hash_mismatch"
     DISK_FULL = "disk_full"

@@ -158,6 +158,11 @@ class DeviceRegistry:
         self.index_path = self.dir / "installed.json"
         self.on_refusal = on_refusal
         self.now = now
+        self.updating_deployments: list[Deployment] | None = None
+        """This device's deployments of the targets version the last :meth:`update` reached, set
+        as soon as their documents are verified and installed, before any model is fetched (a
+        fetcher reads their ``mirrors``); None before that in this process or when the update
+        stopped earlier."""
 
     # --- enrollment --------------------------------------------------------------------------
 
@@ -281,6 +286,7 @@ class DeviceRegistry:
         for tmp in self.store.stale_temps():
             tmp.unlink(missing_ok=True)
         tracking = _TrackingFetcher(fetcher)
+        self.updating_deployments = None
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         config = UpdaterConfig(
             root_max_length=METADATA_MAX_BYTES["root"],
@@ -341,6 +347,7 @@ class DeviceRegistry:
                     deployments.append(deployment_of(fresh[-1], raw).for_device(enrollment.device_id))
                 except ManifestError as exc:
                     raise Refused(f"{e.path}: {exc.detail}", reason=Reason.MALFORMED) from None
+        self.updating_deployments = list(deployments)
         for name in sorted({d.policy for d in deployments if d.policy is not None}):
             policy = by_path.get(policy_target_path(name))
             if policy is None:

@@ -25,7 +25,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -367,6 +367,33 @@ class WaveEntry:
         _check(len(set(self.devices)) == len(self.devices), "a device appears twice in a wave")
 
 
+def check_mirror_url(url: str) -> str:
+    """An ``http://`` or ``https://`` URL with a host and no credentials, query or fragment
+    (the base of a copy of the repository's ``targets/``); ValueError naming it otherwise."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        port_ok = False
+        parts = urlsplit("")
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port_ok
+        or parts.username is not None
+        or parts.password is not None
+        or parts.query
+        or parts.fragment
+        or any(c.isspace() for c in url)
+    ):
+        raise ValueError(
+            f"bad mirror URL {url!r}: expected http(s)://host[:port]/path/ without credentials or query"
+        )
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Deployment:
     """Desired state of a device group (``deployments/<group>.json``).
@@ -383,6 +410,10 @@ class Deployment:
     """The access policy (``policies/<name>.json``) the group's devices apply. A device installs
     only the policies its groups' deployments name, never every signed policy."""
     waves: tuple[WaveEntry, ...] = ()
+    mirrors: tuple[str, ...] = ()
+    """HTTP(S) mirrors of the repository's ``targets/`` tree the group's devices may fetch model
+    bytes from (after their own ``[hub] mirrors``, before MQTT). Untrusted: every chunk is
+    checked against the signed hashes; signing the list only says where to look."""
 
     def __post_init__(self) -> None:
         _check(bool(_ID.fullmatch(self.group)), f"bad group name {self.group!r}")
@@ -395,6 +426,12 @@ class Deployment:
         ids = [m.model for m in self.models]
         _check(len(ids) == len(set(ids)), "a model appears twice in the deployment")
         _check(sum(m.pin for m in self.models) <= 1, "at most one model can be pinned")
+        _check(isinstance(self.mirrors, tuple) and len(self.mirrors) <= 16, "at most 16 mirrors")
+        for url in self.mirrors:
+            try:
+                check_mirror_url(url)
+            except ValueError as exc:
+                raise ManifestError(str(exc)) from None
         _check(
             self.maintenance_window is None
             or bool(
@@ -415,6 +452,8 @@ class Deployment:
             data["waves"] = [
                 {"devices": list(w.devices), "model": w.model, "version": w.version} for w in self.waves
             ]
+        if self.mirrors:  # likewise
+            data["mirrors"] = list(self.mirrors)
         return canonical_json(data)
 
     def for_device(self, device_id: str) -> Deployment:
@@ -424,14 +463,17 @@ class Deployment:
         if not self.waves:
             return self
         models = tuple(DeploymentEntry(m.model, chosen.get(m.model, m.version), m.pin) for m in self.models)
-        return Deployment(self.group, models, self.maintenance_window, self.policy)
+        return replace(self, models=models, waves=())
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Deployment:
         data = load_json_object(raw, "deployment")
-        unknown = set(data) - {"group", "models", "maintenance_window", "policy", "waves"}
+        unknown = set(data) - {"group", "models", "maintenance_window", "policy", "waves", "mirrors"}
         if unknown:
             raise ManifestError(f"unknown deployment fields: {', '.join(sorted(unknown))}")
+        mirrors = data.get("mirrors", [])
+        if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
+            raise ManifestError("deployment mirrors must be a list of URLs")
         models = data.get("models", [])
         if not isinstance(models, list) or not all(isinstance(m, dict) for m in models):
             raise ManifestError("deployment models must be a list of objects")
@@ -453,6 +495,7 @@ class Deployment:
                     for w in waves
                     if _only(w, {"model", "version", "devices"})
                 ),
+                mirrors=tuple(mirrors),
             )
         except TypeError as exc:
             raise ManifestError(f"deployment: {exc}") from None
@@ -465,10 +508,10 @@ class Deployment:
             if m.model != entry.model
         )
         waves = tuple(w for w in self.waves if w.model != entry.model)
-        return Deployment(self.group, (*others, entry), self.maintenance_window, self.policy, waves)
+        return replace(self, models=(*others, entry), waves=waves)
 
     def with_waves(self, waves: tuple[WaveEntry, ...]) -> Deployment:
-        return Deployment(self.group, self.models, self.maintenance_window, self.policy, waves)
+        return replace(self, waves=waves)
 
 
 def _only(data: Mapping[str, Any], keys: set[str]) -> bool:

@@ -162,8 +162,10 @@ def set_deployment(
     version: str | None = None,
     pin: bool = False,
     maintenance_window: str | None = None,
+    mirrors: tuple[str, ...] | None = None,
 ) -> Deployment:
-    """Make ``group`` hold ``model_id`` (must be published); ``pin`` makes it the default."""
+    """Make ``group`` hold ``model_id`` (must be published); ``pin`` makes it the default;
+    ``maintenance_window`` and ``mirrors`` replace the group's when given, else stay."""
     published = {t.path for t in repo.published()}
     if not any(p.startswith(f"models/{model_id}/") for p in published):
         raise ManifestError(f"model {model_id!r} is not published (edge-hub model add first)")
@@ -173,7 +175,9 @@ def set_deployment(
         raise ManifestError(f"model {model_id!r} has no version {version!r}")
     dep = current_deployment(repo, group).with_model(DeploymentEntry(model_id, version, pin))
     if maintenance_window is not None:
-        dep = Deployment(dep.group, dep.models, maintenance_window, dep.policy, dep.waves)
+        dep = dataclasses.replace(dep, maintenance_window=maintenance_window)
+    if mirrors is not None:
+        dep = dataclasses.replace(dep, mirrors=tuple(mirrors))
     repo.add_bytes(deployment_target_path(group), dep.to_json(), {"kind": "deployment"})
     repo.publish()
     return dep
@@ -184,7 +188,7 @@ def set_rollout(
 ) -> Deployment:
     """Sign ``group``'s deployment with ``model_id`` at ``base_version`` for every box and, with
     ``wave``, the wave's boxes at the wave's version (staged rollouts, hub/rollout/). The entry's
-    pin and the other models, window and policy are kept."""
+    pin and the other models, window, policy and mirrors are kept."""
     dep = current_deployment(repo, group)
     entry = next((m for m in dep.models if m.model == model_id), None)
     pin = entry.pin if entry is not None else False

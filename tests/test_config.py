@@ -100,6 +100,36 @@ BAD_FILES = [
         id="negative-grace",
     ),
     pytest.param(
+        '[hub]\nmirrors = ["ftp://mirror.example/targets/"]\n',
+        "bad mirror URL 'ftp://mirror.example/targets/'",
+        id="mirror-not-http",
+    ),
+    pytest.param(
+        '[hub]\nmirrors = ["https://user:pw@mirror.example/targets/"]\n',
+        "without credentials or query",
+        id="mirror-with-credentials",
+    ),
+    pytest.param(
+        '[hub]\nmirror_ca_file = "/nonexistent/ca.pem"\n',
+        "hub.mirror_ca_file = '/nonexistent/ca.pem': /nonexistent/ca.pem is not a file",
+        id="mirror-ca-missing",
+    ),
+    pytest.param(
+        "[hub]\nmax_download_bytes_per_s = 10\n",
+        "hub.max_download_bytes_per_s = 10: Input should be greater than or equal to 1024",
+        id="rate-limit-too-low",
+    ),
+    pytest.param(
+        '[hub]\ndownload_window = "1:00-5:00"\n',
+        "hub.download_window = '1:00-5:00': expected a window such as '01:00-05:00'",
+        id="download-window-malformed",
+    ),
+    pytest.param(
+        '[hub]\ndownload_windows = "01:00-05:00"\n',
+        "hub.download_windows = '01:00-05:00': unknown setting",
+        id="download-window-typo",
+    ),
+    pytest.param(
         "[engine\nn_ctx = 1\n",
         "invalid TOML",
         id="toml-syntax",

@@ -64,12 +64,29 @@ def sync_status(settings: Any) -> tuple[dict[str, Any], list[str]]:
             facts["certificate_cn"] = cn
             if cn != device_id:
                 problems.append(f"the client certificate's CN is {cn!r}, not the device id {device_id!r}")
+    facts["mirrors"] = list(h.mirrors)
+    facts["max_download_bytes_per_s"] = h.max_download_bytes_per_s
+    if h.download_window is not None:
+        from agent.sync.gate import TransferGate
+
+        gate = TransferGate(window=h.download_window)
+        facts["download_window"] = {
+            "window": h.download_window,
+            "open_now": gate.window_open(),
+            "opens_in_s": round(gate.opens_in_s()),
+        }
     partial = settings.state_dir / "sync" / "partial"
     facts["transfers_in_progress"] = (
         {p.name.removesuffix(".part"): p.stat().st_size for p in partial.glob("*.part")}
         if partial.is_dir()
         else {}
     )
+    if (
+        facts["transfers_in_progress"]
+        and "download_window" in facts
+        and not facts["download_window"]["open_now"]
+    ):
+        facts["transfers_waiting"] = f"download window {h.download_window} (UTC) is closed"
     from agent.audit.store import audit_path
 
     audit_file = audit_path(settings.state_dir)

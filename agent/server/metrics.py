@@ -250,6 +250,8 @@ def _safe(name: str, read: Callable[[], Any]) -> Any:
 
 
 REASK_REASONS = ("timeout", "reconnect", "hub_back", "not_found")
+MIRROR_REASONS = ("unavailable", "timeout", "bad_response", "wrong_bytes")
+"""agent.sync.mirror.MIRROR_REASONS (kept here so this module needs no aiohttp import)."""
 
 
 def _transfer_metrics(hub: HubState) -> Iterator[Metric]:
@@ -281,6 +283,37 @@ def _transfer_metrics(hub: HubState) -> Iterator[Metric]:
     for reason in REASK_REASONS:
         reasked.add_metric([reason], t.reasked.get(reason, 0))
     yield reasked
+    yield CounterMetricFamily(
+        "edge_agent_sync_mirror_bytes",
+        "Verified chunk bytes that came from HTTP mirrors",
+        value=t.mirror_bytes,
+    )
+    yield CounterMetricFamily(
+        "edge_agent_sync_mirror_bad_chunks",
+        "Chunks a mirror served with wrong bytes (refused, fetched elsewhere)",
+        value=t.mirror_bad_chunks,
+    )
+    skipped = CounterMetricFamily(
+        "edge_agent_sync_mirrors_skipped", "Mirrors given up on for a transfer, by reason", labels=["reason"]
+    )
+    for reason in MIRROR_REASONS:
+        skipped.add_metric([reason], t.mirror_skipped.get(reason, 0))
+    yield skipped
+    gate = t.gate
+    if gate is not None:
+        waiting = GaugeMetricFamily(
+            "edge_agent_sync_transfer_waiting",
+            "1 while model transfers wait, by reason (download window closed, rate limit)",
+            labels=["reason"],
+        )
+        for reason in ("window", "rate"):
+            waiting.add_metric([reason], int(gate.waiting == reason))
+        yield waiting
+        yield CounterMetricFamily(
+            "edge_agent_sync_rate_wait_seconds",
+            "Seconds model transfers waited for the rate limit",
+            value=gate.rate_wait_s,
+        )
 
 
 class _StateCollector:

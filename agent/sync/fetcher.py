@@ -46,9 +46,10 @@ import hashlib
 import json
 import os
 import shutil
+import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,9 @@ from typing import Any
 
 from tuf.api.exceptions import DownloadHTTPError
 
+from agent.sync import mirror
 from agent.sync.errors import TransferError
+from agent.sync.gate import DownloadWindowClosed, TransferGate
 from fleet.errors import MqttError, ProtocolError
 from fleet.log import get_logger
 from fleet.messages import (
@@ -85,6 +88,15 @@ log = get_logger(__name__)
 
 RefusalSink = Callable[[str, str], None]
 DISK_MARGIN_BYTES = 64 << 20
+MIRROR_MAX_BAD_CHUNKS = 3
+"""Chunks of wrong bytes after which a mirror is skipped for the rest of a transfer (each bad
+chunk is fetched from the next source either way)."""
+MIRROR_BENCH_S = 300.0
+"""A mirror skipped by a transfer is not asked by the next transfers for this long (a hung mirror
+would otherwise cost ``mirror_timeout_s`` per target)."""
+MIRROR_SPAN_BYTES = 64 << 20
+"""Bytes asked in one range request when no rate limit applies (with one: one chunk per request,
+so the bytes on the wire, not only those written, keep to the rate)."""
 
 
 def _no_refusal_sink(reason: str, detail: str) -> None:
@@ -184,6 +196,9 @@ class ChunkPlan:
     length: int
     chunk_size: int
     chunk_sha256: tuple[str, ...]
+    file: str = ""
+    """The target's file under the repository's ``targets/`` (``<dir>/<sha256>.<name>``): its
+    path on an HTTP mirror; empty when unknown (then no mirror is asked)."""
 
     @property
     def count(self) -> int:
@@ -194,8 +209,15 @@ class ChunkPlan:
         return offset, min(self.chunk_size, self.length - offset)
 
 
-def plan_from_target(length: int, sha256: str, custom: Mapping[str, Any]) -> ChunkPlan:
+def target_file(target_path: str, sha256: str) -> str:
+    """``models/m/1/m.gguf`` -> ``models/m/1/<sha256>.m.gguf`` (the consistent-snapshot name)."""
+    directory, _, name = target_path.rpartition("/")
+    return f"{directory}/{sha256}.{name}" if directory else f"{sha256}.{name}"
+
+
+def plan_from_target(length: int, sha256: str, custom: Mapping[str, Any], target_path: str = "") -> ChunkPlan:
     """Chunk plan of a verified target: the manifest's chunk hashes, or one chunk for documents."""
+    file = target_file(target_path, sha256) if target_path else ""
     for key in ("manifest", "file"):
         body = custom.get(key)
         if isinstance(body, Mapping) and isinstance(body.get("chunk_sha256"), list):
@@ -203,10 +225,10 @@ def plan_from_target(length: int, sha256: str, custom: Mapping[str, Any]) -> Chu
             size = int(body["chunk_size"])
             if int(body.get("file_size", length)) != length or -(-length // size) != len(chunks):
                 raise TransferError(f"chunk plan of {sha256[:16]} is inconsistent", status="bad_request")
-            return ChunkPlan(sha256, length, size, chunks)
+            return ChunkPlan(sha256, length, size, chunks, file)
     if length > 16 << 20:
         raise TransferError(f"target {sha256[:16]} has no chunk hashes", status="bad_request")
-    return ChunkPlan(sha256, length, max(length, 1), (sha256,))
+    return ChunkPlan(sha256, length, max(length, 1), (sha256,), file)
 
 
 def trusted_plans(metadata_dir: Path) -> Callable[[str], ChunkPlan]:
@@ -215,9 +237,9 @@ def trusted_plans(metadata_dir: Path) -> Callable[[str], ChunkPlan]:
     def lookup(sha256: str) -> ChunkPlan:
         raw = (metadata_dir / "targets.json").read_bytes()
         targets = json.loads(raw)["signed"]["targets"]
-        for info in targets.values():
+        for path, info in targets.items():
             if info.get("hashes", {}).get("sha256") == sha256:
-                return plan_from_target(int(info["length"]), sha256, info.get("custom") or {})
+                return plan_from_target(int(info["length"]), sha256, info.get("custom") or {}, path)
         raise TransferError(f"{sha256[:16]} is not a trusted target", status=Status.NOT_FOUND.value)
 
     return lookup
@@ -236,6 +258,14 @@ class TransferTotals:
     reasked: collections.Counter[str] = field(default_factory=collections.Counter)
     """Requests asked again, by reason: ``timeout``, ``reconnect``, ``hub_back``, ``not_found``."""
     active: int = 0
+    mirror_bytes: int = 0
+    """Verified bytes that came from HTTP mirrors (included in ``bytes_received``)."""
+    mirror_bad_chunks: int = 0
+    """Chunks a mirror served with wrong bytes (refused, fetched from the next source)."""
+    mirror_skipped: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Mirrors given up on for a transfer, by reason (:data:`agent.sync.mirror.MIRROR_REASONS`)."""
+    gate: TransferGate | None = None
+    """The box's download window and rate limit (``gate.waiting`` says why a transfer waits)."""
 
 
 @dataclass
@@ -250,6 +280,11 @@ class TransferStats:
     refused_chunks: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    mirror_chunks: int = 0
+    """Chunks that came, verified, from HTTP mirrors."""
+    mirror_bad_chunks: int = 0
+    mirror_skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(mirror, reason) of each mirror given up on."""
 
 
 class ChunkTransfer:
@@ -270,8 +305,19 @@ class ChunkTransfer:
         adopted: bool = False,
         totals: TransferTotals | None = None,
         progress_interval_s: float = 10.0,
+        mirrors: Sequence[str] = (),
+        gate: TransferGate | None = None,
+        mirror_timeout_s: float = 10.0,
+        mirror_ssl: ssl.SSLContext | None = None,
+        on_mirror_skipped: Callable[[str, str], None] | None = None,
     ) -> None:
         self.client = client
+        self.on_mirror_skipped = on_mirror_skipped
+        self.mirrors = tuple(mirrors)
+        """Mirror base URLs, asked in order before MQTT (each a copy of the repo's ``targets/``)."""
+        self.gate = gate if gate is not None else TransferGate()
+        self.mirror_timeout_s = mirror_timeout_s
+        self.mirror_ssl = mirror_ssl
         self.totals = totals if totals is not None else TransferTotals()
         self.progress_interval_s = progress_interval_s
         self._logged_at = 0.0
@@ -348,18 +394,31 @@ class ChunkTransfer:
                 self._check_attempts(index)
             self._wake.set()
             return
-        data = msg.payload
+        # Refused and reported when wrong; the request stays in flight: the real reply may still
+        # come (a forged one does not cost a new request). A chunk that never arrives intact is
+        # asked again after the timeout, at most ``max_attempts`` times.
+        self.accept(index, msg.payload)
+
+    def accept(self, index: int, data: bytes, mirror_url: str | None = None) -> bool:
+        """Write chunk ``index`` if ``data`` is exactly its signed bytes (length and sha256) and
+        return True; else refuse it (``on_refusal``, audit log) and return False. The one check
+        every source goes through: MQTT replies and mirror reads alike."""
+        sha = self.plan.sha256
         offset, length = self.plan.span(index)
         if len(data) != length or hashlib.sha256(data).hexdigest() != self.plan.chunk_sha256[index]:
-            # Refused and reported; the request stays in flight: the real reply may still come
-            # (a forged one does not cost a new request). A chunk that never arrives intact is
-            # asked again after the timeout, at most ``max_attempts`` times.
-            self.stats.refused_chunks += 1
+            source = f" from mirror {mirror_url}" if mirror_url else ""
+            if mirror_url:
+                self.stats.mirror_bad_chunks += 1
+                self.totals.mirror_bad_chunks += 1
+            else:
+                self.stats.refused_chunks += 1
             self.on_refusal(
                 Status.CHUNK_HASH_MISMATCH.value,
-                f"chunk {index} of {sha[:16]}: {len(data)} bytes do not match the signed chunk hash",
+                f"chunk {index} of {sha[:16]}{source}: {len(data)} bytes do not match the signed chunk hash",
             )
-            return
+            return False
+        if index in self._have:
+            return True
         written = os.pwrite(self._fd, data, offset)
         if written != length:
             raise TransferError(f"short write of chunk {index}", status=Status.ERROR.value)
@@ -371,9 +430,13 @@ class ChunkTransfer:
         self._last_progress = time.monotonic()
         if self.on_progress is not None:
             self.on_progress(len(self._have), self.plan.count)
+        if mirror_url:
+            self.stats.mirror_chunks += 1
+            self.totals.mirror_bytes += length
         if self._last_progress - self._logged_at >= self.progress_interval_s:
             self._log("sync_transfer_progress")
         self._wake.set()
+        return True
 
     def _reasked(self, reason: str, n: int = 1) -> None:
         self.stats.reasked[reason] += n
@@ -440,12 +503,15 @@ class ChunkTransfer:
             if os.fstat(self._fd).st_size != self.plan.length:
                 os.ftruncate(self._fd, self.plan.length)
             self.ready.set()
-            self._log("sync_transfer_started", length=self.plan.length)
-            await self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
-            try:
-                await self._loop()
-            finally:
-                await self._quiet_unsubscribe()
+            self._log("sync_transfer_started", length=self.plan.length, mirrors=len(self.mirrors))
+            self._check_window()
+            await self._from_mirrors()
+            if len(self._have) < self.plan.count:
+                await self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
+                try:
+                    await self._loop()
+                finally:
+                    await self._quiet_unsubscribe()
             # No fsync here: the store's install fsyncs the verified copy, and a resume re-hashes
             # every chunk of the partial file, so unsynced or torn chunks are simply fetched again.
         except BaseException as exc:
@@ -461,6 +527,76 @@ class ChunkTransfer:
         mib_s = self.stats.bytes_received / (1 << 20) / max(self.stats.seconds, 1e-6)
         self._log("sync_transfer_done", seconds=round(self.stats.seconds, 2), mib_per_s=round(mib_s, 1))
         return self.path
+
+    def _check_window(self) -> None:
+        """At a chunk boundary: stop (TransferError ``deferred_download_window``) when the box's
+        download window is closed; the verified chunks stay for the resume."""
+        try:
+            self.gate.check_window()
+        except DownloadWindowClosed as exc:
+            self._log("sync_transfer_waiting", reason="window", opens_in_s=round(exc.opens_in_s))
+            raise TransferError(str(exc), status=Status.DOWNLOAD_WINDOW.value) from None
+
+    async def _from_mirrors(self) -> None:
+        """Fetch what is missing from each mirror in turn, verified per chunk; a mirror that fails
+        (down, slow, bad responses, :data:`MIRROR_MAX_BAD_CHUNKS` wrong chunks) is skipped, and
+        whatever is still missing afterwards comes over MQTT."""
+        if not self.mirrors or not self.plan.file or len(self._have) == self.plan.count:
+            return
+        ctx = self.mirror_ssl if self.mirror_ssl is not None else mirror.ssl_context(None)
+        async with mirror.session(self.mirror_timeout_s, ctx) as http:
+            for base in self.mirrors:
+                missing = [i for i in range(self.plan.count) if i not in self._have]
+                if not missing:
+                    return
+                url = mirror.target_url(base, self.plan.file)
+                reader = mirror.MirrorReader(http, url, self.mirror_timeout_s)
+                try:
+                    await self._from_mirror(reader, missing)
+                except mirror.MirrorFailed as exc:
+                    self.stats.mirror_skipped.append((base, exc.reason))
+                    self.totals.mirror_skipped[exc.reason] += 1
+                    if self.on_mirror_skipped is not None:
+                        self.on_mirror_skipped(base, exc.reason)
+                    log.warning(
+                        "sync_mirror_skipped",
+                        blob=self.plan.sha256[:16],
+                        mirror=base,
+                        reason=exc.reason,
+                        detail=exc.detail[:300],
+                    )
+
+    def _spans(self, missing: list[int]) -> Iterator[list[tuple[int, int, int]]]:
+        """Runs of consecutive missing chunks, each at most one range request."""
+        cap = self.plan.chunk_size if self.gate.bucket is not None else MIRROR_SPAN_BYTES
+        run: list[tuple[int, int, int]] = []
+        size = 0
+        for index in missing:
+            offset, length = self.plan.span(index)
+            if run and (run[-1][0] + 1 != index or size + length > cap):
+                yield run
+                run, size = [], 0
+            run.append((index, offset, length))
+            size += length
+        if run:
+            yield run
+
+    async def _from_mirror(self, reader: mirror.MirrorReader, missing: list[int]) -> None:
+        bad = 0
+        for run in self._spans(missing):
+            self._check_window()
+            await self.gate.take(sum(length for _i, _o, length in run))
+            stream = reader.span(run)
+            try:
+                async for index, data in stream:
+                    if not self.accept(index, data, reader.url):
+                        bad += 1
+                        if bad >= MIRROR_MAX_BAD_CHUNKS:
+                            detail = f"{reader.url}: {bad} chunks of wrong bytes"
+                            raise mirror.MirrorFailed("wrong_bytes", detail)
+                    self._check_window()
+            finally:
+                await stream.aclose()
 
     async def _quiet_unsubscribe(self) -> None:
         with contextlib.suppress(MqttError):
@@ -488,6 +624,14 @@ class ChunkTransfer:
                     self._check_attempts(index)
             if self._failure is not None:
                 raise self._failure
+            if not self.gate.window_open():
+                # Pause at a chunk boundary: ask nothing new, let what is in flight land, then stop.
+                if not self._inflight:
+                    self._check_window()
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
             retry = [
                 i
                 for i in order[:next_pos]
@@ -495,14 +639,16 @@ class ChunkTransfer:
             ]
             try:
                 for index in retry:
-                    if len(self._inflight) >= self.window:
+                    if len(self._inflight) >= self.window or not await self._admit(index):
                         break
                     await self._request(index)
                 while len(self._inflight) < self.window and next_pos < len(order):
                     index = order[next_pos]
-                    next_pos += 1
                     if index not in self._have:
+                        if not await self._admit(index):
+                            break
                         await self._request(index)
+                    next_pos += 1
             except MqttError as exc:
                 log.info("sync_request_failed", error=str(exc))
                 await asyncio.sleep(0.2)
@@ -510,6 +656,14 @@ class ChunkTransfer:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    async def _admit(self, index: int) -> bool:
+        """Whether chunk ``index`` may be asked now: inside the download window, after the rate
+        limit admitted its bytes (the window is looked at again after that wait)."""
+        if not self.gate.window_open():
+            return False
+        await self.gate.take(self.plan.span(index)[1])
+        return self.gate.window_open()
 
     def _check_attempts(self, index: int) -> None:
         """Record the transfer's failure once a chunk was asked ``max_attempts`` times."""
@@ -567,7 +721,18 @@ class MqttFetcher(RegistryFetcher):
         transfer_timeout_s: float = 3600.0,
         on_refusal: RefusalSink = _no_refusal_sink,
         on_progress: Callable[[str, int, int], None] | None = None,
+        mirrors: Callable[[], Sequence[str]] | Sequence[str] = (),
+        gate: TransferGate | None = None,
+        mirror_timeout_s: float = 10.0,
+        mirror_ca_file: Path | None = None,
     ) -> None:
+        """``mirrors``: base URLs, or a callable read at each transfer's start (the service joins
+        ``[hub] mirrors`` and the signed deployments' mirrors); ``gate``: the box's download
+        window and rate limit, shared by every transfer of this fetcher."""
+        self.mirrors = mirrors
+        self.gate = gate if gate is not None else TransferGate()
+        self.mirror_timeout_s = mirror_timeout_s
+        self.mirror_ssl = mirror.ssl_context(mirror_ca_file)
         self.loop = loop
         self.client = client
         self.device_id = device_id
@@ -580,7 +745,9 @@ class MqttFetcher(RegistryFetcher):
         self.on_refusal = on_refusal
         self.on_progress = on_progress
         self.transfers: list[TransferStats] = []
-        self.totals = TransferTotals()
+        self.totals = TransferTotals(gate=self.gate)
+        self._benched: dict[str, float] = {}
+        """mirror -> monotonic time until which it is not asked (:data:`MIRROR_BENCH_S`)."""
         self._active: list[ChunkTransfer] = []
 
     def _run(self, coro: Any, timeout: float) -> Any:
@@ -622,11 +789,30 @@ class MqttFetcher(RegistryFetcher):
             chunk_timeout_s=self.chunk_timeout_s,
             on_refusal=self.on_refusal,
             totals=self.totals,
+            mirrors=self.mirror_urls(),
+            gate=self.gate,
+            mirror_timeout_s=self.mirror_timeout_s,
+            mirror_ssl=self.mirror_ssl,
+            on_mirror_skipped=self._bench,
             **options,
         )
         self._active = [t for t in self._active if not t.finished]
         self._active.append(transfer)
         return transfer
+
+    def mirror_urls(self) -> tuple[str, ...]:
+        """The mirrors to ask now, in order, each once, without those skipped lately."""
+        urls = self.mirrors() if callable(self.mirrors) else self.mirrors
+        now = time.monotonic()
+        return tuple(u for u in dict.fromkeys(urls) if self._benched.get(u, 0.0) <= now)
+
+    def _bench(self, url: str, reason: str) -> None:
+        self._benched[url] = time.monotonic() + MIRROR_BENCH_S
+
+    def timeout_for(self, plan: ChunkPlan) -> float:
+        """``transfer_timeout_s``, plus the time the rate limit alone needs for the blob."""
+        rate = self.gate.rate
+        return self.transfer_timeout_s + (plan.length / rate if rate else 0.0)
 
     def hub_back(self) -> int:
         """On the event loop: the hub announced itself; running transfers ask again what is in
@@ -642,7 +828,7 @@ class MqttFetcher(RegistryFetcher):
                 f"{sha256[:16]}: plan says {plan.length} bytes, target {length}", status="bad_request"
             )
         transfer = self._transfer(plan, adopted=True)
-        path: Path = self._run(transfer.run(), self.transfer_timeout_s)
+        path: Path = self._run(transfer.run(), self.timeout_for(plan))
         self.transfers.append(transfer.stats)
         return path
 
@@ -653,7 +839,7 @@ class MqttFetcher(RegistryFetcher):
         (the store then installs or refuses the whole); if the consumer stops early (disk full,
         shutdown) the transfer is cancelled and the partial file kept for a resume."""
         running: Future[Any] = asyncio.run_coroutine_threadsafe(transfer.run(), self.loop)
-        deadline = time.monotonic() + self.transfer_timeout_s
+        deadline = time.monotonic() + self.timeout_for(transfer.plan)
         plan = transfer.plan
         complete = False
         fd = -1

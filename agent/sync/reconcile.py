@@ -26,16 +26,22 @@ from registry.metadata import Deployment
 _WINDOW = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
 
 
-def in_window(now: datetime, window: str | None) -> bool:
-    """Whether ``now`` (UTC) falls inside ``HH:MM-HH:MM``; None means always. Start inclusive,
-    end exclusive; a window whose end is before its start wraps midnight; equal ends = all day."""
-    if window is None:
-        return True
+def window_bounds(window: str, what: str = "maintenance window") -> tuple[time, time]:
+    """(start, end) of ``HH:MM-HH:MM``; ValueError naming ``what`` and the window when malformed."""
     m = _WINDOW.fullmatch(window)
     if m is None:
-        raise ValueError(f"bad maintenance window {window!r}")
-    start = time(int(m.group(1)), int(m.group(2)))
-    end = time(int(m.group(3)), int(m.group(4)))
+        raise ValueError(f"bad {what} {window!r}: expected HH:MM-HH:MM (24-hour, UTC)")
+    return time(int(m.group(1)), int(m.group(2))), time(int(m.group(3)), int(m.group(4)))
+
+
+def in_window(now: datetime, window: str | None) -> bool:
+    """Whether ``now`` (UTC) falls inside ``HH:MM-HH:MM``; None means always. Start inclusive,
+    end exclusive; a window whose end is before its start wraps midnight; equal ends = all day.
+    The same syntax serves a deployment's maintenance window (activation) and the box's
+    ``[hub] download_window`` (transfer, :mod:`agent.sync.gate`)."""
+    if window is None:
+        return True
+    start, end = window_bounds(window)
     t = now.time().replace(second=0, microsecond=0, tzinfo=None)
     if start == end:
         return True
@@ -132,4 +138,4 @@ def plan(
     return actions
 
 
-__all__ = ["Action", "Activate", "Defer", "Missing", "desired_models", "in_window", "plan"]
+__all__ = ["Action", "Activate", "Defer", "Missing", "desired_models", "in_window", "plan", "window_bounds"]

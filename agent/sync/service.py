@@ -43,8 +43,9 @@ from agent.engine.base import ModelInfo
 from agent.errors import EngineError
 from agent.health import HealthBook
 from agent.sync.audit_upload import AuditSource, AuditUploader
-from agent.sync.errors import SYNC_FAILURES, SyncError
+from agent.sync.errors import SYNC_FAILURES, SyncError, TransferError
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
+from agent.sync.gate import TransferGate
 from agent.sync.ledger import Failure, FailureBook, Ledger, UnneededBook
 from agent.sync.outbox import DEFAULT_CAPACITY, Outbox
 from agent.sync.reconcile import Activate, Defer, Missing, desired_models, plan
@@ -112,6 +113,12 @@ class SyncOptions:
     removal_grace_s: float = 3600.0
     event_ack_timeout_s: float = 30.0
     """An event sent and not acknowledged by the hub within this long is sent again."""
+    mirrors: tuple[str, ...] = ()
+    """``[hub] mirrors``: asked before the signed deployments' mirrors, then MQTT."""
+    mirror_ca_file: Path | None = None
+    mirror_timeout_s: float = 10.0
+    max_download_bytes_per_s: int | None = None
+    download_window: str | None = None
 
 
 EVENTS_IN_FLIGHT = 500
@@ -194,6 +201,8 @@ class SyncService:
         self._state_task: asyncio.Task[None] | None = None
         self.rounds = 0
         self.fetcher: MqttFetcher | None = None
+        self.gate = TransferGate(options.max_download_bytes_per_s, options.download_window, now=now)
+        self._window_wait = False  # the last round stopped a transfer at the closed download window
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -210,6 +219,10 @@ class SyncService:
             window=o.chunk_window,
             chunk_timeout_s=o.chunk_timeout_s,
             on_refusal=self.refused,
+            mirrors=self.mirror_urls,
+            gate=self.gate,
+            mirror_timeout_s=o.mirror_timeout_s,
+            mirror_ca_file=o.mirror_ca_file,
         )
         attach(self.registry, self.fetcher)  # transfers are renamed into the store, not copied
         self.metadata.on_hub_back = self._hub_back
@@ -248,6 +261,15 @@ class SyncService:
         """The hub refused audit records ``lo..hi`` (``chain_broken``, ``bad_request``): they stay
         in the log, unmarked; the operator hears of it as an event (kind ``audit``)."""
         await self.report(Event("audit", status, f"audit/{lo}-{hi}", detail[:1900], time.time()))
+
+    def mirror_urls(self) -> list[str]:
+        """``[hub] mirrors``, then those the signed deployments of this box's groups name."""
+        urls = list(self.options.mirrors)
+        with contextlib.suppress(RegistryError, OSError):
+            deployments = self.registry.updating_deployments
+            for deployment in deployments if deployments is not None else self.registry.deployments():
+                urls.extend(deployment.mirrors)
+        return urls
 
     def _wake_up(self) -> None:
         self._wake.set()
@@ -297,6 +319,8 @@ class SyncService:
         except SYNC_FAILURES:
             times = []
         floor = min(o.refresh_interval_s, o.retry.initial_s)
+        if self._window_wait:  # the next round when the download window opens
+            times = [*times, self.now().timestamp() + max(self.gate.opens_in_s(), 1.0)]
         return sleep_s(self.now().timestamp(), o.refresh_interval_s, floor, times)
 
     async def _state_loop(self) -> None:
@@ -311,9 +335,18 @@ class SyncService:
         """One round: refresh + install, policies, reconcile + activate, report."""
         assert self.fetcher is not None
         self.rounds += 1
+        self._window_wait = False
         try:
             await asyncio.to_thread(self.registry.update, self.fetcher, only_deployed=True)
         except (RegistryError, SyncError, FleetError) as exc:
+            if isinstance(exc, TransferError) and exc.status == Status.DOWNLOAD_WINDOW.value:
+                # Not a failure: the bytes wait for the window; what is installed is reconciled now.
+                self._window_wait = True
+                log.info("sync_transfer_waiting", reason="window", detail=str(exc))
+                await self._report_once(Event("transfer", exc.status, "download_window", str(exc)[:1900]))
+                await self.reconcile()
+                await self.publish_state()
+                return
             status = Status.METADATA_REFUSED if isinstance(exc, RegistryError) else Status.ERROR
             await self.report(Event("registry", status.value, "", str(exc)[:1900], time.time()))
             await self.publish_state()
@@ -764,6 +797,11 @@ def options_from_settings(settings: Any, device_id: str, **extra: Any) -> SyncOp
         retry=RetryPolicy(y.retry_initial_s, y.retry_max_s, y.retry_jitter),
         keep_previous=y.keep_previous,
         removal_grace_s=y.removal_grace_s,
+        mirrors=tuple(h.mirrors),
+        mirror_ca_file=h.mirror_ca_file,
+        mirror_timeout_s=h.mirror_timeout_s,
+        max_download_bytes_per_s=h.max_download_bytes_per_s,
+        download_window=h.download_window,
         **extra,
     )
 

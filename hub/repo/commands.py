@@ -167,6 +167,7 @@ def cmd_deployment_set(args: argparse.Namespace) -> int:
         version=args.model_version,
         pin=args.pin,
         maintenance_window=args.window,
+        mirrors=tuple(args.mirror) if args.mirror is not None else None,
     )
     print(dep.to_json().decode())
     return 0
@@ -277,6 +278,12 @@ def register(sub: Any) -> None:
     p.add_argument("--window", default=None, help="maintenance window HH:MM-HH:MM (UTC)")
     p.add_argument("--force", action="store_true", help="push even to boxes the model does not fit")
     p.add_argument("--db", default=None, help="hub database for the fit check ($EDGE_HUB_DB, else ./hub.db)")
+    p.add_argument(
+        "--mirror",
+        action="append",
+        default=None,
+        help="HTTP(S) mirror of the repo targets/ for the group (repeatable; replaces the list)",
+    )
     repo_opts(p)
     p.set_defaults(func=cmd_deployment_set)
 

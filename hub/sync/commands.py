@@ -217,6 +217,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             version=args.model_version,
             pin=args.pin,
             maintenance_window=args.window,
+            mirrors=tuple(args.mirror) if args.mirror is not None else None,
         )
     print(
         f"deployments/{dep.group}.json: {', '.join(m.model for m in dep.models)} "
@@ -394,6 +395,12 @@ def register(sub: Any) -> None:
     p.add_argument("--pin", action="store_true")
     p.add_argument("--window", default=None, help="maintenance window HH:MM-HH:MM (UTC)")
     p.add_argument("--force", action="store_true", help="push even to boxes the model does not fit")
+    p.add_argument(
+        "--mirror",
+        action="append",
+        default=None,
+        help="HTTP(S) mirror of the repo targets/ for the group (repeatable; replaces the list)",
+    )
     _repo_opts(p)
     _watch_opts(p)
     p.set_defaults(func=cmd_deploy)

@@ -261,3 +261,26 @@ def test_any_text_is_either_a_safe_target_path_or_refused_as_bad_path(text: str)
 def test_model_target_paths_round_trip(model_id: str, version: str, file_name: str) -> None:
     ref = parse_target_path(model_target_path(model_id, version, file_name))
     assert (ref.kind, ref.name, ref.version, ref.file_name) == ("model", model_id, version, file_name)
+
+
+@pytest.mark.parametrize(
+    ("mirrors", "error"),
+    [
+        pytest.param(("https://cdn.example/edge/targets/",), None, id="https"),
+        pytest.param(("http://10.0.0.5:8080/t/", "https://b.example/"), None, id="two"),
+        pytest.param(("ftp://x.example/",), "bad mirror URL", id="scheme"),
+        pytest.param(("https://a:b@x.example/",), "bad mirror URL", id="credentials"),
+        pytest.param(("https://x.example/?k=1",), "bad mirror URL", id="query"),
+        pytest.param(("https:///nohost",), "bad mirror URL", id="no-host"),
+    ],
+)
+def test_deployment_mirrors(mirrors: tuple[str, ...], error: str | None) -> None:
+    from registry.metadata import Deployment, DeploymentEntry
+
+    if error is not None:
+        with pytest.raises(ManifestError, match=error):
+            Deployment("lab", (DeploymentEntry("m"),), mirrors=mirrors)
+        return
+    dep = Deployment("lab", (DeploymentEntry("m"),), mirrors=mirrors)
+    assert Deployment.from_json(dep.to_json()) == dep
+    assert b"mirrors" not in Deployment("lab", (DeploymentEntry("m"),)).to_json()

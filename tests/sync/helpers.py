@@ -16,6 +16,7 @@ from agent.audit.store import AuditLog
 from agent.engine.base import ModelInfo
 from agent.engine.pool import ModelPool
 from agent.sync.fetcher import MqttFetcher, RetainedMetadata, attach, trusted_plans
+from agent.sync.gate import TransferGate
 from agent.sync.service import SyncOptions, SyncService
 from fleet.device_key import DeviceKey
 from fleet.mqtt import MqttClient, MqttConfig
@@ -144,6 +145,10 @@ async def running_device(
     window: int = 4,
     chunk_timeout_s: float = 10.0,
     adopt: bool = True,
+    mirrors: tuple[str, ...] | Callable[[], list[str]] = (),
+    gate: TransferGate | None = None,
+    mirror_ca_file: Path | None = None,
+    mirror_timeout_s: float = 5.0,
 ) -> AsyncIterator[Device]:
     client = MqttClient(broker.client_config(device_id))
     await client.start()
@@ -162,6 +167,10 @@ async def running_device(
         window=window,
         chunk_timeout_s=chunk_timeout_s,
         on_refusal=lambda r, d: refusals.append((r, d)),
+        mirrors=mirrors,
+        gate=gate,
+        mirror_ca_file=mirror_ca_file,
+        mirror_timeout_s=mirror_timeout_s,
     )
     if adopt:
         attach(registry, fetcher)
