@@ -88,6 +88,7 @@ class HubServer:
         self.rollouts: RolloutController | None = None
         self.leadership: Leadership | None = None
         self._stop = asyncio.Event()
+        self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduler: object | None = None
         self._workers: list[subprocess.Popen[bytes]] = []
@@ -142,7 +143,7 @@ class HubServer:
 
     async def _on_presence(self, msg: Incoming) -> None:
         """The leader keeps the retained presence true: another worker's Last Will said offline."""
-        if not self.leading or not msg.payload:
+        if not self.leading or not msg.payload or self._closing:
             return
         try:
             seen = HubPresence.decode(msg.payload)
@@ -231,6 +232,7 @@ class HubServer:
                     log.warning("meta_sync_failed", error=str(exc))
 
     async def close(self) -> None:
+        self._closing = True
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
         for task in self._tasks:

@@ -40,6 +40,8 @@ def available() -> bool:
 class Postgres:
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edge-pg-")))
     port: int = field(default_factory=free_port)
+    fsync: bool = False
+    """off for the tests (speed), on for benchmarks (as in production)"""
     _names: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -80,7 +82,8 @@ class Postgres:
         self.pg_ctl("start", "-w", "-t", "60", "-l", str(self.root / "log"))
 
     def pg_ctl(self, *args: str) -> None:
-        opts = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        opts = f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1"
+        opts += "" if self.fsync else " -c fsync=off"
         opts += " -c max_connections=200"
         subprocess.run(
             self._as_owner([str(pg_bin("pg_ctl")), "-D", str(self.data), "-o", opts, *args]),
