@@ -116,9 +116,8 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"\nCPU: {cpu}, {args.rounds} rounds, {len(DEVICES)} devices x {args.records} records, medians:")
     for k, v in med.items():
         print(f"  {k}: {v:,.0f} records/s")
-    print(
-        f"  pg-2 / pg-1 = {med['pg-2'] / med['pg-1']:.2f}x; pg-1 / sqlite-1 = {med['pg-1'] / med['sqlite-1']:.2f}x"
-    )
+    print(f"  pg-2 / pg-1 = {med['pg-2'] / med['pg-1']:.2f}x")
+    print(f"  pg-1 / sqlite-1 = {med['pg-1'] / med['sqlite-1']:.2f}x")
 
 
 def main() -> None:
