@@ -42,6 +42,30 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterat
         yield d
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[object]:
+    """One real PostgreSQL cluster for the session (tests/hub/postgres.py)."""
+    from tests.hub.postgres import Postgres, available
+
+    if not available():
+        pytest.fail("PostgreSQL (initdb, pg_ctl) is not installed: run scripts/system-deps.sh")
+    pg = Postgres()
+    pg.start()
+    yield pg
+    pg.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hub_db(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """The hub database of one test, on each engine: a fresh SQLite file, or a fresh database in
+    the session's PostgreSQL cluster (its ``postgresql://`` URL)."""
+    if request.param == "sqlite":
+        return tmp_path / "hub.db"
+    pg = request.getfixturevalue("pg_cluster")
+    url: str = pg.new_database()
+    return url
+
+
 ASYNC_TEST_TIMEOUT_S = 300
 
 

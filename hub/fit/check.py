@@ -120,13 +120,11 @@ def refuse_unfit(
 def check_push(args: Any, repo: Any, group: str, model: str, version: str | None) -> bool:
     """Before ``deployment set`` / ``deploy``: the fit on the group's boxes in the hub database
     (``--db``, ``$EDGE_HUB_DB``, ``./hub.db``; none there: nothing to check, said so). True = refuse."""
-    import os
-    from pathlib import Path
-
+    from hub.sync.db import db_target, exists
     from hub.sync.store import HubStore
 
-    db = Path(args.db) if getattr(args, "db", None) else Path(os.environ.get("EDGE_HUB_DB", "hub.db"))
-    if not db.is_file():
+    db = db_target(getattr(args, "db", None) or None)
+    if not exists(db):
         print(f"fit: no hub database at {db}: the boxes of {group} are not checked", file=sys.stderr)
         return False
     store = HubStore(db)

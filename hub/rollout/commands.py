@@ -37,10 +37,11 @@ def _fail(message: str) -> int:
 
 
 def _store(args: argparse.Namespace) -> RolloutStore:
+    from hub.sync.db import db_target, exists
     from hub.sync.store import HubStore
 
-    db = Path(args.db) if args.db is not None else Path(os.environ.get("EDGE_HUB_DB", "hub.db"))
-    if not db.is_file():
+    db = db_target(args.db)
+    if not exists(db):
         raise SystemExit(_fail(f"no hub database at {db} (run `edge-hub serve` first)"))
     return RolloutStore(HubStore(db))
 

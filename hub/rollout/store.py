@@ -7,9 +7,11 @@ current wave and when it started, the baseline measured on the previous version)
 kind ``rollout``, in the hub's events table, so ``edge-hub`` shows it with the devices' events.
 
 Invariants: ids are allocated inside the writing transaction (``MAX(id) + 1``, no engine-specific
-autoincrement); at most one rollout per group is *active* (``starting``, ``running``, ``paused``,
+autoincrement; the table is locked for it on PostgreSQL, :meth:`hub.sync.db.Database.lock_table`);
+at most one rollout per group is *active* (``starting``, ``running``, ``paused``,
 ``aborting``): :meth:`RolloutStore.create` refuses a second. The SQL is standard (no ``INSERT OR``,
-no ``WITHOUT ROWID``) so it ports to PostgreSQL with the store.
+no ``WITHOUT ROWID``) and runs on both engines; the tables are created by schema version 2
+(hub/sync/migrations.py).
 """
 
 from __future__ import annotations
@@ -20,39 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub.sync.store import HubStore
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS rollouts (
-    id INTEGER NOT NULL PRIMARY KEY,
-    grp TEXT NOT NULL,
-    model TEXT NOT NULL,
-    version TEXT NOT NULL,
-    previous TEXT NOT NULL,
-    waves TEXT NOT NULL,
-    criteria TEXT NOT NULL,
-    state TEXT NOT NULL,
-    wave INTEGER NOT NULL,
-    wave_started REAL NOT NULL,
-    waived_wave INTEGER NOT NULL,
-    baseline TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL
-)""",
-    """CREATE TABLE IF NOT EXISTS rollout_devices (
-    rollout INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    wave INTEGER NOT NULL,
-    PRIMARY KEY (rollout, device)
-)""",
-    """CREATE TABLE IF NOT EXISTS rollout_log (
-    id INTEGER NOT NULL PRIMARY KEY,
-    rollout INTEGER NOT NULL,
-    at REAL NOT NULL,
-    decision TEXT NOT NULL,
-    detail TEXT NOT NULL
-)""",
-)
 
 ACTIVE = ("starting", "running", "paused", "aborting", "rolling_back")
 """States of a rollout that still acts (one per group)."""
@@ -108,9 +77,7 @@ class RolloutStore:
 
     def __init__(self, store: HubStore) -> None:
         self.store = store
-        with store._tx() as conn:
-            for statement in SCHEMA:
-                conn.execute(statement)
+        self.db = store.db
 
     def create(
         self,
@@ -126,7 +93,8 @@ class RolloutStore:
         """A new rollout in state ``starting`` (the controller signs its first wave);
         ``order`` is the boxes in wave order. ValueError when the group has an active rollout."""
         now = time.time() if now is None else now
-        with self.store._tx() as conn:
+        with self.db.tx() as conn:
+            self.db.lock_table(conn, "rollouts")
             marks = ", ".join("?" for _ in ACTIVE)
             busy = conn.execute(
                 f"SELECT id FROM rollouts WHERE grp = ? AND state IN ({marks})",  # noqa: S608 (constants)
@@ -154,31 +122,31 @@ class RolloutStore:
         return rollout
 
     def get(self, rid: int) -> Rollout | None:
-        conn = self.store._conn()
         sql = f"SELECT {_COLUMNS} FROM rollouts WHERE id = ?"  # noqa: S608 (constants)
-        row = conn.execute(sql, (rid,)).fetchone()
+        row = self.db.one(sql, (rid,))
         if row is None:
             return None
         r = _rollout(row)
         r.devices = {
             str(d): int(w)
-            for d, w in conn.execute("SELECT device, wave FROM rollout_devices WHERE rollout = ?", (rid,))
+            for d, w in self.db.query("SELECT device, wave FROM rollout_devices WHERE rollout = ?", (rid,))
         }
         return r
 
     def active(self) -> list[Rollout]:
         marks = ", ".join("?" for _ in ACTIVE)
-        ids = self.store._conn().execute(
+        ids = self.db.query(
             f"SELECT id FROM rollouts WHERE state IN ({marks}) ORDER BY id",  # noqa: S608 (constants)
             ACTIVE,
         )
-        return [r for (rid,) in ids.fetchall() if (r := self.get(int(rid))) is not None]
+        return [r for (rid,) in ids if (r := self.get(int(rid))) is not None]
 
     def latest(self, group: str | None = None) -> Rollout | None:
         sql, args = "SELECT MAX(id) FROM rollouts", tuple[str, ...]()
         if group is not None:
             sql, args = sql + " WHERE grp = ?", (group,)
-        (rid,) = self.store._conn().execute(sql, args).fetchone()
+        row = self.db.one(sql, args)
+        rid = row[0] if row is not None else None
         return self.get(int(rid)) if rid is not None else None
 
     def update(self, rid: int, now: float | None = None, **values: Any) -> None:
@@ -190,7 +158,7 @@ class RolloutStore:
         if "baseline" in values:
             values["baseline"] = json.dumps(values["baseline"], sort_keys=True)
         sets = ", ".join(f"{k} = ?" for k in values)
-        with self.store._tx() as conn:
+        with self.db.tx() as conn:
             conn.execute(
                 f"UPDATE rollouts SET {sets}, updated = ? WHERE id = ?",  # noqa: S608 (checked column names)
                 (*values.values(), time.time() if now is None else now, rid),
@@ -200,7 +168,8 @@ class RolloutStore:
         """Record a decision in the rollout's log and as a hub event (kind ``rollout``)."""
         now = time.time() if now is None else now
         target = f"rollouts/{rollout.id}/{rollout.group}/{rollout.model}/{rollout.version}"
-        with self.store._tx() as conn:
+        with self.db.tx() as conn:
+            self.db.lock_table(conn, "rollout_log")
             (top,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM rollout_log").fetchone()
             conn.execute(
                 "INSERT INTO rollout_log (id, rollout, at, decision, detail) VALUES (?, ?, ?, ?, ?)",
@@ -212,7 +181,7 @@ class RolloutStore:
             )
 
     def history(self, rid: int) -> list[tuple[float, str, str]]:
-        rows = self.store._conn().execute(
+        rows = self.db.query(
             "SELECT at, decision, detail FROM rollout_log WHERE rollout = ? ORDER BY id", (rid,)
         )
         return [(float(a), str(d), str(t)) for a, d, t in rows]
@@ -228,4 +197,4 @@ def _rollout(row: Any) -> Rollout:
     )  # fmt: skip
 
 
-__all__ = ["ACTIVE", "SCHEMA", "Rollout", "RolloutStore"]
+__all__ = ["ACTIVE", "Rollout", "RolloutStore"]

@@ -6,7 +6,11 @@ device is refused.
 
 Audit batches arrive on the shared subscription ``$share/hub/edge/v1/devices/+/audit`` (several
 hub workers may split them) and are stored one device at a time, in arrival order; the
-acknowledgement goes to ``edge/v1/devices/<id>/audit/ack`` (never retained). Events arrive on
+acknowledgement goes to ``edge/v1/devices/<id>/audit/ack`` (never retained). With several
+workers, a device's batches in flight are split between them by the broker, so a batch may reach
+its worker before the batch ahead of it is stored by another: a batch answered with a gap is tried
+again for up to ``gap_wait_s`` (the device's row lock orders the writers, hub/sync/store.py) before
+the gap goes back to the device, which then re-sends from the acknowledged seq. Events arrive on
 ``$share/hub/.../events``; once an event is stored (or found already stored) its id is
 acknowledged on ``edge/v1/devices/<id>/events/ack`` (:class:`~fleet.messages.EventAck`, the ids
 of a short moment together), and only then does it leave the device's outbox. State and status are
@@ -47,14 +51,23 @@ log = get_logger(__name__)
 
 ACK_DELAY_S = 0.05
 """Event ids stored within this long are acknowledged in one message."""
+GAP_WAIT_S = 1.0
+"""How long a batch that arrived ahead of its predecessor waits for it (another worker's)."""
+GAP_POLL_S = 0.02
 
 
 class Collector:
     """Stores what devices send and acknowledges audit batches."""
 
     def __init__(
-        self, client: MqttClient, store: HubStore, *, on_event: Callable[[str, Event], None] | None = None
+        self,
+        client: MqttClient,
+        store: HubStore,
+        *,
+        on_event: Callable[[str, Event], None] | None = None,
+        gap_wait_s: float = GAP_WAIT_S,
     ) -> None:
+        self.gap_wait_s = gap_wait_s
         self.client = client
         self.store = store
         self.on_event = on_event
@@ -62,6 +75,7 @@ class Collector:
         self._acks: defaultdict[str, list[str]] = defaultdict(list)
         self._ack_tasks: dict[str, asyncio.Task[None]] = {}
         self.batches = 0
+        self.gap_retries = 0
 
     async def start(self) -> None:
         await self.client.subscribe(shared(f"{PREFIX}/devices/+/audit"), self._on_audit, qos=1)
@@ -77,7 +91,7 @@ class Collector:
         async with self._locks[device]:
             try:
                 batch = AuditBatch.decode(msg.payload)
-                ack = await asyncio.to_thread(self.store.store_audit, device, batch)
+                ack = await self._store(device, batch)
             except ProtocolError as exc:
                 ack = AuditAck(-1, Status.BAD_REQUEST.value, str(exc)[:500])
             self.batches += 1
@@ -85,6 +99,18 @@ class Collector:
                 await self.client.publish(Outgoing(device_topic(device, "audit/ack"), ack.encode(), qos=1))
             except MqttError as exc:
                 log.info("audit_ack_failed", device=device, error=str(exc))
+
+    async def _store(self, device: str, batch: AuditBatch) -> AuditAck:
+        """Store ``batch``; while it is answered with a gap (its predecessor not stored yet),
+        try again until ``gap_wait_s`` has passed."""
+        deadline = asyncio.get_running_loop().time() + self.gap_wait_s
+        while True:
+            ack = await asyncio.to_thread(self.store.store_audit, device, batch)
+            gap = ack.status == Status.OK.value and ack.up_to_seq < batch.first_seq - 1
+            if not gap or asyncio.get_running_loop().time() >= deadline:
+                return ack
+            self.gap_retries += 1
+            await asyncio.sleep(GAP_POLL_S)
 
     async def _on_state(self, msg: Incoming) -> None:
         try:

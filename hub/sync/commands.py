@@ -144,8 +144,10 @@ def _repo_dir(args: argparse.Namespace) -> Path:
     return Path(args.repo) if args.repo is not None else Path(os.environ.get("EDGE_HUB_REPO", "hub-repo"))
 
 
-def _db(args: argparse.Namespace) -> Path:
-    return Path(args.db) if args.db is not None else Path(os.environ.get("EDGE_HUB_DB", "hub.db"))
+def _db(args: argparse.Namespace) -> str | Path:
+    from hub.sync.db import db_target
+
+    return db_target(args.db)
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -165,10 +167,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _open_store(args: argparse.Namespace) -> Any:
+    from hub.sync.db import exists
     from hub.sync.store import HubStore
 
     db = _db(args)
-    if not db.is_file():
+    if not exists(db):
         print(f"edge-hub: no hub database at {db} (run `edge-hub serve` first)", file=sys.stderr)
         raise SystemExit(2)
     return HubStore(db)
@@ -255,7 +258,9 @@ async def _push_and_watch(
     console = Console()
     expected: set[str] = set()
     db = _db(args)
-    if db.is_file():
+    from hub.sync.db import exists
+
+    if exists(db):
         from hub.sync.store import HubStore
 
         for row in HubStore(db).devices():
@@ -333,7 +338,11 @@ def _repo_opts(p: argparse.ArgumentParser) -> None:
 
 
 def _db_opt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", default=None, help="hub database ($EDGE_HUB_DB, else ./hub.db)")
+    p.add_argument(
+        "--db",
+        default=None,
+        help="hub database: a SQLite path or a postgresql:// URL ($EDGE_HUB_DB, else ./hub.db)",
+    )
 
 
 def _watch_opts(p: argparse.ArgumentParser) -> None:

@@ -72,15 +72,16 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     from fleet.errors import DeviceKeyError, ProtocolError
+    from hub.sync.db import db_target, describe
     from hub.sync.store import HubStore
 
-    db = Path(args.db) if args.db is not None else Path(os.environ.get("EDGE_HUB_DB", "hub.db"))
+    db = db_target(args.db)
     try:
         HubStore(db).register_key(args.device, args.audit_key)
     except (DeviceKeyError, ProtocolError) as exc:
         print(f"edge-hub: {exc}")
         return 2
-    print(f"audit key {args.audit_key[:16]}... registered for {args.device} in {db}")
+    print(f"audit key {args.audit_key[:16]}... registered for {args.device} in {describe(db)}")
     return 0
 
 

@@ -10,6 +10,17 @@ hub/rollout/controller.py), answers chunk requests, stores audit batches, state 
 database. ``blob_workers`` extra processes (role ``blobs``) answer chunk requests too: all of
 them share ``$share/hub/edge/v1/repo/blobs/get`` so the broker spreads the requests.
 
+Several hosts: any number of role-``all`` processes may serve one fleet against one database
+(PostgreSQL; SQLite: the processes of one host). All of them store what devices send (audit
+batches and events arrive on shared subscriptions, so each goes to one of them; state and status on
+plain ones, written by each, idempotently) and answer chunk requests; none keeps state another
+needs. The jobs only one may do — publish the retained metadata, re-sign the timestamp, drive the
+rollouts, announce presence — are the *leader*'s (hub/sync/leader.py: a PostgreSQL advisory lock
+or a file lock), checked every ``leader_check_s``; when the leader dies another takes over and
+announces a fresh presence session. Every worker connects with the offline presence as its Last
+Will (the broker cannot know which one leads): when a non-leader's will fires, the leader, which
+watches the retained presence, announces itself again.
+
 Lifecycle: start -> run until SIGTERM/SIGINT -> close the MQTT clients and stop the workers.
 """
 
@@ -26,12 +37,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleet.errors import MqttError
+from fleet.errors import MqttError, ProtocolError
 from fleet.log import get_logger
-from fleet.messages import HUB_PRESENCE, HubPresence, Outgoing, meta_topic
+from fleet.messages import HUB_PRESENCE, HubPresence, Incoming, Outgoing, meta_topic
 from fleet.mqtt import MqttClient, MqttConfig
 from hub.sync.blobs import BlobIndex, BlobServer
 from hub.sync.collect import Collector
+from hub.sync.leader import Leadership
 from hub.sync.meta import MetaPublisher, refresh_timestamp
 from hub.sync.store import HubStore
 
@@ -44,7 +56,8 @@ log = get_logger(__name__)
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
     repo: Path
-    db: Path
+    db: Path | str
+    """a SQLite file or a ``postgresql://`` URL (hub/sync/db.py)"""
     mqtt: MqttConfig
     role: str = "all"
     blob_workers: int = 0
@@ -53,6 +66,8 @@ class ServeConfig:
     passphrase: bytes | None = None
     rollout_interval_s: float = 5.0
     """How often the rollout controller looks at the stored rollouts (hub/rollout/controller.py)."""
+    leader_check_s: float = 2.0
+    """How often a worker checks (or takes) the leader's role (hub/sync/leader.py)."""
 
 
 class HubServer:
@@ -71,7 +86,9 @@ class HubServer:
         self.collector: Collector | None = None
         self.store: HubStore | None = None
         self.rollouts: RolloutController | None = None
+        self.leadership: Leadership | None = None
         self._stop = asyncio.Event()
+        self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduler: object | None = None
         self._workers: list[subprocess.Popen[bytes]] = []
@@ -84,10 +101,12 @@ class HubServer:
         await self.client.start()
         await self.blobs.start()
         if c.role == "all":
-            self.store = HubStore(c.db)
+            self.store = await asyncio.to_thread(HubStore, c.db)
+            self.leadership = Leadership(self.store.db)
             self.meta = MetaPublisher(self.client, c.repo)
             self.collector = Collector(self.client, self.store)
             await self.collector.start()
+            await self.client.subscribe(meta_topic(HUB_PRESENCE), self._on_presence, qos=1)
             from hub.rollout.controller import RolloutController, repo_signer
 
             self.rollouts = RolloutController(self.store, repo_signer(c.repo, c.passphrase))
@@ -98,11 +117,46 @@ class HubServer:
             for i in range(c.blob_workers):
                 self._workers.append(self._spawn_worker(i))
             self.client.on_connect(self._announce)
-            if self.client.is_connected:
-                await self._announce(True)
+            await self._check_leader()
+            self._tasks.append(asyncio.get_running_loop().create_task(self._lead()))
+
+    @property
+    def leading(self) -> bool:
+        return self.leadership is not None and self.leadership.leading
+
+    async def _check_leader(self) -> None:
+        """Take or keep the leader's role; on taking it, publish the metadata and announce."""
+        assert self.leadership is not None
+        was = self.leadership.leading
+        now = await asyncio.to_thread(self.leadership.held)
+        if now and not was and self.client.is_connected:
+            await self._republish(True)
+            await self._announce(True)
+
+    async def _lead(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.leader_check_s)
+            try:
+                await self._check_leader()
+            except Exception as exc:
+                log.error("hub_leader_check_failed", error=repr(exc))
+
+    async def _on_presence(self, msg: Incoming) -> None:
+        """The leader keeps the retained presence true: another worker's Last Will said offline."""
+        if not self.leading or not msg.payload or self._closing:
+            return
+        try:
+            seen = HubPresence.decode(msg.payload)
+        except ProtocolError:
+            return
+        if not seen.online:
+            await self._announce(True)
 
     async def _announce(self, _session_present: bool) -> None:
-        """Presence: online, with a new session (subscriptions are renewed before hooks run)."""
+        """Presence (the leader's): online, with a new session (subscriptions are renewed before
+        hooks run)."""
+        if not self.leading:
+            return
         self.session = os.urandom(8).hex()
         try:
             await self.client.publish(presence(True, self.session))
@@ -115,13 +169,14 @@ class HubServer:
         c = self.config
         argv = [
             sys.executable, "-m", "hub.sync.worker",
-            "--role", "blobs", "--repo", str(c.repo), "--db", str(c.db),
+            "--role", "blobs", "--repo", str(c.repo),
             "--host", c.mqtt.host, "--port", str(c.mqtt.port),
             "--ca", str(c.mqtt.ca_file), "--cert", str(c.mqtt.cert_file), "--key", str(c.mqtt.key_file),
             "--client-id", f"{c.mqtt.client_id}-blobs-{i}",
             "--backoff-min", str(c.mqtt.backoff_min_s), "--backoff-max", str(c.mqtt.backoff_max_s),
         ]  # fmt: skip
-        return subprocess.Popen(argv)
+        # the database goes by environment (a URL may name a password; argv is public)
+        return subprocess.Popen(argv, env={**os.environ, "EDGE_HUB_DB": str(c.db)})
 
     def _start_scheduler(self) -> None:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -139,6 +194,8 @@ class HubServer:
         self._scheduler = scheduler
 
     async def resign_timestamp(self) -> None:
+        if self.config.role == "all" and not self.leading:
+            return
         try:
             version = await asyncio.to_thread(refresh_timestamp, self.config.repo, self.config.passphrase)
         except Exception as exc:
@@ -149,7 +206,7 @@ class HubServer:
             await self.meta.sync()
 
     async def _republish(self, _session_present: bool) -> None:
-        if self.meta is not None:
+        if self.meta is not None and self.leading:
             await self.meta.sync(force=True)
 
     async def _drive_rollouts(self) -> None:
@@ -157,6 +214,8 @@ class HubServer:
         assert self.rollouts is not None
         while True:
             await asyncio.sleep(self.config.rollout_interval_s)
+            if not self.leading:
+                continue
             try:
                 await asyncio.to_thread(self.rollouts.tick)
             except Exception as exc:
@@ -166,13 +225,14 @@ class HubServer:
         assert self.meta is not None
         while True:
             await asyncio.sleep(self.config.meta_poll_s)
-            if self.client.is_connected:
+            if self.client.is_connected and self.leading:
                 try:
                     await self.meta.sync()
                 except Exception as exc:
                     log.warning("meta_sync_failed", error=str(exc))
 
     async def close(self) -> None:
+        self._closing = True
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
         for task in self._tasks:
@@ -187,10 +247,12 @@ class HubServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.blobs.close()
-        if self.config.role == "all" and self.client.is_connected:
-            with contextlib.suppress(MqttError):
+        if self.config.role == "all" and self.leading and self.client.is_connected:
+            with contextlib.suppress(MqttError):  # another worker takes over and announces itself
                 await self.client.publish(presence(False, ""), timeout=2)
         await self.client.close(end_session=True)
+        if self.leadership is not None:
+            self.leadership.release()
         if self.store is not None:
             self.store.close()
 

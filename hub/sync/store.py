@@ -23,13 +23,18 @@ Audit invariants:
 
 Inventory: the last reported state and online status of each device (devices publish no retained
 message: the store is the inventory's memory).
+
+Engines: SQLite (a path, the embedded default) or PostgreSQL (a ``postgresql://`` URL), through
+:mod:`hub.sync.db`; the schema is versioned (:mod:`hub.sync.migrations`). Several writers of one
+device's batches at once (hub workers on several hosts sharing the audit subscription) are
+serialised on the device's row: SQLite by its write transaction, PostgreSQL by ``SELECT ... FOR
+UPDATE`` on ``devices``; (device, seq) is the audit table's primary key, so a record is held once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,59 +44,7 @@ from typing import Any
 from fleet.chain import GENESIS, Checkpoint, Sealed, verify
 from fleet.device_key import DeviceKeyError, DevicePublicKey
 from fleet.messages import AuditAck, AuditBatch, Event, StateReport, Status, check_device_id
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY,
-    key TEXT,
-    anchor_seq INTEGER NOT NULL DEFAULT 0,
-    anchor_hash TEXT NOT NULL DEFAULT '',
-    last_seq INTEGER NOT NULL DEFAULT 0,
-    last_hash TEXT NOT NULL DEFAULT '',
-    online INTEGER NOT NULL DEFAULT 0,
-    state TEXT,
-    seen REAL,
-    problem TEXT
-);
-CREATE TABLE IF NOT EXISTS audit (
-    device TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    hash TEXT NOT NULL,
-    body TEXT NOT NULL,
-    time TEXT,
-    received REAL NOT NULL,
-    PRIMARY KEY (device, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS checkpoints (
-    device TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    signature TEXT NOT NULL,
-    PRIMARY KEY (device, seq)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    device TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    status TEXT NOT NULL,
-    target TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    at REAL NOT NULL,
-    event_id TEXT
-);
-CREATE INDEX IF NOT EXISTS events_device ON events (device, at);
-CREATE TABLE IF NOT EXISTS audit_keys (
-    device TEXT NOT NULL,
-    key TEXT NOT NULL,
-    registered REAL NOT NULL,
-    PRIMARY KEY (device, key)
-) WITHOUT ROWID;
-"""
-# Events carry an id unique per device since the device outbox (agent/sync/outbox.py) re-sends an
-# event whose PUBACK was lost: one id is stored once. Older databases get the column added.
-_EVENT_IDS = """
-CREATE UNIQUE INDEX IF NOT EXISTS events_id ON events (device, event_id) WHERE event_id IS NOT NULL;
-"""
+from hub.sync.db import Database, Tx, describe, open_database
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,22 +68,15 @@ class DeviceRow:
 
 
 class HubStore:
-    """One SQLite file, safe to share between the hub's processes (WAL, busy timeout)."""
+    """The hub database (SQLite file or PostgreSQL URL, :func:`hub.sync.db.open_database`), its
+    schema migrated on open; safe to share between threads, processes and (PostgreSQL) hosts."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        conn = self._conn()
-        conn.executescript(_SCHEMA)
-        if "event_id" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
-            conn.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
-        conn.executescript(_EVENT_IDS)
-        # keys pinned on first use by hubs before registration existed count as registered
-        conn.execute(
-            "INSERT OR IGNORE INTO audit_keys (device, key, registered) "
-            "SELECT device, key, 0 FROM devices WHERE key IS NOT NULL"
-        )
+    def __init__(self, target: str | Path) -> None:
+        self.target = target
+        self.db: Database = open_database(target)
+
+    def __repr__(self) -> str:
+        return f"HubStore({describe(self.target)!r})"
 
     def register_key(self, device: str, key_hex: str, now: float | None = None) -> None:
         """Register ``key_hex`` (Ed25519 public key, hex) as ``device``'s current audit key.
@@ -138,7 +84,7 @@ class HubStore:
         check_device_id(device)
         DevicePublicKey.from_hex(key_hex)
         with self._tx() as conn:
-            conn.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
+            conn.execute("INSERT INTO devices (device) VALUES (?) ON CONFLICT DO NOTHING", (device,))
             conn.execute(
                 "INSERT INTO audit_keys (device, key, registered) VALUES (?, ?, ?) "
                 "ON CONFLICT (device, key) DO UPDATE SET registered = excluded.registered",
@@ -148,39 +94,16 @@ class HubStore:
 
     def audit_keys(self, device: str) -> list[str]:
         """The audit keys registered for ``device``, the current (latest registered) first."""
-        rows = self._conn().execute(
+        rows = self.db.query(
             "SELECT key FROM audit_keys WHERE device = ? ORDER BY registered DESC", (device,)
         )
         return [str(k) for (k,) in rows]
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
-
     def close(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self.db.close()
 
-    class _Tx:
-        def __init__(self, conn: sqlite3.Connection) -> None:
-            self.conn = conn
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.conn.execute("BEGIN IMMEDIATE")
-            return self.conn
-
-        def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-            self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-    def _tx(self) -> HubStore._Tx:
-        return HubStore._Tx(self._conn())
+    def _tx(self) -> contextlib.AbstractContextManager[Tx]:
+        return self.db.tx()
 
     # --- audit -------------------------------------------------------------------------------
 
@@ -190,10 +113,12 @@ class HubStore:
         if batch.device != device:
             return AuditAck(-1, Status.BAD_REQUEST.value, f"batch names device {batch.device!r}")
         with self._tx() as conn:
-            conn.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
-            _pinned, anchor_seq, last_seq, last_hash = conn.execute(
-                "SELECT key, anchor_seq, last_seq, last_hash FROM devices WHERE device = ?", (device,)
-            ).fetchone()
+            conn.execute("INSERT INTO devices (device) VALUES (?) ON CONFLICT DO NOTHING", (device,))
+            # the device's row is the lock of its chain: one writer extends it at a time
+            lock = self.db.for_update
+            sql = f"SELECT key, anchor_seq, last_seq, last_hash FROM devices WHERE device = ?{lock}"  # noqa: S608
+            _pinned, anchor_seq, last_seq, last_hash = conn.execute(sql, (device,)).fetchone()
+            anchor_seq, last_seq, last_hash = int(anchor_seq), int(last_seq), str(last_hash)
             registered = conn.execute(
                 "SELECT key FROM audit_keys WHERE device = ? ORDER BY registered DESC LIMIT 1", (device,)
             ).fetchone()
@@ -259,12 +184,13 @@ class HubStore:
                 assert first is not None
                 return self._problem(conn, device, last_seq, first.message)
             conn.executemany(
-                "INSERT OR IGNORE INTO audit (device, seq, hash, body, time, received) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO audit (device, seq, hash, body, time, received) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(device, s, h, b, _time_of(b), now) for s, b, h in new],
             )
             conn.executemany(
-                "INSERT OR IGNORE INTO checkpoints (device, seq, body, signature) VALUES (?, ?, ?, ?)",
+                "INSERT INTO checkpoints (device, seq, body, signature) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 [(device, c.seq, c.body, c.signature) for c in cps],
             )
             conn.execute(
@@ -273,7 +199,7 @@ class HubStore:
             )
             return AuditAck(report.last_seq)
 
-    def _problem(self, conn: sqlite3.Connection, device: str, last_seq: int, detail: str) -> AuditAck:
+    def _problem(self, conn: Tx, device: str, last_seq: int, detail: str) -> AuditAck:
         conn.execute("UPDATE devices SET problem = ? WHERE device = ?", (detail, device))
         conn.execute(
             "INSERT INTO events (device, kind, status, target, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -292,27 +218,24 @@ class HubStore:
             args.append(since)
         sql += " ORDER BY seq LIMIT ?"
         args.append(limit)
-        return [json.loads(r[0]) for r in self._conn().execute(sql, args)]
+        return [json.loads(r[0]) for r in self.db.query(sql, args)]
 
     def verify_device(self, device: str) -> tuple[int, list[str]]:
         """Re-verify the whole stored chain of ``device``: (records, problems)."""
-        conn = self._conn()
-        row = conn.execute(
-            "SELECT key, anchor_seq, anchor_hash FROM devices WHERE device = ?", (device,)
-        ).fetchone()
+        row = self.db.one("SELECT key, anchor_seq, anchor_hash FROM devices WHERE device = ?", (device,))
         if row is None:
             return 0, [f"unknown device {device}"]
         _pinned, anchor_seq, anchor_hash = row
         keys = [DevicePublicKey.from_hex(k) for k in self.audit_keys(device)]
         rows = (
             Sealed(int(s), str(b), str(h))
-            for s, b, h in conn.execute(
+            for s, b, h in self.db.query(
                 "SELECT seq, body, hash FROM audit WHERE device = ? ORDER BY seq", (device,)
             )
         )
         cps = [
             Checkpoint(int(s), str(b), str(sig))
-            for s, b, sig in conn.execute(
+            for s, b, sig in self.db.query(
                 "SELECT seq, body, signature FROM checkpoints WHERE device = ? ORDER BY seq", (device,)
             )
         ]
@@ -321,11 +244,9 @@ class HubStore:
 
     def audit_count(self, device: str) -> tuple[int, int]:
         """(number of stored records, number of distinct seqs) — equal unless something is wrong."""
-        n, distinct = (
-            self._conn()
-            .execute("SELECT COUNT(*), COUNT(DISTINCT seq) FROM audit WHERE device = ?", (device,))
-            .fetchone()
-        )
+        row = self.db.one("SELECT COUNT(*), COUNT(DISTINCT seq) FROM audit WHERE device = ?", (device,))
+        assert row is not None
+        n, distinct = row
         return int(n), int(distinct)
 
     # --- inventory and events ----------------------------------------------------------------
@@ -334,18 +255,18 @@ class HubStore:
         if report.device != device:
             return
         with self._tx() as conn:
-            conn.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
             conn.execute(
-                "UPDATE devices SET state = ?, seen = ? WHERE device = ?",
-                (report.encode().decode(), time.time() if now is None else now, device),
+                "INSERT INTO devices (device, state, seen) VALUES (?, ?, ?) "
+                "ON CONFLICT (device) DO UPDATE SET state = excluded.state, seen = excluded.seen",
+                (device, report.encode().decode(), time.time() if now is None else now),
             )
 
     def record_status(self, device: str, online: bool, now: float | None = None) -> None:
         with self._tx() as conn:
-            conn.execute("INSERT OR IGNORE INTO devices (device) VALUES (?)", (device,))
             conn.execute(
-                "UPDATE devices SET online = ?, seen = ? WHERE device = ?",
-                (int(online), time.time() if now is None else now, device),
+                "INSERT INTO devices (device, online, seen) VALUES (?, ?, ?) "
+                "ON CONFLICT (device) DO UPDATE SET online = excluded.online, seen = excluded.seen",
+                (device, int(online), time.time() if now is None else now),
             )
 
     def record_event(self, device: str, event: Event, now: float | None = None) -> bool:
@@ -355,8 +276,8 @@ class HubStore:
         """
         with self._tx() as conn:
             cursor = conn.execute(
-                "INSERT OR IGNORE INTO events (device, kind, status, target, detail, at, event_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO events (device, kind, status, target, detail, at, event_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (
                     device,
                     event.kind,
@@ -377,14 +298,11 @@ class HubStore:
             args.append(device)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
-        return [
-            (d, Event(k, s, t, det, at, i or ""))
-            for d, k, s, t, det, at, i in self._conn().execute(sql, args)
-        ]
+        return [(d, Event(k, s, t, det, at, i or "")) for d, k, s, t, det, at, i in self.db.query(sql, args)]
 
     def devices(self) -> list[DeviceRow]:
         out = []
-        for device, online, state, seen, last_seq, problem in self._conn().execute(
+        for device, online, state, seen, last_seq, problem in self.db.query(
             "SELECT device, online, state, seen, last_seq, problem FROM devices ORDER BY device"
         ):
             report = StateReport.decode(state.encode()) if state else None
@@ -392,7 +310,7 @@ class HubStore:
         return out
 
     def iter_devices(self) -> Iterator[str]:
-        for (device,) in self._conn().execute("SELECT device FROM devices ORDER BY device"):
+        for (device,) in self.db.query("SELECT device FROM devices ORDER BY device"):
             yield str(device)
 
 

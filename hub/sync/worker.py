@@ -17,14 +17,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hub.sync.worker")
     add_broker_options(parser)
     parser.add_argument("--repo", type=Path, required=True)
-    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--db", default=None, help="SQLite path or postgresql:// URL ($EDGE_HUB_DB)")
     parser.add_argument("--role", choices=("all", "blobs"), default="blobs")
     parser.add_argument("--blob-workers", type=int, default=0)
     parser.add_argument("--timestamp-interval", type=float, default=6 * 3600.0)
     parser.add_argument("--log-format", choices=("auto", "json", "console"), default="json")
     args = parser.parse_args(argv)
     from fleet import log as fleet_log
+    from hub.sync.db import db_target
 
+    args.db = db_target(args.db)
     fleet_log.configure("info", args.log_format, service="edge-hub")
     return asyncio.run(HubServer(serve_config(args)).run())
 

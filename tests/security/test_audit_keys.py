@@ -96,6 +96,7 @@ def test_a_key_pinned_by_an_older_hub_counts_as_registered(tmp_path: Path) -> No
     conn = sqlite3.connect(tmp_path / "hub.db")
     conn.execute("INSERT INTO devices (device, key) VALUES ('dev-a', ?)", (K,))
     conn.execute("DELETE FROM audit_keys")
+    conn.execute("DROP TABLE schema_version")  # a file written before schema versions
     conn.commit()
     conn.close()
     store = HubStore(tmp_path / "hub.db")

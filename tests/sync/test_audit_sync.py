@@ -47,16 +47,16 @@ def batch_of(
     )
 
 
-def new_store(path: Path, key: DeviceKey, device: str = "dev-a") -> HubStore:
+def new_store(path: str | Path, key: DeviceKey, device: str = "dev-a") -> HubStore:
     store = HubStore(path)
     store.register_key(device, key.public.raw.hex())
     return store
 
 
-def test_store_is_idempotent_and_acks_contiguously(tmp_path: Path) -> None:
+def test_store_is_idempotent_and_acks_contiguously(hub_db: str | Path) -> None:
     key = DeviceKey.generate()
     rows = seal_all(entries(30), 0, GENESIS, time.time())
-    store = new_store(tmp_path / "hub.db", key)
+    store = new_store(hub_db, key)
     assert store.store_audit("dev-a", batch_of(key, rows[:10])).up_to_seq == 10
     assert store.store_audit("dev-a", batch_of(key, rows[:10])).up_to_seq == 10  # replay
     assert store.store_audit("dev-a", batch_of(key, rows[5:20])).up_to_seq == 20  # overlap
@@ -89,12 +89,12 @@ BAD_BATCHES = [
 
 
 @pytest.mark.parametrize("case", BAD_BATCHES)
-def test_bad_batches_are_refused_and_nothing_is_stored(tmp_path: Path, case: str) -> None:
+def test_bad_batches_are_refused_and_nothing_is_stored(hub_db: str | Path, case: str) -> None:
     from fleet.chain import Sealed
 
     key = DeviceKey.generate()
     rows = seal_all(entries(20), 0, GENESIS, time.time())
-    store = new_store(tmp_path / "hub.db", key)
+    store = new_store(hub_db, key)
     assert store.store_audit("dev-a", batch_of(key, rows[:10])).up_to_seq == 10
     if case == "altered-body-keeps-old-hash":
         r = rows[12]
@@ -123,12 +123,12 @@ def test_bad_batches_are_refused_and_nothing_is_stored(tmp_path: Path, case: str
 
 
 async def test_10000_records_written_while_broker_is_down_arrive_exactly_once(
-    own_broker: Broker, tmp_path: Path
+    own_broker: Broker, tmp_path: Path, hub_db: str | Path
 ) -> None:
     key = DeviceKey.generate()
     log = AuditLog(tmp_path / "audit.db", key=key, max_bytes=1 << 30)
     log.start()
-    store = new_store(tmp_path / "hub.db", key)
+    store = new_store(hub_db, key)
     hub = MqttClient(own_broker.client_config("hub"))
     dev = MqttClient(own_broker.client_config("dev-a"))
     for c in (hub, dev):
@@ -162,21 +162,21 @@ async def test_10000_records_written_while_broker_is_down_arrive_exactly_once(
     assert [r["seq"] for r in stored] == list(range(1, head + 1))
 
 
-def test_first_contact_does_not_adopt_a_gap_as_anchor(tmp_path: Path) -> None:
+def test_first_contact_does_not_adopt_a_gap_as_anchor(hub_db: str | Path) -> None:
     """Batches 1..k lost in transit: a later batch must not become the device's chain start."""
     key = DeviceKey.generate()
     rows = seal_all(entries(30), 0, GENESIS, time.time())
-    store = new_store(tmp_path / "hub.db", key)
+    store = new_store(hub_db, key)
     ack = store.store_audit("dev-a", batch_of(key, rows[10:]))
     assert ack.up_to_seq == 0
     assert store.audit_count("dev-a") == (0, 0)
     assert store.store_audit("dev-a", batch_of(key, rows)).up_to_seq == 30
 
 
-def test_a_pruned_device_is_anchored_where_it_says(tmp_path: Path) -> None:
+def test_a_pruned_device_is_anchored_where_it_says(hub_db: str | Path) -> None:
     key = DeviceKey.generate()
     rows = seal_all(entries(30), 0, GENESIS, time.time())
-    store = new_store(tmp_path / "hub.db", key)
+    store = new_store(hub_db, key)
     pruned = AuditBatch(
         "dev-a",
         tuple((r.seq, r.body, r.hash) for r in rows[10:]),

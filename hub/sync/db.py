@@ -1,0 +1,232 @@
+"""The hub database behind one small interface: SQLite (a file, the embedded default) or
+PostgreSQL (``postgresql://...``, several hub workers on several hosts).
+
+Chosen by one setting, ``EDGE_HUB_DB`` / ``--db``: a URL starting with ``postgresql://`` (or
+``postgres://``) opens PostgreSQL through a psycopg 3 connection pool, anything else is the path of
+a SQLite file. The store's SQL is written once, with ``?`` placeholders and only syntax both engines
+accept (``INSERT ... ON CONFLICT DO NOTHING``, upserts with ``excluded``); the PostgreSQL side turns
+``?`` into ``%s`` (no statement of the store contains a literal ``?`` or ``%``).
+
+Invariants:
+- :meth:`Database.tx` is one transaction: committed when the block ends normally (an early
+  ``return`` included), rolled back on an exception. SQLite takes the write lock at the start
+  (``BEGIN IMMEDIATE``: writers are serialised); PostgreSQL runs at READ COMMITTED and the store
+  takes row locks where it reads before it writes (:attr:`Database.for_update`, e.g. the device row
+  before extending its audit chain), so concurrent writers never lose an update.
+- :meth:`Database.query` reads outside any write transaction and returns all rows (no cursor
+  outlives the call, so a pooled connection goes back at once).
+- The schema is brought to :data:`hub.sync.migrations.LATEST` when the database is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+class Cursor(Protocol):
+    """What a statement returns inside a transaction (sqlite3 and psycopg cursors both are)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Tx(Protocol):
+    """A connection inside a transaction."""
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any: ...
+
+
+def is_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.startswith(PG_SCHEMES)
+
+
+def describe(target: str | Path) -> str:
+    """``target`` for messages and logs: a URL without its password."""
+    if not is_url(target):
+        return str(target)
+    import re
+
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(target))
+
+
+class Database(ABC):
+    dialect: str
+    for_update: str
+    """`` FOR UPDATE`` where the engine has row locks (PostgreSQL), else empty (SQLite's write
+    transaction already excludes other writers)."""
+
+    @abstractmethod
+    def tx(self) -> contextlib.AbstractContextManager[Tx]: ...
+
+    @abstractmethod
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        rows = self.query(sql, args)
+        return rows[0] if rows else None
+
+    @abstractmethod
+    def lock_table(self, tx: Tx, table: str) -> None:
+        """Exclude other writers of ``table`` until ``tx`` ends (ids allocated as ``MAX + 1``)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class SqliteDatabase(Database):
+    """One SQLite file, safe to share between the processes of one host (WAL, busy timeout);
+    one connection per thread."""
+
+    dialect = "sqlite"
+    for_update = ""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+
+    def conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[Tx]:
+        conn = self.conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn  # sqlite3.Connection is a Tx
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.conn().execute(sql, args).fetchall()]
+
+    def lock_table(self, tx: Tx, table: str) -> None:
+        pass  # BEGIN IMMEDIATE holds the database's write lock
+
+    def close(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def _pg(sql: str) -> str:
+    assert "%" not in sql, "the store's SQL has no literal %"
+    return sql.replace("?", "%s")
+
+
+class _PgTx:
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        cur: Cursor = self.conn.execute(_pg(sql), tuple(args))
+        return cur
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        with self.conn.cursor() as cur:
+            cur.executemany(_pg(sql), [tuple(r) for r in rows])
+
+
+class PostgresDatabase(Database):
+    """A psycopg 3 connection pool (``min_size`` .. ``max_size`` connections, autocommit outside
+    :meth:`tx`). The password belongs in ``~/.pgpass`` / ``PGPASSFILE`` or ``PGPASSWORD``, not the
+    URL (which appears in process listings)."""
+
+    dialect = "postgresql"
+    for_update = " FOR UPDATE"
+
+    def __init__(self, url: str, min_size: int = 1, max_size: int = 8) -> None:
+        from psycopg_pool import ConnectionPool
+
+        self.url = url
+        self.pool = ConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            open=False,
+            name="edge-hub",
+        )
+        self.pool.open(wait=True, timeout=30.0)
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[Tx]:
+        with self.pool.connection() as conn, conn.transaction():
+            yield _PgTx(conn)
+
+    def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.pool.connection() as conn:
+            return [tuple(r) for r in conn.execute(_pg(sql), tuple(args)).fetchall()]
+
+    def lock_table(self, tx: Tx, table: str) -> None:
+        assert table.isidentifier()
+        tx.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def db_target(value: str | Path | None) -> str | Path:
+    """The database an ``edge-hub`` command uses: ``--db``, else ``$EDGE_HUB_DB``, else ``./hub.db``;
+    a ``postgresql://`` URL stays a string, anything else is a path."""
+    import os
+
+    raw = str(value) if value is not None else os.environ.get("EDGE_HUB_DB", "hub.db")
+    return raw if is_url(raw) else Path(raw)
+
+
+def exists(target: str | Path) -> bool:
+    """Whether ``target`` is there to read (a PostgreSQL URL is taken to be: connecting says)."""
+    return is_url(target) or Path(target).is_file()
+
+
+def open_database(target: str | Path) -> Database:
+    """The database named by ``target`` (a ``postgresql://`` URL or a SQLite path), its schema
+    migrated to the latest version."""
+    from hub.sync.migrations import migrate
+
+    db: Database = PostgresDatabase(str(target)) if is_url(target) else SqliteDatabase(Path(target))
+    try:
+        migrate(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+__all__ = [
+    "PG_SCHEMES",
+    "Cursor",
+    "Database",
+    "PostgresDatabase",
+    "SqliteDatabase",
+    "Tx",
+    "db_target",
+    "describe",
+    "exists",
+    "is_url",
+    "open_database",
+]
