@@ -48,6 +48,7 @@ log = get_logger(__name__)
 __all__ = [
     "GREEDY_PENALTY_TOP_K",
     "INVARIANT_KERNEL_ENV",
+    "KV_GGML_TYPES",
     "PENALTY_LAST_N",
     "NativeContext",
     "NativeModel",
@@ -73,6 +74,12 @@ INVARIANT_KERNEL_ENV = {"GGML_CPU_TILED_MM": "0"}
 """Process-wide ggml switches of the batch-invariant kernel set (read once, at the first matmul)."""
 TILED_MIN_ROWS = 8
 """Rows from which ggml's tiled K-quant matmul replaces the plain dot product (``ggml_tiled_min_batch``)."""
+
+KV_GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+"""KV cache element types by name -> ``enum ggml_type`` values (ggml.h; stable across versions,
+and llama-cpp-python 0.3.36 does not export ``GGML_TYPE_BF16``)."""
+QUANTIZED_KV = frozenset({"q4_0", "q8_0"})
+"""Block-quantized KV types; as V they need flash attention (llama.cpp refuses the context without)."""
 
 _GGML_LOG_ERROR = 4
 _LLAMA_FLASH_ATTN_DISABLED = 0
@@ -437,7 +444,18 @@ class NativeContext:
         pooling: int | None = None,
         unified: bool = True,
         flash_attn: bool | None = None,
+        type_k: str = "f16",
+        type_v: str = "f16",
     ) -> None:
+        for role, name in (("kv_cache_type_k", type_k), ("kv_cache_type_v", type_v)):
+            if name not in KV_GGML_TYPES:
+                known = ", ".join(sorted(KV_GGML_TYPES))
+                raise ModelLoadError(f"{role} {name!r} is not a KV cache type the engine knows ({known})")
+        if type_v in QUANTIZED_KV and (flash_attn is False or (flash_attn is None and model.batch_invariant)):
+            raise ModelLoadError(
+                f"kv_cache_type_v {type_v!r} needs flash attention, which a batch-invariant model's "
+                "contexts run without (engine.batch_invariant = true)"
+            )
         lib = _lib()
         self._lib = lib
         self._model = model
@@ -451,8 +469,12 @@ class NativeContext:
         p.kv_unified = unified
         p.swa_full = True
         p.no_perf = True
+        p.type_k = KV_GGML_TYPES[type_k]
+        p.type_v = KV_GGML_TYPES[type_v]
         if flash_attn is None and model.batch_invariant:
             flash_attn = False
+        if flash_attn is None and type_v in QUANTIZED_KV:
+            flash_attn = True  # llama.cpp's "auto" may still say no; a quantized V needs it
         if model.batch_invariant and n_slots >= TILED_MIN_ROWS:
             use_invariant_kernels()
         elif os.environ.get("GGML_CPU_TILED_MM") != "0":
@@ -462,13 +484,18 @@ class NativeContext:
             p.flash_attn_type = _LLAMA_FLASH_ATTN_ENABLED if flash_attn else _LLAMA_FLASH_ATTN_DISABLED
         self.flash_attn: bool | None = flash_attn
         """False: attention as plain matmul + softmax; None: llama.cpp decides (auto)."""
+        self.type_k, self.type_v = type_k, type_v
+        """KV cache element types (:data:`KV_GGML_TYPES` names)."""
         if embeddings:
             p.embeddings = True
             if pooling is not None:
                 p.pooling_type = pooling
         ctx = lib.llama_init_from_model(model.ptr, p)
         if not ctx:
-            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens")
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {n_ctx} tokens "
+                f"(KV cache {type_k}/{type_v}, flash attention {flash_attn})"
+            )
         self._ctx = ctx
         self._mem = lib.llama_get_memory(ctx) if hasattr(lib, "llama_get_memory") else None
         self.shared_kv = unified
