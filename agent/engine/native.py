@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.engine import kv_pages
 from agent.engine.base import SamplingParams
 from agent.errors import BadRequest, EngineError, ModelLoadError
 from fleet.log import get_logger
@@ -86,6 +87,8 @@ _LLAMA_FLASH_ATTN_DISABLED = 0
 _LLAMA_FLASH_ATTN_ENABLED = 1
 _log_lock = threading.Lock()
 _log_state: dict[str, Any] = {}
+_capture = threading.local()
+"""``lines``: a list collecting llama.cpp's log lines on this thread while set (context creation)."""
 _kernel_state: dict[str, bool] = {}
 
 
@@ -102,6 +105,9 @@ def silence_llama_logs() -> None:
         if "callback" not in _log_state:
 
             def forward(level: int, text: bytes, _user: Any) -> None:
+                lines = getattr(_capture, "lines", None)
+                if lines is not None and text:
+                    lines.append(text.decode("utf-8", "replace"))
                 if level == _GGML_LOG_ERROR and text:
                     log.error("llama_cpp", message=text.decode("utf-8", "replace").rstrip())
 
@@ -426,6 +432,11 @@ class NativeSampler:
 class NativeContext:
     """A llama context with ``n_slots`` sequences: one shared (unified) KV cache, or a stream each.
 
+    ``lazy_kv`` (default): the KV buffers llama.cpp zeroes at creation are given back to the kernel
+    (:mod:`agent.engine.kv_pages`), so KV memory becomes resident as cells are written: slots that
+    never ran a request hold none. ``type_k``/``type_v`` are the cache's element types
+    (:data:`KV_GGML_TYPES`); a quantized ``type_v`` needs flash attention (refused when it is off).
+
     ``flash_attn``: ``None`` follows the model (off for a batch-invariant model, whose invariance
     it would break; llama.cpp's automatic choice otherwise), ``True``/``False`` force it. A
     batch-invariant model's context of ``TILED_MIN_ROWS`` slots or more calls
@@ -446,6 +457,7 @@ class NativeContext:
         flash_attn: bool | None = None,
         type_k: str = "f16",
         type_v: str = "f16",
+        lazy_kv: bool = True,
     ) -> None:
         for role, name in (("kv_cache_type_k", type_k), ("kv_cache_type_v", type_v)):
             if name not in KV_GGML_TYPES:
@@ -490,13 +502,24 @@ class NativeContext:
             p.embeddings = True
             if pooling is not None:
                 p.pooling_type = pooling
-        ctx = lib.llama_init_from_model(model.ptr, p)
+        before = kv_pages.anon_regions() if lazy_kv else []
+        silence_llama_logs()  # our callback, which captures this thread's lines while asked
+        _capture.lines = []
+        try:
+            ctx = lib.llama_init_from_model(model.ptr, p)
+        finally:
+            lines: list[str] = _capture.lines
+            _capture.lines = None
         if not ctx:
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {n_ctx} tokens "
                 f"(KV cache {type_k}/{type_v}, flash attention {flash_attn})"
             )
         self._ctx = ctx
+        self._kv_regions = kv_pages.release_kv_pages(before, lines) if lazy_kv else []
+        self.kv_released_bytes: int = sum(hi - lo for lo, hi in self._kv_regions)
+        """KV cache bytes given back to the kernel at creation (resident again once written)."""
+        log.info("kv_cache_pages", released_mib=round(self.kv_released_bytes / (1 << 20), 1), lazy=lazy_kv)
         self._mem = lib.llama_get_memory(ctx) if hasattr(lib, "llama_get_memory") else None
         self.shared_kv = unified
         """True: the slots share the context's cells; False: each slot has its own stream."""
@@ -536,10 +559,12 @@ class NativeContext:
         return bool(self._lib.llama_kv_self_seq_rm(self._ctx, seq, p0, -1))  # pragma: no cover
 
     def clear(self) -> None:
+        """Empty the cache; its buffers (zeroed by llama.cpp) go back to the kernel again."""
         if self._mem is not None:
             self._lib.llama_memory_clear(self._mem, True)
         else:  # pragma: no cover - older bindings
             self._lib.llama_kv_self_clear(self._ctx)
+        kv_pages.release(self._kv_regions)
 
     def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> NativeSampler:
         """The native chain: logit bias, top-k, penalties, then greedy or top-p/min-p/temp/dist;
