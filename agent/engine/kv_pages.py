@@ -16,8 +16,10 @@ bytes, and a run whose length matches a logged size (to within a page at each en
 
 Invariants: only whole pages that are resident and contain only zero bytes are released, so
 releasing is invisible to any reader (a private anonymous page released with ``MADV_DONTNEED``
-reads back as zeros): the cache llama.cpp sees is bit for bit the one it made. It runs before the
-context is handed to its decode thread, so nothing writes those pages concurrently. Anything
+reads back as zeros): the cache llama.cpp sees is bit for bit the one it made. Only address
+ranges mapped during the call are searched (never memory another context or thread held before),
+context creation is serialised (``agent.engine.native``), and it runs before the context is handed
+to its decode thread, so nothing writes those pages concurrently. Anything
 unexpected (no ``/proc/self/maps``, no size logged, no matching run) releases nothing and the
 memory stays as llama.cpp left it. Linux only; elsewhere every function is a no-op.
 """
@@ -76,9 +78,23 @@ def anon_regions(maps: str | None = None) -> list[Region]:
 
 
 def new_regions(before: Iterable[Region], after: Iterable[Region]) -> list[Region]:
-    """Mappings of ``after`` that are not exactly in ``before`` (new, grown or merged ones)."""
-    old = set(before)
-    return [r for r in after if r not in old]
+    """The address ranges of ``after`` that no region of ``before`` covered: memory mapped since
+    (a mapping that grew or merged with an older one contributes only its new part)."""
+    old = sorted(before)
+    out: list[Region] = []
+    for lo, hi in sorted(after):
+        cur = lo
+        for olo, ohi in old:
+            if ohi <= cur or olo >= hi:
+                continue
+            if olo > cur:
+                out.append((cur, olo))
+            cur = max(cur, ohi)
+            if cur >= hi:
+                break
+        if cur < hi:
+            out.append((cur, hi))
+    return out
 
 
 def kv_buffer_sizes(lines: Iterable[str]) -> list[int]:

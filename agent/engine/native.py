@@ -87,6 +87,8 @@ _LLAMA_FLASH_ATTN_DISABLED = 0
 _LLAMA_FLASH_ATTN_ENABLED = 1
 _log_lock = threading.Lock()
 _log_state: dict[str, Any] = {}
+_create_lock = threading.Lock()
+"""Serialises context creation with the release of its KV pages (:mod:`agent.engine.kv_pages`)."""
 _capture = threading.local()
 """``lines``: a list collecting llama.cpp's log lines on this thread while set (context creation)."""
 _kernel_state: dict[str, bool] = {}
@@ -502,21 +504,23 @@ class NativeContext:
             p.embeddings = True
             if pooling is not None:
                 p.pooling_type = pooling
-        before = kv_pages.anon_regions() if lazy_kv else []
         silence_llama_logs()  # our callback, which captures this thread's lines while asked
-        _capture.lines = []
-        try:
-            ctx = lib.llama_init_from_model(model.ptr, p)
-        finally:
-            lines: list[str] = _capture.lines
-            _capture.lines = None
+        with _create_lock:  # contexts created at once would see each other's buffers as new
+            before = kv_pages.anon_regions() if lazy_kv else []
+            _capture.lines = []
+            try:
+                ctx = lib.llama_init_from_model(model.ptr, p)
+            finally:
+                lines: list[str] = _capture.lines
+                _capture.lines = None
+            kv_regions = kv_pages.release_kv_pages(before, lines) if lazy_kv and ctx else []
         if not ctx:
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {n_ctx} tokens "
                 f"(KV cache {type_k}/{type_v}, flash attention {flash_attn})"
             )
         self._ctx = ctx
-        self._kv_regions = kv_pages.release_kv_pages(before, lines) if lazy_kv else []
+        self._kv_regions = kv_regions
         self.kv_released_bytes: int = sum(hi - lo for lo, hi in self._kv_regions)
         """KV cache bytes given back to the kernel at creation (resident again once written)."""
         log.info("kv_cache_pages", released_mib=round(self.kv_released_bytes / (1 << 20), 1), lazy=lazy_kv)

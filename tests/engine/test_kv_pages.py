@@ -37,7 +37,9 @@ def test_anon_regions_are_private_writable_unnamed_mappings() -> None:
     ("before", "after", "new"),
     [
         pytest.param([(0, 10)], [(0, 10), (20, 30)], [(20, 30)], id="a-new-mapping"),
-        pytest.param([(0, 10)], [(0, 40)], [(0, 40)], id="grown-or-merged"),
+        pytest.param([(0, 10)], [(0, 40)], [(10, 40)], id="grown-only-the-new-part"),
+        pytest.param([(10, 20)], [(0, 40)], [(0, 10), (20, 40)], id="merged-around-an-old-one"),
+        pytest.param([(0, 10), (30, 40)], [(0, 40)], [(10, 30)], id="merged-between-two-old-ones"),
         pytest.param([(0, 10), (20, 30)], [(0, 10)], [], id="unmapped"),
     ],
 )
