@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import ConfigError
@@ -77,6 +77,12 @@ class LogSettings(_Section):
     """``auto``: JSON lines when stdout is not a terminal (journald), console otherwise."""
 
 
+KvCacheType = Literal["f16", "bf16", "q8_0", "q4_0"]
+"""KV cache element types the engine accepts (``[engine] kv_cache_type_k`` / ``kv_cache_type_v``)."""
+QUANTIZED_KV_TYPES = frozenset({"q8_0", "q4_0"})
+"""Block-quantized KV types: as V they need flash attention in llama.cpp."""
+
+
 class EngineSettings(_Section):
     n_threads: int | None = Field(default=None, ge=1, le=1024)
     """Defaults to the number of physical cores."""
@@ -94,6 +100,22 @@ class EngineSettings(_Section):
     """Plain CPU kernels, so a stream's greedy output does not depend on its batch neighbours."""
     kv_unified: bool = False
     """True: the slots share n_ctx cells; False: each slot has its own n_ctx cells (more memory)."""
+    kv_cache_type_k: KvCacheType = "f16"
+    """Element type of the KV cache's keys (``q8_0``/``q4_0``: llama.cpp's block quantization)."""
+    kv_cache_type_v: KvCacheType = "f16"
+    """Element type of the values; a quantized one needs flash attention (see the validator)."""
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attention(self) -> EngineSettings:
+        # llama.cpp refuses a quantized V cache without flash attention, and the batch-invariant
+        # kernel set turns flash attention off (docs/engine.md): refuse the pair here, by name.
+        if self.kv_cache_type_v in QUANTIZED_KV_TYPES and self.batch_invariant:
+            raise ValueError(
+                f"engine.kv_cache_type_v = {self.kv_cache_type_v!r} needs flash attention, which "
+                "engine.batch_invariant = true turns off; set batch_invariant = false or a "
+                "kv_cache_type_v of 'f16' or 'bf16' (kv_cache_type_k may be quantized either way)"
+            )
+        return self
 
 
 class IsolationSettings(_Section):
@@ -471,10 +493,12 @@ __all__ = [
     "EngineSettings",
     "HubSettings",
     "IsolationSettings",
+    "KvCacheType",
     "LogSettings",
     "MetricsSettings",
     "ModelSettings",
     "PoolSettings",
+    "QUANTIZED_KV_TYPES",
     "SelectionSettings",
     "ServerSettings",
     "ServiceSettings",

@@ -12,9 +12,11 @@ For a GGUF model served by llama.cpp (through llama-cpp-python, CPU backend)::
   CPU (:func:`repack_types`: Q4_0/Q4_K/IQ4_NL/MXFP4 with AVX2, plus Q2_K with AVX-512; the K-quants,
   Q8_0 and more on ARM with dotprod or i8mm); on an unknown CPU, or for a model whose tensor types
   are unknown (a manifest), every type that some CPU repacks (:data:`REPACKABLE_TYPES`) counts.
-* ``kv_cache`` ``streams x`` per layer ``cells(layer) x n_head_kv(layer) x (key_length + value_length)
-  x kv_bytes``. It mirrors llama.cpp's allocation, which is **resident at creation on every CPU**:
-  the KV buffer is cleared with ``memset`` when the context is created, which touches every page
+* ``kv_cache`` ``streams x`` per layer ``cells(layer) x n_head_kv(layer) x (row(key_length, type_k)
+  + row(value_length, type_v))``, a row being whole blocks of its type (f16/bf16: 2 bytes a value;
+  ``q8_0``: 34 bytes per 32 values; ``q4_0``: 18 per 32 -- the f16 scale of each block included).
+  It mirrors llama.cpp's allocation, which is **resident at creation on every CPU**: the KV buffer
+  is cleared with ``memset`` when the context is created, which touches every page
   (measured: the whole cache is resident before the first token; no transparent huge pages).
 
   - unified cache (``kv_unified``, or one sequence): one stream of ``pad256(n_ctx)`` cells that
@@ -65,7 +67,17 @@ MIB = 1 << 20
 GIB = 1 << 30
 KV_PAD = 256
 """llama.cpp pads the KV cache size (and the number of cells a graph attends to) to 256."""
-KV_TYPE_BYTES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+KV_TYPE_BLOCKS: dict[str, tuple[int, int]] = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+}
+"""KV cache element types: (values per block, bytes per block). ``q8_0`` is 32 int8 values and an
+f16 scale, ``q4_0`` 32 nibbles and an f16 scale (ggml's ``block_q8_0`` / ``block_q4_0``)."""
+KV_TYPE_BYTES: dict[str, float] = {t: size / n for t, (n, size) in KV_TYPE_BLOCKS.items()}
+"""Bytes per value, block overhead included (q8_0: 1.0625, q4_0: 0.5625)."""
 RUNTIME_OVERHEAD_BASE = 32 * MIB
 RUNTIME_OVERHEAD_PER_TOKEN = 128
 """Bytes per vocabulary entry held by the tokenizer and its caches (about 32 MiB for 262k tokens)."""
@@ -136,7 +148,10 @@ class RuntimeParams:
     """Cells one sequence may use (``engine.n_ctx``); with ``kv_unified`` the cells all share."""
     n_batch: int = 512
     n_ubatch: int = 512
-    kv_type: str = "f16"
+    kv_type_k: str = "f16"
+    """Element type of the cached keys (``engine.kv_cache_type_k``; a :data:`KV_TYPE_BLOCKS` name)."""
+    kv_type_v: str = "f16"
+    """Element type of the cached values (``engine.kv_cache_type_v``)."""
     swa_full: bool = True
     n_seq: int = 1
     """Sequence slots of the context (``engine.n_parallel``)."""
@@ -228,24 +243,36 @@ def kv_cells(shape: ModelShape, layer: int, params: RuntimeParams) -> int:
     return full
 
 
+def kv_row_bytes(kv_type: str, n_values: int) -> int:
+    """Bytes of one cell's row of ``n_values`` keys (or values) of one KV head in ``kv_type``:
+    whole blocks, so a row that does not fill its last block pays for all of it."""
+    per_block, size = KV_TYPE_BLOCKS[kv_type]
+    return -(-n_values // per_block) * size
+
+
+def kv_cell_bytes(shape: ModelShape, params: RuntimeParams, heads: int) -> int:
+    """Bytes one cell of one layer with ``heads`` KV heads takes: keys and values, each in its type."""
+    return heads * (
+        kv_row_bytes(params.kv_type_k, shape.key_length) + kv_row_bytes(params.kv_type_v, shape.value_length)
+    )
+
+
 def kv_cache_bytes(shape: ModelShape, params: RuntimeParams) -> int:
-    """Streams x sum over layers of cells x KV heads x (key + value length) x bytes per value."""
-    per_value = KV_TYPE_BYTES[params.kv_type]
-    width = shape.key_length + shape.value_length
+    """Streams x sum over layers of cells x bytes per cell (:func:`kv_cell_bytes`: KV heads x the
+    key and value rows in their own types, block overhead included)."""
     full = kv_stream_cells(params)
     window = _swa_cells(shape, params, full)
     streams = kv_streams(params)
     swa = shape.swa_layers if shape.sliding_window else ()
     if len(shape.n_head_kv) == 1:
         n_swa = sum(1 for flag in swa[: shape.n_layers] if flag)
-        heads = shape.n_head_kv[0]
-        total = (n_swa * window + (shape.n_layers - n_swa) * full) * heads * width * per_value
-        return int(total) * streams
-    acc = 0.0
+        cell = kv_cell_bytes(shape, params, shape.n_head_kv[0])
+        return (n_swa * window + (shape.n_layers - n_swa) * full) * cell * streams
+    acc = 0
     for layer in range(shape.n_layers):
         cells = window if layer < len(swa) and swa[layer] else full
-        acc += cells * shape.n_head_kv[layer] * width * per_value
-    return int(acc) * streams
+        acc += cells * kv_cell_bytes(shape, params, shape.n_head_kv[layer])
+    return acc * streams
 
 
 def compute_bytes(shape: ModelShape, params: RuntimeParams) -> tuple[int, int]:
@@ -353,6 +380,7 @@ def fmt_bytes(n: int) -> str:
 __all__ = [
     "GIB",
     "ONNX_ATTENTION_BYTES",
+    "KV_TYPE_BLOCKS",
     "KV_TYPE_BYTES",
     "MIB",
     "ONNX_OVERHEAD_FACTOR",
@@ -368,7 +396,9 @@ __all__ = [
     "estimate_onnx",
     "fmt_bytes",
     "kv_cache_bytes",
+    "kv_cell_bytes",
     "kv_cells",
+    "kv_row_bytes",
     "kv_stream_cells",
     "kv_streams",
     "repack_types",

@@ -167,6 +167,8 @@ def policy_from_settings(settings: Settings, profile: HardwareProfile, task: str
             n_ubatch=settings.engine.n_batch,
             n_seq=settings.engine.n_parallel,
             kv_unified=settings.engine.kv_unified,
+            kv_type_k=settings.engine.kv_cache_type_k,
+            kv_type_v=settings.engine.kv_cache_type_v,
             repack=not settings.engine.batch_invariant,
             repack_types=repack_types(profile.cpu.arch, profile.cpu.features),
             onnx_batch=settings.embedding.batch_size,

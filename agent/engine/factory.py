@@ -61,6 +61,8 @@ def build_engine(
         prefill_chunk=e.prefill_chunk,
         batch_invariant=e.batch_invariant,
         kv_unified=e.kv_unified,
+        kv_cache_type_k=e.kv_cache_type_k,
+        kv_cache_type_v=e.kv_cache_type_v,
         guard=guard,
     )
 

@@ -63,6 +63,8 @@ class LlamaEngine(EngineLifecycle):
         embed_batch: int = 512,
         batch_invariant: bool = True,
         kv_unified: bool = False,
+        kv_cache_type_k: str = "f16",
+        kv_cache_type_v: str = "f16",
         guard: LoadGuard | None = None,
     ) -> None:
         super().__init__(info, guard)
@@ -75,6 +77,7 @@ class LlamaEngine(EngineLifecycle):
         self._embed_batch = embed_batch
         self._batch_invariant = batch_invariant
         self._kv_unified = kv_unified
+        self._kv_types = (kv_cache_type_k, kv_cache_type_v)
         self._model: Any = None
         self._ctx: Any = None
         self._runner: BatchRunner | None = None
@@ -123,6 +126,8 @@ class LlamaEngine(EngineLifecycle):
                 n_slots=self._n_parallel,
                 n_threads=self._n_threads,
                 unified=self._kv_unified,
+                type_k=self._kv_types[0],
+                type_v=self._kv_types[1],
             )
         except Exception:
             model.close()

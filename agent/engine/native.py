@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent.engine import kv_pages
 from agent.engine.base import SamplingParams
 from agent.errors import BadRequest, EngineError, ModelLoadError
 from fleet.log import get_logger
@@ -48,6 +49,7 @@ log = get_logger(__name__)
 __all__ = [
     "GREEDY_PENALTY_TOP_K",
     "INVARIANT_KERNEL_ENV",
+    "KV_GGML_TYPES",
     "PENALTY_LAST_N",
     "NativeContext",
     "NativeModel",
@@ -74,11 +76,21 @@ INVARIANT_KERNEL_ENV = {"GGML_CPU_TILED_MM": "0"}
 TILED_MIN_ROWS = 8
 """Rows from which ggml's tiled K-quant matmul replaces the plain dot product (``ggml_tiled_min_batch``)."""
 
+KV_GGML_TYPES = {"f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+"""KV cache element types by name -> ``enum ggml_type`` values (ggml.h; stable across versions,
+and llama-cpp-python 0.3.36 does not export ``GGML_TYPE_BF16``)."""
+QUANTIZED_KV = frozenset({"q4_0", "q8_0"})
+"""Block-quantized KV types; as V they need flash attention (llama.cpp refuses the context without)."""
+
 _GGML_LOG_ERROR = 4
 _LLAMA_FLASH_ATTN_DISABLED = 0
 _LLAMA_FLASH_ATTN_ENABLED = 1
 _log_lock = threading.Lock()
 _log_state: dict[str, Any] = {}
+_create_lock = threading.Lock()
+"""Serialises context creation with the release of its KV pages (:mod:`agent.engine.kv_pages`)."""
+_capture = threading.local()
+"""``lines``: a list collecting llama.cpp's log lines on this thread while set (context creation)."""
 _kernel_state: dict[str, bool] = {}
 
 
@@ -95,6 +107,9 @@ def silence_llama_logs() -> None:
         if "callback" not in _log_state:
 
             def forward(level: int, text: bytes, _user: Any) -> None:
+                lines = getattr(_capture, "lines", None)
+                if lines is not None and text:
+                    lines.append(text.decode("utf-8", "replace"))
                 if level == _GGML_LOG_ERROR and text:
                     log.error("llama_cpp", message=text.decode("utf-8", "replace").rstrip())
 
@@ -419,6 +434,11 @@ class NativeSampler:
 class NativeContext:
     """A llama context with ``n_slots`` sequences: one shared (unified) KV cache, or a stream each.
 
+    ``lazy_kv`` (default): the KV buffers llama.cpp zeroes at creation are given back to the kernel
+    (:mod:`agent.engine.kv_pages`), so KV memory becomes resident as cells are written: slots that
+    never ran a request hold none. ``type_k``/``type_v`` are the cache's element types
+    (:data:`KV_GGML_TYPES`); a quantized ``type_v`` needs flash attention (refused when it is off).
+
     ``flash_attn``: ``None`` follows the model (off for a batch-invariant model, whose invariance
     it would break; llama.cpp's automatic choice otherwise), ``True``/``False`` force it. A
     batch-invariant model's context of ``TILED_MIN_ROWS`` slots or more calls
@@ -437,7 +457,19 @@ class NativeContext:
         pooling: int | None = None,
         unified: bool = True,
         flash_attn: bool | None = None,
+        type_k: str = "f16",
+        type_v: str = "f16",
+        lazy_kv: bool = True,
     ) -> None:
+        for role, name in (("kv_cache_type_k", type_k), ("kv_cache_type_v", type_v)):
+            if name not in KV_GGML_TYPES:
+                known = ", ".join(sorted(KV_GGML_TYPES))
+                raise ModelLoadError(f"{role} {name!r} is not a KV cache type the engine knows ({known})")
+        if type_v in QUANTIZED_KV and (flash_attn is False or (flash_attn is None and model.batch_invariant)):
+            raise ModelLoadError(
+                f"kv_cache_type_v {type_v!r} needs flash attention, which a batch-invariant model's "
+                "contexts run without (engine.batch_invariant = true)"
+            )
         lib = _lib()
         self._lib = lib
         self._model = model
@@ -451,8 +483,12 @@ class NativeContext:
         p.kv_unified = unified
         p.swa_full = True
         p.no_perf = True
+        p.type_k = KV_GGML_TYPES[type_k]
+        p.type_v = KV_GGML_TYPES[type_v]
         if flash_attn is None and model.batch_invariant:
             flash_attn = False
+        if flash_attn is None and type_v in QUANTIZED_KV:
+            flash_attn = True  # llama.cpp's "auto" may still say no; a quantized V needs it
         if model.batch_invariant and n_slots >= TILED_MIN_ROWS:
             use_invariant_kernels()
         elif os.environ.get("GGML_CPU_TILED_MM") != "0":
@@ -462,14 +498,32 @@ class NativeContext:
             p.flash_attn_type = _LLAMA_FLASH_ATTN_ENABLED if flash_attn else _LLAMA_FLASH_ATTN_DISABLED
         self.flash_attn: bool | None = flash_attn
         """False: attention as plain matmul + softmax; None: llama.cpp decides (auto)."""
+        self.type_k, self.type_v = type_k, type_v
+        """KV cache element types (:data:`KV_GGML_TYPES` names)."""
         if embeddings:
             p.embeddings = True
             if pooling is not None:
                 p.pooling_type = pooling
-        ctx = lib.llama_init_from_model(model.ptr, p)
+        silence_llama_logs()  # our callback, which captures this thread's lines while asked
+        with _create_lock:  # contexts created at once would see each other's buffers as new
+            before = kv_pages.anon_regions() if lazy_kv else []
+            _capture.lines = []
+            try:
+                ctx = lib.llama_init_from_model(model.ptr, p)
+            finally:
+                lines: list[str] = _capture.lines
+                _capture.lines = None
+            kv_regions = kv_pages.release_kv_pages(before, lines) if lazy_kv and ctx else []
         if not ctx:
-            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens")
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {n_ctx} tokens "
+                f"(KV cache {type_k}/{type_v}, flash attention {flash_attn})"
+            )
         self._ctx = ctx
+        self._kv_regions = kv_regions
+        self.kv_released_bytes: int = sum(hi - lo for lo, hi in self._kv_regions)
+        """KV cache bytes given back to the kernel at creation (resident again once written)."""
+        log.info("kv_cache_pages", released_mib=round(self.kv_released_bytes / (1 << 20), 1), lazy=lazy_kv)
         self._mem = lib.llama_get_memory(ctx) if hasattr(lib, "llama_get_memory") else None
         self.shared_kv = unified
         """True: the slots share the context's cells; False: each slot has its own stream."""
@@ -509,10 +563,12 @@ class NativeContext:
         return bool(self._lib.llama_kv_self_seq_rm(self._ctx, seq, p0, -1))  # pragma: no cover
 
     def clear(self) -> None:
+        """Empty the cache; its buffers (zeroed by llama.cpp) go back to the kernel again."""
         if self._mem is not None:
             self._lib.llama_memory_clear(self._mem, True)
         else:  # pragma: no cover - older bindings
             self._lib.llama_kv_self_clear(self._ctx)
+        kv_pages.release(self._kv_regions)
 
     def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> NativeSampler:
         """The native chain: logit bias, top-k, penalties, then greedy or top-p/min-p/temp/dist;

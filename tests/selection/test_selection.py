@@ -161,6 +161,22 @@ PROFILE_CASES = [
         {"gemma-3-270m-f16": "needs 820 MiB, 740 MiB available", "qwen2.5-1.5b": "needs 1.4 GiB"},
     ),
     ("container-512m", {}, {}, None, "", {"gemma-3-270m-q4_0": "needs 420 MiB, 232 MiB available"}),
+    (  # q8_0 keys and values: 144 -> 76.5 MiB of KV, still 12 MiB short for the F16 file
+        "container-1g",
+        {"runtime": RuntimeParams(n_ctx=8192, kv_type_k="q8_0", kv_type_v="q8_0")},
+        {},
+        "gemma-3-270m-q8_0",
+        "best quality that fits",
+        {"gemma-3-270m-f16": "needs 752 MiB, 740 MiB available"},
+    ),
+    (  # q4_0 keys and values: 40.5 MiB of KV, and the F16 file fits only so
+        "container-1g",
+        {"runtime": RuntimeParams(n_ctx=8192, kv_type_k="q4_0", kv_type_v="q4_0")},
+        {},
+        "gemma-3-270m-f16",
+        "best quality that fits",
+        {},
+    ),
 ]
 
 
@@ -176,6 +192,8 @@ PROFILE_CASES = [
         "nuc-estimated",
         "container-1g",
         "container-512m",
+        "container-1g-kv-q8_0-still-too-small-for-f16",
+        "container-1g-kv-q4_0-fits-f16",
     ],
 )
 def test_named_profiles(
