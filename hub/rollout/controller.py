@@ -84,24 +84,30 @@ class RolloutController:
         now = self.now()
         if r.state == "starting":
             self.sign(r.group, r.model, r.previous, self._wave_entry(r, 0))
-            self.rollouts.update(r.id, state="running", wave=0, wave_started=now, now=now)
             first = sorted(d for d, w in r.devices.items() if w == 0)
-            self.rollouts.log(
+            self.rollouts.transition(
                 r,
                 "started",
                 f"{r.model} {r.previous} -> {r.version}, wave 1 of {len(r.waves)}: {', '.join(first)}",
+                now,
+                state="running",
+                wave=0,
+                wave_started=now,
             )
         elif r.state == "aborting":
             self.sign(r.group, r.model, r.previous, None)
-            self.rollouts.update(r.id, state="rolling_back", now=now)
-            self.rollouts.log(
-                r, "rolling_back", f"every box of {r.group} signed back to {r.model} {r.previous}"
+            self.rollouts.transition(
+                r,
+                "rolling_back",
+                f"every box of {r.group} signed back to {r.model} {r.previous}",
+                now,
+                state="rolling_back",
             )
         elif r.state == "rolling_back":
             still = [b.device for b in boxes_of(r, inv) if b.status == "moved" and b.online]
             if not still:
-                self.rollouts.update(r.id, state="rolled_back", now=now)
-                self.rollouts.log(r, "rolled_back", f"no online box serves {r.model} {r.version} any more")
+                detail = f"no online box serves {r.model} {r.version} any more"
+                self.rollouts.transition(r, "rolled_back", detail, now, state="rolled_back")
         elif r.state == "running":
             self._run(r, inv, now)
 
@@ -125,21 +131,24 @@ class RolloutController:
         if d.action == "advance":
             wave = r.wave + 1
             self.sign(r.group, r.model, r.previous, self._wave_entry(r, wave))
-            self.rollouts.update(r.id, wave=wave, wave_started=now, reason="", now=now)
             added = sorted(dev for dev, w in r.devices.items() if w == wave)
-            self.rollouts.log(
-                r, "wave_advanced", f"wave {wave + 1} of {len(r.waves)}: {', '.join(added)}; {detail}"
+            self.rollouts.transition(
+                r,
+                "wave_advanced",
+                f"wave {wave + 1} of {len(r.waves)}: {', '.join(added)}; {detail}",
+                now,
+                wave=wave,
+                wave_started=now,
+                reason="",
             )
         elif d.action == "complete":
             self.sign(r.group, r.model, r.version, None)
-            self.rollouts.update(r.id, state="completed", reason="", now=now)
-            self.rollouts.log(r, "completed", f"{r.group} holds {r.model} {r.version}; {detail}")
+            done = f"{r.group} holds {r.model} {r.version}; {detail}"
+            self.rollouts.transition(r, "completed", done, now, state="completed", reason="")
         elif d.action == "pause":
-            self.rollouts.update(r.id, state="paused", reason=d.reason, now=now)
-            self.rollouts.log(r, "paused", detail)
+            self.rollouts.transition(r, "paused", detail, now, state="paused", reason=d.reason)
         elif d.action == "abort":
-            self.rollouts.update(r.id, state="aborting", reason=d.reason, now=now)
-            self.rollouts.log(r, "aborted", detail)
+            self.rollouts.transition(r, "aborted", detail, now, state="aborting", reason=d.reason)
             r.state = "aborting"
             self._step(r, inv)
 

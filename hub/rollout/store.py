@@ -151,34 +151,50 @@ class RolloutStore:
 
     def update(self, rid: int, now: float | None = None, **values: Any) -> None:
         """Set columns (``state``, ``wave``, ``wave_started``, ``waived_wave``, ``baseline``, ``reason``)."""
+        with self.db.tx() as conn:
+            self._update(conn, rid, time.time() if now is None else now, values)
+
+    def log(self, rollout: Rollout, decision: str, detail: str, now: float | None = None) -> None:
+        """Record a decision in the rollout's log and as a hub event (kind ``rollout``)."""
+        with self.db.tx() as conn:
+            self._log(conn, rollout, decision, detail, time.time() if now is None else now)
+
+    def transition(
+        self, rollout: Rollout, decision: str, detail: str, now: float | None = None, **values: Any
+    ) -> None:
+        """:meth:`update` and :meth:`log` in one transaction: a reader never sees the new state
+        without the decision that made it (or the other way round)."""
+        now = time.time() if now is None else now
+        with self.db.tx() as conn:
+            self._update(conn, rollout.id, now, values)
+            self._log(conn, rollout, decision, detail, now)
+
+    @staticmethod
+    def _update(conn: Any, rid: int, now: float, values: dict[str, Any]) -> None:
         allowed = {"state", "wave", "wave_started", "waived_wave", "baseline", "reason"}
         unknown = set(values) - allowed
         if unknown:
             raise ValueError(f"unknown rollout columns: {', '.join(sorted(unknown))}")
         if "baseline" in values:
-            values["baseline"] = json.dumps(values["baseline"], sort_keys=True)
+            values = {**values, "baseline": json.dumps(values["baseline"], sort_keys=True)}
         sets = ", ".join(f"{k} = ?" for k in values)
-        with self.db.tx() as conn:
-            conn.execute(
-                f"UPDATE rollouts SET {sets}, updated = ? WHERE id = ?",  # noqa: S608 (checked column names)
-                (*values.values(), time.time() if now is None else now, rid),
-            )
+        conn.execute(
+            f"UPDATE rollouts SET {sets}, updated = ? WHERE id = ?",  # noqa: S608 (checked column names)
+            (*values.values(), now, rid),
+        )
 
-    def log(self, rollout: Rollout, decision: str, detail: str, now: float | None = None) -> None:
-        """Record a decision in the rollout's log and as a hub event (kind ``rollout``)."""
-        now = time.time() if now is None else now
+    def _log(self, conn: Any, rollout: Rollout, decision: str, detail: str, now: float) -> None:
         target = f"rollouts/{rollout.id}/{rollout.group}/{rollout.model}/{rollout.version}"
-        with self.db.tx() as conn:
-            self.db.lock_table(conn, "rollout_log")
-            (top,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM rollout_log").fetchone()
-            conn.execute(
-                "INSERT INTO rollout_log (id, rollout, at, decision, detail) VALUES (?, ?, ?, ?, ?)",
-                (int(top) + 1, rollout.id, now, decision, detail),
-            )
-            conn.execute(
-                "INSERT INTO events (device, kind, status, target, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
-                ("hub", "rollout", decision, target, detail[:1900], now),
-            )
+        self.db.lock_table(conn, "rollout_log")
+        (top,) = conn.execute("SELECT COALESCE(MAX(id), 0) FROM rollout_log").fetchone()
+        conn.execute(
+            "INSERT INTO rollout_log (id, rollout, at, decision, detail) VALUES (?, ?, ?, ?, ?)",
+            (int(top) + 1, rollout.id, now, decision, detail),
+        )
+        conn.execute(
+            "INSERT INTO events (device, kind, status, target, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
+            ("hub", "rollout", decision, target, detail[:1900], now),
+        )
 
     def history(self, rid: int) -> list[tuple[float, str, str]]:
         rows = self.db.query(

@@ -91,7 +91,7 @@ async def fleet(
                 sum(r.state is not None and r.state.serving.get("m") == "1" for r in hub.store.devices())
                 == len(online)
             ),  # type: ignore[union-attr]
-            30,
+            60,
             "the hub knows every box on v1",
         )
         f = Fleet(repo.path, hub, boxes, v2.sha256)
