@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +56,9 @@ from fleet.messages import (
     offline_will,
     online_status,
 )
-from fleet.mqtt import MqttClient, MqttConfig
+from fleet.mqtt import MqttConfig
 from registry.metadata import Deployment, deployment_target_path
+from tests.fleetsim.loopclient import LoopClient
 from tests.fleetsim.verify import MetaRefused, MetaVerifier
 
 HEALTHY = "healthy"
@@ -116,6 +117,7 @@ class SimBox:
         key: DeviceKey | None = None,
         event_ack_timeout_s: float = 30.0,
         chunk_timeout_s: float = 10.0,
+        client_factory: Callable[[MqttConfig], Any] | None = None,
     ) -> None:
         self.id = device_id
         self.config = dataclasses.replace(config, will=offline_will(device_id))
@@ -126,7 +128,10 @@ class SimBox:
         self.key = key or DeviceKey.generate()
         self.event_ack_timeout_s = event_ack_timeout_s
         self.chunk_timeout_s = chunk_timeout_s
-        self.client: MqttClient | None = None
+        self.client_factory = client_factory or LoopClient
+        self.client: Any = None
+        """a :class:`~tests.fleetsim.loopclient.LoopClient` (default) or the device's own
+        :class:`fleet.mqtt.MqttClient` (one network thread per box)"""
         self.stats = Stats()
         self.health = HealthBook()
         self.serving: dict[str, str] = {}
@@ -157,7 +162,7 @@ class SimBox:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        client = self.client = MqttClient(self.config)
+        client = self.client = self.client_factory(self.config)
         await client.start()
         # Registered before the first connection completes: renewed by the client on each connect.
         await client.subscribe(META_PREFIX + "#", self._on_meta, qos=1)

@@ -100,6 +100,7 @@ class SimFleet:
         groups: tuple[str, ...] = ("edge",),
         behaviour: Callable[[str], Behaviour] | None = None,
         hardware: dict[str, Any] | None = None,
+        client_factory: Callable[[MqttConfig], Any] | None = None,
     ) -> None:
         self.verifier = MetaVerifier(trusted_root)
         hw = sim_hardware() if hardware is None else hardware
@@ -111,6 +112,7 @@ class SimFleet:
                 groups=groups,
                 hardware=hw,
                 behaviour=behaviour(d) if behaviour else None,
+                client_factory=client_factory,
             )
             for d in ids
         ]

@@ -167,13 +167,12 @@ async def test_a_client_id_other_than_the_cn_is_replaced_by_the_cn(broker: Broke
     """On the device listener the broker replaces the asked client id by the CN
     (``use_username_as_clientid``) before the plugin's "client id = CN" rule would see it: the
     certificate of dev-a asking to be dev-b stays dev-a, and dev-b's connection is untouched."""
-    async with device(broker, "dev-b") as victim:
-        async with device(broker, "dev-a", client_id="dev-b") as dev:
-            await dev.publish(Outgoing("edge/v1/devices/dev-a/state", b"{}", qos=1))  # its own uplink
-            with pytest.raises(PublishRefused):
-                await dev.publish(Outgoing("edge/v1/devices/dev-b/state", b"{}", qos=1))
-            await asyncio.sleep(0.5)
-            assert victim.is_connected
+    async with device(broker, "dev-b") as victim, device(broker, "dev-a", client_id="dev-b") as dev:
+        await dev.publish(Outgoing("edge/v1/devices/dev-a/state", b"{}", qos=1))  # its own uplink
+        with pytest.raises(PublishRefused):
+            await dev.publish(Outgoing("edge/v1/devices/dev-b/state", b"{}", qos=1))
+        await asyncio.sleep(0.5)
+        assert victim.is_connected
 
 
 async def test_refused_share_join_takes_nothing_from_the_hub_under_load(broker: Broker) -> None:
