@@ -38,6 +38,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import _report
 
@@ -56,7 +57,9 @@ def raise_fd_limit() -> int:
 
 def cpu_name() -> str:
     try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        for line in subprocess.run(
+            ["lscpu"], capture_output=True, text=True, check=False
+        ).stdout.splitlines():
             if line.startswith("Model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -64,9 +67,18 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def broker_drops(broker: object) -> int:
+    """How often Mosquitto logged dropping messages queued for a hub client (its per-session
+    ``max_queued_messages`` / ``max_queued_bytes`` caps in the shipped config)."""
+    log = broker.log_path  # type: ignore[attr-defined]
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return sum("messages are being dropped for client hub" in line for line in text.splitlines())
+
+
 def cli(*argv: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "hub.cli", *argv], env=env, capture_output=True, text=True)
+    argv = (sys.executable, "-m", "hub.cli", *argv)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | str]:
@@ -82,7 +94,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
     out: dict[str, float | int | str] = {}
 
     def step(name: str) -> None:
-        print(f"fleet_sim: {name} {({k: v for k, v in out.items() if isinstance(v, float)})}", file=sys.stderr)
+        done = {k: round(v, 3) for k, v in out.items() if isinstance(v, float)}
+        print(f"fleet_sim: {name} {done}", file=sys.stderr)
+
     t0 = time.monotonic()
     pki = fleet_pki(args.boxes)
     out["pki_s"] = time.monotonic() - t0
@@ -96,14 +110,23 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
     set_deployment(repo, "edge", "m", version="1", pin=True)
     db = args.db or str(work / "hub.db")
     hubs = [
-        HubProcess(repo.path, Path(db), work, "127.0.0.1", broker.service_port, pki,
-                   rollout_interval_s=args.rollout_interval, client_id=f"hub-sim-{i}")  # fmt: skip
+        HubProcess(
+            repo.path,
+            Path(db),
+            work,
+            "127.0.0.1",
+            broker.service_port,
+            pki,
+            rollout_interval_s=args.rollout_interval,
+            client_id=f"hub-sim-{i}",
+        )
         for i in range(args.workers)
     ]
     for h in hubs:
         h.start()
     root = (repo.path / "metadata" / "1.root.json").read_bytes()
     ids = device_ids(args.boxes)
+
     def config(d: str) -> MqttConfig:
         return replace(broker.client_config(d), backoff_min_s=0.5, backoff_max_s=5.0, ack_timeout_s=60.0)
 
@@ -117,13 +140,15 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
         out["serving_v1_s"] = await fleet.wait(lambda b: b.serving.get("m") == "1", args.timeout, "v1")
         out["inventory_s"] = await wait_store(
             Path(db),
-            lambda st: sum(r.state is not None and r.state.serving.get("m") == "1" for r in st.devices()) == n,
+            lambda st: (
+                sum(r.state is not None and r.state.serving.get("m") == "1" for r in st.devices()) == n
+            ),
             args.timeout,
             "inventory",
         )
         out["connects"] = sum(b.stats.connects for b in fleet.boxes)
 
-        step('state reports')
+        step("state reports")
         # state reports
         marker = 1_000_000.0
         t = time.monotonic()
@@ -139,16 +164,20 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
         )
         out["state_per_s"] = n * args.states / (time.monotonic() - t)
 
-        step('events')
+        step("events")
         # events
         t = time.monotonic()
         await asyncio.gather(
-            *(b.report_event("model", "probe", f"models/m/{i}") for b in fleet.boxes for i in range(args.events))
+            *(
+                b.report_event("model", "probe", f"models/m/{i}")
+                for b in fleet.boxes
+                for i in range(args.events)
+            )
         )
         await asyncio.gather(*(b.wait_events_acked(args.timeout) for b in fleet.boxes))
         out["events_per_s"] = n * args.events / (time.monotonic() - t)
 
-        step('audit')
+        step("audit")
         # audit
         for b in fleet.boxes:
             b.add_audit(args.records)
@@ -156,10 +185,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
         await asyncio.gather(*(b.upload_audit(args.timeout) for b in fleet.boxes))
         out["audit_s"] = time.monotonic() - t
         out["audit_per_s"] = n * args.records / out["audit_s"]
+        out["audit_resends"] = sum(b.stats.audit_resends for b in fleet.boxes)
+        out["broker_dropped_for_hub"] = broker_drops(broker)
         bad = [b.id for b in fleet.boxes if b.stats.refusals]
         out["boxes_with_refusals"] = len(bad)
 
-        step('metadata: a new deployment reaching every box')
+        step("metadata: a new deployment reaching every box")
         # metadata: a new deployment reaching every box
         before = {b.id: set(b.stats.deployments) for b in fleet.boxes}
         t = time.monotonic()
@@ -174,12 +205,14 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
         await fleet.wait(lambda b: b.serving.get("m") == "2", args.timeout, "v2")
         await wait_store(
             Path(db),
-            lambda st: sum(r.state is not None and r.state.serving.get("m") == "2" for r in st.devices()) == n,
+            lambda st: (
+                sum(r.state is not None and r.state.serving.get("m") == "2" for r in st.devices()) == n
+            ),
             args.timeout,
             "inventory on v2",
         )
 
-        step('rollout v2 -> v3')
+        step("rollout v2 -> v3")
         # rollout v2 -> v3
         t = time.monotonic()
         done = cli("rollout", "start", "--group", "edge", "--model", "m", "--version", "3",
@@ -205,36 +238,50 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
     return out
 
 
-def render(args: argparse.Namespace, r: dict[str, float | int | str], fds: int) -> str:
+def render(args: argparse.Namespace, r: dict[str, Any], fds: int) -> str:
+    n = args.boxes
+    rows = [
+        (f"connect storm: all {n} boxes connected (TLS, subscriptions renewed)",
+         f"{r['connect_s']:.1f} s ({r['connects']} connections)"),
+        ("... every box verified the metadata, fetched its deployment and serves v1",
+         f"{r['serving_v1_s']:.1f} s later"),
+        ("... the hub's inventory holds every box's state on v1", f"{r['inventory_s']:.1f} s later"),
+        (f"state report ingest ({args.states} per box, until the hub stored each box's last)",
+         f"{r['state_per_s']:.0f} reports/s"),
+        (f"event ingest ({args.events} per box, until every one is acknowledged)",
+         f"{r['events_per_s']:.0f} events/s"),
+        (f"audit ingest ({args.records} records per box, batches of 1,000, chains and signatures checked)",
+         f"{r['audit_per_s']:.0f} records/s ({r['audit_s']:.1f} s)"),
+        ("`edge-hub deploy` of v2 (the command itself: fit check, sign)", f"{r['deploy_cmd_s']:.1f} s"),
+        ("new deployment at every box: metadata verified, deployment fetched (from the command's start; "
+         "goal <= 10 s for 1,000)",
+         f"{r['deploy_cmd_s'] + r['metadata_s']:.1f} s ({r['metadata_s']:.1f} s after the command "
+         "returned; the hub polls the repository every 2 s)"),
+        (f"`edge-hub rollout start --waves 1%,10%,50%,100%` -> every box serves v3 (controller every "
+         f"{args.rollout_interval:g} s)", f"{r['rollout_all_boxes_s']:.1f} s"),
+        ("... the hub marks the rollout completed", f"{r['rollout_completed_s']:.1f} s"),
+    ]  # fmt: skip
+    table = "\n".join(["| measure | result |", "| --- | --- |", *(f"| {a} | {b} |" for a, b in rows)])
+    db_flag = f" --db {args.db}" if args.db else ""
+    store = "PostgreSQL" if args.db and args.db.startswith("postgres") else "SQLite"
     return f"""{SECTION}
 
 The hub under simulated boxes (tests/fleetsim/: one process, one MQTT connection and TLS client
 certificate per box, speaking the device protocol: state with hardware and health, events acked
 by the hub, signed audit chains, retained TUF metadata verified, the deployment fetched by chunk
 request, the signed wave selector), a real Mosquitto with the shipped config and plugin, and
-{args.workers} `edge-hub serve` process(es) on {'SQLite' if not args.db or not args.db.startswith('postgres') else 'PostgreSQL'}.
+{args.workers} `edge-hub serve` process(es) on {store}.
 One run, {args.boxes} boxes, CPU {cpu_name()} ({os.cpu_count()} cores shared by the broker, the hub
 and the simulator), open-file limit {fds}.
 
-    .venv/bin/python bench/fleet_sim.py --boxes {args.boxes} --workers {args.workers}{' --db ' + args.db if args.db else ''} --write
+    .venv/bin/python bench/fleet_sim.py --boxes {n} --workers {args.workers}{db_flag} --write
 
-| measure | result |
-| --- | --- |
-| connect storm: all {args.boxes} boxes connected (TLS, subscriptions renewed) | {r['connect_s']:.1f} s ({r['connects']} connections) |
-| ... every box verified the metadata, fetched its deployment and serves v1 | {r['serving_v1_s']:.1f} s later |
-| ... the hub's inventory holds every box's state on v1 | {r['inventory_s']:.1f} s later |
-| state report ingest ({args.states} per box, until the hub stored each box's last) | {r['state_per_s']:.0f} reports/s |
-| event ingest ({args.events} per box, until every one is acknowledged) | {r['events_per_s']:.0f} events/s |
-| audit ingest ({args.records} records per box, batches of 1,000, chains and signatures checked) | {r['audit_per_s']:.0f} records/s ({r['audit_s']:.1f} s) |
-| `edge-hub deploy` of v2 (the command itself: fit check, sign) | {r['deploy_cmd_s']:.1f} s |
-| new deployment at every box: metadata verified, deployment fetched (from the command's start; goal <= 10 s for 1,000) | {r['deploy_cmd_s'] + r['metadata_s']:.1f} s ({r['metadata_s']:.1f} s after the command returned; the hub polls the repository every 2 s) |
-| `edge-hub rollout start --waves 1%,10%,50%,100%` -> every box serves v3 (controller every {args.rollout_interval:g} s) | {r['rollout_all_boxes_s']:.1f} s |
-| ... the hub marks the rollout completed | {r['rollout_completed_s']:.1f} s |
+{table}
 
-Boxes that saw a refusal: {r['boxes_with_refusals']}. Distinct metadata sets verified (python-tuf
-signature checks, shared by the simulated boxes): {r['verified_metadata_sets']}. The boxes' paho
+Boxes that saw a refusal: {r["boxes_with_refusals"]}. Distinct metadata sets verified (python-tuf
+signature checks, shared by the simulated boxes): {r["verified_metadata_sets"]}. The boxes' paho
 clients run on one asyncio loop (tests/fleetsim/loopclient.py; only TCP connect + TLS handshake
-use a pool of 8 threads): simulator threads at the end {r['threads']}.
+use a pool of 8 threads): simulator threads at the end {r["threads"]}.
 """
 
 
@@ -246,7 +293,9 @@ def main() -> int:
     parser.add_argument("--states", type=int, default=5)
     parser.add_argument("--events", type=int, default=10)
     parser.add_argument("--records", type=int, default=200)
-    parser.add_argument("--rollout-interval", type=float, default=5.0, help="edge-hub serve --rollout-interval")
+    parser.add_argument(
+        "--rollout-interval", type=float, default=5.0, help="edge-hub serve --rollout-interval"
+    )
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args()
     fds = raise_fd_limit()

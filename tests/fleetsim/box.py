@@ -96,6 +96,8 @@ class Stats:
     events_sent: int = 0
     events_acked: int = 0
     audit_acked: int = 0
+    audit_resends: int = 0
+    """batches sent again after ``audit_ack_timeout_s`` without an ack (as agent/sync/audit_upload.py)"""
     chunk_requests: int = 0
     deployments: dict[str, float] = field(default_factory=dict)
     """sha256 of each deployment document taken -> when it was verified and resolved"""
@@ -117,6 +119,7 @@ class SimBox:
         key: DeviceKey | None = None,
         event_ack_timeout_s: float = 30.0,
         chunk_timeout_s: float = 10.0,
+        audit_ack_timeout_s: float = 30.0,
         client_factory: Callable[[MqttConfig], Any] | None = None,
     ) -> None:
         self.id = device_id
@@ -128,6 +131,7 @@ class SimBox:
         self.key = key or DeviceKey.generate()
         self.event_ack_timeout_s = event_ack_timeout_s
         self.chunk_timeout_s = chunk_timeout_s
+        self.audit_ack_timeout_s = audit_ack_timeout_s
         self.client_factory = client_factory or LoopClient
         self.client: Any = None
         """a :class:`~tests.fleetsim.loopclient.LoopClient` (default) or the device's own
@@ -318,8 +322,10 @@ class SimBox:
                 self._audit_ack.clear()
                 try:
                     await self.client.publish(Outgoing(device_topic(self.id, "audit"), batch.encode(), qos=1))
-                    await asyncio.wait_for(self._audit_ack.wait(), max(0.1, deadline - time.monotonic()))
-                except (MqttError, TimeoutError):
+                    wait = min(self.audit_ack_timeout_s, deadline - time.monotonic())
+                    await asyncio.wait_for(self._audit_ack.wait(), max(0.1, wait))
+                except (MqttError, TimeoutError):  # sent again from the mark, as the device does
+                    self.stats.audit_resends += 1
                     if time.monotonic() > deadline:
                         raise TimeoutError(
                             f"{self.id}: audit not acknowledged past seq {self.uploaded} "

@@ -37,7 +37,7 @@ def hw(
 
 def doctor(failed: list[str], current: bool = True) -> dict[str, object]:
     """The ``doctor`` table of a hardware report (agent/hardware/report.py)."""
-    types = {"Q4_K": "ok", "Q8_0": "ok", **{t: "SIGILL" for t in failed}}
+    types = {"Q4_K": "ok", "Q8_0": "ok", **dict.fromkeys(failed, "SIGILL")}
     return {"build_id": "b1", "current": current, "types": types, "failed_types": failed}
 
 
