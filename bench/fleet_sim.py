@@ -186,6 +186,10 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
         out["audit_s"] = time.monotonic() - t
         out["audit_per_s"] = n * args.records / out["audit_s"]
         out["audit_resends"] = sum(b.stats.audit_resends for b in fleet.boxes)
+        # the hub's own pace: boxes whose first batches were all answered (none re-sent)
+        first = sorted(b.stats.audit_done_at - t for b in fleet.boxes if not b.stats.audit_resends)
+        out["audit_first_pass_boxes"] = len(first)
+        out["audit_first_pass_per_s"] = len(first) * args.records / first[-1] if first else 0.0
         out["broker_dropped_for_hub"] = broker_drops(broker)
         bad = [b.id for b in fleet.boxes if b.stats.refusals]
         out["boxes_with_refusals"] = len(bad)
@@ -251,7 +255,10 @@ def render(args: argparse.Namespace, r: dict[str, Any], fds: int) -> str:
         (f"event ingest ({args.events} per box, until every one is acknowledged)",
          f"{r['events_per_s']:.0f} events/s"),
         (f"audit ingest ({args.records} records per box, batches of 1,000, chains and signatures checked)",
-         f"{r['audit_per_s']:.0f} records/s ({r['audit_s']:.1f} s)"),
+         f"{r['audit_per_s']:.0f} records/s ({r['audit_s']:.1f} s, re-sends after the 30 s ack timeout in)"
+         ),
+        ("... the hub's pace on the batches it was handed (boxes acknowledged without a re-send)",
+         f"{r['audit_first_pass_per_s']:.0f} records/s ({r['audit_first_pass_boxes']} boxes)"),
         ("`edge-hub deploy` of v2 (the command itself: fit check, sign)", f"{r['deploy_cmd_s']:.1f} s"),
         ("new deployment at every box: metadata verified, deployment fetched (from the command's start; "
          "goal <= 10 s for 1,000)",

@@ -97,10 +97,13 @@ class Stats:
     events_acked: int = 0
     audit_acked: int = 0
     audit_resends: int = 0
+    audit_done_at: float | None = None
+    """when the hub acknowledged the last record held (time.monotonic())"""
     """batches sent again after ``audit_ack_timeout_s`` without an ack (as agent/sync/audit_upload.py)"""
     chunk_requests: int = 0
     deployments: dict[str, float] = field(default_factory=dict)
-    """sha256 of each deployment document taken -> when it was verified and resolved"""
+    """sha256 of each deployment document -> when its bytes were fetched and checked against the
+    verified metadata (before anything is installed)"""
     activations: list[tuple[str, str, str, float]] = field(default_factory=list)
     """(model, version, outcome, at)"""
     refusals: list[str] = field(default_factory=list)
@@ -346,6 +349,8 @@ class SimBox:
         if self.uploaded <= ack.up_to_seq <= len(self.records):
             self.stats.audit_acked += ack.up_to_seq - self.uploaded
             self.uploaded = ack.up_to_seq
+            if self.uploaded == len(self.records):
+                self.stats.audit_done_at = time.monotonic()
             self._audit_ack.set()
 
     # --- metadata, deployments, chunk requests -------------------------------------------------
@@ -400,13 +405,13 @@ class SimBox:
             sha = target.hashes["sha256"]
             if self._deployment is None or self._deployment[0] != sha:
                 self._deployment = (sha, Deployment.from_json(await self.fetch(sha, target.length)))
+                self.stats.deployments.setdefault(sha, time.time())  # verified, fetched, parsed
             deployment = self._deployment[1].for_device(self.id)
             self.pinned = next((m.model for m in deployment.models if m.pin), None)
             for entry in deployment.models:
                 version = entry.version or newest(targets, entry.model)
                 if version is not None and self.serving.get(entry.model) != version:
                     await self.activate(targets, entry.model, version)
-            self.stats.deployments.setdefault(sha, time.time())
         await self.publish_state()
 
     async def fetch(self, sha256: str, length: int) -> bytes:
