@@ -285,6 +285,10 @@ and the simulator), open-file limit {fds}.
 
 {table}
 
+Audit batches sent again after the device's 30 s ack timeout: {r["audit_resends"]}; Mosquitto log
+lines "Outgoing messages are being dropped for client hub...": {r["broker_dropped_for_hub"]} (its
+per-session cap of 64 MiB queued, shipped config, applies to the hub's session too: the boxes'
+audit burst overflowed it; docs/operations.md 4.9).
 Boxes that saw a refusal: {r["boxes_with_refusals"]}. Distinct metadata sets verified (python-tuf
 signature checks, shared by the simulated boxes): {r["verified_metadata_sets"]}. The boxes' paho
 clients run on one asyncio loop (tests/fleetsim/loopclient.py; only TCP connect + TLS handshake
