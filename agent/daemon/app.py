@@ -367,9 +367,9 @@ async def build_sync(
         raise ConfigError(f"config error: hub.key_file = {str(key_file)!r}: {exc}") from None
     hardware: dict[str, Any] = {}
     try:
-        from agent.hardware.probe import probe
+        from agent.hardware.report import hardware_report
 
-        hardware = probe(timeout_s=1.0).to_dict()
+        hardware = hardware_report(settings.state_dir, timeout_s=1.0)
     except Exception as exc:  # the hardware profile is informative only
         log.warning("sync_hardware_probe_failed", error=repr(exc))
     key_hex = ensure_device_key(settings.state_dir).public.raw.hex()

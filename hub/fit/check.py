@@ -51,6 +51,16 @@ def profile_from_report(hw: Mapping[str, Any]) -> HardwareProfile | None:
     )
 
 
+def doctor_failures(hw: Mapping[str, Any]) -> frozenset[str]:
+    """Tensor types that failed ``edge-agent doctor`` with the box's current llama.cpp build, from
+    the ``doctor`` table of its hardware report (agent/hardware/report.py); empty when none."""
+    table = hw.get("doctor")
+    if not isinstance(table, Mapping) or not table.get("current"):
+        return frozenset()
+    failed = table.get("failed_types")
+    return frozenset(str(t) for t in failed) if isinstance(failed, list) else frozenset()
+
+
 def fit(
     device: str, hardware: Mapping[str, Any], manifest: ModelManifest, serving: ModelManifest | None = None
 ) -> Fit:
@@ -61,7 +71,7 @@ def fit(
     reclaim = 0
     if serving is not None:
         reclaim = estimate(candidate_from_manifest(serving).shape, SelectionPolicy().runtime).total
-    policy = SelectionPolicy(reclaimable_bytes=reclaim)
+    policy = SelectionPolicy(reclaimable_bytes=reclaim, failed_types=doctor_failures(hardware))
     row = select(profile, [candidate_from_manifest(manifest)], policy).rows[0]
     if row.verdict not in ("fits", "chosen"):
         return Fit(device, "no", row.reason)
@@ -142,6 +152,7 @@ __all__ = [
     "Fit",
     "check_boxes",
     "check_push",
+    "doctor_failures",
     "fit",
     "group_boxes",
     "manifest_of",

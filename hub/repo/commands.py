@@ -155,20 +155,25 @@ def cmd_policy_add(args: argparse.Namespace) -> int:
 
 def cmd_deployment_set(args: argparse.Namespace) -> int:
     from hub.fit.check import check_push
+    from hub.rollout.guard import refuse_during_rollout
+    from hub.sync.meta import repo_lock
     from registry.publish import set_deployment
 
-    repo = open_repo(args)
-    if check_push(args, repo, args.group, args.model, args.model_version):
-        return 1
-    dep = set_deployment(
-        repo,
-        args.group,
-        args.model,
-        version=args.model_version,
-        pin=args.pin,
-        maintenance_window=args.window,
-        mirrors=tuple(args.mirror) if args.mirror is not None else None,
-    )
+    with repo_lock(_repo_dir(args)):  # not while the rollout controller signs a wave
+        repo = open_repo(args)
+        if check_push(args, repo, args.group, args.model, args.model_version):
+            return 1
+        if refuse_during_rollout(args, args.group, args.model, "edge-hub deployment set"):
+            return 1
+        dep = set_deployment(
+            repo,
+            args.group,
+            args.model,
+            version=args.model_version,
+            pin=args.pin,
+            maintenance_window=args.window,
+            mirrors=tuple(args.mirror) if args.mirror is not None else None,
+        )
     print(dep.to_json().decode())
     return 0
 
@@ -276,8 +281,14 @@ def register(sub: Any) -> None:
     p.add_argument("--model-version", default=None)
     p.add_argument("--pin", action="store_true", help="serve this model as the group's default")
     p.add_argument("--window", default=None, help="maintenance window HH:MM-HH:MM (UTC)")
-    p.add_argument("--force", action="store_true", help="push even to boxes the model does not fit")
-    p.add_argument("--db", default=None, help="hub database for the fit check ($EDGE_HUB_DB, else ./hub.db)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="push even to boxes the model does not fit, and end a rollout of the model in the group",
+    )
+    p.add_argument(
+        "--db", default=None, help="hub database for the fit and rollout checks ($EDGE_HUB_DB, else ./hub.db)"
+    )
     p.add_argument(
         "--mirror",
         action="append",

@@ -60,7 +60,7 @@ class RolloutController:
     def __init__(
         self,
         store: HubStore,
-        sign: Callable[[str, str, str, WaveEntry | None], None],
+        sign: Callable[[str, str, str, WaveEntry | None, Callable[[], bool]], bool],
         now: Callable[[], float] = time.time,
     ) -> None:
         self.hub_store = store
@@ -76,6 +76,13 @@ class RolloutController:
             except Exception as exc:  # one rollout's trouble never stops the others or the hub
                 log.error("rollout_step_failed", rollout=rollout.id, error=repr(exc))
 
+    def _sign(self, r: Rollout, base_version: str, wave: WaveEntry | None) -> bool:
+        """Sign unless the rollout stopped being active meanwhile (checked under the repository
+        lock: an operator's forced push ends it under that lock, hub/rollout/guard.py)."""
+        from hub.rollout.guard import still_active
+
+        return self.sign(r.group, r.model, base_version, wave, lambda: still_active(self.rollouts, r.id))
+
     def _wave_entry(self, r: Rollout, wave: int) -> WaveEntry:
         devices = tuple(sorted(d for d, w in r.devices.items() if w <= wave))
         return WaveEntry(r.model, r.version, devices)
@@ -83,7 +90,8 @@ class RolloutController:
     def _step(self, r: Rollout, inv: dict[str, tuple[dict[str, Any] | None, bool]]) -> None:
         now = self.now()
         if r.state == "starting":
-            self.sign(r.group, r.model, r.previous, self._wave_entry(r, 0))
+            if not self._sign(r, r.previous, self._wave_entry(r, 0)):
+                return
             first = sorted(d for d, w in r.devices.items() if w == 0)
             self.rollouts.transition(
                 r,
@@ -95,7 +103,8 @@ class RolloutController:
                 wave_started=now,
             )
         elif r.state == "aborting":
-            self.sign(r.group, r.model, r.previous, None)
+            if not self._sign(r, r.previous, None):
+                return
             self.rollouts.transition(
                 r,
                 "rolling_back",
@@ -130,7 +139,8 @@ class RolloutController:
         detail = d.reason + ("; " + "; ".join(d.checks) if d.checks else "")
         if d.action == "advance":
             wave = r.wave + 1
-            self.sign(r.group, r.model, r.previous, self._wave_entry(r, wave))
+            if not self._sign(r, r.previous, self._wave_entry(r, wave)):
+                return
             added = sorted(dev for dev, w in r.devices.items() if w == wave)
             self.rollouts.transition(
                 r,
@@ -142,7 +152,8 @@ class RolloutController:
                 reason="",
             )
         elif d.action == "complete":
-            self.sign(r.group, r.model, r.version, None)
+            if not self._sign(r, r.version, None):
+                return
             done = f"{r.group} holds {r.model} {r.version}; {detail}"
             self.rollouts.transition(r, "completed", done, now, state="completed", reason="")
         elif d.action == "pause":
@@ -155,15 +166,21 @@ class RolloutController:
 
 def repo_signer(
     repo_dir: Path, passphrase: bytes | None
-) -> Callable[[str, str, str, WaveEntry | None], None]:
-    """Signs with the repository's keys under the repository lock (as ``edge-hub deploy`` does)."""
+) -> Callable[[str, str, str, WaveEntry | None, Callable[[], bool]], bool]:
+    """Signs with the repository's keys under the repository lock (as ``edge-hub deploy`` does),
+    only when ``still_wanted()`` holds under that lock; returns whether it signed."""
 
-    def sign(group: str, model: str, base_version: str, wave: WaveEntry | None) -> None:
+    def sign(
+        group: str, model: str, base_version: str, wave: WaveEntry | None, still_wanted: Callable[[], bool]
+    ) -> bool:
         from registry.publish import set_rollout
         from registry.repository import Repository
 
         with repo_lock(repo_dir):
+            if not still_wanted():
+                return False
             set_rollout(Repository.open(repo_dir, passphrase), group, model, base_version, wave)
+            return True
 
     return sign
 

@@ -72,6 +72,7 @@ class Collector:
         self.store = store
         self.on_event = on_event
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._state_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._acks: defaultdict[str, list[str]] = defaultdict(list)
         self._ack_tasks: dict[str, asyncio.Task[None]] = {}
         self.batches = 0
@@ -122,7 +123,10 @@ class Collector:
         if report.device != device:
             log.warning("state_for_other_device", topic=msg.topic, claimed=report.device)
             return
-        await asyncio.to_thread(self.store.record_state, device, report)
+        # One device's reports are stored in arrival order (a burst would otherwise race in the
+        # thread pool and leave an older report as the device's state).
+        async with self._state_locks[device]:
+            await asyncio.to_thread(self.store.record_state, device, report)
         await self._clear_retained(msg)
 
     async def _on_status(self, msg: Incoming) -> None:

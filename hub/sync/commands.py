@@ -206,12 +206,15 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from hub.fit.check import check_push
     from hub.repo.commands import open_repo
+    from hub.rollout.guard import refuse_during_rollout
     from hub.sync.meta import repo_lock
     from registry.publish import set_deployment
 
     with repo_lock(_repo_dir(args)):  # not while `edge-hub serve` re-signs the timestamp
         repo = open_repo(args)
         if check_push(args, repo, args.group, args.model, args.model_version):
+            return 1
+        if refuse_during_rollout(args, args.group, args.model, "edge-hub deploy"):
             return 1
         dep = set_deployment(
             repo,
@@ -403,7 +406,11 @@ def register(sub: Any) -> None:
     p.add_argument("--model-version", default=None)
     p.add_argument("--pin", action="store_true")
     p.add_argument("--window", default=None, help="maintenance window HH:MM-HH:MM (UTC)")
-    p.add_argument("--force", action="store_true", help="push even to boxes the model does not fit")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="push even to boxes the model does not fit, and end a rollout of the model in the group",
+    )
     p.add_argument(
         "--mirror",
         action="append",
