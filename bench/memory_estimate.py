@@ -1,4 +1,4 @@
-"""Validate agent.memory's estimate against real llama.cpp loads of Gemma 3 270M.
+"""Validate fleet.memory's estimate against real llama.cpp loads of Gemma 3 270M.
 
 For each context size, a fresh subprocess imports llama_cpp, records its RSS, loads the model with
 the daemon's own engine (``agent.engine.factory.build_engine`` with the default engine settings: n_batch 512,
@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.hardware.types import CpuInfo  # noqa: E402
-from agent.memory import MIB, ModelShape, RuntimeParams, estimate, repack_types, shape_from_gguf  # noqa: E402
+from fleet.hardware import CpuInfo  # noqa: E402
+from fleet.memory import MIB, ModelShape, RuntimeParams, estimate, repack_types, shape_from_gguf  # noqa: E402
 from registry.gguf_info import read_gguf_info  # noqa: E402
 
 MAX_OVER = 0.20
@@ -134,7 +134,7 @@ def onnx_table() -> float:
     """The demo MiniLM INT8 encoder: session + one batch, fresh process per shape."""
     from agent.daemon.candidates import onnx_initializers
     from agent.demo import embedding_model_files
-    from agent.memory import ModelShape, estimate_onnx
+    from fleet.memory import ModelShape, estimate_onnx
 
     path, _ = embedding_model_files()
     weights, params = onnx_initializers(path)

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.hardware.probe import measure_bandwidth, probe
-from agent.memory import ModelShape, RuntimeParams
-from agent.selection import SPEED_EFFICIENCY, Candidate, SelectionPolicy, select
+from fleet.memory import ModelShape, RuntimeParams
+from fleet.selection import SPEED_EFFICIENCY, Candidate, SelectionPolicy, select
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = [  # layers, heads, kv heads, embedding, vocab, sliding window

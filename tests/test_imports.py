@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("agent", "registry", "fleet", "hub")
-PURE = ("agent.access", "agent.selection", "agent.memory", "agent.errors", "agent.hardware.types")
+PURE = ("agent.access", "fleet.selection", "fleet.memory", "agent.errors", "fleet.hardware")
 ADAPTERS = ("agent.engine", "agent.server", "agent.audit", "agent.sync", "agent.hardware.probe")
 
 

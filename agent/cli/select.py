@@ -26,12 +26,12 @@ from agent.daemon.candidates import BENCH_PROMPT, load_speeds, run_selection, sa
 from agent.engine.base import ModelInfo
 from agent.errors import AgentError, ConfigError
 from agent.hardware.probe import measure_bandwidth, probe
-from agent.hardware.types import HardwareProfile
-from agent.memory import fmt_bytes
-from agent.selection import (
+from fleet.hardware import HardwareProfile
+from fleet.log import get_logger
+from fleet.memory import fmt_bytes
+from fleet.selection import (
     Selection,
 )
-from fleet.log import get_logger
 
 log = get_logger(__name__)
 

@@ -3,7 +3,7 @@ select``): candidates read from the installed models' GGUF headers, speeds measu
 bench``, the tensor types ``edge-agent doctor`` failed, the pin (config, or the hub's deployment),
 the memory estimate for the engine's settings, and :func:`prefer_selected` (the best fit first).
 
-The choice itself is pure (:mod:`agent.selection`); everything here reads files or probes.
+The choice itself is pure (:mod:`fleet.selection`); everything here reads files or probes.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ from agent.config import Settings
 from agent.engine.base import ModelInfo
 from agent.errors import AgentError
 from agent.hardware.probe import probe
-from agent.hardware.types import HardwareProfile
-from agent.memory import MIB, ModelShape, RuntimeParams, estimate, repack_types
-from agent.selection import (
+from fleet.hardware import HardwareProfile
+from fleet.log import get_logger
+from fleet.memory import MIB, ModelShape, RuntimeParams, estimate, repack_types
+from fleet.selection import (
     Candidate,
     Selection,
     SelectionPolicy,
     candidate_from_gguf,
     select,
 )
-from fleet.log import get_logger
 from registry.exceptions import RegistryError, StoreError
 from registry.files import atomic_write
 from registry.gguf_info import read_gguf_info
@@ -230,7 +230,7 @@ def run_selection(
 
 
 def model_memory_estimate(settings: Settings) -> Callable[[ModelInfo], int]:
-    """The pool's ``estimate`` hook: :mod:`agent.memory` from the GGUF header, file size on failure."""
+    """The pool's ``estimate`` hook: :mod:`fleet.memory` from the GGUF header, file size on failure."""
     params = policy_from_settings(settings, HardwareProfile(), None).runtime
     cache: dict[tuple[str, int], int] = {}
 

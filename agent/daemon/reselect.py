@@ -18,16 +18,16 @@ from agent.daemon.candidates import candidate_for, effective_pin, run_selection
 from agent.engine.base import ModelInfo
 from agent.errors import AgentError
 from agent.hardware.probe import probe
-from agent.hardware.types import HardwareProfile
-from agent.memory import MIB
-from agent.selection import (
+from fleet.hardware import HardwareProfile
+from fleet.log import get_logger
+from fleet.memory import MIB
+from fleet.selection import (
     SwitchDecision,
     SwitchHistory,
     SwitchPolicy,
     observe,
     should_switch,
 )
-from fleet.log import get_logger
 
 log = get_logger(__name__)
 

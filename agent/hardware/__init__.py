@@ -1,5 +1,5 @@
-"""What this box is: plain data (:mod:`agent.hardware.types`) and the probe that fills it in."""
+"""What this box is: plain data (:mod:`fleet.hardware`) and the probe that fills it in."""
 
-from agent.hardware.types import HardwareProfile
+from fleet.hardware import HardwareProfile
 
 __all__ = ["HardwareProfile"]

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from agent.hardware.types import (
+from fleet.hardware import (
     UNKNOWN,
     Accelerator,
     CgroupInfo,

@@ -1,5 +1,5 @@
-"""Does a model fit a box? The box's own selection (:func:`agent.selection.select`, the memory
-estimate of :mod:`agent.memory`) run on the hardware the box reported in its state.
+"""Does a model fit a box? The box's own selection (:func:`fleet.selection.select`, the memory
+estimate of :mod:`fleet.memory`) run on the hardware the box reported in its state.
 
 Per box: ``fits`` (with the estimate and the budget), ``no`` (the reason the box would give:
 memory, CPU features, task, disk) or ``unknown`` (the box reported no hardware). The memory the
@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.hardware.types import CgroupInfo, CpuInfo, HardwareProfile, MemoryInfo
-from agent.memory import estimate, fmt_bytes
-from agent.selection import SelectionPolicy, candidate_from_manifest, select
+from fleet.hardware import CgroupInfo, CpuInfo, HardwareProfile, MemoryInfo
+from fleet.memory import estimate, fmt_bytes
+from fleet.selection import SelectionPolicy, candidate_from_manifest, select
 from registry.metadata import ModelManifest
 
 

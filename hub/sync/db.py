@@ -15,7 +15,8 @@ Invariants:
   before extending its audit chain), so concurrent writers never lose an update.
 - :meth:`Database.query` reads outside any write transaction and returns all rows (no cursor
   outlives the call, so a pooled connection goes back at once).
-- The schema is brought to :data:`hub.sync.migrations.LATEST` when the database is opened.
+- The schema is brought to :data:`hub.sync.migrations.LATEST` when the database is opened
+  (:func:`hub.sync.migrations.open_database`).
 """
 
 from __future__ import annotations
@@ -203,20 +204,6 @@ def exists(target: str | Path) -> bool:
     return is_url(target) or Path(target).is_file()
 
 
-def open_database(target: str | Path) -> Database:
-    """The database named by ``target`` (a ``postgresql://`` URL or a SQLite path), its schema
-    migrated to the latest version."""
-    from hub.sync.migrations import migrate
-
-    db: Database = PostgresDatabase(str(target)) if is_url(target) else SqliteDatabase(Path(target))
-    try:
-        migrate(db)
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
 __all__ = [
     "PG_SCHEMES",
     "Cursor",
@@ -228,5 +215,4 @@ __all__ = [
     "describe",
     "exists",
     "is_url",
-    "open_database",
 ]

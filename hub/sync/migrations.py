@@ -22,8 +22,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from hub.sync.db import Database, Tx
+from hub.sync.db import Database, PostgresDatabase, SqliteDatabase, Tx, is_url
 
 MIGRATION_LOCK = 0x6564_6765_6875_6201
 """pg_advisory_xact_lock key held while migrating (``edgehub`` + 1)."""
@@ -245,4 +246,16 @@ def migrate(db: Database, target: int = LATEST) -> list[int]:
     return applied
 
 
-__all__ = ["LATEST", "MIGRATIONS", "Migration", "SchemaTooNew", "current_version", "migrate"]
+def open_database(target: str | Path) -> Database:
+    """The database named by ``target`` (a ``postgresql://`` URL or a SQLite path), its schema
+    migrated to the latest version."""
+    db: Database = PostgresDatabase(str(target)) if is_url(target) else SqliteDatabase(Path(target))
+    try:
+        migrate(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+__all__ = ["open_database", "LATEST", "MIGRATIONS", "Migration", "SchemaTooNew", "current_version", "migrate"]

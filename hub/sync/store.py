@@ -44,7 +44,8 @@ from typing import Any
 from fleet.chain import GENESIS, Checkpoint, Sealed, verify
 from fleet.device_key import DeviceKeyError, DevicePublicKey
 from fleet.messages import AuditAck, AuditBatch, Event, StateReport, Status, check_device_id
-from hub.sync.db import Database, Tx, describe, open_database
+from hub.sync.db import Database, Tx, describe
+from hub.sync.migrations import open_database
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ class DeviceRow:
 
 
 class HubStore:
-    """The hub database (SQLite file or PostgreSQL URL, :func:`hub.sync.db.open_database`), its
+    """The hub database (SQLite file or PostgreSQL URL, :func:`hub.sync.migrations.open_database`), its
     schema migrated on open; safe to share between threads, processes and (PostgreSQL) hosts."""
 
     def __init__(self, target: str | Path) -> None:

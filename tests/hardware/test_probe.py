@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.hardware.probe import guarded, parse_auxv, probe, probe_cgroup
-from agent.hardware.types import GpuInfo, HardwareProfile
+from fleet.hardware import GpuInfo, HardwareProfile
 
 MACHINES = Path(__file__).resolve().parent.parent / "fixtures" / "machines"
 GIB = 1 << 30

@@ -15,8 +15,8 @@ import pytest
 from fleet.chain import GENESIS, make_checkpoint, seal_all
 from fleet.device_key import DeviceKey
 from fleet.messages import AuditBatch
-from hub.sync.db import db_target, describe, open_database
-from hub.sync.migrations import LATEST, SchemaTooNew, migrate
+from hub.sync.db import db_target, describe
+from hub.sync.migrations import LATEST, SchemaTooNew, migrate, open_database
 from hub.sync.store import HubStore
 from tests.sync.test_audit_sync import entries
 

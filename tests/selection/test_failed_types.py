@@ -11,9 +11,9 @@ import pytest
 from agent.cli import main
 from agent.engine.doctor import DoctorReport, TypeResult, current_build, save_results
 from agent.hardware.probe import probe
-from agent.hardware.types import HardwareProfile
-from agent.memory import ModelShape, RuntimeParams
-from agent.selection import (
+from fleet.hardware import HardwareProfile
+from fleet.memory import ModelShape, RuntimeParams
+from fleet.selection import (
     Candidate,
     SelectionPolicy,
     candidate_from_gguf,

@@ -11,7 +11,7 @@ import pytest
 from agent.config import EngineSettings, Settings, format_validation_error
 from agent.daemon.candidates import model_memory_estimate
 from agent.daemon.catalog import info_for_file
-from agent.memory import (
+from fleet.memory import (
     MIB,
     ModelShape,
     RuntimeParams,

@@ -1,4 +1,4 @@
-"""agent.memory against the real Gemma 3 270M header, the sizes llama.cpp itself reports and the
+"""fleet.memory against the real Gemma 3 270M header, the sizes llama.cpp itself reports and the
 resident memory bench/memory_estimate.py measured (docs/benchmarks.md)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from agent.config import EngineSettings, Settings
 from agent.daemon.candidates import model_memory_estimate
 from agent.daemon.catalog import info_for_file
-from agent.memory import (
+from fleet.memory import (
     MIB,
     REPACKABLE_TYPES,
     ModelShape,

@@ -1,4 +1,4 @@
-"""Hypothesis properties of agent.selection.select over synthetic candidates and profiles."""
+"""Hypothesis properties of fleet.selection.select over synthetic candidates and profiles."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.hardware.types import CpuInfo, HardwareProfile, MemoryInfo
-from agent.memory import MIB, ModelShape, RuntimeParams
-from agent.selection import Candidate, SelectionPolicy, select
+from fleet.hardware import CpuInfo, HardwareProfile, MemoryInfo
+from fleet.memory import MIB, ModelShape, RuntimeParams
+from fleet.selection import Candidate, SelectionPolicy, select
 
 FEATURES = ["neon", "dotprod", "avx2", "avx512f"]
 

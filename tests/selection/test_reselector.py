@@ -16,8 +16,8 @@ from agent.engine.base import CompletionRequest, SamplingParams
 from agent.engine.factory import build_engine
 from agent.engine.pool import ModelPool
 from agent.hardware.probe import probe
-from agent.hardware.types import HardwareProfile
-from agent.memory import MIB
+from fleet.hardware import HardwareProfile
+from fleet.memory import MIB
 
 MACHINES = Path(__file__).resolve().parent.parent / "fixtures" / "machines"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from agent.hardware.probe import probe
-from agent.hardware.types import HardwareProfile
-from agent.memory import MIB, RuntimeParams
-from agent.selection import (
+from fleet.hardware import HardwareProfile
+from fleet.memory import MIB, RuntimeParams
+from fleet.selection import (
     Candidate,
     SelectionPolicy,
     candidate_from_gguf,

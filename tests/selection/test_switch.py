@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from agent.hardware.types import CgroupInfo, HardwareProfile, MemoryInfo
-from agent.memory import MIB, ModelShape
-from agent.selection import (
+from fleet.hardware import CgroupInfo, HardwareProfile, MemoryInfo
+from fleet.memory import MIB, ModelShape
+from fleet.selection import (
     Candidate,
     Observation,
     Selection,

@@ -5,7 +5,7 @@ The steps, each leaving a reason on every candidate it rejects:
 1. filters: task, backend/format available on this box, required CPU features, tensor types that
    failed ``edge-agent doctor`` with this build on this box (``failed_types``), the access policy
    (a predicate passed in);
-2. memory: the estimate (:mod:`agent.memory`) for the configured context must fit the budget =
+2. memory: the estimate (:mod:`fleet.memory`) for the configured context must fit the budget =
    usable memory (available memory, capped by the cgroup limit minus its working set)
    - headroom - memory reserved for models still loading + memory reclaimable from the model that
    would be replaced;
@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from agent.hardware.types import HardwareProfile
-from agent.memory import (
+from fleet.hardware import HardwareProfile
+from fleet.memory import (
     MIB,
     MemoryEstimate,
     ModelShape,
