@@ -96,7 +96,7 @@ async def main_async(args: argparse.Namespace) -> None:
     broker.start()
     pg = Postgres(fsync=True)
     pg.start()
-    results: dict[str, list[float]] = {"sqlite-1": [], "pg-1": [], "pg-2": []}
+    results: dict[str, list[float]] = {k: [] for k in args.setups.split(",")}
     try:
         for r in range(args.rounds):
             for name, rates in results.items():
@@ -107,6 +107,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 rates.append(rate)
                 print(f"round {r} {name}: {rate:,.0f} records/s", flush=True)
     finally:
+        print(f"work directory: {tmp}", flush=True)
         broker.cleanup()
         pg.stop()
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -116,14 +117,17 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"\nCPU: {cpu}, {args.rounds} rounds, {len(DEVICES)} devices x {args.records} records, medians:")
     for k, v in med.items():
         print(f"  {k}: {v:,.0f} records/s")
-    print(f"  pg-2 / pg-1 = {med['pg-2'] / med['pg-1']:.2f}x")
-    print(f"  pg-1 / sqlite-1 = {med['pg-1'] / med['sqlite-1']:.2f}x")
+    if "pg-2" in med and "pg-1" in med:
+        print(f"  pg-2 / pg-1 = {med['pg-2'] / med['pg-1']:.2f}x")
+    if "pg-1" in med and "sqlite-1" in med:
+        print(f"  pg-1 / sqlite-1 = {med['pg-1'] / med['sqlite-1']:.2f}x")
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--records", type=int, default=5000, help="per device")
+    p.add_argument("--setups", default="sqlite-1,pg-1,pg-2", help="comma-separated subset")
     asyncio.run(main_async(p.parse_args()))
 
 
