@@ -208,10 +208,13 @@ class HubStore:
     def _insert(
         self, conn: Tx, device: str, rows: list[tuple[int, str, str]], cps: list[Checkpoint], now: float
     ) -> None:
-        """Insert verified records that extend the device's chain, and their checkpoints."""
-        conn.executemany(
-            "INSERT INTO audit (device, seq, hash, body, time, received) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        """Insert verified records that extend the device's chain (all beyond its stored end, under
+        its row lock: none is held yet, so a duplicate is an error, not skipped), and their
+        checkpoints (PostgreSQL: ``COPY``, :meth:`Database.insert_rows`)."""
+        self.db.insert_rows(
+            conn,
+            "audit",
+            ("device", "seq", "hash", "body", "time", "received"),
             [(device, s, h, b, _time_of(b), now) for s, b, h in rows],
         )
         conn.executemany(
