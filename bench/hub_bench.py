@@ -70,6 +70,7 @@ async def one_run(broker: object, url_or_path: str | Path, workers: int, records
     while any(logs[d][0].backlog() for d in DEVICES):
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - start
+    hub_cpu = sum(_cpu_s(h.pid) for h in hubs)
     for u in ups:
         await u.close()
     for c in clients:
@@ -81,7 +82,20 @@ async def one_run(broker: object, url_or_path: str | Path, workers: int, records
         assert store.audit_count(d) == (records, records), d
         assert store.verify_device(d) == (records, []), d
     store.close()
-    return len(DEVICES) * records / elapsed
+    n = len(DEVICES) * records
+    print(
+        f"    {elapsed:.2f} s; hub workers' CPU {hub_cpu:.2f} s ({hub_cpu / elapsed:.2f} cores busy)",
+        flush=True,
+    )
+    return n / elapsed
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (Linux /proc)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def main_async(args: argparse.Namespace) -> None:
