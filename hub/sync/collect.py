@@ -8,9 +8,9 @@ Audit batches arrive on the shared subscription ``$share/hub/edge/v1/devices/+/a
 hub workers may split them) and are stored one device at a time, in arrival order; the
 acknowledgement goes to ``edge/v1/devices/<id>/audit/ack`` (never retained). With several
 workers, a device's batches in flight are split between them by the broker, so a batch may reach
-its worker before the batch ahead of it is stored by another: a batch answered with a gap is tried
-again for up to ``gap_wait_s`` (the device's row lock orders the writers, hub/sync/store.py) before
-the gap goes back to the device, which then re-sends from the acknowledged seq. Events arrive on
+its worker before the batch ahead of it is stored by another: the store holds it as pending
+(verified on its own) and the worker that stores the missing predecessor promotes it and
+acknowledges the highest contiguous seq (hub/sync/store.py); no worker waits for another. Events arrive on
 ``$share/hub/.../events``; once an event is stored (or found already stored) its id is
 acknowledged on ``edge/v1/devices/<id>/events/ack`` (:class:`~fleet.messages.EventAck`, the ids
 of a short moment together), and only then does it leave the device's outbox. State and status are
@@ -51,9 +51,6 @@ log = get_logger(__name__)
 
 ACK_DELAY_S = 0.05
 """Event ids stored within this long are acknowledged in one message."""
-GAP_WAIT_S = 1.0
-"""How long a batch that arrived ahead of its predecessor waits for it (another worker's)."""
-GAP_POLL_S = 0.02
 
 
 class Collector:
@@ -65,9 +62,7 @@ class Collector:
         store: HubStore,
         *,
         on_event: Callable[[str, Event], None] | None = None,
-        gap_wait_s: float = GAP_WAIT_S,
     ) -> None:
-        self.gap_wait_s = gap_wait_s
         self.client = client
         self.store = store
         self.on_event = on_event
@@ -76,7 +71,6 @@ class Collector:
         self._acks: defaultdict[str, list[str]] = defaultdict(list)
         self._ack_tasks: dict[str, asyncio.Task[None]] = {}
         self.batches = 0
-        self.gap_retries = 0
 
     async def start(self) -> None:
         await self.client.subscribe(shared(f"{PREFIX}/devices/+/audit"), self._on_audit, qos=1)
@@ -89,10 +83,23 @@ class Collector:
             device, _ = device_of(msg.topic)
         except ProtocolError:
             return
+        arrived = asyncio.get_running_loop().time()
         async with self._locks[device]:
+            started = asyncio.get_running_loop().time()
             try:
                 batch = AuditBatch.decode(msg.payload)
                 ack = await self._store(device, batch)
+                log.info(
+                    "audit_batch",
+                    device=device,
+                    first=batch.first_seq,
+                    last=batch.last_seq,
+                    up_to=ack.up_to_seq,
+                    status=ack.status,
+                    detail=ack.detail,
+                    queued_s=round(started - arrived, 3),
+                    store_s=round(asyncio.get_running_loop().time() - started, 3),
+                )
             except ProtocolError as exc:
                 ack = AuditAck(-1, Status.BAD_REQUEST.value, str(exc)[:500])
             self.batches += 1
@@ -102,16 +109,7 @@ class Collector:
                 log.info("audit_ack_failed", device=device, error=str(exc))
 
     async def _store(self, device: str, batch: AuditBatch) -> AuditAck:
-        """Store ``batch``; while it is answered with a gap (its predecessor not stored yet),
-        try again until ``gap_wait_s`` has passed."""
-        deadline = asyncio.get_running_loop().time() + self.gap_wait_s
-        while True:
-            ack = await asyncio.to_thread(self.store.store_audit, device, batch)
-            gap = ack.status == Status.OK.value and ack.up_to_seq < batch.first_seq - 1
-            if not gap or asyncio.get_running_loop().time() >= deadline:
-                return ack
-            self.gap_retries += 1
-            await asyncio.sleep(GAP_POLL_S)
+        return await asyncio.to_thread(self.store.store_audit, device, batch)
 
     async def _on_state(self, msg: Incoming) -> None:
         try:

@@ -85,6 +85,11 @@ class Database(ABC):
         """Exclude other writers of ``table`` until ``tx`` ends (ids allocated as ``MAX + 1``)."""
 
     @abstractmethod
+    def insert_rows(self, tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert ``rows`` that the caller knows are new (under the lock that makes them so): a
+        duplicate key is an error that rolls ``tx`` back, never skipped. PostgreSQL: one ``COPY``."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -125,6 +130,11 @@ class SqliteDatabase(Database):
 
     def lock_table(self, tx: Tx, table: str) -> None:
         pass  # BEGIN IMMEDIATE holds the database's write lock
+
+    def insert_rows(self, tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        assert table.isidentifier() and all(c.isidentifier() for c in columns)
+        marks = ", ".join("?" for _ in columns)
+        tx.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)  # noqa: S608
 
     def close(self) -> None:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -185,6 +195,13 @@ class PostgresDatabase(Database):
     def lock_table(self, tx: Tx, table: str) -> None:
         assert table.isidentifier()
         tx.execute(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")
+
+    def insert_rows(self, tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        assert isinstance(tx, _PgTx)
+        assert table.isidentifier() and all(c.isidentifier() for c in columns)
+        with tx.conn.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
 
     def close(self) -> None:
         self.pool.close()

@@ -199,7 +199,26 @@ ROLLOUTS = Migration(
     postgresql=tuple(s.format(real="DOUBLE PRECISION") for s in (_ROLLOUTS, _ROLLOUT_DEVICES, _ROLLOUT_LOG)),
 )
 
-MIGRATIONS = (CORE, ROLLOUTS)
+_AUDIT_PENDING = """CREATE TABLE IF NOT EXISTS audit_pending (
+    device TEXT NOT NULL,
+    first_seq {int} NOT NULL,
+    last_seq {int} NOT NULL,
+    prev_hash TEXT NOT NULL,
+    last_hash TEXT NOT NULL,
+    rows TEXT NOT NULL,
+    checkpoints TEXT NOT NULL,
+    received {real} NOT NULL,
+    PRIMARY KEY (device, first_seq)
+){tail}"""
+
+AUDIT_PENDING = Migration(
+    3,
+    "audit batches held ahead of their predecessor (hub/sync/store.py)",
+    sqlite=(_AUDIT_PENDING.format(int="INTEGER", real="REAL", tail=" WITHOUT ROWID"),),
+    postgresql=(_AUDIT_PENDING.format(int="BIGINT", real="DOUBLE PRECISION", tail=""),),
+)
+
+MIGRATIONS = (CORE, ROLLOUTS, AUDIT_PENDING)
 LATEST = MIGRATIONS[-1].version
 
 _VERSION_TABLE = {

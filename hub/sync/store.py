@@ -17,6 +17,15 @@ Audit invariants:
 - The acknowledgement names the highest seq held contiguously, capped at the batch's last seq (a
   replayed batch is answered with what it carried); the device marks records uploaded only up to
   it, so duplicates and retries are harmless.
+- A batch that arrives ahead of its predecessor (several hub workers split a device's batches in
+  flight) is *held* (``audit_pending``, at most :data:`MAX_PENDING` per device) once it verifies
+  on its own: the registered key's signature at its last record, every hash, its internal chain
+  from the ``prev`` its first record names. Held records are not part of the chain and are never
+  acknowledged: the batch is answered with the chain's end as before. Whoever extends the chain
+  (any worker, under the device's row lock) promotes in the same transaction every held batch
+  that then links to it by hash (the ``prev`` of its next record, or its own hash at the chain's
+  end), and acknowledges the new end; held batches that are behind the chain or do not link are
+  deleted. So the stored chain is exactly the one in-order arrival would have built.
 - A device whose log was pruned before the hub first heard of it is *anchored* at the anchor its
   batches declare (``anchor_seq``): its chain is verified from there on. A first batch that does
   not start right after that anchor is a gap, never a new anchor (lost batches are re-sent).
@@ -43,9 +52,15 @@ from typing import Any
 
 from fleet.chain import GENESIS, Checkpoint, Sealed, verify
 from fleet.device_key import DeviceKeyError, DevicePublicKey
+from fleet.log import get_logger
 from fleet.messages import AuditAck, AuditBatch, Event, StateReport, Status, check_device_id
 from hub.sync.db import Database, Tx, describe
 from hub.sync.migrations import open_database
+
+log = get_logger(__name__)
+
+MAX_PENDING = 8
+"""Batches held per device ahead of their predecessor (a device keeps 4 in flight)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +150,10 @@ class HubStore:
                 return self._problem(
                     conn, device, last_seq, "the batch's key is not the device's registered audit key"
                 )
-            if last_seq == 0 and not last_hash:
+            if last_seq == 0 and not last_hash and batch.first_seq == batch.anchor + 1:
                 # First contact: the chain starts at the device's declared anchor (0 unless its log
-                # was pruned before this hub heard of it). A batch that starts later is a gap.
-                if batch.first_seq != batch.anchor + 1:
-                    return AuditAck(batch.anchor, Status.OK.value, f"gap: expected record {batch.anchor + 1}")
+                # was pruned before this hub heard of it). A batch that starts later is ahead of
+                # its predecessor (held below), never a new start.
                 first_body = json.loads(batch.rows[0][1])
                 anchor_seq = batch.anchor
                 last_seq = anchor_seq
@@ -166,8 +180,6 @@ class HubStore:
             if not new:  # a replay: acknowledge what this batch carried, never more (the device
                 # acts only on acks within the records it sent, agent/sync/audit_upload.py)
                 return AuditAck(min(last_seq, batch.last_seq))
-            if new[0][0] != last_seq + 1:
-                return AuditAck(last_seq, Status.OK.value, f"gap: expected record {last_seq + 1}")
             try:
                 keys = [DevicePublicKey.from_hex(key_hex)]
             except DeviceKeyError as exc:
@@ -179,26 +191,118 @@ class HubStore:
                     Status.UNSIGNED.value,
                     f"no checkpoint at record {batch.last_seq}: a batch must be signed at its last record",
                 )
+            if new[0][0] != last_seq + 1:  # ahead of its predecessor (at another worker, or lost)
+                return self._hold(conn, device, last_seq, new, cps, keys, now)
             report = verify((Sealed(s, b, h) for s, b, h in new), cps, keys, (last_seq, last_hash))
             if not report.ok:
                 first = report.first_problem
                 assert first is not None
                 return self._problem(conn, device, last_seq, first.message)
-            conn.executemany(
-                "INSERT INTO audit (device, seq, hash, body, time, received) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [(device, s, h, b, _time_of(b), now) for s, b, h in new],
-            )
-            conn.executemany(
-                "INSERT INTO checkpoints (device, seq, body, signature) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                [(device, c.seq, c.body, c.signature) for c in cps],
-            )
+            self._insert(conn, device, new, cps, now)
+            last_seq, last_hash = self._promote(conn, device, report.last_seq, report.last_hash, now)
             conn.execute(
                 "UPDATE devices SET last_seq = ?, last_hash = ?, problem = NULL WHERE device = ?",
-                (report.last_seq, report.last_hash, device),
+                (last_seq, last_hash, device),
             )
-            return AuditAck(report.last_seq)
+            return AuditAck(last_seq)
+
+    def _insert(
+        self, conn: Tx, device: str, rows: list[tuple[int, str, str]], cps: list[Checkpoint], now: float
+    ) -> None:
+        """Insert verified records that extend the device's chain (all beyond its stored end, under
+        its row lock: none is held yet, so a duplicate is an error, not skipped), and their
+        checkpoints (PostgreSQL: ``COPY``, :meth:`Database.insert_rows`)."""
+        self.db.insert_rows(
+            conn,
+            "audit",
+            ("device", "seq", "hash", "body", "time", "received"),
+            [(device, s, h, b, _time_of(b), now) for s, b, h in rows],
+        )
+        conn.executemany(
+            "INSERT INTO checkpoints (device, seq, body, signature) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            [(device, c.seq, c.body, c.signature) for c in cps],
+        )
+
+    def _hold(
+        self,
+        conn: Tx,
+        device: str,
+        last_seq: int,
+        new: list[tuple[int, str, str]],
+        cps: list[Checkpoint],
+        keys: list[DevicePublicKey],
+        now: float,
+    ) -> AuditAck:
+        """Keep a batch that arrived ahead of its predecessor as *pending*: verified on its own
+        (signature at its last record, hashes, its internal chain from the ``prev`` its first record
+        names), stored apart from the chain, promoted by :meth:`_promote` when the gap closes. At
+        most :data:`MAX_PENDING` batches per device; beyond that it is a plain gap (re-sent)."""
+        gap = f"gap: expected record {last_seq + 1}"
+        (held,) = conn.execute("SELECT COUNT(*) FROM audit_pending WHERE device = ?", (device,)).fetchone()
+        if int(held) >= MAX_PENDING:
+            return AuditAck(last_seq, Status.OK.value, gap)
+        prev = json.loads(new[0][1]).get("prev") if new[0][1].startswith("{") else None
+        if not isinstance(prev, str):
+            return self._problem(conn, device, last_seq, f"record {new[0][0]} names no previous hash")
+        report = verify((Sealed(s, b, h) for s, b, h in new), cps, keys, (new[0][0] - 1, prev))
+        if not report.ok:
+            first = report.first_problem
+            assert first is not None
+            return self._problem(conn, device, last_seq, first.message)
+        conn.execute(
+            "INSERT INTO audit_pending (device, first_seq, last_seq, prev_hash, last_hash, rows, "
+            "checkpoints, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, first_seq) DO "
+            "UPDATE SET last_seq = excluded.last_seq, prev_hash = excluded.prev_hash, "
+            "last_hash = excluded.last_hash, rows = excluded.rows, checkpoints = excluded.checkpoints, "
+            "received = excluded.received",
+            (
+                device,
+                new[0][0],
+                report.last_seq,
+                prev,
+                report.last_hash,
+                json.dumps(new, separators=(",", ":")),
+                json.dumps([[c.seq, c.body, c.signature] for c in cps], separators=(",", ":")),
+                now,
+            ),
+        )
+        return AuditAck(last_seq, Status.OK.value, f"{gap}; records {new[0][0]}-{report.last_seq} held")
+
+    def _promote(self, conn: Tx, device: str, last_seq: int, last_hash: str, now: float) -> tuple[int, str]:
+        """Move pending batches that now continue the chain ``(last_seq, last_hash)`` into it, in
+        order; returns the new end of the chain. A pending batch links when the hash it holds at
+        ``last_seq`` (or the ``prev`` of its first record) is ``last_hash``: its own chain was
+        verified when it was held, so it then extends the stored chain exactly as if it had arrived
+        in order. Pending batches wholly behind the chain, or that do not link (another chain),
+        are deleted (logged; the device re-sends what no ack covered)."""
+        while True:
+            rows = conn.execute(
+                "SELECT first_seq, last_seq, prev_hash, rows, checkpoints FROM audit_pending "
+                "WHERE device = ? AND first_seq <= ? ORDER BY first_seq",
+                (device, last_seq + 1),
+            ).fetchall()
+            if not rows:
+                return last_seq, last_hash
+            conn.execute(
+                "DELETE FROM audit_pending WHERE device = ? AND first_seq <= ?", (device, last_seq + 1)
+            )
+            extended = False
+            for first, last, prev, rows_json, cps_json in rows:
+                if int(last) <= last_seq:
+                    continue
+                held = [(int(s), str(b), str(h)) for s, b, h in json.loads(rows_json)]
+                link = str(prev) if int(first) == last_seq + 1 else _hash_at(held, last_seq)
+                if link != last_hash:
+                    log.warning("audit_pending_dropped", device=device, first=int(first), last=int(last))
+                    continue
+                cps = [Checkpoint(int(s), str(b), str(sig)) for s, b, sig in json.loads(cps_json)]
+                fresh = [r for r in held if r[0] > last_seq]
+                self._insert(conn, device, fresh, [c for c in cps if c.seq > last_seq], now)
+                last_seq, last_hash = held[-1][0], held[-1][2]
+                extended = True
+            if not extended:
+                return last_seq, last_hash
 
     def _problem(self, conn: Tx, device: str, last_seq: int, detail: str) -> AuditAck:
         conn.execute("UPDATE devices SET problem = ? WHERE device = ?", (detail, device))
@@ -313,6 +417,10 @@ class HubStore:
     def iter_devices(self) -> Iterator[str]:
         for (device,) in self.db.query("SELECT device FROM devices ORDER BY device"):
             yield str(device)
+
+
+def _hash_at(rows: list[tuple[int, str, str]], seq: int) -> str | None:
+    return next((h for s, _b, h in rows if s == seq), None)
 
 
 def _time_of(body: str) -> str | None:
