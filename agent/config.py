@@ -98,6 +98,10 @@ class EngineSettings(_Section):
     """How generation and embeddings share the cores (docs/engine.md, *Sharing the cores*):
     ``split``: while an embedding computes, generation steps leave it ``embed_threads``;
     ``turns``: one native call at a time, alternating; ``off``: side by side, uncoordinated."""
+    thread_wait: Literal["spin", "passive"] = "spin"
+    """How llama.cpp's (OpenMP) threads wait at the barrier after each operator: ``spin`` (libgomp's
+    default) or ``passive`` (sleep at once: far faster when other work shares the cores; docs/engine.md).
+    Read once, before the first model loads; an ``OMP_WAIT_POLICY`` in the environment wins."""
     embed_threads: int | None = Field(default=None, ge=1, le=1024)
     """Threads of embedding compute (onnxruntime intra-op, llama embedding context); default 1
     with ``cpu_sharing = "split"``, else n_threads."""

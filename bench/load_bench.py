@@ -215,9 +215,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"Under {a['clients']} clients vs alone: p50 {r['p50_load_vs_alone']}, p99 {r['p99_load_vs_alone']}, "
         f"throughput {r['throughput_load_vs_alone']}.",
         "",
-        "Per request kind under load (p50 / p99, s): "
-        + "; ".join(f"{k} {v['p50_s']} / {v['p99_s']}" for k, v in load["per_kind"].items())
-        + ".",
+        "Per request kind under load (p50 / p95 / p99, s): "
+        + "; ".join(
+            f"{k} {v['p50_s']} / {v.get('p95_s')} / {v['p99_s']}" for k, v in load["per_kind"].items()
+        )
+        + f". Generation under load: {load.get('generation_tps')} tokens/s.",
         "",
         "| after | RSS (MiB) | open fds | slots held | /health |",
         "| --- | ---: | ---: | ---: | --- |",

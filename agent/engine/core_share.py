@@ -36,12 +36,22 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["KINDS", "MODES", "CoreShare", "Mode", "TurnKind", "TurnStats", "generation_threads", "next_turn"]
+__all__ = [
+    "KINDS",
+    "MODES",
+    "CoreShare",
+    "Mode",
+    "TurnKind",
+    "TurnStats",
+    "apply_thread_wait",
+    "generation_threads",
+    "next_turn",
+]
 
 TurnKind = Literal["generate", "embed"]
 KINDS: tuple[TurnKind, ...] = ("embed", "generate")
@@ -65,6 +75,15 @@ def next_turn(waiting: Mapping[TurnKind, int], last: TurnKind | None) -> TurnKin
         if kind in present:
             return kind
     return present[0]  # pragma: no cover - unreachable: present is not empty
+
+
+def apply_thread_wait(wait: Literal["spin", "passive"], environ: MutableMapping[str, str]) -> str | None:
+    """Set ``OMP_WAIT_POLICY`` for ``wait`` (``passive``: PASSIVE; ``spin``: libgomp's default, left
+    unset) unless the environment already has one; libgomp reads it once, when llama.cpp's library
+    is loaded, so this must run before the first model loads. Returns the policy in effect."""
+    if "OMP_WAIT_POLICY" not in environ and wait == "passive":
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return environ.get("OMP_WAIT_POLICY")
 
 
 def generation_threads(mode: Mode, n_threads: int, embed_threads: int, embedding_active: bool) -> int:

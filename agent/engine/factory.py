@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,12 @@ import psutil
 
 from agent.config import Settings
 from agent.engine.base import Engine, ModelInfo
-from agent.engine.core_share import CoreShare, Mode
+from agent.engine.core_share import CoreShare, Mode, apply_thread_wait
 from agent.engine.lifecycle import LoadGuard
 from agent.engine.llama import LlamaEngine
+from fleet.log import get_logger
+
+log = get_logger(__name__)
 
 
 @functools.cache
@@ -52,6 +56,10 @@ def build_engine(
     ``companion`` finds a store model's signed tokenizer (the daemon's catalog)."""
     threads = settings.engine.n_threads or default_threads()
     embed_threads = embed_threads_for(settings, threads)
+    if "llama_cpp" not in sys.modules:  # libgomp reads its wait policy when llama.cpp loads
+        apply_thread_wait(settings.engine.thread_wait, os.environ)
+    elif settings.engine.thread_wait == "passive" and os.environ.get("OMP_WAIT_POLICY") is None:
+        log.warning("thread_wait_not_applied", reason="llama.cpp was loaded before; restart to apply")
     share = shared_cores(settings.engine.cpu_sharing, embed_threads)
     if info.format == "onnx":
         from agent.engine.onnx import OnnxEmbeddingEngine
