@@ -3,8 +3,8 @@ eight generation streams are running, for an ONNX model (MiniLM) and for the GGU
 and an embedding queue beyond ``embedding.max_queue`` is refused with 429 + Retry-After.
 
 No timing assertions: the streams are made long (end-of-generation tokens banned, 400 tokens) so
-that "while they run" is checked by the streams' own state, and the generous client timeout is
-only a guard against a hang.
+that "while they run" is checked by the streams' own state; once the embedding answered, the
+clients close the streams. The generous client timeout is only a guard against a hang.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterato
         "EDGE_AGENT_EMBEDDING__MAX_QUEUE": "1",
         "EDGE_AGENT_ENGINE__N_PARALLEL": str(STREAMS),
         "EDGE_AGENT_ENGINE__N_THREADS": "2",
+        "EDGE_AGENT_ENGINE__THREAD_WAIT": "passive",
     }
     with running_daemon(tmp_path_factory.mktemp("short"), gemma_path, env=env) as d:
         yield d
@@ -49,6 +50,7 @@ class _Stream:
     def __init__(self, socket: Path, index: int) -> None:
         self.started = threading.Event()
         self.ended = threading.Event()
+        self.stop = threading.Event()
         self.tokens = 0
         self.error: str | None = None
         self._body = {
@@ -79,6 +81,8 @@ class _Stream:
                             self.error = line
                         self.tokens += 1
                         self.started.set()
+                    if self.stop.is_set():
+                        return  # the client goes away: the daemon frees the slot
         except httpx.HTTPError as exc:
             self.error = repr(exc)
         finally:
@@ -101,9 +105,10 @@ def test_an_embedding_answers_while_eight_streams_generate(agent: Daemon, model:
         assert all(running), f"streams ended before the embedding answered: {running}"
     finally:
         for s in streams:
+            s.stop.set()
+        for s in streams:
             s.thread.join(600)
     assert all(s.error is None for s in streams), [s.error for s in streams]
-    assert all(s.tokens >= 400 for s in streams), [s.tokens for s in streams]
 
 
 def test_embeddings_beyond_the_queue_get_429_with_retry_after(agent: Daemon) -> None:
