@@ -116,6 +116,17 @@ class EngineSettings(_Section):
                 "kv_cache_type_v of 'f16' or 'bf16' (kv_cache_type_k may be quantized either way)"
             )
         return self
+    cpu_sharing: Literal["split", "turns", "off"] = "split"
+    """How generation and embeddings share the cores (docs/engine.md, *Sharing the cores*):
+    ``split``: while an embedding computes, generation steps leave it ``embed_threads``;
+    ``turns``: one native call at a time, alternating; ``off``: side by side, uncoordinated."""
+    thread_wait: Literal["spin", "passive"] = "spin"
+    """How llama.cpp's (OpenMP) threads wait at the barrier after each operator: ``spin`` (libgomp's
+    default) or ``passive`` (sleep at once: far faster when other work shares the cores; docs/engine.md).
+    Read once, before the first model loads; an ``OMP_WAIT_POLICY`` in the environment wins."""
+    embed_threads: int | None = Field(default=None, ge=1, le=1024)
+    """Threads of embedding compute (onnxruntime intra-op, llama embedding context); default 1
+    with ``cpu_sharing = "split"``, else n_threads."""
 
 
 class IsolationSettings(_Section):
@@ -138,6 +149,12 @@ class EmbeddingSettings(_Section):
     """ONNX only: a Hugging Face tokenizer.json (default: next to the model, else packaged)."""
     max_length: int = Field(default=256, ge=8, le=8192)
     batch_size: int = Field(default=32, ge=1, le=1024)
+    max_queue: int = Field(default=8, ge=0, le=100_000)
+    """Embedding requests waiting per model (any model's /v1/embeddings) beyond the one computing;
+    more get 429 with Retry-After."""
+    max_wait_s: float = Field(default=1.0, gt=0, le=86_400)
+    """A request is also refused (429) when the inputs ahead of it would take longer than this to
+    compute at the model's measured speed; one arriving when none is in flight always runs."""
 
 
 class ModelSettings(_Section):

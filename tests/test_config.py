@@ -130,6 +130,26 @@ BAD_FILES = [
         id="download-window-typo",
     ),
     pytest.param(
+        '[engine]\ncpu_sharing = "fair"\n',
+        "engine.cpu_sharing = 'fair': Input should be 'split', 'turns' or 'off'",
+        id="unknown-cpu-sharing",
+    ),
+    pytest.param(
+        "[engine]\nembed_threads = 0\n",
+        "engine.embed_threads = 0: Input should be greater than or equal to 1",
+        id="no-embedding-threads",
+    ),
+    pytest.param(
+        "[embedding]\nmax_queue = -1\n",
+        "embedding.max_queue = -1: Input should be greater than or equal to 0",
+        id="negative-embedding-queue",
+    ),
+    pytest.param(
+        "[embedding]\nmax_waiting = 3\n",
+        "embedding.max_waiting = 3: unknown setting",
+        id="unknown-embedding-key",
+    ),
+    pytest.param(
         "[engine\nn_ctx = 1\n",
         "invalid TOML",
         id="toml-syntax",

@@ -8,7 +8,9 @@ is what of the settings shapes how a model runs (crash isolation keys its verdic
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,25 @@ import psutil
 
 from agent.config import Settings
 from agent.engine.base import Engine, ModelInfo
+from agent.engine.core_share import CoreShare, Mode, apply_thread_wait
 from agent.engine.lifecycle import LoadGuard
 from agent.engine.llama import LlamaEngine
+from fleet.log import get_logger
+
+log = get_logger(__name__)
+
+
+@functools.cache
+def shared_cores(mode: Mode, embed_threads: int) -> CoreShare:
+    """The process's :class:`CoreShare` for these settings: every engine built with them shares it,
+    so the models share the cores (docs/engine.md, *Sharing the cores*)."""
+    return CoreShare(mode, embed_threads=embed_threads)
+
+
+def embed_threads_for(settings: Settings, threads: int) -> int:
+    """``engine.embed_threads``, else 1 with ``cpu_sharing = "split"`` and ``n_threads`` otherwise."""
+    e = settings.engine
+    return e.embed_threads or (1 if e.cpu_sharing == "split" else threads)
 
 
 def default_threads() -> int:
@@ -36,6 +55,12 @@ def build_engine(
     With ``guard`` (crash isolation), the model is tried in a child process before it loads here;
     ``companion`` finds a store model's signed tokenizer (the daemon's catalog)."""
     threads = settings.engine.n_threads or default_threads()
+    embed_threads = embed_threads_for(settings, threads)
+    if "llama_cpp" not in sys.modules:  # libgomp reads its wait policy when llama.cpp loads
+        apply_thread_wait(settings.engine.thread_wait, os.environ)
+    elif settings.engine.thread_wait == "passive" and os.environ.get("OMP_WAIT_POLICY") is None:
+        log.warning("thread_wait_not_applied", reason="llama.cpp was loaded before; restart to apply")
+    share = shared_cores(settings.engine.cpu_sharing, embed_threads)
     if info.format == "onnx":
         from agent.engine.onnx import OnnxEmbeddingEngine
 
@@ -45,9 +70,12 @@ def build_engine(
             tokenizer_path=emb.tokenizer
             if emb.path == info.path
             else (companion(info, "tokenizer.json") if companion is not None else None),
-            n_threads=threads,
+            n_threads=embed_threads,
             max_length=emb.max_length,
             batch_size=emb.batch_size,
+            max_queue=emb.max_queue,
+            max_wait_s=emb.max_wait_s,
+            share=share,
             guard=guard,
         )
     e = settings.engine
@@ -63,6 +91,10 @@ def build_engine(
         kv_unified=e.kv_unified,
         kv_cache_type_k=e.kv_cache_type_k,
         kv_cache_type_v=e.kv_cache_type_v,
+        embed_threads=embed_threads,
+        embed_max_queue=settings.embedding.max_queue,
+        embed_max_wait_s=settings.embedding.max_wait_s,
+        share=share,
         guard=guard,
     )
 
@@ -83,4 +115,11 @@ def engine_fingerprint(info: ModelInfo, settings: Settings) -> str:
     return json.dumps(section, sort_keys=True)
 
 
-__all__ = ["Companion", "build_engine", "default_threads", "engine_fingerprint"]
+__all__ = [
+    "Companion",
+    "embed_threads_for",
+    "shared_cores",
+    "build_engine",
+    "default_threads",
+    "engine_fingerprint",
+]

@@ -31,6 +31,8 @@ from agent.engine.base import (
 )
 from agent.engine.batching import BatchRunner, Job
 from agent.engine.chat import ChatTemplate, TemplateSource, pick_template, render_chat
+from agent.engine.core_share import CoreShare
+from agent.engine.embed_queue import EmbedQueue
 from agent.engine.lifecycle import EngineLifecycle, LoadGuard
 from agent.errors import (
     AgentError,
@@ -65,9 +67,16 @@ class LlamaEngine(EngineLifecycle):
         kv_unified: bool = False,
         kv_cache_type_k: str = "f16",
         kv_cache_type_v: str = "f16",
+        embed_threads: int | None = None,
+        embed_max_queue: int = 8,
+        embed_max_wait_s: float = 1.0,
+        share: CoreShare | None = None,
         guard: LoadGuard | None = None,
     ) -> None:
         super().__init__(info, guard)
+        self._embed_threads = embed_threads or n_threads
+        self._embed_queue = EmbedQueue(info.id, embed_max_queue, embed_max_wait_s)
+        self._share = share or CoreShare("off")
         self._n_ctx = n_ctx
         self._n_threads = n_threads
         self._n_batch = n_batch
@@ -142,8 +151,12 @@ class LlamaEngine(EngineLifecycle):
             )
         )
         self._model, self._ctx = model, ctx
+        backend: Any = ctx if self._share.mode == "off" else _SharingCores(ctx, self._share, self._n_threads)
         self._runner = BatchRunner(
-            ctx, max_queue=self._max_queue, prefill_chunk=self._prefill_chunk, name=f"decode-{self._info.id}"
+            backend,
+            max_queue=self._max_queue,
+            prefill_chunk=self._prefill_chunk,
+            name=f"decode-{self._info.id}",
         )
 
     def _check_ready(self) -> Any:
@@ -311,6 +324,12 @@ class LlamaEngine(EngineLifecycle):
         if not texts:
             raise BadRequest("input: at least one text is required", param="input")
         loop = asyncio.get_running_loop()
+        with self._embed_queue.admit(len(texts)):
+            return await self._embed_admitted(loop, model, texts)
+
+    async def _embed_admitted(
+        self, loop: asyncio.AbstractEventLoop, model: Any, texts: Sequence[str]
+    ) -> Embeddings:
         async with self._embed_lock:
             if self._embed_pool is None:
                 self._embed_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-embed")
@@ -321,9 +340,11 @@ class LlamaEngine(EngineLifecycle):
                     from agent.engine.llama_embed import LlamaEmbedder
 
                     self._embedder = LlamaEmbedder(
-                        model, n_batch=self._embed_batch, n_threads=self._n_threads
+                        model, n_batch=self._embed_batch, n_threads=self._embed_threads, share=self._share
                     )
+                started = time.perf_counter()
                 result: tuple[list[list[float]], int] = self._embedder.embed(list(texts))
+                self._embed_queue.record(len(texts), time.perf_counter() - started)
                 return result
 
             vectors, n_tokens = await loop.run_in_executor(pool, run)
@@ -350,3 +371,28 @@ class LlamaEngine(EngineLifecycle):
             self._model = None
         self._loader.shutdown(wait=True)
         self._state = EngineState.IDLE
+
+
+class _SharingCores:
+    """The decode backend with every ``decode`` in a ``generate`` turn of the process's
+    :class:`CoreShare`, run with the threads it leaves generation; everything else is the context's."""
+
+    def __init__(self, ctx: Any, share: CoreShare, n_threads: int) -> None:
+        self._ctx = ctx
+        self._share = share
+        self._n_threads = n_threads
+        self._threads = n_threads
+
+    def decode(
+        self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], logits: Sequence[bool]
+    ) -> int:
+        with self._share.turn("generate"):
+            threads = self._share.generation_threads(self._n_threads)
+            if threads != self._threads:
+                self._ctx.set_threads(threads)
+                self._threads = threads
+            status: int = self._ctx.decode(tokens, positions, seqs, logits)
+        return status
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)

@@ -8,6 +8,9 @@ mean. For an embedding model, inputs are packed several to a batch (one sequence
 short sequence packed next to a longer one in a causal (Gemma 3) embedding batch comes out
 measurably different from the same text alone, and a vector must not depend on its neighbours.
 
+Each batch is computed in an ``embed`` turn of the process's :class:`agent.engine.core_share.CoreShare`
+(generation steps leave it its threads, or they alternate: ``engine.cpu_sharing``).
+
 Invariants: one vector per input, in input order, L2-normalised; an input longer than ``n_batch``
 tokens is refused with :class:`agent.errors.BadRequest` naming both numbers; the context's
 memory is cleared before every batch, so inputs never attend to each other or to earlier calls.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from agent.engine.core_share import CoreShare
 from agent.engine.native import NativeContext, NativeModel
 from agent.engine.vector_pooling import l2_normalize
 from agent.errors import BadRequest, EngineError
@@ -44,11 +48,20 @@ def pack_batches(lengths: Sequence[int], n_batch: int, max_seqs: int) -> list[li
 
 
 class LlamaEmbedder:
-    def __init__(self, model: NativeModel, *, n_batch: int, n_threads: int, max_seqs: int = 16) -> None:
+    def __init__(
+        self,
+        model: NativeModel,
+        *,
+        n_batch: int,
+        n_threads: int,
+        max_seqs: int = 16,
+        share: CoreShare | None = None,
+    ) -> None:
         arch = model.meta("general.architecture") or ""
         declared = model.meta(f"{arch}.pooling_type")
         pooling = None if declared is not None else LLAMA_POOLING_TYPE_MEAN
         self._model = model
+        self._share = share or CoreShare("off")
         self._n_batch = n_batch
         self._max_seqs = max_seqs if declared is not None else 1
         self.packs_inputs = self._max_seqs > 1
@@ -82,7 +95,8 @@ class LlamaEmbedder:
             for seq, index in enumerate(group):
                 tokens.extend(tokenized[index])
                 seqs.extend([seq] * len(tokenized[index]))
-            status = self._ctx.encode(tokens, seqs)
+            with self._share.turn("embed"):
+                status = self._ctx.encode(tokens, seqs)
             if status != 0:
                 raise EngineError(f"llama.cpp embedding batch failed with status {status}")
             raw = [self._ctx.seq_embedding(seq) for seq in range(len(group))]

@@ -556,6 +556,10 @@ class NativeContext:
         b.n_tokens = n
         return int(self._lib.llama_decode(self._ctx, b))
 
+    def set_threads(self, n_threads: int) -> None:
+        """Threads of the next decodes (``agent.engine.core_share``: fewer while an embedding runs)."""
+        self._lib.llama_set_n_threads(self._ctx, n_threads, n_threads)
+
     def seq_rm(self, seq: int, p0: int) -> bool:
         """Drop positions ``p0..`` of ``seq`` from the KV cache; ``False`` if llama.cpp cannot."""
         if self._mem is not None:

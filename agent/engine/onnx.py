@@ -13,7 +13,12 @@ sentence-transformers does for this model).
 
 Invariants: one vector per input in input order; inputs are truncated to ``max_length`` tokens
 (the count is reported in usage); batches hold at most ``batch_size`` inputs, sorted by length so
-padding stays small, and the order is restored afterwards; the session runs on one worker thread.
+padding stays small, and the order is restored afterwards; the session runs on one worker thread;
+each ``session.run`` is an ``embed`` turn of the process's :class:`agent.engine.core_share.CoreShare`
+(generation leaves it its threads, or they alternate: ``engine.cpu_sharing``; onnxruntime's
+intra-op threads then do not spin between runs, which would take cores from generation); at most
+one request computing and
+``max_queue`` waiting (:class:`agent.engine.embed_queue.EmbedQueue`), more are refused with 429.
 Generation requests are refused with :class:`agent.errors.BadRequest`.
 """
 
@@ -34,6 +39,8 @@ from agent.engine.base import (
     GenerationChunk,
     ModelInfo,
 )
+from agent.engine.core_share import CoreShare
+from agent.engine.embed_queue import EmbedQueue
 from agent.engine.lifecycle import EngineLifecycle, LoadGuard
 from agent.engine.vector_pooling import l2_normalize, mean_pool
 from agent.errors import BadRequest, EngineError, ModelLoadError, ModelNotReady
@@ -85,9 +92,14 @@ class OnnxEmbeddingEngine(EngineLifecycle):
         n_threads: int = 2,
         max_length: int = 256,
         batch_size: int = 32,
+        max_queue: int = 8,
+        max_wait_s: float = 1.0,
+        share: CoreShare | None = None,
         guard: LoadGuard | None = None,
     ) -> None:
         super().__init__(info, guard)
+        self._share = share or CoreShare("off")
+        self._queue = EmbedQueue(info.id, max_queue, max_wait_s)
         self._tokenizer_path = tokenizer_path
         self._n_threads = n_threads
         self._max_length = max_length
@@ -112,6 +124,8 @@ class OnnxEmbeddingEngine(EngineLifecycle):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self._n_threads
         opts.inter_op_num_threads = 1
+        if self._share.mode != "off":  # a spinning pool would take cores from generation
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(self._info.path), opts, providers=["CPUExecutionProvider"])
         names = {i.name for i in session.get_inputs()}
         if not {"input_ids", "attention_mask"} <= names:
@@ -146,17 +160,22 @@ class OnnxEmbeddingEngine(EngineLifecycle):
         self._ready()
         if not texts:
             raise BadRequest("input: at least one text is required", param="input")
-        self._running += 1
-        try:
-            vectors, n_tokens = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._embed_blocking, list(texts)
-            )
-        finally:
-            self._running -= 1
+        with self._queue.admit(len(texts)):
+            self._running += 1
+            try:
+                vectors, n_tokens = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._embed_blocking, list(texts)
+                )
+            finally:
+                self._running -= 1
         return Embeddings(vectors=vectors, prompt_tokens=n_tokens)
 
     def _embed_blocking(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        import time
+
         import numpy as np
+
+        started = time.perf_counter()
 
         encodings = self._tokenizer.encode_batch(texts)
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
@@ -177,12 +196,14 @@ class OnnxEmbeddingEngine(EngineLifecycle):
             if "token_type_ids" in self._inputs:
                 feed["token_type_ids"] = types
             try:
-                hidden = self._session.run(None, feed)[0]
+                with self._share.turn("embed"):
+                    hidden = self._session.run(None, feed)[0]
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise EngineError(f"onnxruntime failed: {exc}") from exc
             vectors = l2_normalize(mean_pool(hidden, mask)).tolist()
             for row, i in enumerate(group):
                 out[i] = vectors[row]
+        self._queue.record(len(texts), time.perf_counter() - started)
         return out, sum(len(e.ids) for e in encodings)
 
     async def close(self) -> None:

@@ -54,6 +54,8 @@ class Outcome:
     cancelled: bool = False
     error: str | None = None
     retry_after: str | None = None
+    completion_tokens: int = 0
+    """Generated tokens of a 200 generation answer (its usage; streams ask for the usage chunk)."""
 
     @property
     def ok(self) -> bool:
@@ -96,6 +98,11 @@ class LoadResult:
         return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
     @property
+    def generated_tokens(self) -> int:
+        """Completion tokens of every successful generation request."""
+        return sum(o.completion_tokens for o in self.outcomes if o.ok)
+
+    @property
     def completed(self) -> int:
         return sum(1 for o in self.outcomes if o.ok)
 
@@ -114,10 +121,15 @@ class LoadResult:
             "throughput_rps": round(self.throughput, 2),
             "p50_s": _r(self.percentile(0.5)),
             "p99_s": _r(self.percentile(0.99)),
+            "generated_tokens": self.generated_tokens,
+            "generation_tps": round(self.generated_tokens / self.duration_s, 2)
+            if self.duration_s > 0
+            else 0.0,
             "per_kind": {
                 k: {
                     "ok": len(self.latencies(k)),
                     "p50_s": _r(self.percentile(0.5, k)),
+                    "p95_s": _r(self.percentile(0.95, k)),
                     "p99_s": _r(self.percentile(0.99, k)),
                 }
                 for k in kinds
@@ -129,45 +141,63 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def _body(kind: str, rng: random.Random, max_tokens: int) -> tuple[str, str, dict[str, Any] | None]:
+def _body(
+    kind: str, rng: random.Random, max_tokens: int, embedding_model: str | None = None
+) -> tuple[str, str, dict[str, Any] | None]:
     prompt = rng.choice(PROMPTS)
-    sampling = {"max_tokens": max_tokens, "temperature": 0.7, "seed": rng.randrange(1 << 30)}
+    sampling: dict[str, Any] = {"max_tokens": max_tokens, "temperature": 0.7, "seed": rng.randrange(1 << 30)}
+    if kind.endswith("stream"):
+        sampling.update(stream=True, stream_options={"include_usage": True})
     if kind.startswith("completion"):
-        return "POST", "/v1/completions", {"prompt": prompt, "stream": kind.endswith("stream"), **sampling}
+        return "POST", "/v1/completions", {"prompt": prompt, **sampling}
     if kind.startswith("chat"):
         messages = [{"role": "user", "content": prompt}]
-        return (
-            "POST",
-            "/v1/chat/completions",
-            {"messages": messages, "stream": kind.endswith("stream"), **sampling},
-        )
+        return "POST", "/v1/chat/completions", {"messages": messages, **sampling}
     if kind == "embeddings":
-        return "POST", "/v1/embeddings", {"input": [prompt, rng.choice(PROMPTS)]}
+        body: dict[str, Any] = {"input": [prompt, rng.choice(PROMPTS)]}
+        if embedding_model is not None:
+            body["model"] = embedding_model
+        return "POST", "/v1/embeddings", body
     return "GET", "/v1/models", None
 
 
-def _check_payload(kind: str, response: httpx.Response, text: str) -> str | None:
-    """A problem with a 200 answer's body, or ``None``."""
+def _check_payload(kind: str, text: str) -> tuple[str | None, int]:
+    """``(a problem with a 200 answer's body or None, completion tokens it reports)``."""
     try:
         if kind.endswith("stream"):
             events = [e[6:] for e in text.split("\n\n") if e.startswith("data: ")]
             if not events or events[-1] != "[DONE]":
-                return "stream did not end with [DONE]"
+                return "stream did not end with [DONE]", 0
+            tokens = 0
             for e in events[:-1]:
-                if "error" in json.loads(e):
-                    return f"error event in stream: {e[:200]}"
-            return None
+                event = json.loads(e)
+                if "error" in event:
+                    return f"error event in stream: {e[:200]}", 0
+                tokens = _completion_tokens(event) or tokens
+            return None, tokens
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        return f"unparsable 200 body: {exc}"
+        return f"unparsable 200 body: {exc}", 0
     expected = {"completion": "choices", "chat": "choices", "embeddings": "data", "models": "data"}[kind]
-    return None if expected in data else f"200 body without {expected!r}"
+    if expected not in data:
+        return f"200 body without {expected!r}", 0
+    return None, _completion_tokens(data)
+
+
+def _completion_tokens(data: dict[str, Any]) -> int:
+    usage = data.get("usage")
+    return int(usage.get("completion_tokens", 0)) if isinstance(usage, dict) else 0
 
 
 async def _one(
-    client: httpx.AsyncClient, kind: str, rng: random.Random, max_tokens: int, cancel_after: float | None
+    client: httpx.AsyncClient,
+    kind: str,
+    rng: random.Random,
+    max_tokens: int,
+    cancel_after: float | None,
+    embedding_model: str | None = None,
 ) -> Outcome:
-    method, path, body = _body(kind, rng, max_tokens)
+    method, path, body = _body(kind, rng, max_tokens, embedding_model)
     start = time.monotonic()
 
     async def go() -> Outcome:
@@ -185,7 +215,8 @@ async def _one(
                 retry_after=response.headers.get("retry-after"),
                 error=None if _is_json_error(text) else f"non-JSON error body: {text[:200]}",
             )
-        return Outcome(kind, 200, seconds, error=_check_payload(kind, response, text))  # fmt: skip
+        error, tokens = _check_payload(kind, text)
+        return Outcome(kind, 200, seconds, error=error, completion_tokens=tokens)
 
     try:
         if cancel_after is None:
@@ -223,6 +254,7 @@ async def _client_loop(
     next_ticket: Callable[[], bool],
     outcomes: list[Outcome],
     timeout_s: float,
+    embedding_model: str | None,
 ) -> None:
     rng = random.Random(seed)
     pick = _picker(mix, rng)
@@ -232,7 +264,7 @@ async def _client_loop(
     ) as client:
         while next_ticket():
             cancel_after = rng.uniform(0.01, 0.5) if rng.random() < cancel_probability else None
-            outcome = await _one(client, pick(), rng, max_tokens, cancel_after)
+            outcome = await _one(client, pick(), rng, max_tokens, cancel_after, embedding_model)
             outcomes.append(outcome)
             if outcome.status in (429, 503) and outcome.retry_after and outcome.retry_after.isdigit():
                 await asyncio.sleep(min(float(outcome.retry_after), 2.0) * rng.uniform(0.2, 0.6))
@@ -249,8 +281,10 @@ async def run_load(
     cancel_probability: float = 0.0,
     seed: int = 0,
     timeout_s: float = 120.0,
+    embedding_model: str | None = None,
 ) -> LoadResult:
-    """Run ``clients`` concurrent clients until ``duration_s`` passes or ``requests`` have started."""
+    """Run ``clients`` concurrent clients until ``duration_s`` passes or ``requests`` have started;
+    embedding requests name ``embedding_model`` (else they go to the default model)."""
     if (duration_s is None) == (requests is None):
         raise ValueError("give exactly one of duration_s and requests")
     mix = mix or DEFAULT_MIX
@@ -276,6 +310,7 @@ async def run_load(
                 next_ticket=next_ticket,
                 outcomes=outcomes,
                 timeout_s=timeout_s,
+                embedding_model=embedding_model,
             )
             for i in range(clients)
         )
