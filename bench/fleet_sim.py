@@ -18,7 +18,7 @@ One run, in this order:
 
   faults     with ``--fault``: the audit phase only (after the connect storm), with one fault once
              FAULT_AT of the records are acknowledged: ``kill-worker`` (SIGKILL to the last of
-             the workers, not restarted), ``pg-restart`` (``pg_ctl restart -m fast``) or
+             the workers; started again after ``--restart-after`` s if given), ``pg-restart`` (``pg_ctl restart -m fast``) or
              ``broker-restart`` (Mosquitto stopped and started again); then every box's sealed
              records are compared with what the hub stored (lost, duplicated, chain verified).
 
@@ -290,6 +290,9 @@ async def audit_under_fault(
             assert proc is not None
             proc.kill()
             await asyncio.to_thread(proc.wait)
+            if args.restart_after is not None:  # as systemd's Restart=always, same client id
+                await asyncio.sleep(args.restart_after)
+                await asyncio.to_thread(hubs[-1].start)
         elif args.fault == "pg-restart":
             assert pg is not None, "--fault pg-restart needs --postgres"
             await asyncio.to_thread(pg.restart)
@@ -433,6 +436,10 @@ def main() -> int:
     parser.add_argument(
         "--fault", choices=("kill-worker", "pg-restart", "broker-restart"), default=None,
         help="the audit phase only, with this fault (no --write)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--restart-after", type=float, default=None,
+        help="kill-worker: start the killed worker again (same client id) after this many seconds",
     )  # fmt: skip
     parser.add_argument("--fault-at", type=float, default=0.3, help="fraction of records acked")
     args = parser.parse_args()
