@@ -16,11 +16,12 @@ One run, in this order:
     .venv/bin/python bench/fleet_sim.py --boxes 1000 --write   # replaces "## Fleet simulator"
     .venv/bin/python bench/fleet_sim.py --boxes 1000 --db postgresql://... --workers 2
 
-  faults     with ``--fault``: the audit phase only (after the connect storm), with one fault once
-             FAULT_AT of the records are acknowledged: ``kill-worker`` (SIGKILL to the last of
-             the workers; started again after ``--restart-after`` s if given), ``pg-restart`` (``pg_ctl restart -m fast``) or
-             ``broker-restart`` (Mosquitto stopped and started again); then every box's sealed
-             records are compared with what the hub stored (lost, duplicated, chain verified).
+  faults     with ``--fault``: the audit phase only (after the connect storm), with one fault
+             once FAULT_AT of the records are acknowledged: ``kill-worker`` (SIGKILL to the last
+             worker; started again after ``--restart-after`` s if given), ``pg-restart``
+             (``pg_ctl restart -m fast``) or ``broker-restart`` (Mosquitto stopped and started
+             again); then each box's sealed records are compared with what the hub stored
+             (lost, duplicated, altered) and the hub re-verifies every stored chain.
 
     .venv/bin/python bench/fleet_sim.py --boxes 1000 --postgres --workers 2 --fault kill-worker
 
