@@ -116,6 +116,7 @@ class EngineSettings(_Section):
                 "kv_cache_type_v of 'f16' or 'bf16' (kv_cache_type_k may be quantized either way)"
             )
         return self
+
     cpu_sharing: Literal["split", "turns", "off"] = "split"
     """How generation and embeddings share the cores (docs/engine.md, *Sharing the cores*):
     ``split``: while an embedding computes, generation steps leave it ``embed_threads``;

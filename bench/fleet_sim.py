@@ -16,6 +16,16 @@ One run, in this order:
     .venv/bin/python bench/fleet_sim.py --boxes 1000 --write   # replaces "## Fleet simulator"
     .venv/bin/python bench/fleet_sim.py --boxes 1000 --db postgresql://... --workers 2
 
+  faults     with ``--fault``: the audit phase only (after the connect storm), with one fault
+             once FAULT_AT of the records are acknowledged: ``kill-worker`` (SIGKILL to the last
+             worker; started again after ``--restart-after`` s if given), ``pg-restart``
+             (``pg_ctl restart -m fast``) or ``broker-restart`` (Mosquitto stopped and started
+             again); then each box's sealed records are compared with what the hub stored
+             (lost, duplicated, altered) and the hub re-verifies every stored chain.
+
+    .venv/bin/python bench/fleet_sim.py --boxes 1000 --postgres --workers 2 --fault kill-worker
+
+``--postgres`` starts a private PostgreSQL cluster (tests/hub/postgres.py, fsync on) for the run;
 ``--db`` is handed to ``edge-hub serve --db`` (a SQLite path by default; whatever the hub accepts);
 ``--workers N`` runs N ``edge-hub serve`` processes sharing that database and the broker's shared
 subscriptions (on SQLite, one is what main supports). The open-file limit is raised to its hard
@@ -84,10 +94,12 @@ def cli(*argv: str) -> subprocess.CompletedProcess[str]:
 async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | str]:
     from fleet.mqtt import MqttConfig
     from hub.rollout.store import RolloutStore
+    from hub.sync.db import db_target
     from hub.sync.store import HubStore
     from registry.publish import set_deployment
     from tests.fleetsim.fleet import HubProcess, SimFleet, wait_store
     from tests.fleetsim.pki import device_ids, fleet_pki
+    from tests.hub.postgres import Postgres
     from tests.sync.broker import Broker, free_port
     from tests.sync.helpers import make_blob, new_repo, publish_model
 
@@ -108,11 +120,18 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
         blob = make_blob(work / f"v{v}.bin", 50_000, int(v))
         publish_model(repo, blob, "m", v, group=None, name="model.gguf")
     set_deployment(repo, "edge", "m", version="1", pin=True)
-    db = args.db or str(work / "hub.db")
+    pg: Postgres | None = None
+    if args.postgres:
+        pg = Postgres(fsync=True)
+        pg.start()
+        db: str | Path = pg.new_database()
+    else:
+        db = db_target(args.db or str(work / "hub.db"))
+    HubStore(db).close()  # the schema, made once before the workers race for it
     hubs = [
         HubProcess(
             repo.path,
-            Path(db),
+            db,
             work,
             "127.0.0.1",
             broker.service_port,
@@ -133,13 +152,13 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
     fleet = SimFleet(ids, config, root)
     n = args.boxes
     try:
-        fleet.register_keys(Path(db))
+        fleet.register_keys(db)
         out["threads_before"] = threading.active_count()
         step("connect storm")
         out["connect_s"] = await fleet.start(timeout=args.timeout)
         out["serving_v1_s"] = await fleet.wait(lambda b: b.serving.get("m") == "1", args.timeout, "v1")
         out["inventory_s"] = await wait_store(
-            Path(db),
+            db,
             lambda st: (
                 sum(r.state is not None and r.state.serving.get("m") == "1" for r in st.devices()) == n
             ),
@@ -147,6 +166,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
             "inventory",
         )
         out["connects"] = sum(b.stats.connects for b in fleet.boxes)
+        if args.fault:
+            out.update(await audit_under_fault(args, fleet, hubs, broker, pg, db))
+            return out
 
         step("state reports")
         # state reports
@@ -156,7 +178,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
             await asyncio.gather(*(b.publish_state(force=True, at=marker + k) for b in fleet.boxes))
         last = marker + args.states - 1
         await wait_store(
-            Path(db),
+            db,
             lambda st: sum(r.state is not None and r.state.last_sync == last for r in st.devices()) == n,
             args.timeout,
             "state ingest",
@@ -199,7 +221,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
         before = {b.id: set(b.stats.deployments) for b in fleet.boxes}
         t = time.monotonic()
         done = cli("deploy", "--group", "edge", "--model", "m", "--model-version", "2", "--pin",
-                   "--repo", str(repo.path), "--db", db)  # fmt: skip
+                   "--repo", str(repo.path), "--db", str(db))  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"edge-hub deploy: {done.stderr}")
         out["deploy_cmd_s"] = time.monotonic() - t
@@ -208,7 +230,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
         )
         await fleet.wait(lambda b: b.serving.get("m") == "2", args.timeout, "v2")
         await wait_store(
-            Path(db),
+            db,
             lambda st: (
                 sum(r.state is not None and r.state.serving.get("m") == "2" for r in st.devices()) == n
             ),
@@ -216,19 +238,21 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
             "inventory on v2",
         )
 
+        if args.no_rollout:
+            return out
         step("rollout v2 -> v3")
         # rollout v2 -> v3
         t = time.monotonic()
         done = cli("rollout", "start", "--group", "edge", "--model", "m", "--version", "3",
-                   "--waves", "1%,10%,50%,100%", "--repo", str(repo.path), "--db", db)  # fmt: skip
+                   "--waves", "1%,10%,50%,100%", "--repo", str(repo.path), "--db", str(db))  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"edge-hub rollout start: {done.stderr}")
         out["rollout_all_boxes_s"] = await fleet.wait(
             lambda b: b.serving.get("m") == "3", args.timeout * 4, "rollout"
         )
-        rstore = RolloutStore(HubStore(Path(db)))
+        rstore = RolloutStore(HubStore(db))
         await wait_store(
-            Path(db), lambda _st: (r := rstore.latest("edge")) is not None and r.state == "completed",
+            db, lambda _st: (r := rstore.latest("edge")) is not None and r.state == "completed",
             args.timeout, "rollout completed",
         )  # fmt: skip
         out["rollout_completed_s"] = time.monotonic() - t
@@ -239,6 +263,106 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float | int | s
         for h in hubs:
             h.stop()
         broker.cleanup()
+        if pg is not None:
+            pg.stop()
+    return out
+
+
+async def audit_under_fault(
+    args: argparse.Namespace, fleet: Any, hubs: list[Any], broker: Any, pg: Any, db: str | Path
+) -> dict[str, float | int | str]:
+    """The audit phase with one fault once ``args.fault_at`` of the records are acknowledged.
+
+    Invariant of the verdict: a box's records count as lost when a sealed seq is not stored, as
+    duplicated when a seq is stored more than once, as altered when a stored hash differs from the
+    sealed one; the hub's own chain check (:meth:`HubStore.verify_device`) runs on every device."""
+    from hub.sync.store import HubStore
+
+    out: dict[str, float | int | str] = {}
+    total = len(fleet.boxes) * args.records
+    for b in fleet.boxes:
+        b.add_audit(args.records)
+    samples: list[tuple[float, int]] = []
+    fault_at: list[float] = []
+
+    async def inject() -> None:
+        if args.fault == "kill-worker":
+            proc = hubs[-1].proc
+            assert proc is not None
+            proc.kill()
+            await asyncio.to_thread(proc.wait)
+            if args.restart_after is not None:  # as systemd's Restart=always, same client id
+                await asyncio.sleep(args.restart_after)
+                await asyncio.to_thread(hubs[-1].start)
+        elif args.fault == "pg-restart":
+            assert pg is not None, "--fault pg-restart needs --postgres"
+            await asyncio.to_thread(pg.restart)
+        elif args.fault == "broker-restart":
+            await asyncio.to_thread(broker.restart)
+        else:
+            raise ValueError(f"unknown --fault {args.fault!r}")
+
+    async def monitor() -> None:
+        while True:
+            acked = sum(b.stats.audit_acked for b in fleet.boxes)
+            now = time.monotonic()
+            samples.append((now, acked))
+            if not fault_at and acked >= args.fault_at * total:
+                fault_at.append(now)
+                out["acked_at_fault"] = acked
+                t = time.monotonic()
+                await inject()
+                out["fault_cmd_s"] = time.monotonic() - t
+            if acked >= total:
+                return
+            await asyncio.sleep(0.05)
+
+    t = time.monotonic()
+    mon = asyncio.create_task(monitor())
+    results = await asyncio.gather(
+        *(b.upload_audit(args.timeout) for b in fleet.boxes), return_exceptions=True
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    mon.cancel()
+    end = time.monotonic()
+    out["audit_s"] = end - t
+    out["audit_per_s"] = total / out["audit_s"]
+    out["boxes_not_acked"] = len(failed)
+    if failed:
+        out["first_failure"] = str(failed[0])[:300]
+    out["audit_resends"] = sum(b.stats.audit_resends for b in fleet.boxes)
+    out["refusals"] = sum(len(b.stats.refusals) for b in fleet.boxes)
+    if fault_at:
+        f = fault_at[0]
+        after = [(s, a) for s, a in samples if s >= f]
+        last_t, last_a, stall = f, after[0][1] if after else 0, 0.0
+        for s, a in after:
+            if a > last_a:
+                stall = max(stall, s - last_t)
+                last_t, last_a = s, a
+        done = next((s for s, a in samples if a >= total), end)
+        out["longest_ack_pause_s"] = stall
+        out["fault_to_all_acked_s"] = done - f
+    store = HubStore(db)
+    lost = dup = altered = chain_bad = 0
+    try:
+        for b in fleet.boxes:
+            rows = store.db.query("SELECT seq, hash FROM audit WHERE device = ?", (b.id,))
+            seen: dict[int, str] = {}
+            for seq, h in rows:
+                if int(seq) in seen:
+                    dup += 1
+                seen[int(seq)] = str(h)
+            for r in b.records:
+                if r.seq not in seen:
+                    lost += 1
+                elif seen[r.seq] != r.hash:
+                    altered += 1
+            n, problems = store.verify_device(b.id)
+            chain_bad += bool(problems) or n != len(b.records)
+    finally:
+        store.close()
+    out.update(lost=lost, duplicated=dup, altered=altered, chains_not_verified=chain_bad)
     return out
 
 
@@ -308,6 +432,17 @@ def main() -> int:
         "--rollout-interval", type=float, default=5.0, help="edge-hub serve --rollout-interval"
     )
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--postgres", action="store_true", help="a private PostgreSQL cluster as --db")
+    parser.add_argument("--no-rollout", action="store_true", help="stop after the metadata phase")
+    parser.add_argument(
+        "--fault", choices=("kill-worker", "pg-restart", "broker-restart"), default=None,
+        help="the audit phase only, with this fault (no --write)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--restart-after", type=float, default=None,
+        help="kill-worker: start the killed worker again (same client id) after this many seconds",
+    )  # fmt: skip
+    parser.add_argument("--fault-at", type=float, default=0.3, help="fraction of records acked")
     args = parser.parse_args()
     fds = raise_fd_limit()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the broker and hubs
@@ -317,6 +452,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}, file=sys.stderr)
+    if args.fault or args.no_rollout:
+        return 0  # numbers for docs/benchmarks.md by hand (the section's table needs every phase)
     _report.report(SECTION, render(args, result, fds), write=args.write)
     return 0
 

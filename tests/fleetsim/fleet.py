@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.mqtt import MqttConfig
+from hub.sync.db import exists as db_exists
 from hub.sync.store import HubStore
 from tests.fleetsim.box import Behaviour, SimBox
 from tests.fleetsim.verify import MetaVerifier
@@ -45,7 +46,8 @@ class HubProcess:
     """``edge-hub serve`` (role all) as its own process, logging to ``work/hub.log``."""
 
     repo: Path
-    db: Path
+    db: Path | str
+    """a SQLite path, or a ``postgresql://`` URL (its schema is made by whoever opens it first)"""
     work: Path
     host: str
     port: int
@@ -70,7 +72,7 @@ class HubProcess:
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=self.work)
         log.close()
         deadline = time.monotonic() + 30
-        while not self.db.is_file():
+        while not db_exists(self.db):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"edge-hub serve exited: {(self.work / 'hub.log').read_text()[-2000:]}")
             if time.monotonic() > deadline:
@@ -118,7 +120,7 @@ class SimFleet:
         ]
         self.by_id = {b.id: b for b in self.boxes}
 
-    def register_keys(self, db: Path) -> None:
+    def register_keys(self, db: Path | str) -> None:
         """Each box's audit key in the hub database, as ``edge-hub device register`` does."""
         store = HubStore(db)
         try:
@@ -153,7 +155,11 @@ class SimFleet:
 
 
 async def wait_store(
-    db: Path, predicate: Callable[[HubStore], bool], timeout: float, what: str, poll_s: float = 0.2
+    db: Path | str,
+    predicate: Callable[[HubStore], bool],
+    timeout: float,
+    what: str,
+    poll_s: float = 0.2,
 ) -> float:
     """Seconds until ``predicate(store)`` holds on the hub's database (read by a store of our own)."""
     store = HubStore(db)
