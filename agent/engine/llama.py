@@ -138,7 +138,11 @@ class LlamaEngine(EngineLifecycle):
         )
         self._model, self._ctx = model, ctx
         self._runner = BatchRunner(
-            ctx, max_queue=self._max_queue, prefill_chunk=self._prefill_chunk, name=f"decode-{self._info.id}"
+            ctx,
+            max_queue=self._max_queue,
+            prefill_chunk=self._prefill_chunk,
+            name=f"decode-{self._info.id}",
+            batch_invariant=self._batch_invariant,
         )
 
     def _check_ready(self) -> Any:

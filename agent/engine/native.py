@@ -508,6 +508,24 @@ class NativeContext:
             return bool(self._lib.llama_memory_seq_rm(self._mem, seq, p0, -1))
         return bool(self._lib.llama_kv_self_seq_rm(self._ctx, seq, p0, -1))  # pragma: no cover
 
+    def seq_cp(self, src: int, dst: int, n: int) -> bool:
+        """Make ``dst`` hold exactly the first ``n`` cells of ``src`` (``llama_memory_seq_cp``).
+
+        In one (unified) stream the cells are shared, not copied; across streams llama.cpp copies
+        the whole stream buffer at the next decode (it only copies full streams), then the cells
+        from ``n`` on are removed from ``dst``. False when the bindings lack the call or a step
+        fails (the caller then drops ``dst``'s cache)."""
+        lib = self._lib
+        if self._mem is None or not hasattr(lib, "llama_memory_seq_cp"):  # pragma: no cover
+            return False
+        if not lib.llama_memory_seq_rm(self._mem, dst, -1, -1):
+            return False
+        if self.shared_kv:
+            lib.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+            return True
+        lib.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        return bool(lib.llama_memory_seq_rm(self._mem, dst, n, -1))
+
     def clear(self) -> None:
         if self._mem is not None:
             self._lib.llama_memory_clear(self._mem, True)

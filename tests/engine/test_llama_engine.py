@@ -18,7 +18,8 @@ pytestmark = pytest.mark.model
 
 def with_engine(path: Path, fn: Callable[[LlamaEngine], Awaitable[Any]], **kw: Any) -> Any:
     async def main() -> Any:
-        engine = LlamaEngine(ModelInfo(id="gemma", path=path, format="gguf"), n_ctx=512, n_threads=2, **kw)
+        kw.setdefault("n_ctx", 512)
+        engine = LlamaEngine(ModelInfo(id="gemma", path=path, format="gguf"), n_threads=2, **kw)
         try:
             await engine.load()
             return await fn(engine)
@@ -137,3 +138,41 @@ def test_bad_model_files_fail_to_load_with_model_load_error(tmp_path: Path, cont
         await engine.close()
 
     asyncio.run(main())
+
+
+CROSS_SLOT_PREFIX = "Notes on the history of computing and its machines. " * 40
+
+
+@pytest.mark.parametrize(
+    ("batch_invariant", "n_parallel"),
+    [
+        pytest.param(True, 2, id="batch-invariant-2-slots"),
+        pytest.param(False, 2, id="fast-2-slots"),
+    ],
+)
+def test_prefix_copied_from_a_busy_slot_gives_the_cold_output(
+    gemma_path: Path, batch_invariant: bool, n_parallel: int
+) -> None:
+    """B runs cold; A takes B's slot; B again, while A generates, copies A's cells of the shared
+    prefix into the other slot (llama_memory_seq_cp across KV streams) and must answer as cold."""
+    a_prompt = CROSS_SLOT_PREFIX + "In summary, the first computers"
+    b_prompt = CROSS_SLOT_PREFIX + "The most important invention was"
+
+    async def main(engine: LlamaEngine) -> None:
+        runner = engine.runner
+        assert runner is not None
+        cold = await complete(engine, b_prompt, 12, temperature=0)
+        a = asyncio.ensure_future(complete(engine, a_prompt, 48, temperature=0))
+        while runner.stats.generated_tokens < 14:  # A is generating in the slot B used
+            await asyncio.sleep(0.01)
+        copied_before = runner.stats.copied_tokens
+        again = await complete(engine, b_prompt, 12, temperature=0)
+        await a
+        shared = len(engine.tokenize(CROSS_SLOT_PREFIX, add_bos=True))
+        copied = runner.stats.copied_tokens - copied_before
+        assert copied >= shared - (256 if batch_invariant else 2)
+        if batch_invariant:
+            assert copied % 256 == 0
+            assert again == cold
+
+    with_engine(gemma_path, main, batch_invariant=batch_invariant, n_parallel=n_parallel, n_ctx=1024)
