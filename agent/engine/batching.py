@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.engine.base import FinishReason, GenerationChunk, SamplingParams, TokenLogprob, Usage
+from agent.engine.prompt_cache import PromptCache
 from agent.engine.slots import (
     COPY_MIN_GAIN,
     PrefillWork,
@@ -90,6 +91,14 @@ class DecodeBackend(Protocol):
 
     def seq_cp(self, src: int, dst: int, n: int) -> bool:
         """Make ``dst`` hold the first ``n`` cells of ``src`` (nothing else); False on failure."""
+        ...
+
+    def seq_state(self, seq: int) -> bytes | None:
+        """The sequence's KV state (``llama_state_seq_get_data``); None if it cannot be read."""
+        ...
+
+    def set_seq_state(self, seq: int, data: bytes) -> bool:
+        """Replace the sequence's KV state with ``data``; False if llama.cpp refuses it."""
         ...
 
     def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> Sampler: ...
@@ -155,6 +164,8 @@ class StepStats:
     reused_tokens: int = 0
     copied_tokens: int = 0
     """Reused tokens whose cells were copied from another slot's cache."""
+    disk_tokens: int = 0
+    """Reused tokens whose cells were loaded from the disk prompt cache."""
     generated_tokens: int = 0
 
 
@@ -171,8 +182,10 @@ class BatchRunner:
         name: str = "llama-decode",
         batch_invariant: bool = True,
         copy_min_gain: int = COPY_MIN_GAIN,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self._backend = backend
+        self._disk = prompt_cache
         self._invariant = batch_invariant
         self._copy_min_gain = copy_min_gain
         self._max_queue = max_queue
@@ -457,9 +470,45 @@ class BatchRunner:
             self.stats.reused_tokens += keep - job.done
             job.done = job.reused = keep
 
+    def _load_from_disk(self, job: Job, slot: _Slot, keep: int) -> int:
+        """If the disk prompt cache holds a prefix longer than ``keep`` by ``copy_min_gain``
+        tokens, load it into ``slot``; the reusable length."""
+        if self._disk is None:
+            return keep
+        found = self._disk.best(job.tokens, self._align, self._invariant)
+        if found is None or found[1] - keep < max(1, self._copy_min_gain):
+            return keep
+        entry, n = found
+        payload = self._disk.load(entry)
+        if payload is None:
+            return keep
+        if not self._backend.set_seq_state(slot.index, payload) or not self._backend.seq_rm(slot.index, n):
+            log.warning("prompt_cache_load_failed", tokens=n)
+            self._backend.seq_rm(slot.index, 0)
+            slot.cached.clear()
+            slot.canonical = 0
+            return 0
+        slot.cached[:] = entry.tokens[:n]
+        slot.canonical = min(entry.canonical, n)
+        self.stats.disk_tokens += n
+        return n
+
+    def _save_to_disk(self, job: Job) -> None:
+        """Offer a finished job's cells to the disk prompt cache (it decides what is worth it)."""
+        if self._disk is None or job.slot < 0:
+            return
+        slot = self._slots[job.slot]
+        if slot.job is not job or not self._disk.wants(slot.cached):
+            return
+        data = self._backend.seq_state(slot.index)
+        if data:
+            canonical = slot.canonical if self._invariant else len(slot.cached)
+            self._disk.offer(list(slot.cached), canonical, data)
+
     def _start(self, job: Job, slot: _Slot, keep: int) -> None:
         keep = self._truncate(slot, keep)
         keep = self._copy_better_prefix(job, slot, keep)
+        keep = self._load_from_disk(job, slot, keep)
         try:
             job.sampler = self._backend.make_sampler(job.sampling, job.tokens)
         except Exception as exc:
@@ -508,6 +557,10 @@ class BatchRunner:
 
     def _finish(self, job: Job, reason: FinishReason) -> None:
         tail = job.text.flush() if job.text is not None and reason != "cancelled" else ""
+        try:
+            self._save_to_disk(job)
+        except Exception:  # a cache is an optimisation: never fail the answer for it
+            log.exception("prompt_cache_save_failed")
         self._release(job)
         self._deliver_final(job, reason, tail)
 

@@ -62,6 +62,9 @@ def build_engine(
         batch_invariant=e.batch_invariant,
         kv_unified=e.kv_unified,
         guard=guard,
+        prompt_cache_dir=settings.state_dir / "prompt-cache" if e.prompt_cache else None,
+        prompt_cache_max_mb=e.prompt_cache_max_mb,
+        prompt_cache_min_tokens=e.prompt_cache_min_tokens,
     )
 
 

@@ -526,6 +526,21 @@ class NativeContext:
         lib.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         return bool(lib.llama_memory_seq_rm(self._mem, dst, n, -1))
 
+    def seq_state(self, seq: int) -> bytes | None:
+        """The sequence's cells as llama.cpp serialises them (``llama_state_seq_get_data``)."""
+        lib = self._lib
+        size = int(lib.llama_state_seq_get_size(self._ctx, seq))
+        if size <= 0:
+            return None
+        buf = (ctypes.c_uint8 * size)()
+        n = int(lib.llama_state_seq_get_data(self._ctx, buf, size, seq))
+        return bytes(memoryview(buf)[:n]) if n > 0 else None
+
+    def set_seq_state(self, seq: int, data: bytes) -> bool:
+        """Load ``data`` (from :meth:`seq_state` of a context with the same settings) into ``seq``."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return int(self._lib.llama_state_seq_set_data(self._ctx, buf, len(data), seq)) > 0
+
     def clear(self) -> None:
         if self._mem is not None:
             self._lib.llama_memory_clear(self._mem, True)

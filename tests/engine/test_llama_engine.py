@@ -176,3 +176,48 @@ def test_prefix_copied_from_a_busy_slot_gives_the_cold_output(
             assert again == cold
 
     with_engine(gemma_path, main, batch_invariant=batch_invariant, n_parallel=n_parallel, n_ctx=1024)
+
+
+SYSTEM = "You are the assistant of a maintenance team. Rules: " + " ".join(
+    f"Rule {i}: report the state of machine {i} before and after each repair." for i in range(30)
+)
+
+
+@pytest.mark.parametrize(
+    ("first_kw", "second_kw", "loaded"),
+    [
+        pytest.param(
+            {"batch_invariant": True}, {"batch_invariant": True}, True, id="batch-invariant-restart"
+        ),
+        pytest.param({"batch_invariant": False}, {"batch_invariant": False}, True, id="fast-restart"),
+        pytest.param({"n_ctx": 1024}, {"n_ctx": 2048}, False, id="other-settings-refused"),
+        pytest.param({"batch_invariant": True}, {"batch_invariant": False}, False, id="other-mode-refused"),
+    ],
+)
+def test_disk_prompt_cache_across_a_restart(
+    gemma_path: Path, tmp_path: Path, first_kw: dict[str, Any], second_kw: dict[str, Any], loaded: bool
+) -> None:
+    """A long system prompt's cells saved by one engine are loaded by the next one (same model
+    file, same settings) instead of being decoded; with other settings they are not."""
+    q1, q2 = SYSTEM + "\nQuestion: what comes first?", SYSTEM + "\nQuestion: what about machine 7?"
+    kw = {"prompt_cache_dir": tmp_path, "prompt_cache_min_tokens": 256, "n_ctx": 1024}
+
+    async def first(engine: LlamaEngine) -> str:
+        await complete(engine, q1, 4, temperature=0)
+        return await complete(engine, q2, 12, temperature=0)
+
+    async def second(engine: LlamaEngine) -> tuple[str, int]:
+        text = await complete(engine, q2, 12, temperature=0)
+        assert engine.runner is not None
+        return text, engine.runner.stats.disk_tokens
+
+    warm = with_engine(gemma_path, first, **{**kw, **first_kw})
+    assert len(list(tmp_path.glob("*.kv"))) == 1
+    text, from_disk = with_engine(gemma_path, second, **{**kw, **second_kw})
+    shared = len(with_engine(gemma_path, lambda e: asyncio.sleep(0, e.tokenize(SYSTEM, add_bos=True))))
+    if not loaded:
+        assert from_disk == 0
+        return
+    assert from_disk >= shared - (256 if second_kw.get("batch_invariant") else 2)
+    if second_kw.get("batch_invariant"):
+        assert text == warm

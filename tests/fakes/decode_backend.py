@@ -10,6 +10,7 @@ sampled. Every batch is recorded, and ``gate`` lets a test release decode steps 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -138,6 +139,13 @@ class FakeDecodeBackend:
         src_cache = self.kv.get(src, [])
         assert n <= len(src_cache), f"copy of {n} cells from seq {src} holding {len(src_cache)}"
         self.kv[dst] = list(src_cache[:n])
+        return True
+
+    def seq_state(self, seq: int) -> bytes | None:
+        return json.dumps(self.kv.get(seq, [])).encode()
+
+    def set_seq_state(self, seq: int, data: bytes) -> bool:
+        self.kv[seq] = list(json.loads(data))
         return True
 
     def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> FakeSampler:
