@@ -184,40 +184,47 @@ SYSTEM = "You are the assistant of a maintenance team. Rules: " + " ".join(
 
 
 @pytest.mark.parametrize(
-    ("first_kw", "second_kw", "loaded"),
+    ("first_kw", "second_kw", "files", "loaded"),
     [
+        pytest.param({}, {}, 1, True, id="fast-restart"),
+        pytest.param({}, {"n_ctx": 2048}, 1, False, id="other-settings-refused"),
+        pytest.param({}, {"prefill_chunk": 128}, 1, False, id="other-chunking-refused"),
         pytest.param(
-            {"batch_invariant": True}, {"batch_invariant": True}, True, id="batch-invariant-restart"
+            {"batch_invariant": True}, {"batch_invariant": True}, 0, False, id="batch-invariant-off"
         ),
-        pytest.param({"batch_invariant": False}, {"batch_invariant": False}, True, id="fast-restart"),
-        pytest.param({"n_ctx": 1024}, {"n_ctx": 2048}, False, id="other-settings-refused"),
-        pytest.param({"batch_invariant": True}, {"batch_invariant": False}, False, id="other-mode-refused"),
     ],
 )
 def test_disk_prompt_cache_across_a_restart(
-    gemma_path: Path, tmp_path: Path, first_kw: dict[str, Any], second_kw: dict[str, Any], loaded: bool
+    gemma_path: Path,
+    tmp_path: Path,
+    first_kw: dict[str, Any],
+    second_kw: dict[str, Any],
+    files: int,
+    loaded: bool,
 ) -> None:
     """A long system prompt's cells saved by one engine are loaded by the next one (same model
-    file, same settings) instead of being decoded; with other settings they are not."""
+    file, same settings, fast mode) instead of being decoded; with other settings they are not.
+    The batch-invariant mode does not use the disk cache (a restored state is not bit-exact)."""
     q1, q2 = SYSTEM + "\nQuestion: what comes first?", SYSTEM + "\nQuestion: what about machine 7?"
-    kw = {"prompt_cache_dir": tmp_path, "prompt_cache_min_tokens": 256, "n_ctx": 1024}
+    kw = {
+        "prompt_cache_dir": tmp_path,
+        "prompt_cache_min_tokens": 256,
+        "n_ctx": 1024,
+        "batch_invariant": False,
+    }
 
-    async def first(engine: LlamaEngine) -> str:
+    async def first(engine: LlamaEngine) -> None:
         await complete(engine, q1, 4, temperature=0)
-        return await complete(engine, q2, 12, temperature=0)
 
-    async def second(engine: LlamaEngine) -> tuple[str, int]:
-        text = await complete(engine, q2, 12, temperature=0)
+    async def second(engine: LlamaEngine) -> tuple[int, int]:
+        await complete(engine, q2, 4, temperature=0)
         assert engine.runner is not None
-        return text, engine.runner.stats.disk_tokens
+        return engine.runner.stats.disk_tokens, len(engine.tokenize(SYSTEM, add_bos=True))
 
-    warm = with_engine(gemma_path, first, **{**kw, **first_kw})
-    assert len(list(tmp_path.glob("*.kv"))) == 1
-    text, from_disk = with_engine(gemma_path, second, **{**kw, **second_kw})
-    shared = len(with_engine(gemma_path, lambda e: asyncio.sleep(0, e.tokenize(SYSTEM, add_bos=True))))
-    if not loaded:
+    with_engine(gemma_path, first, **{**kw, **first_kw})
+    assert len(list(tmp_path.glob("*.kv"))) == files
+    from_disk, shared = with_engine(gemma_path, second, **{**kw, **second_kw})
+    if loaded:
+        assert from_disk >= shared - 2
+    else:
         assert from_disk == 0
-        return
-    assert from_disk >= shared - (256 if second_kw.get("batch_invariant") else 2)
-    if second_kw.get("batch_invariant"):
-        assert text == warm
