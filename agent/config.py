@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.errors import ConfigError
@@ -102,16 +102,6 @@ class EngineSettings(_Section):
     """A finished request is saved only if it adds this many tokens of prefix to the cache."""
     prompt_cache_max_mb: int = Field(default=1024, ge=1, le=1 << 20)
     """Size cap of the prompt cache directory; least recently used files go first."""
-
-    @model_validator(mode="after")
-    def _prompt_cache_needs_fast_mode(self) -> EngineSettings:
-        """The disk cache is used in fast mode only: a restored state is not bit-exact."""
-        if self.batch_invariant and self.prompt_cache and "prompt_cache" in self.model_fields_set:
-            raise ValueError(
-                "prompt_cache = true needs batch_invariant = false: a KV state restored from disk "
-                "does not give bit-identical logits (docs/engine.md, Prompt cache on disk)"
-            )
-        return self
 
 
 class IsolationSettings(_Section):

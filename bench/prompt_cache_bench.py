@@ -4,9 +4,10 @@ Each round, in a fresh empty cache directory:
 
 1. a fresh process loads the engine (:class:`agent.engine.llama.LlamaEngine`, Gemma 3 270M Q4_K_M,
    2 threads, 4 slots of 4,096 tokens, the prompt cache on) and sends the system prompt + question
-   1: the **cold** TTFT (nothing cached anywhere); closing the engine finishes the cache write;
+   1: the **cold** TTFT (nothing cached anywhere); then question 2 after the same system prompt
+   (the prefix seen twice is what the cache saves); closing the engine finishes the write;
 2. another fresh process (the restart) loads the engine and sends the same system prompt +
-   question 2: the **restart** TTFT (the system prompt's cells come from disk).
+   question 3: the **restart** TTFT (the system prompt's cells come from disk).
 
 Model load time is not in either figure (both start timing when the request is sent). Medians
 over ``--rounds``; the goal is restart / cold <= 0.2.
@@ -36,11 +37,15 @@ SYSTEM = "You are the support assistant of a fleet of edge devices. Policy: " + 
     f"Item {i}: device class {i} must report its firmware, uptime and temperature every {i % 7 + 1} minutes."
     for i in range(95)
 )
-QUESTIONS = ("Question: what must device class 3 report?", "Question: how often does class 12 report?")
+QUESTIONS = (
+    "Question: what must device class 3 report?",
+    "Question: how often does class 12 report?",
+    "Question: which classes report every minute?",
+)
 SECTION = "## Prompt cache across restarts"
 
 
-async def one(cache_dir: Path, question: str, invariant: bool) -> dict[str, float]:
+async def one(cache_dir: Path, questions: list[str], invariant: bool) -> dict[str, float]:
     from agent.engine.base import CompletionRequest, ModelInfo, SamplingParams
     from agent.engine.llama import LlamaEngine
 
@@ -56,13 +61,18 @@ async def one(cache_dir: Path, question: str, invariant: bool) -> dict[str, floa
     await engine.load()
     load_s = time.perf_counter() - t_load
     try:
-        req = CompletionRequest(
-            prompt=SYSTEM + "\n" + question, max_tokens=8, sampling=SamplingParams(temperature=0.0)
-        )
-        t0 = time.perf_counter()
-        ttft = 0.0
-        async for _ in engine.generate(req):
-            ttft = ttft or time.perf_counter() - t0
+        ttfts = []
+        for question in questions:
+            req = CompletionRequest(
+                prompt=SYSTEM + "\n" + question, max_tokens=8, sampling=SamplingParams(temperature=0.0)
+            )
+            t0 = time.perf_counter()
+            ttft = 0.0
+            async for _ in engine.generate(req):
+                ttft = ttft or time.perf_counter() - t0
+            ttfts.append(ttft)
+        ttft = ttfts[0]
+        question = questions[0]
         assert engine.runner is not None
         stats = engine.runner.stats
         out = {
@@ -80,8 +90,8 @@ async def one(cache_dir: Path, question: str, invariant: bool) -> dict[str, floa
     return out
 
 
-def run_child(cache_dir: Path, question: int, invariant: bool) -> dict[str, float]:
-    cmd = [sys.executable, __file__, "--child", str(cache_dir), str(question), str(int(invariant))]
+def run_child(cache_dir: Path, questions: str, invariant: bool) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--child", str(cache_dir), questions, str(int(invariant))]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -101,15 +111,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         d, q, inv = args.child
-        print(json.dumps(asyncio.run(one(Path(d), QUESTIONS[int(q)], bool(int(inv))))))
+        picked = [QUESTIONS[int(i)] for i in q.split(",")]
+        print(json.dumps(asyncio.run(one(Path(d), picked, bool(int(inv))))))
         return
     cold: list[dict[str, float]] = []
     warm: list[dict[str, float]] = []
     load = os.getloadavg()[0]
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
-            cold.append(run_child(Path(tmp), 0, args.batch_invariant))
-            warm.append(run_child(Path(tmp), 1, args.batch_invariant))
+            cold.append(run_child(Path(tmp), "0,1", args.batch_invariant))
+            warm.append(run_child(Path(tmp), "2", args.batch_invariant))
         print(f"round {r}: cold {cold[-1]} restart {warm[-1]}", flush=True)
     c = statistics.median(x["ttft_ms"] for x in cold)
     w = statistics.median(x["ttft_ms"] for x in warm)

@@ -100,11 +100,6 @@ BAD_FILES = [
         id="negative-grace",
     ),
     pytest.param(
-        "[engine]\nbatch_invariant = true\nprompt_cache = true\n",
-        "prompt_cache = true needs batch_invariant = false",
-        id="prompt-cache-in-batch-invariant-mode",
-    ),
-    pytest.param(
         "[engine\nn_ctx = 1\n",
         "invalid TOML",
         id="toml-syntax",

@@ -18,9 +18,14 @@ Invariants:
 * Every submitted job receives exactly one final chunk (``finish_reason`` set, usage attached) or
   one exception, and nothing after it.
 * A slot's ``cached`` list equals the tokens held in the KV cache for that sequence, position by
-  position; a prompt reuses the longest common prefix that was computed in whole prompt chunks
-  (rounded down to a chunk boundary) and the rest is removed with ``seq_rm``. A stream's greedy
-  output is therefore the same alone, batched, or after a reuse.
+  position (also after a copy from another slot or a load from the disk prompt cache); the rest
+  is removed with ``seq_rm``. Batch-invariant mode: a prompt reuses the longest common prefix that
+  was computed in whole prompt chunks (rounded down to a chunk boundary), so a stream's greedy
+  output is the same alone, batched, or after a reuse. Fast mode: every token of the common prefix
+  but the last prompt token.
+* A job is either generating, decoding its prompt, or following a running prompt (``follow``):
+  a follower takes no prompt step until its leader's cache holds the shared prefix or the leader
+  ended; then it copies what is best at that moment, so a shared prefix is decoded once.
 * KV budget, when the slots share one context (``shared_kv``): the prompt + ``max_tokens`` of all
   running jobs plus the tokens cached by idle slots never exceed the context; idle caches are
   evicted (least recently used first) to make room, and a job that does not fit yet waits (FIFO)
@@ -469,46 +474,56 @@ class BatchRunner:
             keep = self._copy_better_prefix(job, slot, job.done)
             self.stats.reused_tokens += keep - job.done
             job.done = job.reused = keep
+            if keep > 0:
+                self._save_prefix(slot)
 
     def _load_from_disk(self, job: Job, slot: _Slot, keep: int) -> int:
-        """If the disk prompt cache holds a prefix longer than ``keep`` by ``copy_min_gain``
-        tokens, load it into ``slot``; the reusable length."""
+        """If the disk prompt cache holds a prefix of the prompt longer than ``keep`` by
+        ``copy_min_gain`` tokens, load it into ``slot`` (whole: see :class:`PromptCache`); the
+        reusable length."""
         if self._disk is None:
             return keep
-        found = self._disk.best(job.tokens, self._align, self._invariant)
+        found = self._disk.best(job.tokens)
         if found is None or found[1] - keep < max(1, self._copy_min_gain):
             return keep
         entry, n = found
         payload = self._disk.load(entry)
         if payload is None:
             return keep
-        if not self._backend.set_seq_state(slot.index, payload) or not self._backend.seq_rm(slot.index, n):
+        if not self._backend.set_seq_state(slot.index, payload):
             log.warning("prompt_cache_load_failed", tokens=n)
             self._backend.seq_rm(slot.index, 0)
             slot.cached.clear()
             slot.canonical = 0
             return 0
-        slot.cached[:] = entry.tokens[:n]
+        slot.cached[:] = entry.tokens
         slot.canonical = min(entry.canonical, n)
         self.stats.disk_tokens += n
         return n
 
-    def _save_to_disk(self, job: Job) -> None:
-        """Offer a finished job's cells to the disk prompt cache (it decides what is worth it)."""
-        if self._disk is None or job.slot < 0:
-            return
-        slot = self._slots[job.slot]
-        if slot.job is not job or not self._disk.wants(slot.cached):
+    def _save_to_disk(self, slot: _Slot) -> None:
+        """Offer ``slot``'s cells to the disk prompt cache when they are a prefix a new request
+        shares with an earlier one (a system prompt seen twice) and the cache lacks it. Called
+        when the slot holds exactly that prefix, before the new request's own tokens are added."""
+        if self._disk is None or not self._disk.wants(slot.cached):
             return
         data = self._backend.seq_state(slot.index)
         if data:
-            canonical = slot.canonical if self._invariant else len(slot.cached)
-            self._disk.offer(list(slot.cached), canonical, data)
+            self._disk.offer(list(slot.cached), slot.canonical if self._invariant else len(slot.cached), data)
+
+    def _save_prefix(self, slot: _Slot) -> None:
+        try:
+            self._save_to_disk(slot)
+        except Exception:  # a cache is an optimisation: never fail the request for it
+            log.exception("prompt_cache_save_failed")
 
     def _start(self, job: Job, slot: _Slot, keep: int) -> None:
         keep = self._truncate(slot, keep)
         keep = self._copy_better_prefix(job, slot, keep)
+        shared = keep
         keep = self._load_from_disk(job, slot, keep)
+        if keep == shared and keep > 0:
+            self._save_prefix(slot)
         try:
             job.sampler = self._backend.make_sampler(job.sampling, job.tokens)
         except Exception as exc:
@@ -557,10 +572,6 @@ class BatchRunner:
 
     def _finish(self, job: Job, reason: FinishReason) -> None:
         tail = job.text.flush() if job.text is not None and reason != "cancelled" else ""
-        try:
-            self._save_to_disk(job)
-        except Exception:  # a cache is an optimisation: never fail the answer for it
-            log.exception("prompt_cache_save_failed")
         self._release(job)
         self._deliver_final(job, reason, tail)
 

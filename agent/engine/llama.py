@@ -175,9 +175,6 @@ class LlamaEngine(EngineLifecycle):
     def _open_prompt_cache(self, ctx: Any) -> PromptCache | None:
         if self._prompt_cache_dir is None:
             return None
-        if self._batch_invariant:  # a restored state is not bit-exact (docs/engine.md)
-            log.info("prompt_cache_off", model=self._info.id, reason="batch_invariant mode")
-            return None
         started = time.monotonic()
         cache = PromptCache(
             self._prompt_cache_dir,

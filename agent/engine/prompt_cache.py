@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.engine.slots import reusable_prefix
 from fleet.log import get_logger
 
 log = get_logger(__name__)
@@ -135,15 +134,17 @@ class PromptCache:
 
     # -- decode thread ------------------------------------------------------------------------
 
-    def best(self, prompt: Sequence[int], align: int, invariant: bool) -> tuple[CacheEntry, int] | None:
-        """The entry whose tokens share the longest reusable prefix with ``prompt``, and that length."""
+    def best(self, prompt: Sequence[int]) -> tuple[CacheEntry, int] | None:
+        """The longest entry whose tokens are a prefix of ``prompt`` (leaving at least one prompt
+        token to decode), and its length. Only whole entries: a sequence's saved state holds just
+        the last window of a sliding-window layer's cells, so it cannot be cut back."""
         with self._lock:
             entries = list(self._entries.values())
         found: tuple[CacheEntry, int] | None = None
         for e in entries:
-            keep = reusable_prefix(e.tokens, prompt, e.canonical if invariant else None, align)
-            if keep > 0 and (found is None or keep > found[1]):
-                found = (e, keep)
+            n = len(e.tokens)
+            if n < len(prompt) and (found is None or n > found[1]) and tuple(prompt[:n]) == e.tokens:
+                found = (e, n)
         return found
 
     def load(self, entry: CacheEntry) -> bytes | None:
@@ -172,10 +173,11 @@ class PromptCache:
         return payload
 
     def wants(self, tokens: Sequence[int]) -> bool:
-        """Whether saving ``tokens`` adds at least ``min_tokens`` of prefix the cache lacks."""
+        """Whether saving ``tokens`` adds at least ``min_tokens`` to the longest saved entry that
+        is a prefix of them."""
         if len(tokens) < self.min_tokens or self._pending >= MAX_PENDING_WRITES:
             return False
-        found = self.best([*tokens, -1], 1, False)
+        found = self.best([*tokens, -1])
         return len(tokens) - (found[1] if found else 0) >= self.min_tokens
 
     def offer(self, tokens: Sequence[int], canonical: int, payload: bytes) -> None:

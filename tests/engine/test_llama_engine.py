@@ -187,11 +187,12 @@ SYSTEM = "You are the assistant of a maintenance team. Rules: " + " ".join(
     ("first_kw", "second_kw", "files", "loaded"),
     [
         pytest.param({}, {}, 1, True, id="fast-restart"),
+        pytest.param(
+            {"batch_invariant": True}, {"batch_invariant": True}, 1, True, id="batch-invariant-restart"
+        ),
         pytest.param({}, {"n_ctx": 2048}, 1, False, id="other-settings-refused"),
         pytest.param({}, {"prefill_chunk": 128}, 1, False, id="other-chunking-refused"),
-        pytest.param(
-            {"batch_invariant": True}, {"batch_invariant": True}, 0, False, id="batch-invariant-off"
-        ),
+        pytest.param({"batch_invariant": True}, {}, 1, False, id="other-mode-refused"),
     ],
 )
 def test_disk_prompt_cache_across_a_restart(
@@ -202,29 +203,29 @@ def test_disk_prompt_cache_across_a_restart(
     files: int,
     loaded: bool,
 ) -> None:
-    """A long system prompt's cells saved by one engine are loaded by the next one (same model
-    file, same settings, fast mode) instead of being decoded; with other settings they are not.
-    The batch-invariant mode does not use the disk cache (a restored state is not bit-exact)."""
+    """A long system prompt seen twice is saved by one engine and loaded by the next one (same
+    model file, same settings) instead of being decoded; with other settings it is not. In
+    batch-invariant mode the answer after the load equals the one before the restart."""
     q1, q2 = SYSTEM + "\nQuestion: what comes first?", SYSTEM + "\nQuestion: what about machine 7?"
-    kw = {
-        "prompt_cache_dir": tmp_path,
-        "prompt_cache_min_tokens": 256,
-        "n_ctx": 1024,
-        "batch_invariant": False,
-    }
+    kw = {"prompt_cache_dir": tmp_path, "prompt_cache_min_tokens": 256, "n_ctx": 1024}
 
-    async def first(engine: LlamaEngine) -> None:
-        await complete(engine, q1, 4, temperature=0)
+    async def first(engine: LlamaEngine) -> str:
+        await complete(engine, SYSTEM + "\nQuestion: and the last?", 4, temperature=0)
+        await complete(engine, q1, 4, temperature=0)  # the system prompt seen twice: saved
+        return await complete(engine, q2, 12, temperature=0)
 
-    async def second(engine: LlamaEngine) -> tuple[int, int]:
-        await complete(engine, q2, 4, temperature=0)
+    async def second(engine: LlamaEngine) -> tuple[str, int, int]:
+        text = await complete(engine, q2, 12, temperature=0)
         assert engine.runner is not None
-        return engine.runner.stats.disk_tokens, len(engine.tokenize(SYSTEM, add_bos=True))
+        return text, engine.runner.stats.disk_tokens, len(engine.tokenize(SYSTEM, add_bos=True))
 
-    with_engine(gemma_path, first, **{**kw, **first_kw})
+    invariant = second_kw.get("batch_invariant", False)
+    warm = with_engine(gemma_path, first, **{"batch_invariant": False, **kw, **first_kw})
     assert len(list(tmp_path.glob("*.kv"))) == files
-    from_disk, shared = with_engine(gemma_path, second, **{**kw, **second_kw})
-    if loaded:
-        assert from_disk >= shared - 2
-    else:
+    text, from_disk, shared = with_engine(gemma_path, second, **{"batch_invariant": False, **kw, **second_kw})
+    if not loaded:
         assert from_disk == 0
+        return
+    assert from_disk >= (shared // 256 * 256 if invariant else shared)
+    if invariant:
+        assert text == warm

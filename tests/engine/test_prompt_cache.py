@@ -45,8 +45,9 @@ def saved(cache: PromptCache, tokens: list[int] = TOKENS, payload: bytes = PAYLO
 def test_saved_prefix_is_found_and_loaded_after_a_restart(opened: Callable[..., PromptCache]) -> None:
     saved(opened())
     again = opened()
-    found = again.best([*TOKENS[:500], 9999, 9998], 1, False)
-    assert found is not None and found[1] == 500
+    assert again.best([*TOKENS[:500], 9999, 9998]) is None, "only whole entries: no cut-back"
+    found = again.best([*TOKENS, 9999, 9998])
+    assert found is not None and found[1] == len(TOKENS)
     assert again.load(found[0]) == PAYLOAD
 
 
@@ -74,11 +75,13 @@ def test_damaged_file_is_never_loaded_and_is_deleted(
 ) -> None:
     path = saved(opened())
     damage(path)
+    header = read_header(path)  # what the damaged file claims to hold (None: torn)
     again = opened()
-    found = again.best(TOKENS, 1, False)
+    claimed = [*(header.tokens if header else TOKENS), 1]
+    found = again.best(claimed)
     if found is not None:  # damage the header check cannot see: the digest check at load does
         assert again.load(found[0]) is None, why
-    assert again.best(TOKENS, 1, False) is None
+    assert again.best(claimed) is None
     assert not path.exists()
     assert again.rejected == 1
 
@@ -92,7 +95,7 @@ def test_file_of_another_model_or_settings_is_refused_but_kept(
 ) -> None:
     path = saved(opened())
     other = opened(key)
-    assert other.best(TOKENS, 1, False) is None
+    assert other.best([*TOKENS, 1]) is None
     assert path.exists(), "another model's entry stays until the size cap evicts it"
 
 
@@ -121,7 +124,7 @@ time.sleep(60)
     assert [p.suffix for p in tmp_path.iterdir()] == [".tmp"]
     cache = PromptCache(tmp_path, KEY, max_bytes=1 << 30, min_tokens=10)
     try:
-        assert cache.best(TOKENS, 1, False) is None
+        assert cache.best([*TOKENS, 1]) is None
         assert list(tmp_path.iterdir()) == [], "the unfinished write is deleted"
     finally:
         cache.close()
@@ -135,7 +138,7 @@ def test_size_cap_evicts_the_least_recently_used(opened: Callable[..., PromptCac
     os.utime(second, (time.time() - 50, time.time() - 50))
     size = first.stat().st_size
     small = opened(max_bytes=int(size * 2.5))
-    found = small.best([1, *range(1000, 1100)], 1, False)
+    found = small.best([1, *range(1000, 1200), 5])
     assert found is not None and small.load(found[0]) == payload  # first is now the most recent
     saved(small, [3, *range(1000, 1200)], payload)
     assert first.exists() and not second.exists()
@@ -145,8 +148,9 @@ def test_size_cap_evicts_the_least_recently_used(opened: Callable[..., PromptCac
     ("tokens", "want"),
     [
         pytest.param(TOKENS[:50], False, id="shorter-than-min-tokens"),
-        pytest.param(TOKENS[:400], False, id="already-covered"),
+        pytest.param(TOKENS[:400], True, id="shorter-than-an-entry-is-not-covered-by-it"),
         pytest.param([*TOKENS, *range(5000, 5050)], False, id="adds-too-little"),
+        pytest.param(TOKENS, False, id="already-saved"),
         pytest.param([*TOKENS, *range(5000, 5200)], True, id="adds-enough"),
         pytest.param(list(range(7000, 7200)), True, id="new-prefix"),
     ],
