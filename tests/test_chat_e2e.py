@@ -215,7 +215,7 @@ def test_fast_mode_second_turn_reuses_every_token_of_the_first_prompt(fast_mode:
             {"role": "assistant", "content": first.choices[0].message.content or ""},
             {"role": "user", "content": "And what about Lyon?"},
         ]
-        client.chat.completions.create(
+        second = client.chat.completions.create(
             model=MODEL, messages=history, max_tokens=4, temperature=0, extra_headers={"X-Request-Id": "f-2"}
         )
     logs = {
@@ -226,6 +226,8 @@ def test_fast_mode_second_turn_reuses_every_token_of_the_first_prompt(fast_mode:
     # token-exact: the whole first prompt (and any of the answer that tokenizes the same) is reused
     assert logs["f-2"]["reused_tokens"] >= logs["f-1"]["prompt_tokens"]
     assert logs["f-2"]["reused_tokens"] < logs["f-2"]["prompt_tokens"]
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens == logs["f-2"]["reused_tokens"]
 
 
 @pytest.mark.parametrize(

@@ -579,7 +579,9 @@ class BatchRunner:
         if job.finished:
             return
         job.finished = True
-        usage = Usage(prompt_tokens=len(job.tokens), completion_tokens=job.generated)
+        usage = Usage(
+            prompt_tokens=len(job.tokens), completion_tokens=job.generated, cached_tokens=job.reused
+        )
         final = GenerationChunk(
             text=tail, finish_reason=reason, usage=usage, logprobs=self._take_logprobs(job)
         )
