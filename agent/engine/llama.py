@@ -164,7 +164,7 @@ class LlamaEngine(EngineLifecycle):
             "model_sha256": file_sha256(self._info.path),
             "n_ctx_seq": ctx.n_ctx,
             "kv_unified": self._kv_unified,
-            "kv_types": getattr(ctx, "kv_types", "f16/f16"),
+            "kv_types": f"{getattr(ctx, 'type_k', 'f16')}/{getattr(ctx, 'type_v', 'f16')}",
             "batch_invariant": self._batch_invariant,
             "flash_attn": ctx.flash_attn,
             "prefill_chunk": self._prefill_chunk,
