@@ -474,8 +474,6 @@ class BatchRunner:
             keep = self._copy_better_prefix(job, slot, job.done)
             self.stats.reused_tokens += keep - job.done
             job.done = job.reused = keep
-            if keep > 0:
-                self._save_prefix(slot)
 
     def _load_from_disk(self, job: Job, slot: _Slot, keep: int) -> int:
         """If the disk prompt cache holds a prefix of the prompt longer than ``keep`` by
@@ -518,12 +516,15 @@ class BatchRunner:
             log.exception("prompt_cache_save_failed")
 
     def _start(self, job: Job, slot: _Slot, keep: int) -> None:
-        keep = self._truncate(slot, keep)
+        own = keep = self._truncate(slot, keep)
         keep = self._copy_better_prefix(job, slot, keep)
-        shared = keep
-        keep = self._load_from_disk(job, slot, keep)
-        if keep == shared and keep > 0:
-            self._save_prefix(slot)
+        # A copy across KV streams lands at the next decode: until then the slot's buffer is not
+        # what its cells say, so it is neither loaded into (the copy would overwrite the load)
+        # nor saved from (the state would hold stale data). Only the slot's own prefix is saved.
+        if keep == own:
+            keep = self._load_from_disk(job, slot, keep)
+            if keep == own and keep > 0:
+                self._save_prefix(slot)
         try:
             job.sampler = self._backend.make_sampler(job.sampling, job.tokens)
         except Exception as exc:
