@@ -194,6 +194,8 @@ class PromptCache:
     # -- writer thread -------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # yield the cores to the decode threads
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while True:
             item = self._queue.get()
             if item is None:
