@@ -96,8 +96,10 @@ class EngineSettings(_Section):
     """Sequences decoded together in one batch (continuous batching slots); they share n_ctx."""
     prefill_chunk: int = Field(default=256, ge=1, le=1 << 16)
     """Prompt tokens processed per step while other sequences are generating."""
-    batch_invariant: bool = True
-    """Plain CPU kernels, so a stream's greedy output does not depend on its batch neighbours."""
+    batch_invariant: bool = False
+    """True: plain CPU kernels, no flash attention, prefix reuse in whole prompt chunks, so a
+    stream's greedy output does not depend on its batch neighbours or on reuse. False (fast):
+    llama.cpp's defaults and token-exact prefix reuse."""
     kv_unified: bool = False
     """True: the slots share n_ctx cells; False: each slot has its own n_ctx cells (more memory)."""
     kv_cache_type_k: KvCacheType = "f16"
@@ -128,6 +130,12 @@ class EngineSettings(_Section):
     embed_threads: int | None = Field(default=None, ge=1, le=1024)
     """Threads of embedding compute (onnxruntime intra-op, llama embedding context); default 1
     with ``cpu_sharing = "split"``, else n_threads."""
+    prompt_cache: bool = True
+    """Keep the KV cells of long prompts under ``<state_dir>/prompt-cache`` across restarts."""
+    prompt_cache_min_tokens: int = Field(default=512, ge=16, le=1 << 20)
+    """A finished request is saved only if it adds this many tokens of prefix to the cache."""
+    prompt_cache_max_mb: int = Field(default=1024, ge=1, le=1 << 20)
+    """Size cap of the prompt cache directory; least recently used files go first."""
 
 
 class IsolationSettings(_Section):

@@ -109,6 +109,8 @@ def running_daemon(
             "EDGE_AGENT_STATE_DIR": str(state_dir),
             "EDGE_AGENT_LOG__FORMAT": "json",
             "EDGE_AGENT_ENGINE__N_CTX": "2048",
+            # tests compare outputs across runs: the reproducible mode unless a test asks for fast
+            "EDGE_AGENT_ENGINE__BATCH_INVARIANT": "true",
         }
     )
     if model_path is not None:

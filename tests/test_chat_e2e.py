@@ -195,6 +195,41 @@ def test_second_turn_reuses_the_first_turns_cache(daemon: Daemon, client: Any) -
     assert second["reused_tokens"] == first["prompt_tokens"] // 256 * 256
 
 
+@pytest.fixture(scope="module")
+def fast_mode(tmp_path_factory: pytest.TempPathFactory, gemma_path: Path) -> Iterator[Daemon]:
+    """The default engine mode (batch_invariant = false): token-exact prefix reuse."""
+    env = {"EDGE_AGENT_ENGINE__BATCH_INVARIANT": "false"}
+    with running_daemon(tmp_path_factory.mktemp("fast"), gemma_path, env=env) as d:
+        yield d
+
+
+def test_fast_mode_second_turn_reuses_every_token_of_the_first_prompt(fast_mode: Daemon) -> None:
+    history: list[dict[str, str]] = [
+        {"role": "user", "content": "Tell me about the history of the city of Paris. " * 30}
+    ]
+    with openai_client(fast_mode.socket) as client:
+        first = client.chat.completions.create(
+            model=MODEL, messages=history, max_tokens=8, temperature=0, extra_headers={"X-Request-Id": "f-1"}
+        )
+        history += [
+            {"role": "assistant", "content": first.choices[0].message.content or ""},
+            {"role": "user", "content": "And what about Lyon?"},
+        ]
+        second = client.chat.completions.create(
+            model=MODEL, messages=history, max_tokens=4, temperature=0, extra_headers={"X-Request-Id": "f-2"}
+        )
+    logs = {
+        line["request_id"]: line
+        for line in fast_mode.log_lines()
+        if line.get("event") == "generation" and line.get("request_id") in {"f-1", "f-2"}
+    }
+    # token-exact: the whole first prompt (and any of the answer that tokenizes the same) is reused
+    assert logs["f-2"]["reused_tokens"] >= logs["f-1"]["prompt_tokens"]
+    assert logs["f-2"]["reused_tokens"] < logs["f-2"]["prompt_tokens"]
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details.cached_tokens == logs["f-2"]["reused_tokens"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [

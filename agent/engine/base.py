@@ -100,6 +100,8 @@ class Embeddings:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens taken from a KV cache (a slot's, another slot's, disk) instead of decoded."""
 
     @property
     def total_tokens(self) -> int:

@@ -18,9 +18,14 @@ Invariants:
 * Every submitted job receives exactly one final chunk (``finish_reason`` set, usage attached) or
   one exception, and nothing after it.
 * A slot's ``cached`` list equals the tokens held in the KV cache for that sequence, position by
-  position; a prompt reuses the longest common prefix that was computed in whole prompt chunks
-  (rounded down to a chunk boundary) and the rest is removed with ``seq_rm``. A stream's greedy
-  output is therefore the same alone, batched, or after a reuse.
+  position (also after a copy from another slot or a load from the disk prompt cache); the rest
+  is removed with ``seq_rm``. Batch-invariant mode: a prompt reuses the longest common prefix that
+  was computed in whole prompt chunks (rounded down to a chunk boundary), so a stream's greedy
+  output is the same alone, batched, or after a reuse. Fast mode: every token of the common prefix
+  but the last prompt token.
+* A job is either generating, decoding its prompt, or following a running prompt (``follow``):
+  a follower takes no prompt step until its leader's cache holds the shared prefix or the leader
+  ended; then it copies what is best at that moment, so a shared prefix is decoded once.
 * KV budget, when the slots share one context (``shared_kv``): the prompt + ``max_tokens`` of all
   running jobs plus the tokens cached by idle slots never exceed the context; idle caches are
   evicted (least recently used first) to make room, and a job that does not fit yet waits (FIFO)
@@ -41,7 +46,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.engine.base import FinishReason, GenerationChunk, SamplingParams, TokenLogprob, Usage
-from agent.engine.slots import PrefillWork, SlotView, choose_slot, plan_step
+from agent.engine.prompt_cache import PromptCache
+from agent.engine.slots import (
+    COPY_MIN_GAIN,
+    PrefillWork,
+    SlotView,
+    best_source,
+    choose_slot,
+    pending_prefix,
+    plan_step,
+    worth_copying,
+)
 from agent.engine.textstream import TextStream
 from agent.errors import ContextOverflow, EngineError, Overloaded
 from fleet.log import get_logger
@@ -79,6 +94,18 @@ class DecodeBackend(Protocol):
 
     def seq_rm(self, seq: int, p0: int) -> bool: ...
 
+    def seq_cp(self, src: int, dst: int, n: int) -> bool:
+        """Make ``dst`` hold the first ``n`` cells of ``src`` (nothing else); False on failure."""
+        ...
+
+    def seq_state(self, seq: int) -> bytes | None:
+        """The sequence's KV state (``llama_state_seq_get_data``); None if it cannot be read."""
+        ...
+
+    def set_seq_state(self, seq: int, data: bytes) -> bool:
+        """Replace the sequence's KV state with ``data``; False if llama.cpp refuses it."""
+        ...
+
     def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> Sampler: ...
 
     def is_eog(self, token: int) -> bool: ...
@@ -108,7 +135,11 @@ class Job:
     done: int = 0
     """Prompt tokens already in the KV cache."""
     reused: int = 0
-    """Prompt tokens taken from the slot's cache instead of being decoded."""
+    """Prompt tokens taken from a cache (the slot's, another slot's, disk) instead of decoded."""
+    follow: Job | None = None
+    """A running job whose prompt shares a longer prefix: this one waits until that job's cache
+    holds ``follow_target`` tokens, then copies them (a shared prefix is computed once)."""
+    follow_target: int = 0
     next_token: int | None = None
     generated: int = 0
     finished: bool = False
@@ -136,6 +167,10 @@ class StepStats:
     decoded_tokens: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0
+    copied_tokens: int = 0
+    """Reused tokens whose cells were copied from another slot's cache."""
+    disk_tokens: int = 0
+    """Reused tokens whose cells were loaded from the disk prompt cache."""
     generated_tokens: int = 0
 
 
@@ -150,10 +185,18 @@ class BatchRunner:
         prefill_chunk: int = 256,
         clock: Callable[[], float] = time.monotonic,
         name: str = "llama-decode",
+        batch_invariant: bool = True,
+        copy_min_gain: int = COPY_MIN_GAIN,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self._backend = backend
+        self._disk = prompt_cache
+        self._invariant = batch_invariant
+        self._copy_min_gain = copy_min_gain
         self._max_queue = max_queue
         self._chunk = max(1, min(prefill_chunk, backend.n_batch))
+        self._align = self._chunk if batch_invariant else 1
+        """Reused prefixes are rounded down to this (whole chunks in batch-invariant mode)."""
         self._snapshot: list[Job] = []
         self._clock = clock
         self._slots = [_Slot(i) for i in range(backend.n_slots)]
@@ -241,12 +284,15 @@ class BatchRunner:
         self._admit()
         if not self._active:
             return
+        self._resolve_followers()
         self._snapshot = list(self._active)
         # rows in slot order: with a KV stream per slot llama.cpp cuts a batch into one micro-batch
         # per run of consecutive sequence ids, and each micro-batch reads all the weights again
         gen = sorted((j for j in self._active if j.next_token is not None), key=lambda j: j.slot)
         prefill = [
-            PrefillWork(i, j.done, len(j.tokens)) for i, j in enumerate(self._active) if j.next_token is None
+            PrefillWork(i, j.done, len(j.tokens))
+            for i, j in enumerate(self._active)
+            if j.next_token is None and j.follow is None
         ]
         plan = plan_step(len(gen), prefill, self._backend.n_batch, self._chunk)
         if gen:
@@ -348,9 +394,9 @@ class BatchRunner:
             if not free:
                 return
             job = self._waiting[0]
-            views = [SlotView(s.index, s.cached, s.last_used, s.canonical) for s in free]
+            views = [self._view(s) for s in free]
             busy = () if self._backend.shared_kv else {s.index for s in self._slots if s.job is not None}
-            index, keep = choose_slot(views, job.tokens, self._chunk, busy)
+            index, keep = choose_slot(views, job.tokens, self._align, busy)
             slot = self._slots[index]
             reserved = sum(len(j.tokens) + j.max_tokens for j in self._active)
             need = len(job.tokens) + job.max_tokens
@@ -374,13 +420,111 @@ class BatchRunner:
             self._waiting.popleft()
             self._start(job, slot, keep)
 
-    def _start(self, job: Job, slot: _Slot, keep: int) -> None:
+    def _view(self, slot: _Slot) -> SlotView:
+        """What the pure rules see of a slot: in fast mode every cached token is reusable."""
+        return SlotView(slot.index, slot.cached, slot.last_used, slot.canonical if self._invariant else None)
+
+    def _truncate(self, slot: _Slot, keep: int) -> int:
+        """Cut ``slot``'s cache to ``keep`` tokens (all of it if llama.cpp cannot); the kept length."""
         if len(slot.cached) > keep:
             if not self._backend.seq_rm(slot.index, keep):
                 self._backend.seq_rm(slot.index, 0)
                 keep = 0
             del slot.cached[keep:]
         slot.canonical = min(slot.canonical, keep)
+        return keep
+
+    def _copy_better_prefix(self, job: Job, slot: _Slot, keep: int) -> int:
+        """If another slot (free or busy) holds a prefix of ``job``'s prompt longer than ``keep`` by
+        at least ``copy_min_gain`` tokens, copy those cells into ``slot``; the reusable length."""
+        source = best_source([self._view(s) for s in self._slots if s is not slot], job.tokens, self._align)
+        if source is None or not worth_copying(keep, source, self._copy_min_gain):
+            return keep
+        src = self._slots[source.index]
+        if not self._backend.seq_cp(src.index, slot.index, source.keep):
+            self._backend.seq_rm(slot.index, 0)
+            slot.cached.clear()
+            slot.canonical = 0
+            return 0
+        slot.cached[:] = src.cached[: source.keep]
+        slot.canonical = min(src.canonical, source.keep)
+        self.stats.copied_tokens += source.keep
+        return source.keep
+
+    def _find_leader(self, job: Job, keep: int) -> None:
+        """Follow a running prompt that will hold a longer shared prefix than any cache does now."""
+        running = [
+            (i, j.tokens, j.done)
+            for i, j in enumerate(self._active)
+            if j.next_token is None and j.follow is None and not j.finished
+        ]
+        found = pending_prefix(running, job.tokens, self._align)
+        if found is not None and found[1] - keep >= max(1, self._copy_min_gain):
+            job.follow = self._active[found[0]]
+            job.follow_target = found[1]
+
+    def _resolve_followers(self) -> None:
+        """Followers whose leader reached the shared prefix (or stopped) copy it and go on."""
+        for job in self._active:
+            leader = job.follow
+            if leader is None or (not leader.finished and leader.done < job.follow_target):
+                continue
+            job.follow = None
+            slot = self._slots[job.slot]
+            keep = self._copy_better_prefix(job, slot, job.done)
+            self.stats.reused_tokens += keep - job.done
+            job.done = job.reused = keep
+
+    def _load_from_disk(self, job: Job, slot: _Slot, keep: int) -> int:
+        """If the disk prompt cache holds a prefix of the prompt longer than ``keep`` by
+        ``copy_min_gain`` tokens, load it into ``slot`` (whole: see :class:`PromptCache`); the
+        reusable length."""
+        if self._disk is None:
+            return keep
+        found = self._disk.best(job.tokens)
+        if found is None or found[1] - keep < max(1, self._copy_min_gain):
+            return keep
+        entry, n = found
+        payload = self._disk.load(entry)
+        if payload is None:
+            return keep
+        if not self._backend.set_seq_state(slot.index, payload):
+            log.warning("prompt_cache_load_failed", tokens=n)
+            self._backend.seq_rm(slot.index, 0)
+            slot.cached.clear()
+            slot.canonical = 0
+            return 0
+        slot.cached[:] = entry.tokens
+        slot.canonical = min(entry.canonical, n)
+        self.stats.disk_tokens += n
+        return n
+
+    def _save_to_disk(self, slot: _Slot) -> None:
+        """Offer ``slot``'s cells to the disk prompt cache when they are a prefix a new request
+        shares with an earlier one (a system prompt seen twice) and the cache lacks it. Called
+        when the slot holds exactly that prefix, before the new request's own tokens are added."""
+        if self._disk is None or not self._disk.wants(slot.cached):
+            return
+        data = self._backend.seq_state(slot.index)
+        if data:
+            self._disk.offer(list(slot.cached), slot.canonical if self._invariant else len(slot.cached), data)
+
+    def _save_prefix(self, slot: _Slot) -> None:
+        try:
+            self._save_to_disk(slot)
+        except Exception:  # a cache is an optimisation: never fail the request for it
+            log.exception("prompt_cache_save_failed")
+
+    def _start(self, job: Job, slot: _Slot, keep: int) -> None:
+        own = keep = self._truncate(slot, keep)
+        keep = self._copy_better_prefix(job, slot, keep)
+        # A copy across KV streams lands at the next decode: until then the slot's buffer is not
+        # what its cells say, so it is neither loaded into (the copy would overwrite the load)
+        # nor saved from (the state would hold stale data). Only the slot's own prefix is saved.
+        if keep == own:
+            keep = self._load_from_disk(job, slot, keep)
+            if keep == own and keep > 0:
+                self._save_prefix(slot)
         try:
             job.sampler = self._backend.make_sampler(job.sampling, job.tokens)
         except Exception as exc:
@@ -393,6 +537,7 @@ class BatchRunner:
         self.stats.reused_tokens += keep
         slot.job = job
         slot.last_used = self._tick
+        self._find_leader(job, keep)
         self._active.append(job)
 
     def _reset_caches(self) -> None:
@@ -435,7 +580,9 @@ class BatchRunner:
         if job.finished:
             return
         job.finished = True
-        usage = Usage(prompt_tokens=len(job.tokens), completion_tokens=job.generated)
+        usage = Usage(
+            prompt_tokens=len(job.tokens), completion_tokens=job.generated, cached_tokens=job.reused
+        )
         final = GenerationChunk(
             text=tail, finish_reason=reason, usage=usage, logprobs=self._take_logprobs(job)
         )

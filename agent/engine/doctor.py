@@ -6,7 +6,7 @@ llama-architecture GGUF (F32 weights from a fixed seed, written with the ``gguf`
 SPM vocabulary so that every token id is valid), has llama.cpp's own quantizer turn it into that
 type (``pure``: every 2-D weight gets exactly that type), loads it and decodes batches of
 :data:`BATCH_SIZES` tokens (1 through 512; each followed by one generation step over the cached
-batch), once with the plain CPU kernels the daemon uses by default (``[engine] batch_invariant``)
+batch), once with the plain CPU kernels of the reproducible mode (``[engine] batch_invariant = true``)
 and once with llama.cpp's repacked ones (extra buffer types: CPU_REPACK, AMX, ...). Every logits
 row must be finite and not constant.
 

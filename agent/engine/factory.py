@@ -96,6 +96,9 @@ def build_engine(
         embed_max_wait_s=settings.embedding.max_wait_s,
         share=share,
         guard=guard,
+        prompt_cache_dir=settings.state_dir / "prompt-cache" if e.prompt_cache else None,
+        prompt_cache_max_mb=e.prompt_cache_max_mb,
+        prompt_cache_min_tokens=e.prompt_cache_min_tokens,
     )
 
 

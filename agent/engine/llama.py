@@ -18,6 +18,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from agent.engine.base import (
@@ -34,6 +35,7 @@ from agent.engine.chat import ChatTemplate, TemplateSource, pick_template, rende
 from agent.engine.core_share import CoreShare
 from agent.engine.embed_queue import EmbedQueue
 from agent.engine.lifecycle import EngineLifecycle, LoadGuard
+from agent.engine.prompt_cache import PromptCache, cache_key
 from agent.errors import (
     AgentError,
     BadRequest,
@@ -72,6 +74,9 @@ class LlamaEngine(EngineLifecycle):
         embed_max_wait_s: float = 1.0,
         share: CoreShare | None = None,
         guard: LoadGuard | None = None,
+        prompt_cache_dir: Path | None = None,
+        prompt_cache_max_mb: int = 1024,
+        prompt_cache_min_tokens: int = 512,
     ) -> None:
         super().__init__(info, guard)
         self._embed_threads = embed_threads or n_threads
@@ -87,6 +92,10 @@ class LlamaEngine(EngineLifecycle):
         self._batch_invariant = batch_invariant
         self._kv_unified = kv_unified
         self._kv_types = (kv_cache_type_k, kv_cache_type_v)
+        self._prompt_cache_dir = prompt_cache_dir
+        self._prompt_cache_max_mb = prompt_cache_max_mb
+        self._prompt_cache_min_tokens = prompt_cache_min_tokens
+        self._prompt_cache: PromptCache | None = None
         self._model: Any = None
         self._ctx: Any = None
         self._runner: BatchRunner | None = None
@@ -151,13 +160,50 @@ class LlamaEngine(EngineLifecycle):
             )
         )
         self._model, self._ctx = model, ctx
+        self._prompt_cache = self._open_prompt_cache(ctx)
         backend: Any = ctx if self._share.mode == "off" else _SharingCores(ctx, self._share, self._n_threads)
         self._runner = BatchRunner(
             backend,
             max_queue=self._max_queue,
             prefill_chunk=self._prefill_chunk,
             name=f"decode-{self._info.id}",
+            batch_invariant=self._batch_invariant,
+            prompt_cache=self._prompt_cache,
         )
+
+    def prompt_cache_fields(self, ctx: Any) -> dict[str, Any]:
+        """What makes KV cells computed by another process valid here (the disk cache's key)."""
+        from agent.engine.isolation import current_build, file_sha256
+
+        return {
+            "model_sha256": file_sha256(self._info.path),
+            "n_ctx_seq": ctx.n_ctx,
+            "kv_unified": self._kv_unified,
+            "kv_types": f"{getattr(ctx, 'type_k', 'f16')}/{getattr(ctx, 'type_v', 'f16')}",
+            "batch_invariant": self._batch_invariant,
+            "flash_attn": ctx.flash_attn,
+            "prefill_chunk": self._prefill_chunk,
+            "n_batch": self._n_batch,
+            "build": current_build(),
+        }
+
+    def _open_prompt_cache(self, ctx: Any) -> PromptCache | None:
+        if self._prompt_cache_dir is None:
+            return None
+        started = time.monotonic()
+        cache = PromptCache(
+            self._prompt_cache_dir,
+            cache_key(self.prompt_cache_fields(ctx)),
+            max_bytes=self._prompt_cache_max_mb << 20,
+            min_tokens=self._prompt_cache_min_tokens,
+        )
+        log.info(
+            "prompt_cache_opened",
+            model=self._info.id,
+            entries=cache.entries,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        return cache
 
     def _check_ready(self) -> Any:
         if self._state is EngineState.FAILED:
@@ -357,6 +403,9 @@ class LlamaEngine(EngineLifecycle):
         runner, self._runner = self._runner, None
         if runner is not None:
             await loop.run_in_executor(None, runner.close)
+        if self._prompt_cache is not None:
+            await loop.run_in_executor(None, self._prompt_cache.close)
+            self._prompt_cache = None
         if self._embed_pool is not None:
             self._embed_pool.shutdown(wait=True)
             self._embed_pool = None

@@ -566,6 +566,39 @@ class NativeContext:
             return bool(self._lib.llama_memory_seq_rm(self._mem, seq, p0, -1))
         return bool(self._lib.llama_kv_self_seq_rm(self._ctx, seq, p0, -1))  # pragma: no cover
 
+    def seq_cp(self, src: int, dst: int, n: int) -> bool:
+        """Make ``dst`` hold exactly the first ``n`` cells of ``src`` (``llama_memory_seq_cp``).
+
+        In one (unified) stream the cells are shared, not copied; across streams llama.cpp copies
+        the whole stream buffer at the next decode (it only copies full streams), then the cells
+        from ``n`` on are removed from ``dst``. False when the bindings lack the call or a step
+        fails (the caller then drops ``dst``'s cache)."""
+        lib = self._lib
+        if self._mem is None or not hasattr(lib, "llama_memory_seq_cp"):  # pragma: no cover
+            return False
+        if not lib.llama_memory_seq_rm(self._mem, dst, -1, -1):
+            return False
+        if self.shared_kv:
+            lib.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+            return True
+        lib.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        return bool(lib.llama_memory_seq_rm(self._mem, dst, n, -1))
+
+    def seq_state(self, seq: int) -> bytes | None:
+        """The sequence's cells as llama.cpp serialises them (``llama_state_seq_get_data``)."""
+        lib = self._lib
+        size = int(lib.llama_state_seq_get_size(self._ctx, seq))
+        if size <= 0:
+            return None
+        buf = (ctypes.c_uint8 * size)()
+        n = int(lib.llama_state_seq_get_data(self._ctx, buf, size, seq))
+        return bytes(memoryview(buf)[:n]) if n > 0 else None
+
+    def set_seq_state(self, seq: int, data: bytes) -> bool:
+        """Load ``data`` (from :meth:`seq_state` of a context with the same settings) into ``seq``."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return int(self._lib.llama_state_seq_set_data(self._ctx, buf, len(data), seq)) > 0
+
     def clear(self) -> None:
         """Empty the cache; its buffers (zeroed by llama.cpp) go back to the kernel again."""
         if self._mem is not None:

@@ -429,3 +429,154 @@ def test_close_fails_running_jobs_and_refuses_new_ones() -> None:
             await drain(j)
 
     run(main)
+
+
+MODES = [pytest.param(True, id="batch-invariant"), pytest.param(False, id="fast")]
+
+
+@pytest.mark.parametrize(
+    ("invariant", "want"),
+    [
+        pytest.param(True, 16, id="batch-invariant-whole-chunks"),
+        pytest.param(False, 19, id="fast-all-but-the-last-token"),
+    ],
+)
+def test_identical_prompt_reuse_by_mode(invariant: bool, want: int) -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=1)
+        async with running(backend, prefill_chunk=8, batch_invariant=invariant) as runner:
+            p = [1 + k % 40 for k in range(20)]
+            for _ in range(2):
+                j = job(p, 4)
+                runner.submit(j)
+                assert (await drain(j))[0] == reference(p, 4)[0]
+            assert j.reused == want
+
+    run(main)
+
+
+@pytest.mark.parametrize(
+    ("invariant", "turn1_len", "want"),
+    [
+        pytest.param(True, 37, 32, id="batch-invariant-rounded-down"),
+        pytest.param(False, 37, 37, id="fast-token-exact"),
+    ],
+)
+def test_second_turn_reuse_by_mode(invariant: bool, turn1_len: int, want: int) -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=2, n_batch=64)
+        async with running(backend, prefill_chunk=8, batch_invariant=invariant) as runner:
+            turn1 = [3 + k % 50 for k in range(turn1_len)]
+            j1 = job(turn1, 6)
+            runner.submit(j1)
+            await drain(j1)
+            turn2 = [*turn1, 91, 92, 93]
+            before = runner.stats.prompt_tokens
+            j2 = job(turn2, 6)
+            runner.submit(j2)
+            assert (await drain(j2))[0] == reference(turn2, 6)[0]
+            assert j2.reused == want
+            assert runner.stats.prompt_tokens - before == len(turn2) - want
+
+    run(main)
+
+
+@pytest.mark.parametrize("invariant", MODES)
+def test_prefix_held_by_a_busy_slot_is_copied_not_recomputed(invariant: bool) -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=2, n_batch=64, shared_kv=False)
+        async with running(backend, prefill_chunk=8, batch_invariant=invariant, copy_min_gain=4) as runner:
+            shared = [5 + k % 60 for k in range(41)]
+            a = [*shared, 1, 2]
+            b = [*shared, 3, 4, 6]
+            ja = job(a, 40)
+            backend.hold()
+            runner.submit(ja)
+            while ja.generated < 2:  # a is generating: its slot is busy
+                backend.step()
+                await asyncio.sleep(0.01)
+            jb = job(b, 6)
+            runner.submit(jb)
+            await asyncio.sleep(0.01)
+            backend.run_free()
+            assert (await drain(jb))[0] == reference(b, 6)[0]
+            assert (await drain(ja))[0] == reference(a, 40)[0]
+            want = 40 if invariant else 41
+            assert jb.reused == want
+            assert backend.copies == [(ja.slot, jb.slot, want)]
+
+    run(main)
+
+
+@pytest.mark.parametrize("invariant", MODES)
+def test_prefix_shared_by_eight_concurrent_requests_is_computed_once(invariant: bool) -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=8, n_batch=64, n_ctx=512, shared_kv=False)
+        async with running(backend, prefill_chunk=16, batch_invariant=invariant, copy_min_gain=4) as runner:
+            shared = [2 + k % 70 for k in range(150)]
+            ps = [[*shared, 80 + i, 81, 82 + i % 3] for i in range(8)]
+            backend.hold()
+            jobs = [job(p, 5) for p in ps]
+            for j in jobs:
+                runner.submit(j)
+            backend.run_free()
+            for p, j in zip(ps, jobs, strict=True):
+                assert (await drain(j))[0] == reference(p, 5)[0]
+            keep = 144 if invariant else 150
+            assert [j.reused for j in jobs[1:]] == [keep] * 7
+            assert runner.stats.prompt_tokens == len(ps[0]) + 7 * (len(ps[0]) - keep)
+            assert runner.stats.copied_tokens == 7 * keep
+
+    run(main)
+
+
+def test_follower_of_a_cancelled_leader_decodes_its_prompt_itself() -> None:
+    async def main() -> None:
+        backend = FakeDecodeBackend(n_slots=2, n_batch=16, n_ctx=512, shared_kv=False)
+        async with running(backend, prefill_chunk=8, batch_invariant=False, copy_min_gain=4) as runner:
+            shared = [2 + k % 70 for k in range(100)]
+            a, b = [*shared, 1], [*shared, 2]
+            backend.hold()
+            ja, jb = job(a, 5), job(b, 5)
+            runner.submit(ja)
+            runner.submit(jb)
+            backend.step(3)
+            runner.cancel(ja)
+            backend.run_free()
+            assert (await drain(jb))[0] == reference(b, 5)[0]
+            assert jb.reused <= 100
+
+    run(main)
+
+
+def test_prompt_cache_on_disk_serves_a_shared_prefix_after_a_restart(tmp_path: Any) -> None:
+    """A prefix two requests shared is saved (exactly those cells); after a restart a third
+    request starting with it loads it instead of decoding it."""
+    from agent.engine.prompt_cache import PromptCache
+
+    system = [2 + k % 70 for k in range(200)]
+
+    async def serve(*prompts: list[int]) -> tuple[list[Job], BatchRunner, PromptCache]:
+        backend = FakeDecodeBackend(n_slots=2, n_batch=64, n_ctx=512, shared_kv=False)
+        cache = PromptCache(tmp_path, b"k" * 32, max_bytes=1 << 20, min_tokens=64)
+        jobs = []
+        async with running(backend, prefill_chunk=16, batch_invariant=False, prompt_cache=cache) as r:
+            for p in prompts:
+                j = job(p, 5)
+                r.submit(j)
+                assert (await drain(j))[0] == reference(p, 5)[0]
+                jobs.append(j)
+        cache.close()
+        return jobs, r, cache
+
+    async def main() -> None:
+        _, _, cache = await serve([*system, 90, 91])
+        assert cache.saved == 0, "seen once: nothing saved"
+        _, _, cache = await serve([*system, 90, 91], [*system, 92, 93])
+        assert cache.saved == 1
+        (third,), runner, cache = await serve([*system, 94, 95, 96])
+        assert third.reused == 200 and runner.stats.disk_tokens == 200
+        assert runner.stats.prompt_tokens == 3
+        assert cache.saved == 0, "the same prefix is not saved twice"
+
+    run(main)

@@ -7,11 +7,15 @@ import pytest
 from agent.engine.slots import (
     PrefillWork,
     SlotView,
+    Source,
+    best_source,
     choose_slot,
     chunk_end,
     common_prefix,
+    pending_prefix,
     plan_step,
     reusable_prefix,
+    worth_copying,
 )
 
 
@@ -108,3 +112,67 @@ def test_plan_step(
 )
 def test_chunk_end(done: int, total: int, chunk: int, end: int) -> None:
     assert chunk_end(done, total, chunk) == end
+
+
+@pytest.mark.parametrize(
+    ("slots", "prompt", "align", "want"),
+    [
+        pytest.param([SlotView(0, [9], 0)], [1, 2], 1, None, id="nothing-shared"),
+        pytest.param(
+            [SlotView(0, [1, 2], 0), SlotView(3, [1, 2, 3, 4], 0)],
+            [1, 2, 3, 4, 5],
+            1,
+            Source(3, 4),
+            id="longest",
+        ),
+        pytest.param(
+            [SlotView(1, [1, 2, 3], 0), SlotView(2, [1, 2, 3], 0)],
+            [1, 2, 3, 9],
+            1,
+            Source(1, 3),
+            id="tie-lowest-index",
+        ),
+        pytest.param(
+            [SlotView(0, list(range(20)), 0, canonical=8)],
+            list(range(30)),
+            8,
+            Source(0, 8),
+            id="canonical-aligned",
+        ),
+        pytest.param([SlotView(0, [1, 2, 3], 0)], [1, 2, 3], 1, Source(0, 2), id="leaves-one-token"),
+    ],
+)
+def test_best_source(slots: list[SlotView], prompt: list[int], align: int, want: Source | None) -> None:
+    assert best_source(slots, prompt, align) == want
+
+
+@pytest.mark.parametrize(
+    ("own", "source", "gain", "want"),
+    [
+        pytest.param(0, None, 16, False, id="no-source"),
+        pytest.param(0, Source(1, 15), 16, False, id="gain-too-small"),
+        pytest.param(10, Source(1, 26), 16, True, id="gain-enough"),
+        pytest.param(30, Source(1, 26), 0, False, id="own-is-longer"),
+    ],
+)
+def test_worth_copying(own: int, source: Source | None, gain: int, want: bool) -> None:
+    assert worth_copying(own, source, gain) is want
+
+
+@pytest.mark.parametrize(
+    ("running", "prompt", "align", "want"),
+    [
+        pytest.param([], [1, 2, 3], 1, None, id="nothing-running"),
+        pytest.param([(0, [1, 2, 3, 4, 5], 1)], [1, 2, 3, 4, 9], 1, (0, 4), id="ahead"),
+        pytest.param([(0, [1, 2, 3, 4, 5], 4)], [1, 2, 3, 4, 9], 1, None, id="already-decoded"),
+        pytest.param(
+            [(0, [1, 2, 3], 0), (1, [1, 2, 3, 4, 5], 0)], [1, 2, 3, 4, 5, 6], 1, (1, 5), id="longest"
+        ),
+        pytest.param([(0, list(range(20)), 0)], list(range(30)), 8, (0, 16), id="aligned"),
+        pytest.param([(0, [1, 2, 3], 0)], [1, 2, 3], 1, (0, 2), id="leaves-one-token"),
+    ],
+)
+def test_pending_prefix(
+    running: list[tuple[int, list[int], int]], prompt: list[int], align: int, want: tuple[int, int] | None
+) -> None:
+    assert pending_prefix(running, prompt, align) == want

@@ -10,6 +10,7 @@ sampled. Every batch is recorded, and ``gate`` lets a test release decode steps 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class FakeDecodeBackend:
     batches: list[Batch] = field(default_factory=list)
     samplers: list[FakeSampler] = field(default_factory=list)
     removed: list[tuple[int, int]] = field(default_factory=list)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)
     _gate: threading.Semaphore | None = None
 
     def hold(self) -> None:
@@ -130,6 +132,20 @@ class FakeDecodeBackend:
         if p0 > 0 and not self.partial_rm:
             return False
         del cache[p0:]
+        return True
+
+    def seq_cp(self, src: int, dst: int, n: int) -> bool:
+        self.copies.append((src, dst, n))
+        src_cache = self.kv.get(src, [])
+        assert n <= len(src_cache), f"copy of {n} cells from seq {src} holding {len(src_cache)}"
+        self.kv[dst] = list(src_cache[:n])
+        return True
+
+    def seq_state(self, seq: int) -> bytes | None:
+        return json.dumps(self.kv.get(seq, [])).encode()
+
+    def set_seq_state(self, seq: int, data: bytes) -> bool:
+        self.kv[seq] = list(json.loads(data))
         return True
 
     def make_sampler(self, params: SamplingParams, history: Sequence[int]) -> FakeSampler:

@@ -190,14 +190,14 @@ def test_repacked_tensors_count_twice(
 
 
 # The pool's hook (and `edge-agent select`) estimate the engine's own context: n_parallel slots,
-# a KV stream each unless kv_unified.
+# a KV stream each unless kv_unified (plain kernels here, so no repacked copies in the total).
 @pytest.mark.parametrize(
     ("engine", "kv"),
     [
-        (EngineSettings(n_ctx=2048), 4 * 36 * MIB),
-        (EngineSettings(n_ctx=2048, kv_unified=True), 36 * MIB),
-        (EngineSettings(n_ctx=2048, n_parallel=1), 36 * MIB),
-        (EngineSettings(n_ctx=4096, n_parallel=8), 8 * 72 * MIB),
+        (EngineSettings(n_ctx=2048, batch_invariant=True), 4 * 36 * MIB),
+        (EngineSettings(n_ctx=2048, kv_unified=True, batch_invariant=True), 36 * MIB),
+        (EngineSettings(n_ctx=2048, n_parallel=1, batch_invariant=True), 36 * MIB),
+        (EngineSettings(n_ctx=4096, n_parallel=8, batch_invariant=True), 8 * 72 * MIB),
     ],
     ids=["defaults-4-slots-a-stream-each", "unified", "one-slot", "8-slots-of-4k"],
 )

@@ -42,7 +42,7 @@ def test_reprobe_moves_up_when_roomy_and_down_under_sustained_pressure(
 ) -> None:
     settings = Settings(
         state_dir=tmp_path / "state",
-        engine=EngineSettings(n_threads=2, n_ctx=512, n_parallel=1),
+        engine=EngineSettings(n_threads=2, n_ctx=512, n_parallel=1, batch_invariant=True),
         selection=SelectionSettings(up_after=1, down_after=2, min_switch_interval_s=0, speed_floor_tps=0),
     )
     small = info_for_file(gemma_variants["Q4_0"], "gemma-q4_0")
@@ -112,7 +112,7 @@ def test_sustained_throttling_steps_down_although_memory_is_plentiful(
 ) -> None:
     settings = Settings(
         state_dir=tmp_path / "state",
-        engine=EngineSettings(n_threads=2, n_ctx=512, n_parallel=1),
+        engine=EngineSettings(n_threads=2, n_ctx=512, n_parallel=1, batch_invariant=True),
         selection=SelectionSettings(down_after=2, speed_floor_tps=0),
     )
     small = info_for_file(gemma_variants["Q4_0"], "gemma-q4_0")
