@@ -101,7 +101,18 @@ def sse_stream(client: httpx.Client, path: str, body: dict[str, Any], expect: in
     """POST a streaming request; time the first text chunk and the last one.
 
     ``ok`` only when the stream ran ``expect`` tokens (``finish_reason == "length"``) without error.
+    A kept-alive connection the server closed meanwhile (nothing received: llama-server's HTTP
+    library closes idle or much-used ones) is retried once on a new connection, timed afresh.
     """
+    for _ in range(2):
+        result = sse_once(client, path, body, expect)
+        if not result.error.startswith("RemoteProtocolError: Server disconnected without sending"):
+            break
+        print("  (a kept-alive connection was closed by the server; retried)", file=sys.stderr)
+    return result
+
+
+def sse_once(client: httpx.Client, path: str, body: dict[str, Any], expect: int) -> Stream:
     t0 = time.perf_counter()
     first = last = 0.0
     chunks = 0
@@ -361,32 +372,42 @@ def measure(server: Server, args: argparse.Namespace, texts: Texts, fig: Figures
     rows, make = args.only, server.make
     with make() as c:
         completion(c, prompt(1000 + rnd), 4)  # warm-up
+        progress("warm")
         if "single" in rows:
             runs = [completion(c, prompt(10 * rnd + i), args.tokens) for i in range(args.runs)]
             ok = [s for s in runs if s.ok]
             fig.failed["single"] = fig.failed.get("single", 0) + len(runs) - len(ok)
             if ok:
                 fig.add("single", statistics.median((s.tokens - 1) / s.gen_s for s in ok))
+            progress("single")
         if "ttft" in rows:
             ttfts = [completion(c, prompt(100 + 50 * rnd + i), 4) for i in range(args.ttft_runs)]
             fig.add("ttft", pct([s.ttft for s in ttfts if s.ok], 0.5))
+            progress("ttft")
     if "streams" in rows:
         for n in (4, 8):
             agg, failed = concurrent_streams(make, n, args.tokens, 300 + 100 * rnd + 10 * n)
             fig.add(f"streams{n}", agg)
             fig.failed[f"streams{n}"] = fig.failed.get(f"streams{n}", 0) + failed
             fig.streams[f"streams{n}"] = fig.streams.get(f"streams{n}", 0) + n
+            progress(f"streams{n}")
     with make() as c:
         if "chat" in rows:
             first, second = prefix_pair(c, texts.prefix(args.chat_tokens, 10 * rnd + 1))
             fig.add("chat_first", first)
             fig.add("chat_second", second)
+            progress("chat")
         if "prefix" in rows:
             for k, n in enumerate(args.prefix_tokens):
                 first, second = prefix_pair(c, texts.prefix(n, 10 * rnd + 2 + k))
                 fig.add(f"prefix{n}_first", first)
                 fig.add(f"prefix{n}_second", second)
+                progress(f"prefix{n}")
     fig.add("rss", tree_rss_mib(server.pid))
+
+
+def progress(step: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {step}", file=sys.stderr, flush=True)
 
 
 def measure16(server: Server, args: argparse.Namespace, fig: Figures, rnd: int) -> None:

@@ -24,7 +24,8 @@ difference in the figures is a difference of the serving layer, not of the kerne
   binary's sha256). It is reused when that record's ``build_id`` equals the plan's, this CPU has
   every feature the build assumes, and the binary's digest matches; otherwise it is rebuilt (into a
   temporary directory renamed into place, so a half-built cache is never used). ``--rebuild``
-  forces a build; ``EDGE_AGENT_LLAMA_SERVER_CACHE`` moves the cache.
+  forces a build; ``EDGE_AGENT_LLAMA_SERVER_CACHE`` moves the cache. A lock file next to the
+  directory makes a second bench started during a build wait for it instead of building again.
 
 Bench only: the test suite never needs this. Command line::
 
@@ -35,6 +36,7 @@ Bench only: the test suite never needs this. Command line::
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -170,12 +172,15 @@ def ensure(rebuild: bool = False, jobs: int = 2) -> tuple[Path, dict[str, object
     """(path of a ``llama-server`` built like the installed llama-cpp-python, its record)."""
     record, chosen = wanted()
     out = cache_root() / chosen.cache_key(str(record["llama_cpp_version"]))
-    binary = None if rebuild else cached(out, record)
-    if binary is None:
-        binary = build(record, chosen, out, jobs)
-    else:
-        log(f"reusing {binary}")
-    return binary, json.loads((out / RECORD).read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (out.parent / f".{out.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second bench started meanwhile waits, then reuses
+        binary = None if rebuild else cached(out, record)
+        if binary is None:
+            binary = build(record, chosen, out, jobs)
+        else:
+            log(f"reusing {binary}")
+        return binary, json.loads((out / RECORD).read_text())
 
 
 def log(message: str) -> None:
