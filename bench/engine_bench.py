@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import os
 import platform
@@ -575,6 +576,9 @@ def parse_args() -> argparse.Namespace:
     unknown = [r for r in args.only if r not in ROWS]
     if unknown:
         ap.error(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(ROWS)}")
+    extras = ("uvicorn", "fastapi", "sse_starlette", "starlette_context")
+    if args.old_bar and not all(importlib.util.find_spec(m) for m in extras):
+        ap.error("--old-bar runs python -m llama_cpp.server: pip install -e '.[bench]' first")
     if args.quick:
         args.rounds, args.runs, args.ttft_runs = 1, 2, 5
     args.chat_label = f"~{args.chat_tokens:,}"
