@@ -359,6 +359,8 @@ class Figures:
     values: dict[str, list[float]] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     streams: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens of the last round's long prompts (``chat``: with question 1; ``prefixN``: the prefix)."""
 
     def add(self, metric: str, value: float) -> None:
         self.values.setdefault(metric, []).append(value)
@@ -394,13 +396,17 @@ def measure(server: Server, args: argparse.Namespace, texts: Texts, fig: Figures
             progress(f"streams{n}")
     with make() as c:
         if "chat" in rows:
-            first, second = prefix_pair(c, texts.prefix(args.chat_tokens, 10 * rnd + 1))
+            text = texts.prefix(args.chat_tokens, 10 * rnd + 1)
+            fig.prompt_tokens["chat"] = texts.count(text + QUESTIONS[0])
+            first, second = prefix_pair(c, text)
             fig.add("chat_first", first)
             fig.add("chat_second", second)
             progress("chat")
         if "prefix" in rows:
             for k, n in enumerate(args.prefix_tokens):
-                first, second = prefix_pair(c, texts.prefix(n, 10 * rnd + 2 + k))
+                text = texts.prefix(n, 10 * rnd + 2 + k)
+                fig.prompt_tokens[f"prefix{n}"] = texts.count(text)
+                first, second = prefix_pair(c, text)
                 fig.add(f"prefix{n}_first", first)
                 fig.add(f"prefix{n}_second", second)
                 progress(f"prefix{n}")
@@ -444,8 +450,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def table_rows(args: argparse.Namespace) -> list[tuple[str, str, str, bool]]:
-    """(label, metric, unit, higher is better) of every figure the selected rows produce."""
+def table_rows(args: argparse.Namespace, tokens: dict[str, int]) -> list[tuple[str, str, str, bool]]:
+    """(label, metric, unit, higher is better) of every figure the selected rows produce; ``tokens``
+    are the long prompts' measured token counts."""
     out: list[tuple[str, str, str, bool]] = []
     rows = args.only
     if "single" in rows:
@@ -457,12 +464,14 @@ def table_rows(args: argparse.Namespace) -> list[tuple[str, str, str, bool]]:
     if "streams16" in rows:
         out.append(("16 streams aggregate tok/s (16 slots)", "streams16", "tok/s", True))
     if "chat" in rows:
-        out.append((f"first request, {args.chat_label}-token prompt, TTFT", "chat_first", "ms", False))
+        n_chat = f"{tokens['chat']:,}" if "chat" in tokens else f"~{args.chat_tokens:,}"
+        out.append((f"first request, {n_chat}-token prompt, TTFT", "chat_first", "ms", False))
         out.append(("second request, same prefix + a different question, TTFT", "chat_second", "ms", False))
     if "prefix" in rows:
         for n in args.prefix_tokens:
-            out.append((f"prefix reuse {n:,} tokens: first request TTFT", f"prefix{n}_first", "ms", False))
-            out.append((f"prefix reuse {n:,} tokens: second request TTFT", f"prefix{n}_second", "ms", False))
+            size = f"{tokens.get(f'prefix{n}', n):,}"
+            out.append((f"prefix of {size} tokens: first request TTFT", f"prefix{n}_first", "ms", False))
+            out.append((f"prefix of {size} tokens: second request TTFT", f"prefix{n}_second", "ms", False))
     out.append(("RSS after the run, MiB (8 slots)", "rss", "MiB", False))
     if "streams16" in rows:
         out.append(("RSS after the run, MiB (16 slots)", "rss16", "MiB", False))
@@ -502,7 +511,7 @@ def render(args: argparse.Namespace, figs: dict[str, Figures], meta: dict[str, s
         "| | edge-agent | llama-server | ratio edge-agent / llama-server | better |",
         "|---|---|---|---|---|",
     ]
-    for label, metric, unit, higher in table_rows(args):
+    for label, metric, unit, higher in table_rows(args, ea.prompt_tokens):
         a, b = ea.median(metric), ls.median(metric)
         ratio = f"{a / b:.2f}" if a is not None and b else "n/a"
         better = "higher" if higher else "lower"
@@ -581,7 +590,6 @@ def parse_args() -> argparse.Namespace:
         ap.error("--old-bar runs python -m llama_cpp.server: pip install -e '.[bench]' first")
     if args.quick:
         args.rounds, args.runs, args.ttft_runs = 1, 2, 5
-    args.chat_label = f"~{args.chat_tokens:,}"
     args.argv = sys.argv[1:]
     return args
 
