@@ -28,10 +28,14 @@ prompts are cut to their token counts with the model's own tokenizer (``vocab_on
 Rounds alternate the order of the servers (round 1 edge-agent first, round 2 llama-server first,
 ...); each figure is the median over ``--rounds`` rounds (default 2). ``--old-bar`` adds
 ``python -m llama_cpp.server`` (the issue-5 peer) for one round of ``single`` and ``streams``.
-``--quick`` is one round with fewer repeats, for a check in about three minutes.
+``--quick`` is one round with fewer repeats. Time: ``--tokens 32`` took 22 minutes for 2 rounds on
+2 cores shared with other engineers' benchmarks (load average 5-8, every decode 10-20x slower than
+on a quiet machine); the llama.cpp threads spin at their barriers, so a busy machine slows both
+servers far more than the load average suggests, and the per-round figures show how much.
 
-    .venv/bin/python bench/engine_bench.py --write                 # about 10 minutes on 2 cores
+    .venv/bin/python bench/engine_bench.py --write
     .venv/bin/python bench/engine_bench.py --only prefix,streams --rounds 3
+    .venv/bin/python bench/engine_bench.py --quick --only streams16
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ difference in the figures is a difference of the serving layer, not of the kerne
   be a peer. Without a record (a venv not installed by the script) the default profile is used and
   the record says so. The libraries are linked statically (``BUILD_SHARED_LIBS=OFF``) so the cached
   binary stands alone; the compiled kernels are the same.
-- **Target**: only ``llama-server``, ``cmake --build -j2 --target llama-server`` (3-6 minutes on two
-  cores).
+- **Target**: only ``llama-server``, ``cmake --build -j2 --target llama-server`` (27 minutes on two
+  cores busy with other work, the first time here).
 - **Cache**: ``~/.cache/edge-agent/llama-server/<version>-<machine>-<profile>-<build id[:12]>/``
   holds ``llama-server`` and ``llama-server.json`` (the build record plus the sdist's and the
   binary's sha256). It is reused when that record's ``build_id`` equals the plan's, this CPU has
@@ -152,7 +152,7 @@ def build(record: dict[str, object], chosen: build_profile.BuildPlan, out: Path,
             cmake += ["-G", "Ninja"]
         log(f"configuring: {' '.join(chosen.cmake_args)} CFLAGS={flags!r}")
         subprocess.run(cmake, check=True, env=env, stdout=subprocess.DEVNULL)
-        log(f"building llama-server with -j{jobs} (3-6 minutes on two cores)")
+        log(f"building llama-server with -j{jobs} (minutes: 27 on two busy cores)")
         target = ["cmake", "--build", str(tmp / "build"), "-j", str(jobs), "--target", BINARY]
         subprocess.run(target, check=True, env=env, stdout=subprocess.DEVNULL)
         binary = next((tmp / "build").rglob(BINARY))
