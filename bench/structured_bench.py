@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -188,26 +190,37 @@ def server_stream(
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        usage: list[int] = []
-        with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:300]!r}")
-            events = (
-                json.loads(line[6:])
-                for line in response.iter_lines()
-                if line.startswith("data: ") and line != "data: [DONE]"
-            )
-
-            def piece(event: Any, usage: list[int] = usage) -> str:
-                if isinstance(event.get("usage"), dict) and event["usage"].get("completion_tokens"):
-                    usage.append(int(event["usage"]["completion_tokens"]))
-                choices = event.get("choices") or [{}]
-                return str((choices[0].get("delta") or {}).get("content") or "")
-
-            answer, pieces, seconds = timed_stream(events, piece)
-        tokens = usage[-1] if usage else pieces
-        out.append((answer, (tokens - 1) / seconds if seconds > 0 and tokens > 1 else 0.0))
+        for attempt in range(2):
+            try:
+                out.append(server_once(client, body))
+                break
+            except httpx.RemoteProtocolError:  # a kept-alive connection the server closed: once more
+                if attempt:
+                    raise
     return out
+
+
+def server_once(client: Any, body: dict[str, Any]) -> tuple[str, float]:
+    """One streamed chat completion: (answer, generation tok/s)."""
+    usage: list[int] = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:300]!r}")
+        events = (
+            json.loads(line[6:])
+            for line in response.iter_lines()
+            if line.startswith("data: ") and line != "data: [DONE]"
+        )
+
+        def piece(event: Any, usage: list[int] = usage) -> str:
+            if isinstance(event.get("usage"), dict) and event["usage"].get("completion_tokens"):
+                usage.append(int(event["usage"]["completion_tokens"]))
+            choices = event.get("choices") or [{}]
+            return str((choices[0].get("delta") or {}).get("content") or "")
+
+        answer, pieces, seconds = timed_stream(events, piece)
+    tokens = usage[-1] if usage else pieces
+    return answer, (tokens - 1) / seconds if seconds > 0 and tokens > 1 else 0.0
 
 
 def run_llama_cpp_server(
