@@ -1,27 +1,51 @@
-"""Inference benchmark: edge-agent against llama-cpp-python, same model, threads and context, one run.
+"""Inference benchmark: edge-agent beside llama.cpp's own C++ ``llama-server``, same model, one run.
 
-Peers, measured in the same process run:
+The peer is ``llama-server`` built from the llama.cpp source vendored in the installed
+llama-cpp-python, with the same build profile and flags (``bench/llama_server.py`` builds it once
+into ``~/.cache/edge-agent/llama-server/`` and reuses it; its docstring says how). Both serve
+Gemma 3 270M Q4_K_M (the demo's completion model) with ``--threads`` threads and the same slots:
+edge-agent ``n_parallel`` slots of ``n_ctx`` 4,096 tokens each (a KV stream per slot), llama-server
+``-t 2 -np 8 -c 32768`` (8 x 4,096, no unified KV: the same layout); the 16-stream row starts both
+again with 16 slots. Everything else is each server's default. edge-agent is reached over its Unix
+socket, llama-server over TCP on 127.0.0.1.
 
-  (a) in-process ``llama_cpp.Llama.create_completion(stream=True)``;
-  (b) ``python -m llama_cpp.server`` over TCP on 127.0.0.1 (needs ``pip install -e '.[bench]'``);
-  (c) ``edge-agent run`` over its Unix socket (continuous batching, ``n_parallel`` slots).
+Rows (``--only`` picks some; ``rss`` always comes with whatever runs):
 
-Reported: single-stream generation tokens/s (after the first token), time to first token p50/p95
-(distinct prompts, so no prefix reuse; the requests of (a) and (c) alternate, so that drift of a
-shared machine weighs on both alike), aggregate tokens/s with 1, 4 and 8 concurrent streaming
-clients and failed streams (an error, or fewer tokens than asked), and the time to first token of
-the second turn of a ~1,000-token chat against the first. End-of-generation tokens are banned with
-``logit_bias`` so every stream produces exactly ``--tokens`` tokens.
+``single``    tokens/s of one 128-token stream after its first token (median of ``--runs``)
+``ttft``      time to first token p50 of short distinct prompts (no prefix to reuse)
+``streams``   aggregate tokens/s of 4 and 8 concurrent 128-token streams, and failed streams
+``streams16`` the same with 16 streams against 16-slot servers
+``chat``      TTFT of a first request with a ~1,100-token prompt, then of a second request with the
+              same prefix and a different question (what a RAG or chat app sends all day)
+``prefix``    the same pair at 500, 1,000 and 2,000 prefix tokens (second-request TTFT)
+``rss``       resident memory of each server (process tree) after its rows ran
+
+Every stream asks for exactly ``--tokens`` tokens: end-of-generation tokens are banned with
+``logit_bias``, and a stream that ends early or errs counts as failed. Prompts are raw text on
+``/v1/completions`` so both servers see identical tokens (no chat template in between); long
+prompts are cut to their token counts with the model's own tokenizer (``vocab_only``).
+
+Rounds alternate the order of the servers (round 1 edge-agent first, round 2 llama-server first,
+...); each figure is the median over ``--rounds`` rounds (default 2). ``--old-bar`` adds
+``python -m llama_cpp.server`` (the issue-5 peer) for one round of ``single`` and ``streams``.
+``--quick`` is one round with fewer repeats. Time: ``--tokens 32`` took 22 minutes for 2 rounds on
+2 cores shared with other engineers' benchmarks (load average 5-8, every decode 10-20x slower than
+on a quiet machine); the llama.cpp threads spin at their barriers, so a busy machine slows both
+servers far more than the load average suggests, and the per-round figures show how much.
 
     .venv/bin/python bench/engine_bench.py --write
+    .venv/bin/python bench/engine_bench.py --only prefix,streams --rounds 3
+    .venv/bin/python bench/engine_bench.py --quick --only streams16
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -30,7 +54,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +67,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _report import bench_parser, report  # noqa: E402
 
 SECTION = "## Inference"
+ROWS = ("single", "ttft", "streams", "streams16", "chat", "prefix")
+PEERS = ("edge-agent", "llama-server")
+EOG_BIAS = {"1": -100.0, "106": -100.0}
+"""Gemma 3's ``<eos>`` and ``<end_of_turn>``: banned so every stream runs ``--tokens`` tokens."""
+REQUEST_TIMEOUT_S = 180.0
 
 STARTS = ["Once", "In", "The", "A", "When", "After", "Every", "Long", "Under", "Before", "My", "Our"]
 TOPICS = ["a lighthouse", "a robot", "the sea", "a small town", "a library", "the mountains"]
+SUBJECTS = ["harbours", "orchards", "railways", "glaciers", "markets", "observatories", "bridges"]
 
 
 def prompt(i: int) -> str:
@@ -73,7 +103,21 @@ def pct(values: list[float], q: float) -> float:
 
 
 def sse_stream(client: httpx.Client, path: str, body: dict[str, Any], expect: int) -> Stream:
-    """POST a streaming request; time the first text chunk and the last one."""
+    """POST a streaming request; time the first text chunk and the last one.
+
+    ``ok`` only when the stream ran ``expect`` tokens (``finish_reason == "length"``) without error.
+    A kept-alive connection the server closed meanwhile (nothing received: llama-server's HTTP
+    library closes idle or much-used ones) is retried once on a new connection, timed afresh.
+    """
+    for _ in range(2):
+        result = sse_once(client, path, body, expect)
+        if not result.error.startswith("RemoteProtocolError: Server disconnected without sending"):
+            break
+        print("  (a kept-alive connection was closed by the server; retried)", file=sys.stderr)
+    return result
+
+
+def sse_once(client: httpx.Client, path: str, body: dict[str, Any], expect: int) -> Stream:
     t0 = time.perf_counter()
     first = last = 0.0
     chunks = 0
@@ -99,62 +143,83 @@ def sse_stream(client: httpx.Client, path: str, body: dict[str, Any], expect: in
     except httpx.HTTPError as exc:
         return Stream(False, error=f"{type(exc).__name__}: {exc}")
     tokens = expect if finish == "length" else chunks
-    ok = tokens >= expect
+    ok = tokens >= expect and first > 0
     return Stream(ok, first - t0 if first else 0.0, last - first, tokens, "" if ok else f"{tokens} tokens")
 
 
-def concurrent_streams(
-    make_client: Callable[[], httpx.Client], n: int, tokens: int, bias: dict[str, float], offset: int
-) -> tuple[float, list[Stream]]:
-    """``n`` clients stream at once; aggregate = tokens of complete streams / wall time.
+def completion(client: httpx.Client, text: str, tokens: int) -> Stream:
+    body = {"prompt": text, "max_tokens": tokens, "temperature": 0, "stream": True, "logit_bias": EOG_BIAS}
+    return sse_stream(client, "/v1/completions", body, tokens)
 
-    The clients (and their connections) are made before the clock starts, so only the requests
-    are timed (creating an httpx client costs tens of milliseconds of CPU).
+
+def concurrent_streams(
+    make: Callable[[], httpx.Client], n: int, tokens: int, offset: int
+) -> tuple[float, int]:
+    """``n`` clients stream at once: (tokens of complete streams / wall time, failed streams).
+
+    The clients and their connections are made before the clock starts, so only requests are timed.
     """
-    clients = [make_client() for _ in range(n)]
+    clients = [make() for _ in range(n)]
     for c in clients:
         c.get("/v1/models")
-
-    def one(i: int) -> Stream:
-        body = {"prompt": prompt(offset + i), "max_tokens": tokens, "temperature": 0, "stream": True}
-        return sse_stream(clients[i], "/v1/completions", body | {"logit_bias": bias}, tokens)
-
     try:
         with concurrent.futures.ThreadPoolExecutor(n) as pool:
             t0 = time.perf_counter()
-            results = list(pool.map(one, range(n)))
+            results = list(pool.map(lambda i: completion(clients[i], prompt(offset + i), tokens), range(n)))
             wall = time.perf_counter() - t0
     finally:
         for c in clients:
             c.close()
-    return sum(r.tokens for r in results if r.ok) / wall, results
+    for r in results:
+        if not r.ok:
+            print(f"  failed stream: {r.error}", file=sys.stderr)
+    return sum(r.tokens for r in results if r.ok) / wall, sum(not r.ok for r in results)
 
 
-def long_chat(words: int = 700) -> str:
-    base = (
-        "Edge computing moves computation close to where data is produced, on small boxes in "
-        "factories, shops, vehicles and homes, where networks are slow or absent. "
-    )
-    text = ""
-    while len(text.split()) < words:
-        text += base
-    return text + "Summarise the paragraph above in one sentence."
+class Texts:
+    """Long prompts of an exact token count, cut with the model's tokenizer (``vocab_only``)."""
+
+    def __init__(self, model: Path) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+
+    def count(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode(), add_bos=True, special=False))
+
+    def prefix(self, tokens: int, seed: int) -> str:
+        """About ``tokens`` tokens (BOS included) of prose, distinct from any other ``seed``'s from the
+        first word on, ending at a sentence boundary."""
+        subject = SUBJECTS[seed % len(SUBJECTS)]
+        sentences, text, i = [], f"Report {seed} on {subject}.", 0
+        while self.count(text) < tokens:
+            i += 1
+            sentences.append(
+                f" Section {i}: the {subject} of district {seed * 100 + i} were surveyed in season "
+                f"{i % 4 + 1}, and the inspectors noted {i * 7 % 13 + 2} repairs and "
+                f"{i * 3 % 5 + 1} new works."
+            )
+            text += sentences[-1]
+        return text
+
+    def close(self) -> None:
+        self.llm.close()
 
 
-def chat_turns(client: httpx.Client, bias: dict[str, float]) -> tuple[float, float, int]:
-    """TTFT of turn 1 (a ~1,000-token user message) and turn 2 (history + a short question)."""
-    msgs: list[dict[str, str]] = [{"role": "user", "content": long_chat()}]
-    body: dict[str, Any] = {"max_tokens": 32, "temperature": 0, "stream": True, "logit_bias": bias}
-    t1 = sse_stream(client, "/v1/chat/completions", body | {"messages": msgs}, 1)
-    plain = client.post("/v1/chat/completions", json=body | {"messages": msgs, "stream": False}).json()
-    reply = plain["choices"][0]["message"]["content"]
-    n_prompt = plain.get("usage", {}).get("prompt_tokens", 0)
-    msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Now in five words."}]
-    t2 = sse_stream(client, "/v1/chat/completions", body | {"messages": msgs}, 1)
-    return t1.ttft, t2.ttft, n_prompt
+QUESTIONS = ("\n\nQuestion: Which district needed the most repairs?\nAnswer:",
+             "\n\nQuestion: How many seasons does the report cover?\nAnswer:")  # fmt: skip
 
 
-# -- peers ------------------------------------------------------------------------------------------
+def prefix_pair(client: httpx.Client, text: str) -> tuple[float, float]:
+    """TTFT of ``text`` + question 1 (nothing cached), then of ``text`` + question 2 (same prefix)."""
+    first = completion(client, text + QUESTIONS[0], 4)
+    second = completion(client, text + QUESTIONS[1], 4)
+    if not (first.ok and second.ok):
+        raise RuntimeError(f"prefix pair failed: {first.error or second.error}")
+    return first.ttft, second.ttft
+
+
+# -- servers ----------------------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -164,270 +229,421 @@ def free_port() -> int:
 
 
 def wait_http(
-    client: httpx.Client, path: str, proc: subprocess.Popen[bytes], ok: Callable[[Any], bool]
+    make: Callable[[], httpx.Client], path: str, proc: subprocess.Popen[bytes], ok: Callable[[Any], bool]
 ) -> None:
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"peer exited with status {proc.returncode}")
+    with make() as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with status {proc.returncode}")
+            try:
+                r = client.get(path)
+                if r.status_code == 200 and ok(r.json()):
+                    return
+            except (httpx.HTTPError, ValueError, OSError):
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"server not ready on {path}")
+
+
+@dataclass
+class Server:
+    make: Callable[[], httpx.Client]
+    pid: int
+    log: Path
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` and its descendants (VmRSS from /proc), MiB."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            r = client.get(path)
-            if r.status_code == 200 and ok(r.json()):
-                return
-        except (httpx.HTTPError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
             pass
-        time.sleep(0.2)
-    raise TimeoutError(f"peer not ready on {path}")
+    return total / 1024
 
 
 @contextmanager
-def llama_cpp_server(model: Path, threads: int, n_ctx: int) -> Iterator[Callable[[], httpx.Client]]:
+def run_process(cmd: list[str], env: dict[str, str] | None, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env)
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def tcp_client(port: int) -> Callable[[], httpx.Client]:
+    return lambda: httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_S)
+
+
+@contextmanager
+def llama_server(binary: Path, model: Path, threads: int, slots: int, ctx: int) -> Iterator[Server]:
+    """``llama-server -t T -np N -c N*ctx`` (N slots of ``ctx`` tokens), defaults otherwise."""
+    port = free_port()
+    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+           "-np", str(slots), "-c", str(slots * ctx), "--no-webui"]  # fmt: skip
+    log = Path(tempfile.mkdtemp(prefix="llama-server-")) / "server.log"
+    with run_process(cmd, None, log) as proc:
+        make = tcp_client(port)
+        wait_http(make, "/health", proc, lambda h: h.get("status") == "ok")
+        yield Server(make, proc.pid, log)
+
+
+@contextmanager
+def llama_cpp_server(model: Path, threads: int, slots: int, ctx: int) -> Iterator[Server]:
+    """``python -m llama_cpp.server`` (one sequence at a time; ``slots`` is not used)."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
         "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-        "--n_ctx", str(n_ctx), "--n_batch", "512",
+        "--n_ctx", str(ctx), "--n_batch", "512",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def make() -> httpx.Client:
-        return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-
-    try:
-        with make() as c:
-            wait_http(c, "/v1/models", proc, lambda _: True)
-        yield make
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    log = Path(tempfile.mkdtemp(prefix="llama-cpp-server-")) / "server.log"
+    with run_process(cmd, None, log) as proc:
+        make = tcp_client(port)
+        wait_http(make, "/v1/models", proc, lambda _: True)
+        yield Server(make, proc.pid, log)
 
 
 @contextmanager
-def edge_agent(model: Path, threads: int, n_ctx: int, parallel: int) -> Iterator[Callable[[], httpx.Client]]:
+def edge_agent(model: Path, threads: int, slots: int, ctx: int) -> Iterator[Server]:
+    """``edge-agent run`` serving ``model`` alone, ``slots`` slots of ``ctx`` tokens, defaults otherwise."""
     state = Path(tempfile.mkdtemp(prefix="edge-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     env |= {
+        "PYTHONPATH": str(ROOT),
         "EDGE_AGENT_STATE_DIR": str(state),
         "EDGE_AGENT_MODEL__PATH": str(model),
         "EDGE_AGENT_ENGINE__N_THREADS": str(threads),
-        "EDGE_AGENT_ENGINE__N_CTX": str(n_ctx),
-        "EDGE_AGENT_ENGINE__N_PARALLEL": str(parallel),
+        "EDGE_AGENT_ENGINE__N_CTX": str(ctx),
+        "EDGE_AGENT_ENGINE__N_PARALLEL": str(slots),
         "EDGE_AGENT_ENGINE__MAX_QUEUE": "64",
         "EDGE_AGENT_LOG__FORMAT": "json",
         "EDGE_AGENT_LOG__LEVEL": "warning",
     }
     sock = state / "run" / "edge-agent.sock"
-    log = (state / "daemon.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run"], stdout=log, stderr=log, env=env)
+    with run_process([sys.executable, "-m", "agent.cli", "run"], env, state / "daemon.log") as proc:
 
-    def make() -> httpx.Client:
-        return httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://localhost", timeout=600
-        )
+        def make() -> httpx.Client:
+            transport = httpx.HTTPTransport(uds=str(sock))
+            return httpx.Client(transport=transport, base_url="http://localhost", timeout=REQUEST_TIMEOUT_S)
 
-    try:
         deadline = time.monotonic() + 60
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        with make() as c:
-            wait_http(c, "/health", proc, lambda h: h.get("status") == "ok")
-        yield make
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+        wait_http(make, "/health", proc, lambda h: h.get("status") == "ok")
+        yield Server(make, proc.pid, state / "daemon.log")
 
 
 # -- measurement ------------------------------------------------------------------------------------
 
 
-class InProcess:
-    """Peer (a): ``llama_cpp.Llama`` in this process, same model, threads, context and batch."""
+@dataclass
+class Figures:
+    """Per peer: metric name -> one value per round (and failures summed over rounds)."""
 
-    def __init__(self, model: Path, threads: int, n_ctx: int) -> None:
-        import llama_cpp
+    values: dict[str, list[float]] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    streams: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens of the last round's long prompts (``chat``: with question 1; ``prefixN``: the prefix)."""
 
-        self.llm = llama_cpp.Llama(
-            model_path=str(model),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=512,
-            verbose=False,
-        )
-        self.bias = {1: -100.0, 106: -100.0}
+    def add(self, metric: str, value: float) -> None:
+        self.values.setdefault(metric, []).append(value)
 
-    def stream(self, i: int, n: int) -> Stream:
-        t0 = time.perf_counter()
-        first = last = 0.0
-        for part in self.llm.create_completion(
-            prompt(i), max_tokens=n, temperature=0, stream=True, logit_bias=self.bias
-        ):
-            if part["choices"][0]["text"]:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-        return Stream(True, first - t0, last - first, n)
-
-    def single(self, tokens: int, runs: int) -> float:
-        self.stream(1000, 4)  # warm-up
-        runs_ = [self.stream(i, tokens) for i in range(runs)]
-        return statistics.median((s.tokens - 1) / s.gen_s for s in runs_)
-
-    def close(self) -> None:
-        self.llm.close()
+    def median(self, metric: str) -> float | None:
+        v = self.values.get(metric)
+        return statistics.median(v) if v else None
 
 
-def measure_server(
-    make: Callable[[], httpx.Client],
-    tokens: int,
-    runs: int,
-    ttft_runs: int,
-    conc: list[int],
-    beside: Callable[[int], float] | None = None,
-) -> dict[str, Any]:
-    """Single stream, TTFT, concurrent streams and chat turns of one HTTP peer.
-
-    With ``beside`` (another peer's TTFT for prompt ``i``), the TTFT requests alternate with that
-    peer's, the first of each pair swapping every time, so slow drift of the machine (other
-    tenants, clock) weighs on both sides alike; its times are returned as ``beside_ttft``.
-    """
-    bias = {"1": -100.0, "106": -100.0}
-    body: dict[str, Any] = {"max_tokens": tokens, "temperature": 0, "stream": True, "logit_bias": bias}
-    out: dict[str, Any] = {"agg": {}, "failed": {}}
+def measure(server: Server, args: argparse.Namespace, texts: Texts, fig: Figures, rnd: int) -> None:
+    """The rows of ``args.only`` (except streams16) against one running 8-slot server."""
+    rows, make = args.only, server.make
     with make() as c:
-        sse_stream(c, "/v1/completions", body | {"prompt": prompt(1000), "max_tokens": 4}, 4)  # warm-up
-        single = [sse_stream(c, "/v1/completions", body | {"prompt": prompt(i)}, tokens) for i in range(runs)]
-        ok = [s for s in single if s.ok]
-        out["single"] = statistics.median((s.tokens - 1) / s.gen_s for s in ok) if ok else 0.0
-        out["ttft"], out["beside_ttft"] = [], []
-        for i in range(ttft_runs):
-            if beside is not None and i % 2:
-                out["beside_ttft"].append(beside(100 + i))
-            req = body | {"prompt": prompt(100 + i), "max_tokens": 4}
-            out["ttft"].append(sse_stream(c, "/v1/completions", req, 4).ttft)
-            if beside is not None and not i % 2:
-                out["beside_ttft"].append(beside(100 + i))
-    for n in conc:
-        agg, results = concurrent_streams(make, n, tokens, bias, 200 + 10 * n)
-        out["agg"][n] = agg
-        out["failed"][n] = sum(not r.ok for r in results)
+        completion(c, prompt(1000 + rnd), 4)  # warm-up
+        progress("warm")
+        if "single" in rows:
+            runs = [completion(c, prompt(10 * rnd + i), args.tokens) for i in range(args.runs)]
+            ok = [s for s in runs if s.ok]
+            fig.failed["single"] = fig.failed.get("single", 0) + len(runs) - len(ok)
+            if ok:
+                fig.add("single", statistics.median((s.tokens - 1) / s.gen_s for s in ok))
+            progress("single")
+        if "ttft" in rows:
+            ttfts = [completion(c, prompt(100 + 50 * rnd + i), 4) for i in range(args.ttft_runs)]
+            fig.add("ttft", pct([s.ttft for s in ttfts if s.ok], 0.5))
+            progress("ttft")
+    if "streams" in rows:
+        for n in (4, 8):
+            agg, failed = concurrent_streams(make, n, args.tokens, 300 + 100 * rnd + 10 * n)
+            fig.add(f"streams{n}", agg)
+            fig.failed[f"streams{n}"] = fig.failed.get(f"streams{n}", 0) + failed
+            fig.streams[f"streams{n}"] = fig.streams.get(f"streams{n}", 0) + n
+            progress(f"streams{n}")
     with make() as c:
-        try:
-            out["chat"] = chat_turns(c, bias)
-        except (httpx.HTTPError, KeyError, ValueError) as exc:
-            out["chat"] = None
-            print(f"chat turns failed: {exc}", file=sys.stderr)
+        if "chat" in rows:
+            text = texts.prefix(args.chat_tokens, 10 * rnd + 1)
+            fig.prompt_tokens["chat"] = texts.count(text + QUESTIONS[0])
+            first, second = prefix_pair(c, text)
+            fig.add("chat_first", first)
+            fig.add("chat_second", second)
+            progress("chat")
+        if "prefix" in rows:
+            for k, n in enumerate(args.prefix_tokens):
+                text = texts.prefix(n, 10 * rnd + 2 + k)
+                fig.prompt_tokens[f"prefix{n}"] = texts.count(text)
+                first, second = prefix_pair(c, text)
+                fig.add(f"prefix{n}_first", first)
+                fig.add(f"prefix{n}_second", second)
+                progress(f"prefix{n}")
+    fig.add("rss", tree_rss_mib(server.pid))
+
+
+def progress(step: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {step}", file=sys.stderr, flush=True)
+
+
+def measure16(server: Server, args: argparse.Namespace, fig: Figures, rnd: int) -> None:
+    with server.make() as c:
+        completion(c, prompt(2000 + rnd), 4)  # warm-up
+    agg, failed = concurrent_streams(server.make, 16, args.tokens, 600 + 100 * rnd)
+    fig.add("streams16", agg)
+    fig.failed["streams16"] = fig.failed.get("streams16", 0) + failed
+    fig.streams["streams16"] = fig.streams.get("streams16", 0) + 16
+    fig.add("rss16", tree_rss_mib(server.pid))
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def version_of(binary: Path) -> str:
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False)
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("version")]
+    return lines[0].removeprefix("version: ").strip() if lines else "unknown"
+
+
+def git_commit() -> str:
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return out.stdout.strip() or "unknown"
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def table_rows(args: argparse.Namespace, tokens: dict[str, int]) -> list[tuple[str, str, str, bool]]:
+    """(label, metric, unit, higher is better) of every figure the selected rows produce; ``tokens``
+    are the long prompts' measured token counts."""
+    out: list[tuple[str, str, str, bool]] = []
+    rows = args.only
+    if "single" in rows:
+        out.append(("single stream tok/s", "single", "tok/s", True))
+    if "ttft" in rows:
+        out.append(("TTFT p50, short prompt", "ttft", "ms", False))
+    if "streams" in rows:
+        out += [(f"{n} streams aggregate tok/s", f"streams{n}", "tok/s", True) for n in (4, 8)]
+    if "streams16" in rows:
+        out.append(("16 streams aggregate tok/s (16 slots)", "streams16", "tok/s", True))
+    if "chat" in rows:
+        n_chat = f"{tokens['chat']:,}" if "chat" in tokens else f"~{args.chat_tokens:,}"
+        out.append((f"first request, {n_chat}-token prompt, TTFT", "chat_first", "ms", False))
+        out.append(("second request, same prefix + a different question, TTFT", "chat_second", "ms", False))
+    if "prefix" in rows:
+        for n in args.prefix_tokens:
+            size = f"{tokens.get(f'prefix{n}', n):,}"
+            out.append((f"prefix of {size} tokens: first request TTFT", f"prefix{n}_first", "ms", False))
+            out.append((f"prefix of {size} tokens: second request TTFT", f"prefix{n}_second", "ms", False))
+    out.append(("RSS after the run, MiB (8 slots)", "rss", "MiB", False))
+    if "streams16" in rows:
+        out.append(("RSS after the run, MiB (16 slots)", "rss16", "MiB", False))
     return out
 
 
-def fmt_ms(v: float) -> str:
-    return f"{v * 1000:.0f}"
+def cell(fig: Figures, metric: str, unit: str) -> str:
+    v = fig.median(metric)
+    if v is None:
+        return "n/a"
+    text = f"{v * 1000:,.0f} ms" if unit == "ms" else f"{v:,.1f}"
+    if metric in fig.streams:
+        text += f" ({fig.failed.get(metric, 0)}/{fig.streams[metric]} failed)"
+    return text
 
 
-def render(args: argparse.Namespace, a: dict[str, Any], b: dict[str, Any] | None, c: dict[str, Any]) -> str:
-    conc = args.concurrency
+def render(args: argparse.Namespace, figs: dict[str, Figures], meta: dict[str, str]) -> str:
+    ea, ls = figs["edge-agent"], figs["llama-server"]
     lines = [
         SECTION,
         "",
-        f"Gemma 3 270M Q4_K_M, {args.threads} threads, context {args.ctx}, {args.tokens}-token streaming "
-        f"completions (end-of-generation banned), edge-agent with {args.parallel} slots (a {args.ctx}-token "
-        "KV stream each, default settings otherwise); one run on "
-        f"{os.cpu_count()} cores, load average at start {args.load:.2f}. Reproduce with "
-        "`pip install -e '.[bench]'` then:",
+        f"{meta['cpu']}, {os.cpu_count()} cores (shared), Gemma 3 270M Q4_K_M, {args.threads} threads, "
+        f"{args.tokens}-token streaming completions (end-of-generation banned). edge-agent "
+        f"{meta['commit']} over its Unix socket, {args.slots} slots of {args.ctx:,} tokens (a KV stream "
+        "each; default settings otherwise) against llama.cpp's C++ `llama-server` "
+        f"({meta['server_version']}, from the llama.cpp vendored in llama-cpp-python {meta['llama_cpp']}, "
+        f"build profile `{meta['profile']}`, the venv's flags: `bench/llama_server.py`) over TCP, "
+        f"`-t {args.threads} -np {args.slots} -c {args.slots * args.ctx}`; the 16-stream row restarts "
+        f"both with 16 slots (`-np 16 -c {16 * args.ctx}`). Medians of {args.rounds} alternating "
+        f"round(s); load average {meta['load_start']} at the start, {meta['load_end']} at the end; "
+        f"{meta['minutes']} minutes. Reproduce with:",
         "",
         "```",
         "    " + " ".join(["python bench/engine_bench.py", *args.argv]).strip(),
         "```",
         "",
-        "| | single stream tok/s | TTFT p50 ms | TTFT p95 ms | "
-        + " | ".join(f"{n} streams tok/s (failed)" for n in conc)
-        + " |",
-        "|---|---|---|---|" + "---|" * len(conc),
-        f"| (a) in-process `Llama.create_completion` | {a['single']:.1f} | {fmt_ms(pct(a['ttft'], 0.5))} | "
-        f"{fmt_ms(pct(a['ttft'], 0.95))} | " + " | ".join("n/a" for _ in conc) + " |",
+        "| | edge-agent | llama-server | ratio edge-agent / llama-server | better |",
+        "|---|---|---|---|---|",
     ]
-    for name, r in (("(b) `python -m llama_cpp.server` (TCP)", b), ("(c) edge-agent (Unix socket)", c)):
-        if r is None:
-            continue
-        cells = " | ".join(f"{r['agg'][n]:.1f} ({r['failed'][n]}/{n})" for n in conc)
-        p50, p95 = fmt_ms(pct(r["ttft"], 0.5)), fmt_ms(pct(r["ttft"], 0.95))
-        lines.append(f"| {name} | {r['single']:.1f} | {p50} | {p95} | {cells} |")
-    lines += ["", "Second turn of a chat whose first turn is a ~1,000-token user message (TTFT, ms):", ""]
-    lines += ["| | prompt tokens | turn 1 | turn 2 | turn 2 / turn 1 |", "|---|---|---|---|---|"]
-    for name, r in (("(b) llama_cpp.server", b), ("(c) edge-agent", c)):
-        if r and r.get("chat"):
-            t1, t2, n = r["chat"]
-            lines.append(f"| {name} | {n} | {fmt_ms(t1)} | {fmt_ms(t2)} | {t2 / t1:.2f} |")
-    lines += ["", "Goals (ratios from this run):", ""]
-    top = max(conc)
-    goals = [
-        (
-            "TTFT p50 over the socket - (a)",
-            f"{(pct(c['ttft'], 0.5) - pct(a['ttft'], 0.5)) * 1000:+.1f} ms",
-            "<= +10 ms",
+    for label, metric, unit, higher in table_rows(args, ea.prompt_tokens):
+        a, b = ea.median(metric), ls.median(metric)
+        ratio = f"{a / b:.2f}" if a is not None and b else "n/a"
+        better = "higher" if higher else "lower"
+        a_cell, b_cell = cell(ea, metric, unit), cell(ls, metric, unit)
+        lines.append(f"| {label} | {a_cell} | {b_cell} | {ratio} | {better} |")
+    rounds = []
+    for name, fig in figs.items():
+        per = "; ".join(
+            f"{m} "
+            + ", ".join(
+                f"{v * 1000:.0f}" if "ttft" in m or "first" in m or "second" in m else f"{v:.1f}" for v in vs
+            )
+            for m, vs in fig.values.items()
         )
-    ]
-    if b is not None:
-        goals.insert(0, ("single stream (c) / (b)", f"{c['single'] / b['single']:.2f}x", ">= 1.2x"))
-        goals.insert(
-            1,
-            (
-                f"{top}-stream aggregate (c) / single (b)",
-                f"{c['agg'][top] / b['single']:.2f}x",
-                ">= 2.5x, 0 failed",
-            ),
-        )
-    if c.get("chat"):
-        t1, t2, _ = c["chat"]
-        goals.append(("2nd chat turn TTFT / 1st (c)", f"{t2 / t1:.2f}", "<= 0.3"))
-    lines += ["| goal | measured | target |", "|---|---|---|"]
-    lines += [f"| {g} | {m} | {t} |" for g, m, t in goals]
+        rounds.append(f"{name}: {per}")
+    lines += ["", "Per round (ms for times, tok/s, MiB): " + " | ".join(rounds) + "."]
+    old = figs.get("llama_cpp.server")
+    if old is not None and old.median("single"):
+        lines += ["", "The issue-5 bar, `python -m llama_cpp.server` over TCP (one round):", ""]
+        lines += ["| goal | measured | target |", "|---|---|---|"]
+        s_ea, s_old = ea.median("single"), old.median("single")
+        if s_ea is not None and s_old:
+            lines.append(f"| single stream edge-agent / llama_cpp.server | {s_ea / s_old:.2f}x | >= 1.2x |")
+        e8 = ea.median("streams8")
+        if e8 is not None and s_old:
+            goal = ">= 2.5x, 0 failed"
+            name = "8-stream aggregate edge-agent / single llama_cpp.server"
+            lines.append(f"| {name} | {e8 / s_old:.2f}x | {goal} |")
+        figures = f"{cell(old, 'single', 'tok/s')}, {cell(old, 'streams8', 'tok/s')}"
+        lines.append(f"| llama_cpp.server single stream, 8 streams | {figures} | |")
     lines += [
         "",
-        "What bounds these figures (llama.cpp alone: the Decode ceiling section) and why the defaults "
-        "trade some speed for batch-invariant output: docs/engine.md, Performance.",
+        "Prompts are raw text on `/v1/completions`, cut to their token count with the model's "
+        "tokenizer, so both servers see the same tokens; the prefix pairs send a prefix + question 1 "
+        "(nothing cached), then the same prefix + question 2. RSS is the server's process tree. What "
+        "bounds these figures (llama.cpp alone: the Decode ceiling section) and why the defaults trade "
+        "some speed for batch-invariant output: docs/engine.md, Performance.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+# -- main -------------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
     ap = bench_parser(__doc__, SECTION)
     ap.add_argument("--model", type=Path, help="GGUF file (default: the demo Gemma 3 270M)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--ctx", type=int, default=4096, help="tokens per slot")
+    ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=5, help="single-stream runs per peer")
-    ap.add_argument("--ttft-runs", type=int, default=20)
-    ap.add_argument("--parallel", type=int, default=8, help="edge-agent slots")
-    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
-    ap.add_argument("--skip-server", action="store_true", help="leave out (b)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3, help="single-stream runs per round")
+    ap.add_argument("--ttft-runs", type=int, default=10)
+    ap.add_argument("--chat-tokens", type=int, default=1100)
+    ap.add_argument(
+        "--prefix-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[500, 1000, 2000]
+    )
+    ap.add_argument(
+        "--only",
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        default=list(ROWS),
+        help=f"comma-separated rows out of {','.join(ROWS)} (default all)",
+    )
+    ap.add_argument("--quick", action="store_true", help="one round, 2 single runs, 5 TTFT runs")
+    ap.add_argument("--old-bar", action="store_true", help="also python -m llama_cpp.server, one round")
+    ap.add_argument(
+        "--rebuild-server", action="store_true", help="rebuild llama-server (bench/llama_server.py)"
+    )
     args = ap.parse_args()
+    unknown = [r for r in args.only if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(ROWS)}")
+    extras = ("uvicorn", "fastapi", "sse_starlette", "starlette_context")
+    if args.old_bar and not all(importlib.util.find_spec(m) for m in extras):
+        ap.error("--old-bar runs python -m llama_cpp.server: pip install -e '.[bench]' first")
+    if args.quick:
+        args.rounds, args.runs, args.ttft_runs = 1, 2, 5
     args.argv = sys.argv[1:]
-    args.load = os.getloadavg()[0]
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    import llama_server as builder
+
+    binary, record = builder.ensure(args.rebuild_server)
     if args.model is None:
         from agent.demo import demo_model_file
 
         args.model = demo_model_file(Path.home() / ".cache" / "edge-agent" / "test-models")
-    print(f"model {args.model}, load {args.load:.2f}", file=sys.stderr)
-    peer = InProcess(args.model, args.threads, args.ctx)
+    t_start, load_start = time.monotonic(), os.getloadavg()[0]
+    print(f"model {args.model}, llama-server {binary}, load {load_start:.2f}", file=sys.stderr)
+    servers: dict[str, Callable[..., Any]] = {
+        "edge-agent": edge_agent,
+        "llama-server": lambda *a: llama_server(binary, *a),
+    }
+    figs = {name: Figures() for name in PEERS}
+    texts = Texts(args.model)
     try:
-        a: dict[str, Any] = {"single": peer.single(args.tokens, args.runs)}
-        print(f"(a) {a['single']:.1f} tok/s", file=sys.stderr)
-        b = None
-        if not args.skip_server:
-            with llama_cpp_server(args.model, args.threads, args.ctx) as make:
-                b = measure_server(make, args.tokens, args.runs, args.ttft_runs, args.concurrency)
-            print(f"(b) {b}", file=sys.stderr)
-        with edge_agent(args.model, args.threads, args.ctx, args.parallel) as make:
-            beside = lambda i: peer.stream(i, 4).ttft  # noqa: E731
-            c = measure_server(make, args.tokens, args.runs, args.ttft_runs, args.concurrency, beside)
-        a["ttft"] = c.pop("beside_ttft")
+        for rnd in range(args.rounds):
+            order = PEERS if rnd % 2 == 0 else PEERS[::-1]
+            for name in order:
+                print(f"round {rnd + 1}: {name}", file=sys.stderr, flush=True)
+                with servers[name](args.model, args.threads, args.slots, args.ctx) as server:
+                    measure(server, args, texts, figs[name], rnd)
+                if "streams16" in args.only:
+                    with servers[name](args.model, args.threads, 16, args.ctx) as server:
+                        measure16(server, args, figs[name], rnd)
+                print(f"  {figs[name].values}", file=sys.stderr, flush=True)
+        if args.old_bar:
+            figs["llama_cpp.server"] = old = Figures()
+            old_args = argparse.Namespace(**vars(args) | {"only": ["single", "streams"]})
+            with llama_cpp_server(args.model, args.threads, 1, args.ctx) as server:
+                measure(server, old_args, texts, old, 0)
     finally:
-        peer.close()
-    print(f"(a) ttft {a['ttft']}", file=sys.stderr)
-    print(f"(c) {c}", file=sys.stderr)
-    report(SECTION, render(args, a, b, c), write=args.write)
+        texts.close()
+    meta = {
+        "cpu": cpu_name(),
+        "commit": git_commit(),
+        "server_version": version_of(binary),
+        "llama_cpp": str(record.get("llama_cpp_version")),
+        "profile": str(record.get("profile")),
+        "load_start": f"{load_start:.2f}",
+        "load_end": f"{os.getloadavg()[0]:.2f}",
+        "minutes": f"{(time.monotonic() - t_start) / 60:.1f}",
+    }
+    report(SECTION, render(args, figs, meta), write=args.write)
     return 0
 
 

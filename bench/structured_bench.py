@@ -1,5 +1,6 @@
-"""Structured-output benchmark: schema-constrained generation against unconstrained, and against
-llama-cpp-python's own JSON Schema path, same model, threads and prompts, one run.
+"""Structured-output benchmark: schema-constrained generation against unconstrained, against
+llama.cpp's own C++ ``llama-server`` and against llama-cpp-python's JSON Schema path, same model,
+threads and prompts, one run.
 
 Runs, over the same ``--prompts`` varied extraction prompts (people described in prose: name, age,
 city, birth date, skills), greedy, one request at a time:
@@ -9,16 +10,22 @@ city, birth date, skills), greedy, one request at a time:
   (c) in-process ``llama_cpp.Llama.create_chat_completion(response_format={"type": "json_object",
       "schema": ...})``: llama-cpp-python's converter and grammar;
   (d) ``python -m llama_cpp.server`` over TCP on 127.0.0.1, the same ``response_format`` (needs the
-      ``bench`` extras, ``pip install -e '.[bench]'``; left out when they are missing).
+      ``bench`` extras, ``pip install -e '.[bench]'``; left out when they are missing);
+  (e) llama.cpp's C++ ``llama-server`` over TCP (built like our llama-cpp-python by
+      ``bench/llama_server.py``, cached), ``response_format: json_schema`` exactly as (a) sends it:
+      THE peer of the >= 1x goal.
 
-Reported: generation tokens/s after the first token (median over the prompts), and the share of
-answers that parse as JSON and validate against the schema (``jsonschema_rs``, formats checked).
+(a) and (e) run ``--rounds`` rounds in alternating order; (b), (c), (d) once (``--skip`` leaves
+peers out). Reported: generation tokens/s after the first token (median over the prompts; for (a)
+and (e) the median of the per-round medians), and the share of answers that parse as JSON and
+validate against the schema (``jsonschema_rs``, formats checked).
 
     .venv/bin/python bench/structured_bench.py --write
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -27,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -164,35 +173,84 @@ def run_llama_cpp(path: Path, texts: list[str], threads: int, max_tokens: int) -
     return out
 
 
-def run_llama_server(path: Path, texts: list[str], threads: int, max_tokens: int) -> list[tuple[str, float]]:
+def server_stream(
+    client: Any, texts: list[str], max_tokens: int, response_format: dict[str, Any]
+) -> list[tuple[str, float]]:
+    """Stream each prompt through an HTTP peer's ``/v1/chat/completions``: (answer, generation tok/s).
+
+    Tokens are the final usage's ``completion_tokens`` when the peer reports it, else the streamed
+    pieces (one per token)."""
+    out = []
+    for text in texts:
+        body = {
+            "messages": [{"role": "user", "content": text}],
+            "response_format": response_format,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for attempt in range(2):
+            try:
+                out.append(server_once(client, body))
+                break
+            except httpx.RemoteProtocolError:  # a kept-alive connection the server closed: once more
+                if attempt:
+                    raise
+    return out
+
+
+def server_once(client: Any, body: dict[str, Any]) -> tuple[str, float]:
+    """One streamed chat completion: (answer, generation tok/s)."""
+    usage: list[int] = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read()[:300]!r}")
+        events = (
+            json.loads(line[6:])
+            for line in response.iter_lines()
+            if line.startswith("data: ") and line != "data: [DONE]"
+        )
+
+        def piece(event: Any, usage: list[int] = usage) -> str:
+            if isinstance(event.get("usage"), dict) and event["usage"].get("completion_tokens"):
+                usage.append(int(event["usage"]["completion_tokens"]))
+            choices = event.get("choices") or [{}]
+            return str((choices[0].get("delta") or {}).get("content") or "")
+
+        answer, pieces, seconds = timed_stream(events, piece)
+    tokens = usage[-1] if usage else pieces
+    return answer, (tokens - 1) / seconds if seconds > 0 and tokens > 1 else 0.0
+
+
+def run_llama_cpp_server(
+    path: Path, texts: list[str], threads: int, max_tokens: int
+) -> list[tuple[str, float]]:
     from engine_bench import llama_cpp_server
 
-    out = []
-    with llama_cpp_server(path, threads, 2048) as make:
-        client = make()
-        for text in texts:
-            body = {
-                "messages": [{"role": "user", "content": text}],
-                "response_format": {"type": "json_object", "schema": SCHEMA},
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "stream": True,
-            }
-            with client.stream("POST", "/v1/chat/completions", json=body) as response:
-                events = (
-                    json.loads(line[6:])
-                    for line in response.iter_lines()
-                    if line.startswith("data: ") and line != "data: [DONE]"
-                )
+    with llama_cpp_server(path, threads, 1, 2048) as server, server.make() as client:
+        return server_stream(client, texts, max_tokens, {"type": "json_object", "schema": SCHEMA})
 
-                def piece(event: Any) -> str:
-                    choices = event.get("choices") or [{}]
-                    return str((choices[0].get("delta") or {}).get("content") or "")
 
-                answer, pieces, seconds = timed_stream(events, piece)
-            out.append((answer, (pieces - 1) / seconds if seconds > 0 and pieces > 1 else 0.0))
-        client.close()
-    return out
+def run_llama_server(
+    binary: Path, path: Path, texts: list[str], threads: int, max_tokens: int
+) -> list[tuple[str, float]]:
+    """llama.cpp's C++ ``llama-server`` (one slot of 2,048 tokens), the same ``json_schema`` as (a)."""
+    from engine_bench import llama_server
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    with llama_server(binary, path, threads, 1, 2048) as server, server.make() as client:
+        return server_stream(client, texts, max_tokens, fmt)
+
+
+PEERS = ("agent", "free", "llama_cpp", "llama_cpp_server", "llama_server")
+LABELS = {
+    "agent": "(a) edge-agent, `json_schema` (grammar)",
+    "free": "(b) edge-agent, unconstrained",
+    "llama_cpp": "(c) llama-cpp-python `create_chat_completion`, `json_object` + schema",
+    "llama_cpp_server": "(d) `python -m llama_cpp.server` (TCP), `json_object` + schema",
+    "llama_server": "(e) llama.cpp's C++ `llama-server` (TCP), the same `json_schema` as (a)",
+}
 
 
 def main() -> None:
@@ -200,76 +258,132 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (a) and (e), alternating order")
+    parser.add_argument(
+        "--skip",
+        type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+        default=[],
+        help="leave out peers: llama_cpp (c), llama_cpp_server (d), llama_server (e)",
+    )
     args = parser.parse_args()
+    bad = [p for p in args.skip if p not in ("llama_cpp", "llama_cpp_server", "llama_server")]
+    if bad:
+        parser.error(f"--skip: unknown peer(s) {', '.join(bad)}")
+
+    from engine_bench import cpu_name
 
     from agent.demo import CHAT_MODEL_ID, chat_model_file
     from tests.conftest import MODEL_CACHE
     from tests.daemon import running_daemon
 
+    binary = None
+    if "llama_server" not in args.skip:
+        import llama_server as builder
+
+        binary, _ = builder.ensure()
     model_path = chat_model_file(MODEL_CACHE)
     texts = prompts(args.prompts)
     load = os.getloadavg()[0]
+    t0 = time.monotonic()
     env = {"EDGE_AGENT_ENGINE__N_THREADS": str(args.threads), "EDGE_AGENT_MODEL__ID": CHAT_MODEL_ID}
-    with tempfile.TemporaryDirectory() as tmp, running_daemon(Path(tmp), model_path, env=env) as daemon:
-        constrained = run_agent(daemon.socket, texts, CHAT_MODEL_ID, True, args.max_tokens)
-        print(f"(a) done: {sum(valid(t) for t, _ in constrained)} valid", file=sys.stderr, flush=True)
-        free = run_agent(daemon.socket, texts, CHAT_MODEL_ID, False, args.max_tokens)
-        print("(b) done", file=sys.stderr, flush=True)
-    peer = run_llama_cpp(model_path, texts, args.threads, args.max_tokens)
-    print(f"(c) done: {sum(valid(t) for t, _ in peer)} valid", file=sys.stderr, flush=True)
+    runs: dict[str, list[list[tuple[str, float]]]] = {p: [] for p in PEERS}
+
+    def agent(constrained_too: bool) -> None:
+        with tempfile.TemporaryDirectory() as tmp, running_daemon(Path(tmp), model_path, env=env) as daemon:
+            runs["agent"].append(run_agent(daemon.socket, texts, CHAT_MODEL_ID, True, args.max_tokens))
+            if constrained_too:
+                runs["free"].append(run_agent(daemon.socket, texts, CHAT_MODEL_ID, False, args.max_tokens))
+        print(f"(a) done: {sum(valid(t) for t, _ in runs['agent'][-1])} valid", file=sys.stderr, flush=True)
+
+    def server() -> None:
+        assert binary is not None
+        runs["llama_server"].append(
+            run_llama_server(binary, model_path, texts, args.threads, args.max_tokens)
+        )
+        print(
+            f"(e) done: {sum(valid(t) for t, _ in runs['llama_server'][-1])} valid",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    for rnd in range(args.rounds):
+        order = [functools.partial(agent, rnd == 0)] + ([server] if binary is not None else [])
+        for step in order if rnd % 2 == 0 else order[::-1]:
+            step()
+    if "llama_cpp" not in args.skip:
+        runs["llama_cpp"].append(run_llama_cpp(model_path, texts, args.threads, args.max_tokens))
+        print(
+            f"(c) done: {sum(valid(t) for t, _ in runs['llama_cpp'][0])} valid", file=sys.stderr, flush=True
+        )
     import importlib.util
 
-    server = None
-    if all(importlib.util.find_spec(m) for m in ("uvicorn", "fastapi", "sse_starlette", "starlette_context")):
-        server = run_llama_server(model_path, texts, args.threads, args.max_tokens)
-        print(f"(d) done: {sum(valid(t) for t, _ in server)} valid", file=sys.stderr, flush=True)
+    extras = ("uvicorn", "fastapi", "sse_starlette", "starlette_context")
+    if "llama_cpp_server" not in args.skip and all(importlib.util.find_spec(m) for m in extras):
+        runs["llama_cpp_server"].append(
+            run_llama_cpp_server(model_path, texts, args.threads, args.max_tokens)
+        )
+        print(f"(d) done: {sum(valid(t) for t, _ in runs['llama_cpp_server'][0])} valid", file=sys.stderr)
 
-    def row(name: str, results: list[tuple[str, float]], check: bool) -> tuple[str, float, str]:
-        speed = statistics.median(s for _, s in results if s > 0)
-        share = f"{sum(valid(t) for t, _ in results)}/{len(results)}" if check else "n/a"
-        return name, speed, share
+    speed: dict[str, float] = {}
+    share: dict[str, str] = {}
+    per_round: dict[str, list[float]] = {}
+    for peer, results in runs.items():
+        if not results:
+            continue
+        per_round[peer] = [statistics.median(s for _, s in r if s > 0) for r in results]
+        speed[peer] = statistics.median(per_round[peer])
+        share[peer] = "n/a" if peer == "free" else f"{sum(valid(t) for t, _ in results[0])}/{len(results[0])}"
 
-    rows = [
-        row("(a) edge-agent, `json_schema` (grammar)", constrained, True),
-        row("(b) edge-agent, unconstrained", free, False),
-        row("(c) llama-cpp-python `create_chat_completion`, `json_object` + schema", peer, True),
-    ]
-    if server is not None:
-        rows.append(row("(d) `python -m llama_cpp.server` (TCP), the same `response_format`", server, True))
+    def goal(name: str, peer: str, target: str) -> list[str]:
+        return [f"| {name} | {speed['agent'] / speed[peer]:.2f}x | {target} |"] if peer in speed else []
+
     lines = [
         SECTION,
         "",
         f"SmolLM2-135M-Instruct Q4_1, {args.threads} threads, {args.prompts} extraction prompts (a person "
         "described in prose; schema: name, age 0-120, city, born as a date, 1-3 skills from an enum), "
-        "greedy, "
-        f"max {args.max_tokens} tokens, one request at a time; one run on 2 cores, load average at start "
-        f"{load:.2f}. Reproduce with `pip install -e '.[bench]'` (for (d)) then:",
+        f"greedy, max {args.max_tokens} tokens, one request at a time; {cpu_name()}, "
+        f"{os.cpu_count()} cores (shared), load average {load:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end, {(time.monotonic() - t0) / 60:.1f} minutes. (a) and (e) "
+        f"ran {args.rounds} alternating round(s) (figure: the median of the per-round medians; "
+        "validity: the first round), (b), (c) and (d) once. (e) is llama.cpp's own server built like "
+        "our llama-cpp-python (`bench/llama_server.py`; one slot of 2,048 tokens, defaults otherwise). "
+        "Reproduce with `pip install -e '.[bench]'` (for (d)) then:",
         "",
         "```",
-        "    python bench/structured_bench.py --write",
+        "    " + " ".join(["python bench/structured_bench.py", *sys.argv[1:]]).strip(),
         "```",
         "",
-        "| | generation tok/s (median) | answers that parse and validate |",
-        "|---|---|---|",
-        *[f"| {name} | {speed:.1f} | {share} |" for name, speed, share in rows],
+        "| | generation tok/s (median) | per round | answers that parse and validate |",
+        "|---|---|---|---|",
+        *[
+            f"| {LABELS[p]} | {speed[p]:.1f} | {', '.join(f'{v:.1f}' for v in per_round[p])} | {share[p]} |"
+            for p in PEERS
+            if p in speed
+        ],
         "",
         "Goals (ratios from this run):",
         "",
         "| goal | measured | target |",
         "|---|---|---|",
-        f"| constrained / unconstrained (a)/(b) | {rows[0][1] / rows[1][1]:.2f}x | >= 0.8x |",
-        f"| constrained / llama-cpp-python's schema path (a)/(c) | {rows[0][1] / rows[2][1]:.2f}x | >= 1x |",
+        *goal("constrained / unconstrained (a)/(b)", "free", ">= 0.8x"),
+        *goal(
+            "constrained / llama.cpp's `llama-server`, same `json_schema` (a)/(e)", "llama_server", ">= 1x"
+        ),
+        *goal("constrained / llama-cpp-python's schema path (a)/(c)", "llama_cpp", ">= 1x"),
+        *goal("constrained / `llama_cpp.server` (a)/(d)", "llama_cpp_server", ">= 1x"),
+        f"| valid answers (a) | {share['agent']} | 100 % |",
         *(
-            [f"| constrained / `llama_cpp.server` (a)/(d) | {rows[0][1] / rows[3][1]:.2f}x | >= 1x |"]
-            if server is not None
+            [f"| valid answers `llama-server` (e) | {share['llama_server']} | (peer) |"]
+            if "llama_server" in share
             else []
         ),
-        f"| valid answers (a) | {rows[0][2]} | 100 % |",
         "",
-        "(c) and (d) run llama-cpp-python's own JSON Schema converter and grammar ((d) counts streamed "
-        "pieces, one per token); its converter lets raw control "
-        "characters into strings and ignores numeric bounds (docs/api.md, Structured output), which the "
-        "validity column shows when a model strays.",
+        "Tokens/s count generated tokens after the first (the usage's `completion_tokens` where the "
+        "server streams it, else one streamed piece per token). (c) and (d) run llama-cpp-python's own "
+        "JSON Schema converter and grammar, (e) llama.cpp's C++ converter (`json_schema_to_grammar`); "
+        "llama-cpp-python's converter lets raw control characters into strings and ignores numeric "
+        "bounds (docs/api.md, Structured output), which the validity column shows when a model strays.",
     ]
     report(SECTION, "\n".join(lines), write=args.write)
 

@@ -43,12 +43,24 @@ def run(path: Path, engine_settings: dict[str, Any], prompt: str = PROMPT, n: in
 @pytest.mark.parametrize(
     ("engine_settings", "native"),
     [
-        pytest.param({}, ("f16", "f16", False), id="f16-default"),
+        # fast mode (the default): flash attention left to llama.cpp (None: "auto")
+        pytest.param({}, ("f16", "f16", None), id="f16-default-fast-mode"),
+        pytest.param({"batch_invariant": True}, ("f16", "f16", False), id="f16-batch-invariant"),
         pytest.param(
-            {"kv_cache_type_k": "bf16", "kv_cache_type_v": "bf16"}, ("bf16", "bf16", False), id="bf16"
+            {"kv_cache_type_k": "bf16", "kv_cache_type_v": "bf16", "batch_invariant": True},
+            ("bf16", "bf16", False),
+            id="bf16-batch-invariant",
         ),
-        pytest.param({"kv_cache_type_k": "q8_0"}, ("q8_0", "f16", False), id="q8_0-keys-batch-invariant"),
-        pytest.param({"kv_cache_type_k": "q4_0"}, ("q4_0", "f16", False), id="q4_0-keys-batch-invariant"),
+        pytest.param(
+            {"kv_cache_type_k": "q8_0", "batch_invariant": True},
+            ("q8_0", "f16", False),
+            id="q8_0-keys-batch-invariant",
+        ),
+        pytest.param(
+            {"kv_cache_type_k": "q4_0", "batch_invariant": True},
+            ("q4_0", "f16", False),
+            id="q4_0-keys-batch-invariant",
+        ),
         pytest.param(
             {"kv_cache_type_k": "q8_0", "kv_cache_type_v": "q8_0", "batch_invariant": False},
             ("q8_0", "q8_0", True),
