@@ -123,7 +123,7 @@ def test_the_pool_estimates_with_the_kv_types(
             id="unknown-v-type",
         ),
         pytest.param(
-            {"kv_cache_type_v": "q8_0"},
+            {"kv_cache_type_v": "q8_0", "batch_invariant": True},
             "engine.kv_cache_type_v = 'q8_0' needs flash attention, "
             "which engine.batch_invariant = true turns off",
             id="quantized-v-with-batch-invariance",
