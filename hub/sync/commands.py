@@ -101,6 +101,17 @@ def mqtt_config(args: argparse.Namespace) -> MqttConfig:
     )
 
 
+def add_worker_options(p: argparse.ArgumentParser, role: str) -> None:
+    """The options :func:`serve_config` reads beyond the broker's, repository and database: one
+    definition for ``edge-hub serve`` and the worker processes it spawns (``hub.sync.worker``)."""
+    p.add_argument("--role", choices=("all", "blobs"), default=role)
+    p.add_argument("--blob-workers", type=int, default=0, help="extra processes answering chunk requests")
+    p.add_argument("--timestamp-interval", type=float, default=6 * 3600.0, help="re-sign every N seconds")
+    p.add_argument(
+        "--rollout-interval", type=float, default=5.0, help="drive staged rollouts every N seconds"
+    )
+
+
 def serve_config(args: argparse.Namespace) -> Any:
     from hub.sync.serve import ServeConfig
 
@@ -383,12 +394,7 @@ def register(sub: Any) -> None:
     _repo_opts(p)
     _db_opt(p)
     add_broker_options(p)
-    p.add_argument("--role", choices=("all", "blobs"), default="all")
-    p.add_argument("--blob-workers", type=int, default=0, help="extra processes answering chunk requests")
-    p.add_argument("--timestamp-interval", type=float, default=6 * 3600.0, help="re-sign every N seconds")
-    p.add_argument(
-        "--rollout-interval", type=float, default=5.0, help="drive staged rollouts every N seconds"
-    )
+    add_worker_options(p, role="all")
     p.set_defaults(func=cmd_serve)
 
     from hub.rollout import commands as rollout_commands
@@ -452,4 +458,4 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_audit_query)
 
 
-__all__ = ["add_broker_options", "mqtt_config", "register", "serve_config", "shown"]
+__all__ = ["add_broker_options", "add_worker_options", "mqtt_config", "register", "serve_config", "shown"]

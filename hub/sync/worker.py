@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from hub.sync.commands import add_broker_options, serve_config
+from hub.sync.commands import add_broker_options, add_worker_options, serve_config
 from hub.sync.serve import HubServer
 
 
@@ -18,9 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     add_broker_options(parser)
     parser.add_argument("--repo", type=Path, required=True)
     parser.add_argument("--db", default=None, help="SQLite path or postgresql:// URL ($EDGE_HUB_DB)")
-    parser.add_argument("--role", choices=("all", "blobs"), default="blobs")
-    parser.add_argument("--blob-workers", type=int, default=0)
-    parser.add_argument("--timestamp-interval", type=float, default=6 * 3600.0)
+    add_worker_options(parser, role="blobs")
     parser.add_argument("--log-format", choices=("auto", "json", "console"), default="json")
     args = parser.parse_args(argv)
     from fleet import log as fleet_log

@@ -79,8 +79,8 @@ def test_fit_from_the_command_line(
     repo, db = hub
     if "tiny" not in boxes:  # the hub knows only the big box
         store = HubStore(db)
-        store._conn().execute("DELETE FROM devices WHERE device = 'tiny'")
-        store._conn().commit()
+        with store.db.tx() as tx:
+            tx.execute("DELETE FROM devices WHERE device = 'tiny'")
         store.close()
     before = current_deployment(Repository.open(repo), "edge")
     assert main(push(command, repo, db, *(["--force"] if force else []))) == code
@@ -129,8 +129,8 @@ def test_push_during_a_rollout(
     argv = push(command, repo, db, "--force")  # one flag: past the unfit tiny box and the rollout
     if not force:  # without it, only the rollout may refuse: the hub keeps only the box m 2 fits
         store = HubStore(db)
-        store._conn().execute("DELETE FROM devices WHERE device = 'tiny'")
-        store._conn().commit()
+        with store.db.tx() as tx:
+            tx.execute("DELETE FROM devices WHERE device = 'tiny'")
         store.close()
         argv = push(command, repo, db)
     assert main(argv) == code

@@ -96,6 +96,7 @@ def test_service_does_not_spin_on_past_times(
             _basis="B",
             _deferred=deferred,
             _in_use=in_use,
+            _window_wait=False,
             now=lambda: datetime.fromtimestamp(now, UTC),
         )
         assert SyncService._sleep_s(service) == pytest.approx(300.0)  # type: ignore[arg-type]
