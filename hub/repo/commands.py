@@ -16,6 +16,7 @@ from typing import Any
 from registry.exceptions import ManifestError
 from registry.files import read_bounded
 from registry.keys import passphrase_from_env
+from registry.metadata import Deployment
 from registry.repository import CONFIG_NAME, ROLES, RepoSettings, Repository
 
 
@@ -153,18 +154,22 @@ def cmd_policy_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_deployment_set(args: argparse.Namespace) -> int:
+def push_deployment(args: argparse.Namespace, command: str) -> tuple[Repository, Deployment] | None:
+    """Sign ``args.group``'s deployment with ``args.model`` (``deploy`` and ``deployment set``):
+    under the repository lock (not while ``edge-hub serve`` re-signs the timestamp or the rollout
+    controller signs a wave), after the fit check and the rollout guard: the repository and the
+    signed deployment, or None when either refused (they said why)."""
     from hub.fit.check import check_push
     from hub.rollout.guard import refuse_during_rollout
     from hub.sync.meta import repo_lock
     from registry.publish import set_deployment
 
-    with repo_lock(_repo_dir(args)):  # not while the rollout controller signs a wave
+    with repo_lock(_repo_dir(args)):
         repo = open_repo(args)
         if check_push(args, repo, args.group, args.model, args.model_version):
-            return 1
-        if refuse_during_rollout(args, args.group, args.model, "edge-hub deployment set"):
-            return 1
+            return None
+        if refuse_during_rollout(args, args.group, args.model, command):
+            return None
         dep = set_deployment(
             repo,
             args.group,
@@ -174,6 +179,14 @@ def cmd_deployment_set(args: argparse.Namespace) -> int:
             maintenance_window=args.window,
             mirrors=tuple(args.mirror) if args.mirror is not None else None,
         )
+    return repo, dep
+
+
+def cmd_deployment_set(args: argparse.Namespace) -> int:
+    pushed = push_deployment(args, "edge-hub deployment set")
+    if pushed is None:
+        return 1
+    _, dep = pushed
     print(dep.to_json().decode())
     return 0
 

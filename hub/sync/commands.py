@@ -215,27 +215,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from hub.fit.check import check_push
-    from hub.repo.commands import open_repo
-    from hub.rollout.guard import refuse_during_rollout
-    from hub.sync.meta import repo_lock
-    from registry.publish import set_deployment
+    from hub.repo.commands import push_deployment
 
-    with repo_lock(_repo_dir(args)):  # not while `edge-hub serve` re-signs the timestamp
-        repo = open_repo(args)
-        if check_push(args, repo, args.group, args.model, args.model_version):
-            return 1
-        if refuse_during_rollout(args, args.group, args.model, "edge-hub deploy"):
-            return 1
-        dep = set_deployment(
-            repo,
-            args.group,
-            args.model,
-            version=args.model_version,
-            pin=args.pin,
-            maintenance_window=args.window,
-            mirrors=tuple(args.mirror) if args.mirror is not None else None,
-        )
+    pushed = push_deployment(args, "edge-hub deploy")
+    if pushed is None:
+        return 1
+    repo, dep = pushed
     print(
         f"deployments/{dep.group}.json: {', '.join(m.model for m in dep.models)} "
         f"(targets v{repo.targets.signed.version})"
