@@ -117,7 +117,7 @@ class PromptCache:
         self._lock = threading.Lock()
         self._entries: dict[Path, CacheEntry] = {}
         self._queue: queue.Queue[tuple[tuple[int, ...], int, bytes] | None] = queue.Queue()
-        self._pending = 0
+        self._pending: list[tuple[int, ...]] = []  # queued, not yet written: count as held
         self.saved = 0
         self.loaded = 0
         self.rejected = 0
@@ -175,16 +175,24 @@ class PromptCache:
     def wants(self, tokens: Sequence[int]) -> bool:
         """Whether saving ``tokens`` adds at least ``min_tokens`` to the longest saved entry that
         is a prefix of them."""
-        if len(tokens) < self.min_tokens or self._pending >= MAX_PENDING_WRITES:
+        with self._lock:
+            pending = list(self._pending)
+        if len(tokens) < self.min_tokens or len(pending) >= MAX_PENDING_WRITES:
             return False
         found = self.best([*tokens, -1])
-        return len(tokens) - (found[1] if found else 0) >= self.min_tokens
+        held = found[1] if found else 0
+        for queued in pending:  # a save still being written holds its prefix already
+            n = len(queued)
+            if n > held and n <= len(tokens) and tuple(tokens[:n]) == queued:
+                held = n
+        return len(tokens) - held >= self.min_tokens
 
     def offer(self, tokens: Sequence[int], canonical: int, payload: bytes) -> None:
         """Queue a save (the writer thread writes it)."""
+        item = tuple(tokens)
         with self._lock:
-            self._pending += 1
-        self._queue.put((tuple(tokens), canonical, payload))
+            self._pending.append(item)
+        self._queue.put((item, canonical, payload))
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish queued writes and stop the writer."""
@@ -206,7 +214,7 @@ class PromptCache:
                 log.warning("prompt_cache_write_failed", error=str(exc))
             finally:
                 with self._lock:
-                    self._pending -= 1
+                    self._pending.remove(item[0])
 
     def _write(self, tokens: tuple[int, ...], canonical: int, payload: bytes) -> None:
         raw = struct.pack(f"<{len(tokens)}i", *tokens)

@@ -170,3 +170,18 @@ def test_header_round_trip(opened: Callable[..., PromptCache]) -> None:
         600,
         len(PAYLOAD),
     )
+
+
+def test_a_save_still_queued_counts_as_held(tmp_path: Path) -> None:
+    """A prefix offered but perhaps not yet written is not offered again one token longer (two
+    requests after the same system prompt finishing close together save it once)."""
+    cache = PromptCache(tmp_path, b"k" * 32, max_bytes=1 << 30, min_tokens=4)
+    try:
+        tokens = list(range(10))
+        assert cache.wants(tokens)
+        cache.offer(tokens, len(tokens), b"state")
+        assert not cache.wants([*tokens, 99])
+        assert cache.wants([*tokens, *range(100, 104)])
+    finally:
+        cache.close()
+    assert len(list(tmp_path.glob("*.kv"))) == 1
