@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,8 +324,11 @@ def llama_cpp_server(model: Path, threads: int, slots: int, ctx: int) -> Iterato
 
 
 @contextmanager
-def edge_agent(model: Path, threads: int, slots: int, ctx: int) -> Iterator[Server]:
-    """``edge-agent run`` serving ``model`` alone, ``slots`` slots of ``ctx`` tokens, defaults otherwise."""
+def edge_agent(
+    model: Path, threads: int, slots: int, ctx: int, extra: Sequence[str] = ()
+) -> Iterator[Server]:
+    """``edge-agent run`` serving ``model`` alone, ``slots`` slots of ``ctx`` tokens, defaults
+    otherwise; ``extra``: more ``EDGE_AGENT_...=VALUE`` settings (``--agent-env``)."""
     state = Path(tempfile.mkdtemp(prefix="edge-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     env |= {
@@ -339,6 +342,7 @@ def edge_agent(model: Path, threads: int, slots: int, ctx: int) -> Iterator[Serv
         "EDGE_AGENT_LOG__FORMAT": "json",
         "EDGE_AGENT_LOG__LEVEL": "warning",
     }
+    env |= dict(item.split("=", 1) for item in extra)
     sock = state / "run" / "edge-agent.sock"
     with run_process([sys.executable, "-m", "agent.cli", "run"], env, state / "daemon.log") as proc:
 
@@ -580,6 +584,13 @@ def parse_args() -> argparse.Namespace:
         default=list(ROWS),
         help=f"comma-separated rows out of {','.join(ROWS)} (default all)",
     )
+    ap.add_argument(
+        "--agent-env",
+        action="append",
+        default=[],
+        metavar="EDGE_AGENT_X=V",
+        help="a setting for edge-agent's daemon (repeatable), e.g. EDGE_AGENT_ENGINE__PROMPT_CACHE=false",
+    )
     ap.add_argument("--quick", action="store_true", help="one round, 2 single runs, 5 TTFT runs")
     ap.add_argument("--old-bar", action="store_true", help="also python -m llama_cpp.server, one round")
     ap.add_argument(
@@ -592,6 +603,9 @@ def parse_args() -> argparse.Namespace:
     extras = ("uvicorn", "fastapi", "sse_starlette", "starlette_context")
     if args.old_bar and not all(importlib.util.find_spec(m) for m in extras):
         ap.error("--old-bar runs python -m llama_cpp.server: pip install -e '.[bench]' first")
+    bad = [e for e in args.agent_env if not e.startswith("EDGE_AGENT_") or "=" not in e]
+    if bad:
+        ap.error(f"--agent-env takes EDGE_AGENT_NAME=VALUE, not {', '.join(bad)}")
     if args.quick:
         args.rounds, args.runs, args.ttft_runs = 1, 2, 5
     args.argv = sys.argv[1:]
@@ -610,7 +624,7 @@ def main() -> int:
     t_start, load_start = time.monotonic(), os.getloadavg()[0]
     print(f"model {args.model}, llama-server {binary}, load {load_start:.2f}", file=sys.stderr)
     servers: dict[str, Callable[..., Any]] = {
-        "edge-agent": edge_agent,
+        "edge-agent": lambda *a: edge_agent(*a, extra=args.agent_env),
         "llama-server": lambda *a: llama_server(binary, *a),
     }
     figs = {name: Figures() for name in PEERS}

@@ -98,7 +98,7 @@ class DecodeBackend(Protocol):
         """Make ``dst`` hold the first ``n`` cells of ``src`` (nothing else); False on failure."""
         ...
 
-    def seq_state(self, seq: int) -> bytes | None:
+    def seq_state(self, seq: int) -> bytes | bytearray | None:
         """The sequence's KV state (``llama_state_seq_get_data``); None if it cannot be read."""
         ...
 
@@ -257,8 +257,13 @@ class BatchRunner:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._intake and not self._closing and not self._has_work():
-                    self._cv.wait()
+                if not self._intake and not self._closing and not self._has_work():
+                    if self._disk is not None:
+                        self._disk.set_busy(False)  # queued prompt-cache saves are written now
+                    while not self._intake and not self._closing and not self._has_work():
+                        self._cv.wait()
+                    if self._disk is not None:
+                        self._disk.set_busy(True)
                 if self._closing:
                     break
                 while self._intake:

@@ -584,15 +584,22 @@ class NativeContext:
         lib.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
         return bool(lib.llama_memory_seq_rm(self._mem, dst, n, -1))
 
-    def seq_state(self, seq: int) -> bytes | None:
-        """The sequence's cells as llama.cpp serialises them (``llama_state_seq_get_data``)."""
+    def seq_state(self, seq: int) -> bytearray | None:
+        """The sequence's cells as llama.cpp serialises them (``llama_state_seq_get_data``),
+        written straight into the returned buffer (one copy: this runs on the decode thread)."""
         lib = self._lib
         size = int(lib.llama_state_seq_get_size(self._ctx, seq))
         if size <= 0:
             return None
-        buf = (ctypes.c_uint8 * size)()
-        n = int(lib.llama_state_seq_get_data(self._ctx, buf, size, seq))
-        return bytes(memoryview(buf)[:n]) if n > 0 else None
+        buf = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(buf)
+        n = int(lib.llama_state_seq_get_data(self._ctx, view, size, seq))
+        del view  # the buffer may be resized only once nothing exports it
+        if n <= 0:
+            return None
+        if n < size:
+            del buf[n:]
+        return buf
 
     def set_seq_state(self, seq: int, data: bytes) -> bool:
         """Load ``data`` (from :meth:`seq_state` of a context with the same settings) into ``seq``."""

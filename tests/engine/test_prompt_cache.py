@@ -185,3 +185,21 @@ def test_a_save_still_queued_counts_as_held(tmp_path: Path) -> None:
     finally:
         cache.close()
     assert len(list(tmp_path.glob("*.kv"))) == 1
+
+
+def test_saves_wait_for_an_idle_engine(tmp_path: Path) -> None:
+    """While the engine has work the writer holds a queued save (its hashing and fsync would
+    slow the decode); the next idle moment writes it."""
+    cache = PromptCache(tmp_path, b"k" * 32, max_bytes=1 << 30, min_tokens=4)
+    try:
+        cache.set_busy(True)
+        cache.offer(list(range(10)), 10, bytearray(b"state"))
+        time.sleep(0.3)
+        assert list(tmp_path.glob("*.kv")) == [] and not cache.wants(list(range(11)))
+        cache.set_busy(False)
+        deadline = time.monotonic() + 10
+        while cache.saved == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache.saved == 1 and len(list(tmp_path.glob("*.kv"))) == 1
+    finally:
+        cache.close()
