@@ -295,11 +295,16 @@ def tcp_client(port: int) -> Callable[[], httpx.Client]:
 
 
 @contextmanager
-def llama_server(binary: Path, model: Path, threads: int, slots: int, ctx: int) -> Iterator[Server]:
-    """``llama-server -t T -np N -c N*ctx`` (N slots of ``ctx`` tokens), defaults otherwise."""
+def llama_server(
+    binary: Path, model: Path, threads: int, slots: int, ctx: int, kv_type: str = "f16"
+) -> Iterator[Server]:
+    """``llama-server -t T -np N -c N*ctx`` (N slots of ``ctx`` tokens), defaults otherwise; a
+    quantized ``kv_type`` adds ``-ctk T -ctv T -fa on`` (a quantized V cache needs flash attention)."""
     port = free_port()
     cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
            "-np", str(slots), "-c", str(slots * ctx), "--no-webui"]  # fmt: skip
+    if kv_type != "f16":
+        cmd += ["-ctk", kv_type, "-ctv", kv_type, "-fa", "on"]
     log = Path(tempfile.mkdtemp(prefix="llama-server-")) / "server.log"
     with run_process(cmd, None, log) as proc:
         make = tcp_client(port)
@@ -496,10 +501,21 @@ def cell(fig: Figures, metric: str, unit: str) -> str:
     return text
 
 
+def section(args: argparse.Namespace) -> str:
+    """The doc section of this run: one for the default KV cache, one per quantized type."""
+    return SECTION if args.kv_type == "f16" else f"{SECTION}, KV cache {args.kv_type}"
+
+
 def render(args: argparse.Namespace, figs: dict[str, Figures], meta: dict[str, str]) -> str:
     ea, ls = figs["edge-agent"], figs["llama-server"]
+    kv = (
+        f" KV cache `{args.kv_type}` for keys and values on both (edge-agent `kv_cache_type_k/v`, "
+        f"llama-server `-ctk {args.kv_type} -ctv {args.kv_type} -fa on`)."
+        if args.kv_type != "f16"
+        else ""
+    )
     lines = [
-        SECTION,
+        section(args),
         "",
         f"{meta['cpu']}, {os.cpu_count()} cores (shared), Gemma 3 270M Q4_K_M, {args.threads} threads, "
         f"{args.tokens}-token streaming completions (end-of-generation banned). edge-agent "
@@ -510,7 +526,7 @@ def render(args: argparse.Namespace, figs: dict[str, Figures], meta: dict[str, s
         f"`-t {args.threads} -np {args.slots} -c {args.slots * args.ctx}`; the 16-stream row restarts "
         f"both with 16 slots (`-np 16 -c {16 * args.ctx}`). Medians of {args.rounds} alternating "
         f"round(s); load average {meta['load_start']} at the start, {meta['load_end']} at the end; "
-        f"{meta['minutes']} minutes. Reproduce with:",
+        f"{meta['minutes']} minutes.{kv} Reproduce with:",
         "",
         "```",
         "    " + " ".join(["python bench/engine_bench.py", *args.argv]).strip(),
@@ -591,6 +607,12 @@ def parse_args() -> argparse.Namespace:
         metavar="EDGE_AGENT_X=V",
         help="a setting for edge-agent's daemon (repeatable), e.g. EDGE_AGENT_ENGINE__PROMPT_CACHE=false",
     )
+    ap.add_argument(
+        "--kv-type",
+        choices=["f16", "q8_0", "q4_0"],
+        default="f16",
+        help="KV cache type for keys and values of both servers (its own section of the doc)",
+    )
     ap.add_argument("--quick", action="store_true", help="one round, 2 single runs, 5 TTFT runs")
     ap.add_argument("--old-bar", action="store_true", help="also python -m llama_cpp.server, one round")
     ap.add_argument(
@@ -603,6 +625,11 @@ def parse_args() -> argparse.Namespace:
     extras = ("uvicorn", "fastapi", "sse_starlette", "starlette_context")
     if args.old_bar and not all(importlib.util.find_spec(m) for m in extras):
         ap.error("--old-bar runs python -m llama_cpp.server: pip install -e '.[bench]' first")
+    if args.kv_type != "f16":
+        args.agent_env += [
+            f"EDGE_AGENT_ENGINE__KV_CACHE_TYPE_K={args.kv_type}",
+            f"EDGE_AGENT_ENGINE__KV_CACHE_TYPE_V={args.kv_type}",
+        ]
     bad = [e for e in args.agent_env if not e.startswith("EDGE_AGENT_") or "=" not in e]
     if bad:
         ap.error(f"--agent-env takes EDGE_AGENT_NAME=VALUE, not {', '.join(bad)}")
@@ -625,7 +652,7 @@ def main() -> int:
     print(f"model {args.model}, llama-server {binary}, load {load_start:.2f}", file=sys.stderr)
     servers: dict[str, Callable[..., Any]] = {
         "edge-agent": lambda *a: edge_agent(*a, extra=args.agent_env),
-        "llama-server": lambda *a: llama_server(binary, *a),
+        "llama-server": lambda *a: llama_server(binary, *a, kv_type=args.kv_type),
     }
     figs = {name: Figures() for name in PEERS}
     texts = Texts(args.model)
@@ -657,7 +684,7 @@ def main() -> int:
         "load_end": f"{os.getloadavg()[0]:.2f}",
         "minutes": f"{(time.monotonic() - t_start) / 60:.1f}",
     }
-    report(SECTION, render(args, figs, meta), write=args.write)
+    report(section(args), render(args, figs, meta), write=args.write)
     return 0
 
 
