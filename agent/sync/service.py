@@ -408,12 +408,18 @@ class SyncService:
         return out
 
     def _serving(self, installed: Mapping[tuple[str, str], ModelInfo]) -> dict[str, str]:
-        by_path = {str(info.path): key for key, info in installed.items()}
+        """model -> the installed version the pool serves, found by the served file. Versions
+        that share one file (the same weights published again) are told apart by the version this
+        service activated last (``serving_versions``); without one, the last such version."""
+        by_path: dict[str, list[str]] = {}
+        for (model, version), info in installed.items():
+            by_path.setdefault(f"{model}\0{info.path}", []).append(version)
         serving: dict[str, str] = {}
         for info in self.pool.models():
-            key = by_path.get(str(info.path))
-            if key is not None and key[0] == info.id:
-                serving[info.id] = key[1]
+            versions = by_path.get(f"{info.id}\0{info.path}")
+            if versions:
+                active = self.serving_versions.get(info.id)
+                serving[info.id] = active if active in versions else versions[-1]
         return serving
 
     async def reconcile(self) -> None:
