@@ -189,6 +189,9 @@ async def status(f: Fleet) -> dict[str, Any]:
     return view
 
 
+ROLLED_BACK = ["created", "started", "aborted", "rolling_back", "rolled_back"]
+
+
 @pytest.mark.parametrize(
     ("case", "final", "decisions"),
     [
@@ -198,19 +201,15 @@ async def status(f: Fleet) -> dict[str, Any]:
             ["created", "started", "wave_advanced", "completed"],
             id="healthy-same-weights-republished-waves-complete",
         ),
-        pytest.param(
-            "smoke-fails",
-            "rolled_back",
-            ["created", "started", "aborted", "rolling_back", "rolled_back"],
-            id="smoke-fails-first-wave-rolls-back",
-        ),
+        pytest.param("smoke-fails", "rolled_back", ROLLED_BACK, id="smoke-fails-first-wave-rolls-back"),
+        pytest.param("abort", "rolled_back", ROLLED_BACK, id="operator-abort-mid-wave-rolls-back"),
     ],
 )
 async def test_rollout_with_real_engines(
     broker: Broker, tmp_path: Path, gemma_path: Path, case: str, final: str, decisions: list[str]
 ) -> None:
     def v2(tmp: Path) -> Path:
-        if case == "healthy":
+        if case != "smoke-fails":
             return gemma_path  # the same weights, republished as version 2
         silent = tmp / "silent.gguf"
         make_silent_model(gemma_path, silent)  # loads, but its smoke test produces nothing
@@ -218,13 +217,20 @@ async def test_rollout_with_real_engines(
 
     async with fleet(broker, tmp_path, gemma_path, v2) as f, traffic(f):
         # The previous version's numbers, measured by the boxes' own APIs, reach the hub first.
-        await wait_for(lambda: all(b.health("1").get("samples", 0) >= 4 for b in f.boxes.values()), 120, "v1")
+        await wait_for(lambda: all(b.health("1").get("samples", 0) >= 8 for b in f.boxes.values()), 120, "v1")
+        soak = ["--min-samples", "100000"] if case == "abort" else []  # wave 1 soaks until the abort
         code, out, err = await edge_hub(
             f, "rollout", "start", "--group", "edge", "--model", MODEL, "--version", "2",
-            "--waves", "1,all", *CRITERIA,
+            "--waves", "1,all", *CRITERIA, *soak,
         )  # fmt: skip
         assert code == 0, err
         assert "1 -> 2 in 2 waves" in out, out
+        if case == "abort":  # the operator sees wave 1 serve the new version, then aborts
+            first = (await status(f))["wave_list"][0]["devices"][0]["device"]
+            moved = f.boxes[first]
+            await wait_for(lambda: moved.health("2").get("samples", 0) >= 2, 120, "wave 1 serving 2")
+            code, out, err = await edge_hub(f, "rollout", "abort", "--group", "edge", "--reason", "by hand")
+            assert code == 0 and "aborted" in out, (code, out, err)
         try:
             await wait_for(lambda: f.rollout_state() == final, 120, f"rollout {final}")
         finally:
@@ -243,7 +249,14 @@ async def test_rollout_with_real_engines(
         # every wave's decision says what it measured, on real numbers from the boxes
         advanced = next(h["detail"] for h in view["history"] if h["decision"] == "wave_advanced")
         assert "tokens/s" in advanced and "not enough samples" not in advanced, advanced
-        assert view["baseline"]["samples"] >= 4, view["baseline"]
+        assert view["baseline"]["samples"] >= 8, view["baseline"]
+    elif case == "abort":
+        assert a.health("2")["activation"] == "passed" and a.health("2")["requests"] > 0, a.health("2")
+        assert a.sync.serving_versions[MODEL] == "1"  # switched back to the previous version
+        assert b.health("2") == {}  # the later wave's box never served version 2
+        assert b.sync.serving_versions[MODEL] == "1"
+        aborted = next(h["detail"] for h in view["history"] if h["decision"] == "aborted")
+        assert aborted == "by the operator: by hand", aborted
     else:
         assert a.health("2")["activation"] == "smoke_test_failed", a.health("2")
         assert a.sync.serving_versions[MODEL] == "1"
