@@ -179,6 +179,9 @@ class MqttClient:
         """Messages acknowledged after their handlers (``ack="handled"``)."""
         self.acks_stale = 0
         """Deferred acks dropped because the connection they belonged to was gone."""
+        self.unrouted = 0
+        """Messages that matched no subscription (a resumed session delivers what the broker kept
+        right after CONNACK: call :meth:`subscribe` before :meth:`start` so it finds its handler)."""
 
     # --- construction --------------------------------------------------------------------------
 
@@ -297,8 +300,10 @@ class MqttClient:
 
     def _dispatch(self, msg: Incoming, token: _AckToken | None = None) -> None:
         deferred: list[Awaitable[None]] = []
+        routed = False
         for sub in list(self._subs.values()):
             if paho.topic_matches_sub(_strip_share(sub.topic_filter), msg.topic):
+                routed = True
                 try:
                     result = sub.handler(msg)
                 except Exception as exc:
@@ -313,6 +318,9 @@ class MqttClient:
                 task = self._loop.create_task(_guard(result, msg.topic))
                 _TASKS.add(task)
                 task.add_done_callback(_TASKS.discard)
+        if not routed:  # e.g. a resumed session's message before its subscribe() was called
+            self.unrouted += 1
+            log.warning("mqtt_message_unrouted", topic=msg.topic, client_id=self.config.client_id)
         if token is None:
             return
         if not deferred:
@@ -357,7 +365,12 @@ class MqttClient:
     # --- supervisor ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start connecting in the background; returns at once (the agent serves offline too)."""
+        """Start connecting in the background; returns at once (the agent serves offline too).
+
+        Subscriptions made before this are in place before any message is dispatched; with a
+        persistent session the broker sends what it kept right after CONNACK, so a client that
+        resumes one subscribes first (a message matching no subscription is acknowledged, counted
+        in :attr:`unrouted` and logged)."""
         self._loop = asyncio.get_running_loop()
         if not self._started:
             self._started = True

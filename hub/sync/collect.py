@@ -76,6 +76,9 @@ STORE_RETRY_S = 5.0
 un-acknowledged to the broker meanwhile); each attempt may itself wait for a pooled connection
 (:class:`~hub.sync.db.PostgresDatabase`'s ``acquire_timeout_s``)."""
 
+ANSWER_WAIT_S = 10.0
+"""How long an answer (audit ack, event ack) waits for the connection before it is given up."""
+
 RETRY_AFTER_S = 2.0
 """The ``retry_after`` of a ``retry`` audit ack."""
 
@@ -98,6 +101,8 @@ class Collector:
         self._acks: defaultdict[str, list[str]] = defaultdict(list)
         self._ack_tasks: dict[str, asyncio.Task[None]] = {}
         self.batches = 0
+        self.store_failures = 0
+        """Store attempts that found the database unavailable (each one retried or answered)."""
         self.retries_answered = 0
         """Audit batches answered ``retry`` (their database was unavailable)."""
         self.store_retry_s = STORE_RETRY_S
@@ -140,9 +145,16 @@ class Collector:
                 ack = AuditAck(-1, Status.BAD_REQUEST.value, str(exc)[:500])
             self.batches += 1
             try:
-                await self.client.publish(Outgoing(device_topic(device, "audit/ack"), ack.encode(), qos=1))
+                await self._answer(Outgoing(device_topic(device, "audit/ack"), ack.encode(), qos=1))
             except MqttError as exc:
                 log.info("audit_ack_failed", device=device, error=str(exc))
+
+    async def _answer(self, msg: Outgoing) -> None:
+        """Publish an answer, waiting up to :data:`ANSWER_WAIT_S` for the connection first: a
+        resumed session's messages are dispatched right after CONNACK, before the client reports
+        itself connected (its subscriptions renewed), and their answers must not be lost then."""
+        await self.client.wait_connected(ANSWER_WAIT_S)
+        await self.client.publish(msg)
 
     async def _with_retry(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in a thread, again while it raises :class:`DatabaseUnavailable`, for up to
@@ -154,6 +166,7 @@ class Collector:
             try:
                 return await asyncio.to_thread(fn, *args)
             except DatabaseUnavailable as exc:
+                self.store_failures += 1
                 left = deadline - loop.time()
                 if left <= 0:
                     raise
@@ -225,7 +238,7 @@ class Collector:
                 del self._acks[device][: len(ids)]
                 try:
                     ack = Outgoing(device_topic(device, "events/ack"), EventAck(tuple(ids)).encode(), qos=1)
-                    await self.client.publish(ack)
+                    await self._answer(ack)
                 except MqttError as exc:  # the device re-sends, the hub stores once and acks again
                     log.info("event_ack_failed", device=device, error=str(exc))
         finally:
