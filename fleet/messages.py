@@ -63,6 +63,9 @@ class Status(enum.StrEnum):
     """The hub has no audit key registered for the device (``edge-hub device register``)."""
     UNSIGNED = "unsigned"
     """An audit batch without a valid checkpoint at its last record, by the registered key."""
+    RETRY = "retry"
+    """The hub could not store an audit batch now (its database is unavailable): send again from
+    the acknowledged mark after the ack's ``retry_after`` seconds. Acknowledges nothing."""
     POLICY_APPLIED = "policy_applied"
     POLICY_REFUSED = "policy_refused"
     UNLOADED = "unloaded"
@@ -353,25 +356,49 @@ class AuditBatch:
 class AuditAck:
     """The hub holds every record of the device up to ``up_to_seq`` (contiguously from the first).
 
-    ``status`` is ``ok``, or ``chain_broken`` with ``detail`` when a stored record does not chain.
+    ``status`` is ``ok``, or ``chain_broken`` with ``detail`` when a stored record does not chain,
+    or ``retry``: the hub could not store the batch now and asks for it again after
+    ``retry_after`` seconds (present with ``retry`` only, ``0 < retry_after <= MAX_RETRY_AFTER_S``;
+    ``up_to_seq`` is then -1 and means nothing). An agent older than ``retry`` refuses the unknown
+    field as malformed and falls back to its ack timeout.
     """
 
     up_to_seq: int
     status: str = Status.OK.value
     detail: str = ""
+    retry_after: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.status == Status.RETRY.value) != (self.retry_after is not None):
+            raise ProtocolError("audit ack: retry_after comes with status retry, and only with it")
+        if self.retry_after is not None and not 0 < self.retry_after <= MAX_RETRY_AFTER_S:
+            raise ProtocolError(f"audit ack: retry_after must be in (0, {MAX_RETRY_AFTER_S:g}] seconds")
 
     def encode(self) -> bytes:
-        return _dumps(asdict(self))
+        data: dict[str, Any] = {"detail": self.detail, "status": self.status, "up_to_seq": self.up_to_seq}
+        if self.retry_after is not None:
+            data["retry_after"] = self.retry_after
+        return _dumps(data)
 
     @classmethod
     def decode(cls, raw: bytes) -> AuditAck:
         data = _loads(raw, "audit ack")
-        _fields(data, "audit ack", {"up_to_seq"}, {"status", "detail"})
+        _fields(data, "audit ack", {"up_to_seq"}, {"status", "detail", "retry_after"})
+        retry_after = data.get("retry_after")
+        if retry_after is not None and (
+            not isinstance(retry_after, int | float) or isinstance(retry_after, bool)
+        ):
+            raise ProtocolError("audit ack: retry_after must be a number of seconds")
         return cls(
             _int(data, "up_to_seq", "audit ack", lo=-1),
             _str(data, "status", "audit ack") if "status" in data else Status.OK.value,
             _str(data, "detail", "audit ack", 2000) if "detail" in data else "",
+            float(retry_after) if retry_after is not None else None,
         )
+
+
+MAX_RETRY_AFTER_S = 300.0
+"""The longest wait a ``retry`` audit ack may ask for."""
 
 
 MAX_ACK_IDS = 500
@@ -622,6 +649,7 @@ __all__ = [
     "Event",
     "EventAck",
     "MAX_ACK_IDS",
+    "MAX_RETRY_AFTER_S",
     "Incoming",
     "MetaIndex",
     "Outgoing",

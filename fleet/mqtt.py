@@ -24,6 +24,17 @@ Invariants:
   request published as soon as the client reports "connected" cannot miss its reply.
 - Handlers are called on the loop in arrival order; an exception in one is logged, never kills the
   network thread.
+- A QoS 1 message is acknowledged to the broker (PUBACK) exactly once per delivery. By default
+  (``subscribe(..., ack="received")``) that is as soon as it arrives, before any handler runs (the
+  behaviour of paho's automatic acks). A subscription made with ``ack="handled"`` defers it: a
+  message matching such a subscription is acknowledged only when every matching handler has
+  returned (an async handler: its coroutine finished) or raised (logged: a message whose handler
+  fails is not held, since an un-acked message occupies one of the broker's in-flight slots for
+  this client until it reconnects). If the process dies first, the broker still holds the message
+  and delivers it again when the same session (client id) reconnects. A deferred ack is sent only
+  on the connection the message arrived on (:attr:`MqttClient.acks_stale` counts those dropped):
+  after a reconnect the broker re-sends un-acked messages itself, and an old message id on a new
+  connection could name another message.
 - The client certificate's private key is loaded only from a regular file that neither group nor
   others may read or write (:func:`check_private_key`, :class:`~fleet.errors.InsecureKeyFile`
   otherwise), the rule the hub applies to its signing keys.
@@ -37,10 +48,11 @@ import os
 import random
 import ssl
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -63,6 +75,11 @@ from fleet.messages import Incoming, Outgoing
 log = get_logger(__name__)
 
 Handler = Callable[[Incoming], Awaitable[None] | None]
+
+AckMode = Literal["received", "handled"]
+"""When a subscription's QoS 1 messages are acknowledged to the broker: ``received`` (on arrival,
+the default) or ``handled`` (after the handler finished; module docstring)."""
+ACK_MODES: tuple[str, ...] = ("received", "handled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +130,16 @@ class _Subscription:
     qos: int
     handler: Handler
     no_local: bool = False
+    ack: AckMode = "received"
+
+
+@dataclass(frozen=True, slots=True)
+class _AckToken:
+    """A received QoS >= 1 message whose PUBACK waits for its handlers."""
+
+    mid: int
+    qos: int
+    generation: int
 
 
 @dataclass
@@ -141,6 +168,20 @@ class MqttClient:
         self.connects = 0
         """How many times a connection was accepted (tests and metrics)."""
         self.last_error: str | None = None
+        self._handled_filters: tuple[str, ...] = ()
+        """Filters (``$share/`` stripped) of the ``ack="handled"`` subscriptions; replaced whole on
+        the loop, read on the network thread."""
+        self._ack_lock = threading.Lock()
+        self._generation = 0
+        """Bumped on every connect and disconnect (network thread, under ``_ack_lock``)."""
+        self._handling: set[asyncio.Task[None]] = set()
+        self.acks_deferred = 0
+        """Messages acknowledged after their handlers (``ack="handled"``)."""
+        self.acks_stale = 0
+        """Deferred acks dropped because the connection they belonged to was gone."""
+        self.unrouted = 0
+        """Messages that matched no subscription (a resumed session delivers what the broker kept
+        right after CONNACK: call :meth:`subscribe` before :meth:`start` so it finds its handler)."""
 
     # --- construction --------------------------------------------------------------------------
 
@@ -151,6 +192,7 @@ class MqttClient:
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=c.client_id,
             protocol=paho.MQTTv5,
+            manual_ack=True,  # _cb_message acks at once unless an ack="handled" subscription matches
         )
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(c.ca_file))
         ctx.load_cert_chain(str(c.cert_file), str(c.key_file))
@@ -178,12 +220,16 @@ class MqttClient:
                 loop.call_soon_threadsafe(fn, *args)
 
     def _cb_connect(self, _c: Any, _u: Any, flags: Any, rc: Any, _props: Any) -> None:
+        with self._ack_lock:
+            self._generation += 1
         if _reason_value(rc) < 0x80:
             self._attempt = 0
         self._schedule_backoff()
         self._post(self._on_connected, _reason_value(rc), bool(getattr(flags, "session_present", False)))
 
     def _cb_disconnect(self, _c: Any, _u: Any, _flags: Any, rc: Any, _props: Any) -> None:
+        with self._ack_lock:  # acks of messages from the lost connection are not sent any more
+            self._generation += 1
         self._post(self._on_disconnected, _reason_value(rc))
 
     def _cb_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
@@ -197,7 +243,13 @@ class MqttClient:
             correlation=getattr(props, "CorrelationData", None),
             user=_user_props(props),
         )
-        self._post(self._dispatch, incoming)
+        token: _AckToken | None = None
+        if msg.qos > 0:
+            if any(paho.topic_matches_sub(f, msg.topic) for f in self._handled_filters):
+                token = _AckToken(int(msg.mid), int(msg.qos), self._generation)
+            else:
+                self._client.ack(msg.mid, msg.qos)
+        self._post(self._dispatch, incoming, token)
 
     def _cb_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _props: Any) -> None:
         self._post(self._on_puback, mid, _reason_value(rc))
@@ -246,19 +298,55 @@ class MqttClient:
         if was:
             log.info("mqtt_disconnected", client_id=self.config.client_id, reason_code=rc)
 
-    def _dispatch(self, msg: Incoming) -> None:
+    def _dispatch(self, msg: Incoming, token: _AckToken | None = None) -> None:
+        deferred: list[Awaitable[None]] = []
+        routed = False
         for sub in list(self._subs.values()):
             if paho.topic_matches_sub(_strip_share(sub.topic_filter), msg.topic):
+                routed = True
                 try:
                     result = sub.handler(msg)
                 except Exception as exc:
                     log.warning("mqtt_handler_failed", topic=msg.topic, error=repr(exc))
                     continue
-                if result is not None:
-                    assert self._loop is not None
-                    task = self._loop.create_task(_guard(result, msg.topic))
-                    _TASKS.add(task)
-                    task.add_done_callback(_TASKS.discard)
+                if result is None:
+                    continue
+                if token is not None and sub.ack == "handled":
+                    deferred.append(result)
+                    continue
+                assert self._loop is not None
+                task = self._loop.create_task(_guard(result, msg.topic))
+                _TASKS.add(task)
+                task.add_done_callback(_TASKS.discard)
+        if not routed:  # e.g. a resumed session's message before its subscribe() was called
+            self.unrouted += 1
+            log.warning("mqtt_message_unrouted", topic=msg.topic, client_id=self.config.client_id)
+        if token is None:
+            return
+        if not deferred:
+            self._ack(token)
+            return
+        assert self._loop is not None
+        handling = self._loop.create_task(self._handle_then_ack(deferred, msg.topic, token))
+        self._handling.add(handling)
+        handling.add_done_callback(self._handling.discard)
+
+    async def _handle_then_ack(self, results: list[Awaitable[None]], topic: str, token: _AckToken) -> None:
+        try:
+            for result in results:
+                await _guard(result, topic)
+        finally:
+            self._ack(token)
+
+    def _ack(self, token: _AckToken) -> None:
+        """PUBACK a deferred message, only on the connection it arrived on (module docstring)."""
+        with self._ack_lock:
+            if token.generation == self._generation:
+                self._client.ack(token.mid, token.qos)
+                self.acks_deferred += 1
+                return
+        self.acks_stale += 1
+        log.info("mqtt_ack_stale", mid=token.mid, client_id=self.config.client_id)
 
     def _on_puback(self, mid: int, rc: int) -> None:
         fut = self._waiters.publish.pop(mid, None)
@@ -277,7 +365,12 @@ class MqttClient:
     # --- supervisor ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start connecting in the background; returns at once (the agent serves offline too)."""
+        """Start connecting in the background; returns at once (the agent serves offline too).
+
+        Subscriptions made before this are in place before any message is dispatched; with a
+        persistent session the broker sends what it kept right after CONNACK, so a client that
+        resumes one subscribes first (a message matching no subscription is acknowledged, counted
+        in :attr:`unrouted` and logged)."""
         self._loop = asyncio.get_running_loop()
         if not self._started:
             self._started = True
@@ -405,20 +498,40 @@ class MqttClient:
             waiting.pop(mid, None)
 
     async def subscribe(
-        self, topic_filter: str, handler: Handler, *, qos: int = 1, timeout: float | None = None
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        qos: int = 1,
+        timeout: float | None = None,
+        ack: AckMode = "received",
     ) -> None:
         """Subscribe (now if connected, and again after every reconnect) and route matches to handler.
 
-        Raises :class:`SubscribeRefused` when the broker refuses the filter.
+        ``ack`` says when a QoS 1 message is acknowledged to the broker: ``"received"`` on arrival
+        (at most once through this client if the process dies while handling it), ``"handled"``
+        once the handler has finished (the broker delivers it again after a crash; a handler that
+        holds a message also holds one of the broker's in-flight slots for this client, module
+        docstring). Raises :class:`SubscribeRefused` when the broker refuses the filter,
+        ValueError for an unknown ``ack``.
         """
-        sub = _Subscription(topic_filter, qos, handler)
+        if ack not in ACK_MODES:
+            raise ValueError(f"subscribe: ack must be one of {', '.join(ACK_MODES)}, not {ack!r}")
+        sub = _Subscription(topic_filter, qos, handler, ack=ack)
         self._subs[topic_filter] = sub
+        self._update_handled_filters()
         if self._connected.is_set():
             try:
                 await self._subscribe_now(sub, timeout)
             except SubscribeRefused:
                 self._subs.pop(topic_filter, None)
+                self._update_handled_filters()
                 raise
+
+    def _update_handled_filters(self) -> None:
+        self._handled_filters = tuple(
+            _strip_share(s.topic_filter) for s in self._subs.values() if s.ack == "handled"
+        )
 
     async def _subscribe_now(self, sub: _Subscription, timeout: float | None = None) -> None:
         timeout = self.config.ack_timeout_s if timeout is None else timeout
@@ -435,6 +548,7 @@ class MqttClient:
 
     async def unsubscribe(self, topic_filter: str, *, timeout: float | None = None) -> None:
         self._subs.pop(topic_filter, None)
+        self._update_handled_filters()
         if not self._connected.is_set():
             return
         timeout = self.config.ack_timeout_s if timeout is None else timeout
@@ -450,6 +564,9 @@ class MqttClient:
         session expiry 0): a hub worker that leaves must not keep receiving its share of requests.
         """
         self._closing = True
+        if self._handling and self._connected.is_set():
+            # messages being handled are acknowledged before the session may end
+            await asyncio.wait(set(self._handling), timeout=timeout)
         if self._connected.is_set():
             props = None
             if end_session and self.config.session_expiry_s:
@@ -508,4 +625,12 @@ def check_private_key(path: Path) -> None:
         )
 
 
-__all__ = ["Handler", "MqttClient", "MqttConfig", "backoff_delay", "check_private_key"]
+__all__ = [
+    "ACK_MODES",
+    "AckMode",
+    "Handler",
+    "MqttClient",
+    "MqttConfig",
+    "backoff_delay",
+    "check_private_key",
+]

@@ -13,6 +13,10 @@ Invariants:
   records are in flight, and (4) its ``up_to_seq`` lies within the records in flight
   (``lo - 1 <= up_to_seq <= hi``). Anything else is ignored and counted (``acks_ignored``): a
   forged ``{"up_to_seq": 999999999, "status": "ok"}`` cannot discard a single record.
+- An ack with status ``retry`` (the hub could not store a batch now: its database is unavailable)
+  marks nothing either and is no refusal: when records are in flight (and it is not retained) the
+  round ends and upload starts again from the uploaded mark after its ``retry_after`` (at most
+  ``ack_timeout_s``), instead of after the ack timeout (counted in ``retries``).
 - An ack with any other status (``chain_broken``, ``bad_request``) marks nothing: the records stay,
   the problem is reported once through ``on_problem`` (an event to the hub, kind ``audit``) and the
   upload pauses for ``problem_retry_s`` before trying again (the hub may have been repaired).
@@ -65,6 +69,14 @@ class AuditRefused(SyncError):
         self.detail = detail
 
 
+class AuditRetry(SyncError):
+    """The hub asked for the batches again after ``retry_after`` seconds (status ``retry``)."""
+
+    def __init__(self, retry_after: float, detail: str) -> None:
+        super().__init__(f"the hub asks to send again in {retry_after:g}s: {detail}".strip())
+        self.retry_after = retry_after
+
+
 class AuditUploader:
     """Sends the audit backlog whenever connected; :meth:`kick` after new records."""
 
@@ -98,8 +110,13 @@ class AuditUploader:
         self.last_status: str = Status.OK.value
         self.uploaded_records = 0
         self.acks_ignored = 0
+        self.timeouts = 0
+        """Rounds that ended without an ack in ``ack_timeout_s`` (the rest is sent again)."""
+        self.retries = 0
+        """Rounds ended by a ``retry`` ack (sent again after its ``retry_after``)."""
         self._in_flight: tuple[int, int] | None = None
         self._problem: AuditAck | None = None
+        self._retry: AuditAck | None = None
         self._reported: tuple[str, str] | None = None
         self._ack_changed = asyncio.Event()
         self._kick = asyncio.Event()
@@ -147,7 +164,10 @@ class AuditUploader:
             )
             return
         self.last_status = ack.status
-        if ack.status != Status.OK.value:
+        if ack.status == Status.RETRY.value:
+            log.info("audit_ack_retry", retry_after=ack.retry_after, detail=ack.detail)
+            self._retry = ack
+        elif ack.status != Status.OK.value:
             log.warning("audit_ack_problem", status=ack.status, detail=ack.detail)
             self._problem = ack
         else:
@@ -180,6 +200,9 @@ class AuditUploader:
                 log.warning("audit_upload_refused", status=exc.status, detail=exc.detail)
                 await asyncio.sleep(self.problem_retry_s)
                 continue
+            except AuditRetry as exc:
+                await asyncio.sleep(min(exc.retry_after, self.ack_timeout_s))
+                continue
             except (MqttError, TimeoutError) as exc:
                 log.info("audit_upload_paused", error=str(exc))
                 await asyncio.sleep(delay)
@@ -192,8 +215,9 @@ class AuditUploader:
     async def flush(self) -> int:
         """Upload until nothing is pending; returns how many records the hub acknowledged.
 
-        Raises :class:`AuditRefused` when the hub answered a batch with a status other than ok
-        (after marking what it did acknowledge), ``TimeoutError`` when acks stop coming."""
+        Raises :class:`AuditRefused` when the hub answered a batch with a status other than ok or
+        retry (after marking what it did acknowledge), :class:`AuditRetry` when it answered
+        ``retry`` (likewise), ``TimeoutError`` when acks stop coming."""
         to_thread = asyncio.to_thread
         total = 0
         while True:
@@ -208,6 +232,7 @@ class AuditUploader:
             anchor = (await to_thread(self.source.anchor))[0]
             self._ack_changed.clear()
             self._problem = None
+            self._retry = None
             self.acked = max(self.acked, lo - 1)
             self._in_flight = (lo, hi)
             timed_out: TimeoutError | None = None
@@ -225,6 +250,7 @@ class AuditUploader:
                 try:
                     await self._wait_acked(hi)
                 except TimeoutError as exc:  # keep what was acknowledged, then re-send the rest
+                    self.timeouts += 1
                     timed_out = exc
             finally:
                 self._in_flight = None
@@ -243,15 +269,20 @@ class AuditUploader:
             self._reported = None
             if timed_out is not None:
                 raise timed_out
+            if self._retry is not None and acked < hi:
+                self.retries += 1
+                retry = self._retry
+                assert retry.retry_after is not None
+                raise AuditRetry(retry.retry_after, retry.detail)
             if acked < hi:
                 raise TimeoutError(f"the hub acknowledged up to {acked} of {lo}..{hi}")
 
     async def _wait_acked(self, seq: int) -> None:
-        """Until the hub acknowledged ``seq`` or refused a batch; TimeoutError after
+        """Until the hub acknowledged ``seq``, refused a batch or asked for a retry; TimeoutError after
         ``ack_timeout_s`` without either."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ack_timeout_s
-        while self.acked < seq and self._problem is None:
+        while self.acked < seq and self._problem is None and self._retry is None:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"no audit acknowledgement up to {seq}")
@@ -260,4 +291,4 @@ class AuditUploader:
                 await asyncio.wait_for(self._ack_changed.wait(), remaining)
 
 
-__all__ = ["AuditRefused", "AuditSource", "AuditUploader"]
+__all__ = ["AuditRefused", "AuditRetry", "AuditSource", "AuditUploader"]

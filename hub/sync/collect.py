@@ -18,6 +18,21 @@ read with a plain subscription; devices never retain them (the broker refuses a 
 a device, mosquitto/edge_acl.c), so the store keeps the inventory across hub restarts and devices
 send their state after every connect. A message that still arrives retained on a device topic (left
 by an agent older than this rule) is recorded and then cleared.
+
+Broker acknowledgements: the audit and event subscriptions are made with ``ack="handled"``
+(fleet/mqtt.py), so the broker's PUBACK for a batch or an event leaves only after the handler is
+done with it: stored (or held in ``audit_pending``, or found a duplicate) and answered, or refused
+as invalid and answered. A worker killed before that leaves the message with the broker, which
+delivers it again when the worker's session (same client id) reconnects. A held out-of-order batch
+is acknowledged as soon as it is held (durably, in the database), so held batches never fill the
+broker's in-flight window for this worker.
+
+Database unavailable (PostgreSQL restarting, :class:`~hub.sync.db.DatabaseUnavailable`): the
+handler keeps the message un-acknowledged and tries again for up to :data:`STORE_RETRY_S` (a
+restart of a second or two costs the device nothing but the delay); if the database is still
+unavailable, an audit batch is answered ``retry`` with ``retry_after`` = :data:`RETRY_AFTER_S` (the
+device sends again from its mark then, instead of after its 30 s ack timeout) and an event is left
+to the device's outbox (re-sent after its ack timeout). Any other failure is logged and not answered.
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Callable
+from typing import TypeVar
 
 from fleet.errors import MqttError, ProtocolError
 from fleet.log import get_logger
@@ -45,12 +61,26 @@ from fleet.messages import (
     shared,
 )
 from fleet.mqtt import MqttClient
+from hub.sync.db import DatabaseUnavailable
 from hub.sync.store import HubStore
 
 log = get_logger(__name__)
 
+T = TypeVar("T")
+
 ACK_DELAY_S = 0.05
 """Event ids stored within this long are acknowledged in one message."""
+
+STORE_RETRY_S = 5.0
+"""How long a handler keeps trying a store whose database is unavailable (the message stays
+un-acknowledged to the broker meanwhile); each attempt may itself wait for a pooled connection
+(:class:`~hub.sync.db.PostgresDatabase`'s ``acquire_timeout_s``)."""
+
+ANSWER_WAIT_S = 10.0
+"""How long an answer (audit ack, event ack) waits for the connection before it is given up."""
+
+RETRY_AFTER_S = 2.0
+"""The ``retry_after`` of a ``retry`` audit ack."""
 
 
 class Collector:
@@ -71,10 +101,17 @@ class Collector:
         self._acks: defaultdict[str, list[str]] = defaultdict(list)
         self._ack_tasks: dict[str, asyncio.Task[None]] = {}
         self.batches = 0
+        self.store_failures = 0
+        """Store attempts that found the database unavailable (each one retried or answered)."""
+        self.retries_answered = 0
+        """Audit batches answered ``retry`` (their database was unavailable)."""
+        self.store_retry_s = STORE_RETRY_S
+        self.retry_after_s = RETRY_AFTER_S
 
     async def start(self) -> None:
-        await self.client.subscribe(shared(f"{PREFIX}/devices/+/audit"), self._on_audit, qos=1)
-        await self.client.subscribe(shared(f"{PREFIX}/devices/+/events"), self._on_event, qos=1)
+        audit, events = shared(f"{PREFIX}/devices/+/audit"), shared(f"{PREFIX}/devices/+/events")
+        await self.client.subscribe(audit, self._on_audit, qos=1, ack="handled")
+        await self.client.subscribe(events, self._on_event, qos=1, ack="handled")
         await self.client.subscribe(f"{PREFIX}/devices/+/state", self._on_state, qos=1)
         await self.client.subscribe(f"{PREFIX}/devices/+/status", self._on_status, qos=1)
 
@@ -88,7 +125,11 @@ class Collector:
             started = asyncio.get_running_loop().time()
             try:
                 batch = AuditBatch.decode(msg.payload)
-                ack = await self._store(device, batch)
+                try:
+                    ack = await self._with_retry(self.store.store_audit, device, batch)
+                except DatabaseUnavailable as exc:
+                    self.retries_answered += 1
+                    ack = AuditAck(-1, Status.RETRY.value, str(exc)[:500], self.retry_after_s)
                 log.info(
                     "audit_batch",
                     device=device,
@@ -104,12 +145,34 @@ class Collector:
                 ack = AuditAck(-1, Status.BAD_REQUEST.value, str(exc)[:500])
             self.batches += 1
             try:
-                await self.client.publish(Outgoing(device_topic(device, "audit/ack"), ack.encode(), qos=1))
+                await self._answer(Outgoing(device_topic(device, "audit/ack"), ack.encode(), qos=1))
             except MqttError as exc:
                 log.info("audit_ack_failed", device=device, error=str(exc))
 
-    async def _store(self, device: str, batch: AuditBatch) -> AuditAck:
-        return await asyncio.to_thread(self.store.store_audit, device, batch)
+    async def _answer(self, msg: Outgoing) -> None:
+        """Publish an answer, waiting up to :data:`ANSWER_WAIT_S` for the connection first: a
+        resumed session's messages are dispatched right after CONNACK, before the client reports
+        itself connected (its subscriptions renewed), and their answers must not be lost then."""
+        await self.client.wait_connected(ANSWER_WAIT_S)
+        await self.client.publish(msg)
+
+    async def _with_retry(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` in a thread, again while it raises :class:`DatabaseUnavailable`, for up to
+        :attr:`store_retry_s`; the last DatabaseUnavailable is raised after that."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.store_retry_s
+        delay = 0.1
+        while True:
+            try:
+                return await asyncio.to_thread(fn, *args)
+            except DatabaseUnavailable as exc:
+                self.store_failures += 1
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise
+                log.info("store_retry", error=str(exc)[:200], left_s=round(left, 1))
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 1.0)
 
     async def _on_state(self, msg: Incoming) -> None:
         try:
@@ -153,7 +216,11 @@ class Collector:
             event = Event.decode(msg.payload)
         except ProtocolError:
             return
-        new = await asyncio.to_thread(self.store.record_event, device, event)
+        try:
+            new = await self._with_retry(self.store.record_event, device, event)
+        except DatabaseUnavailable as exc:  # the device's outbox sends it again
+            log.warning("event_store_failed", device=device, error=str(exc)[:200])
+            return
         if new and self.on_event is not None:  # a redelivered event is not news
             self.on_event(device, event)
         if event.id:  # stored (now or before): the device may let it go
@@ -171,7 +238,7 @@ class Collector:
                 del self._acks[device][: len(ids)]
                 try:
                     ack = Outgoing(device_topic(device, "events/ack"), EventAck(tuple(ids)).encode(), qos=1)
-                    await self.client.publish(ack)
+                    await self._answer(ack)
                 except MqttError as exc:  # the device re-sends, the hub stores once and acks again
                     log.info("event_ack_failed", device=device, error=str(exc))
         finally:

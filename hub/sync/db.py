@@ -17,6 +17,11 @@ Invariants:
   outlives the call, so a pooled connection goes back at once).
 - The schema is brought to :data:`hub.sync.migrations.LATEST` when the database is opened
   (:func:`hub.sync.migrations.open_database`).
+- A failure that says the database cannot be reached or used *right now* (PostgreSQL restarting or
+  unreachable, a pool with no connection to give, SQLite locked or busy past its timeout, its disk
+  full) is raised as :class:`DatabaseUnavailable` from :meth:`Database.tx` and
+  :meth:`Database.query`, the transaction rolled back: the caller may try again later. Every other
+  error (a bug, a constraint) keeps its own type.
 """
 
 from __future__ import annotations
@@ -30,6 +35,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 PG_SCHEMES = ("postgresql://", "postgres://")
+
+
+class DatabaseUnavailable(Exception):
+    """The database cannot be used now (module docstring); nothing of the transaction was kept."""
+
+
+_SQLITE_TRANSIENT = ("locked", "busy", "disk i/o", "unable to open", "disk is full")
+
+
+def _sqlite_unavailable(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return any(t in text for t in _SQLITE_TRANSIENT)
 
 
 class Cursor(Protocol):
@@ -116,17 +133,28 @@ class SqliteDatabase(Database):
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[Tx]:
-        conn = self.conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn  # sqlite3.Connection is a Tx
-        except BaseException:
-            conn.execute("ROLLBACK")
+            conn = self.conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn  # sqlite3.Connection is a Tx
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if _sqlite_unavailable(exc):
+                raise DatabaseUnavailable(f"{self.path}: {exc}") from exc
             raise
-        conn.execute("COMMIT")
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in self.conn().execute(sql, args).fetchall()]
+        try:
+            return [tuple(r) for r in self.conn().execute(sql, args).fetchall()]
+        except sqlite3.OperationalError as exc:
+            if _sqlite_unavailable(exc):
+                raise DatabaseUnavailable(f"{self.path}: {exc}") from exc
+            raise
 
     def lock_table(self, tx: Tx, table: str) -> None:
         pass  # BEGIN IMMEDIATE holds the database's write lock
@@ -169,7 +197,12 @@ class PostgresDatabase(Database):
     dialect = "postgresql"
     for_update = " FOR UPDATE"
 
-    def __init__(self, url: str, min_size: int = 1, max_size: int = 8) -> None:
+    def __init__(
+        self, url: str, min_size: int = 1, max_size: int = 8, acquire_timeout_s: float = 5.0
+    ) -> None:
+        """``acquire_timeout_s``: how long :meth:`tx` / :meth:`query` wait for a pooled connection
+        (while PostgreSQL is unreachable the pool has none) before :class:`DatabaseUnavailable`;
+        shorter than a device's 30 s audit ack timeout, so the hub can answer ``retry`` first."""
         from psycopg_pool import ConnectionPool
 
         self.url = url
@@ -178,6 +211,7 @@ class PostgresDatabase(Database):
             min_size=min_size,
             max_size=max_size,
             kwargs={"autocommit": True},
+            timeout=acquire_timeout_s,
             open=False,
             name="edge-hub",
         )
@@ -185,11 +219,11 @@ class PostgresDatabase(Database):
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[Tx]:
-        with self.pool.connection() as conn, conn.transaction():
+        with _pg_unavailable(self.url), self.pool.connection() as conn, conn.transaction():
             yield _PgTx(conn)
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self.pool.connection() as conn:
+        with _pg_unavailable(self.url), self.pool.connection() as conn:
             return [tuple(r) for r in conn.execute(_pg(sql), tuple(args)).fetchall()]
 
     def lock_table(self, tx: Tx, table: str) -> None:
@@ -205,6 +239,19 @@ class PostgresDatabase(Database):
 
     def close(self) -> None:
         self.pool.close()
+
+
+@contextlib.contextmanager
+def _pg_unavailable(url: str) -> Iterator[None]:
+    """psycopg's ``OperationalError`` (connection lost or refused, server shutting down,
+    serialization failure, deadlock) and the pool's timeout become :class:`DatabaseUnavailable`."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    try:
+        yield
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise DatabaseUnavailable(f"{describe(url)}: {type(exc).__name__}: {exc}") from exc
 
 
 def db_target(value: str | Path | None) -> str | Path:
@@ -225,6 +272,7 @@ __all__ = [
     "PG_SCHEMES",
     "Cursor",
     "Database",
+    "DatabaseUnavailable",
     "PostgresDatabase",
     "SqliteDatabase",
     "Tx",

@@ -97,8 +97,10 @@ class HubServer:
         self._stop.set()
 
     async def start(self) -> None:
+        """Register every subscription, then connect: a worker that resumes its session (restarted
+        with the same client id) is sent the messages the broker kept for it right after CONNACK,
+        and each must find its handler (fleet/mqtt.py)."""
         c = self.config
-        await self.client.start()
         await self.blobs.start()
         if c.role == "all":
             self.store = await asyncio.to_thread(HubStore, c.db)
@@ -117,8 +119,9 @@ class HubServer:
             for i in range(c.blob_workers):
                 self._workers.append(self._spawn_worker(i))
             self.client.on_connect(self._announce)
-            await self._check_leader()
+            await self._check_leader()  # not connected yet: the on-connect hooks publish
             self._tasks.append(asyncio.get_running_loop().create_task(self._lead()))
+        await self.client.start()
 
     @property
     def leading(self) -> bool:

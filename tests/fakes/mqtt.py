@@ -29,7 +29,7 @@ from typing import Any
 
 from fleet.errors import NotConnected, PublishRefused
 from fleet.messages import Incoming, Outgoing
-from fleet.mqtt import MqttConfig
+from fleet.mqtt import ACK_MODES, MqttConfig
 
 Handler = Callable[[Incoming], Any]
 NOT_AUTHORIZED = 0x87
@@ -275,8 +275,18 @@ class FakeMqttClient:
             raise PublishRefused(f"publish refused (reason code {rc:#x})", reason_code=rc)
 
     async def subscribe(
-        self, topic_filter: str, handler: Handler, *, qos: int = 1, timeout: float | None = None
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        qos: int = 1,
+        timeout: float | None = None,
+        ack: str = "received",
     ) -> None:
+        """As :meth:`fleet.mqtt.MqttClient.subscribe`; the fake broker models no PUBACK to a
+        subscriber (it delivers each message once), so both ``ack`` modes behave alike here."""
+        if ack not in ACK_MODES:
+            raise ValueError(f"subscribe: ack must be one of {', '.join(ACK_MODES)}, not {ack!r}")
         self._subs[topic_filter] = (qos, handler)
         if self._connected.is_set():
             self.broker._subscribe(self, topic_filter, qos)

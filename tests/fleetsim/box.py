@@ -97,9 +97,11 @@ class Stats:
     events_acked: int = 0
     audit_acked: int = 0
     audit_resends: int = 0
+    """batches sent again after ``audit_ack_timeout_s`` without an ack (as agent/sync/audit_upload.py)"""
+    audit_retries: int = 0
+    """batches sent again after the hub answered ``retry`` (its ``retry_after`` later)"""
     audit_done_at: float | None = None
     """when the hub acknowledged the last record held (time.monotonic())"""
-    """batches sent again after ``audit_ack_timeout_s`` without an ack (as agent/sync/audit_upload.py)"""
     chunk_requests: int = 0
     deployments: dict[str, float] = field(default_factory=dict)
     """sha256 of each deployment document -> when its bytes were fetched and checked against the
@@ -154,6 +156,7 @@ class SimBox:
         self.checkpoints: list[tuple[int, str, str]] = []
         self.uploaded = 0
         self._audit_ack: asyncio.Event = asyncio.Event()
+        self._audit_retry: AuditAck | None = None
         self._chunks: dict[bytes, asyncio.Future[bytes]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -323,10 +326,16 @@ class SimBox:
                     0,
                 )
                 self._audit_ack.clear()
+                self._audit_retry = None
                 try:
                     await self.client.publish(Outgoing(device_topic(self.id, "audit"), batch.encode(), qos=1))
                     wait = min(self.audit_ack_timeout_s, deadline - time.monotonic())
                     await asyncio.wait_for(self._audit_ack.wait(), max(0.1, wait))
+                    retry = self._audit_retry
+                    if retry is not None and self.uploaded < hi:  # as the device: again from the mark
+                        self.stats.audit_retries += 1
+                        assert retry.retry_after is not None
+                        await asyncio.sleep(min(retry.retry_after, self.audit_ack_timeout_s))
                 except (MqttError, TimeoutError):  # sent again from the mark, as the device does
                     self.stats.audit_resends += 1
                     if time.monotonic() > deadline:
@@ -342,6 +351,10 @@ class SimBox:
         try:
             ack = AuditAck.decode(msg.payload)
         except ProtocolError:
+            return
+        if ack.status == "retry":  # not a refusal: the hub's database is unavailable for now
+            self._audit_retry = ack
+            self._audit_ack.set()
             return
         if ack.status != "ok":
             self.stats.refusals.append(f"audit {ack.status}: {ack.detail}")
