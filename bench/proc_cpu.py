@@ -2,9 +2,10 @@
 
 A group is a set of root pids; each root counts with its descendants alive at either snapshot,
 plus what its exited, reaped children used (``children_user``/``children_system``: a PostgreSQL
-backend that ends during the interval). Invariant: a process is counted in at most one group
-(the first that names it or an ancestor); a process gone before the first snapshot counts only
-through its parent's reaped-children time.
+backend that ends during the interval). Invariant: a process is counted in one group only: the
+group naming the nearest root above it (the bench process is the parent of the broker it started,
+yet the broker counts as the broker's group); a process gone before the first snapshot counts only
+through its parent's reaped-children time (which the root's own group then carries).
 """
 
 from __future__ import annotations
@@ -26,19 +27,23 @@ def _tree(root: int) -> list[psutil.Process]:
 
 
 def _sample(groups: Mapping[str, list[int]]) -> dict[str, dict[int, float]]:
-    seen: set[int] = set()
+    roots = {pid for pids in groups.values() for pid in pids}
     out: dict[str, dict[int, float]] = {}
-    for name, roots in groups.items():
+    for name, mine in groups.items():
         got: dict[int, float] = {}
-        for root in roots:
-            for i, p in enumerate(_tree(root)):
-                if p.pid in seen:
+        for root in mine:
+            tree = _tree(root)
+            # another group's root below this one (a broker started by the bench process) is that
+            # group's, with its own descendants
+            other = {p.pid for p in tree[1:] if p.pid in roots}
+            skip = {q.pid for p in tree if p.pid in other for q in _tree(p.pid)}
+            for i, p in enumerate(tree):
+                if p.pid in skip:
                     continue
                 try:
                     t = p.cpu_times()
                 except psutil.NoSuchProcess:
                     continue
-                seen.add(p.pid)
                 got[p.pid] = t.user + t.system
                 if i == 0:  # the root: its reaped children too, under a key of its own
                     got[-p.pid] = t.children_user + t.children_system
