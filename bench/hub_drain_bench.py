@@ -79,6 +79,7 @@ class Run:
     frozen_s: float
     cpu: dict[str, float]
     drops: int
+    batches: int
 
     @property
     def rate(self) -> float:
@@ -165,7 +166,7 @@ async def one_run(
     stored, distinct = (int(x) for x in rows[0])
     if stored != total or distinct != total:
         raise RuntimeError(f"{setup}: {total} records sent, {stored} stored ({distinct} distinct)")
-    run = Run(setup, wall, total, publish_s, frozen_s, cpu, broker_drops(broker) - drops_before)
+    run = Run(setup, wall, total, publish_s, frozen_s, cpu, broker_drops(broker) - drops_before, len(batches))
     print(
         f"round {r} {setup}: {run.rate:,.0f} records/s ({wall:.2f} s; {len(batches)} batches published "
         f"in {publish_s:.1f} s); cpu: {describe(wall, cpu)}; load {load_average()}",
@@ -258,6 +259,7 @@ def render(args: argparse.Namespace, runs: list[Run], load: str) -> str:
         ratios.append(f"PostgreSQL / SQLite, 1 worker: {med['pg-1'] / med['sqlite-1']:.2f}x")
     drops = sum(r.drops for r in runs)
     frozen = max(r.frozen_s for r in runs)
+    publish = statistics.median(r.publish_s for r in runs)
     command = (
         f".venv/bin/python bench/hub_drain_bench.py --boxes {args.boxes} --records {args.records} "
         f"--rounds {args.rounds} --write"
@@ -266,8 +268,9 @@ def render(args: argparse.Namespace, runs: list[Run], load: str) -> str:
 
     {command}
 
-{args.boxes} simulated boxes x {args.records} sealed, signed records (one batch each when ≤ 1,000) queued
-at the broker while the hub workers are frozen (SIGSTOP), then drained: the clock runs from SIGCONT
+{args.boxes} simulated boxes x {args.records} sealed, signed records ({runs[0].batches} batches of at most
+1,000, each signed at its last record, as the device sends them; published in {publish:.1f} s, median)
+queued at the broker while the hub workers are frozen (SIGSTOP), then drained: the clock runs from SIGCONT
 to every box holding the ack for its last record; every record counted in the hub's database
 afterwards (exactly once). Real Mosquitto (TLS, client certificates, the shipped config with the
 per-session queue caps lifted so one session holds the whole backlog), `edge-hub serve` processes,
