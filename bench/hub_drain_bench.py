@@ -275,7 +275,8 @@ to every box holding the ack for its last record; every record counted in the hu
 afterwards (exactly once). Real Mosquitto (TLS, client certificates, the shipped config with the
 per-session queue caps lifted so one session holds the whole backlog), `edge-hub serve` processes,
 a private PostgreSQL cluster (fsync and `synchronous_commit` on). {args.rounds} rounds alternating the
-setups; medians; CPU of each process over the drain (psutil), as cores busy, of the median run.
+setups; medians; CPU of each process over the drain (psutil), as cores busy, of the median run
+(of an even count, the faster of the two middle runs).
 CPU {cpu_name()}, {os.cpu_count()} cores shared with other work; load average at the end {load}.
 
 {chr(10).join(rows)}
