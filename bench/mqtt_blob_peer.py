@@ -107,7 +107,8 @@ async def fetch_all(broker: Any, ids: list[str], size: int, chunk: int, window: 
                         qos=1,
                         response_topic=device_topic(d, "blobs"),
                         correlation=req.correlation,
-                    )
+                    ),
+                    timeout=120,  # no retry here: the PUBACK may queue behind 4 MiB replies
                 )
                 return await asyncio.wait_for(fut, 120)
 
