@@ -272,7 +272,8 @@ def main() -> int:
         f"{SECTION}\n\nReproduce: `.venv/bin/python bench/mirror_bench.py --devices {args.devices} "
         f"--size-mb {args.size_mb} --rounds {args.rounds} --workers {args.workers} --write` ({env}).\n\n"
         f"{args.devices} devices fetch one {args.size_mb} MB target at the same time (CPU: each group's "
-        "CPU seconds over the run's wall time, psutil, of the median run).\n\n"
+        "CPU seconds over the run's wall time, psutil, of the median run; of an even count, the slower "
+        "middle run).\n\n"
         + "\n".join(rows)
         + f"\n\nMirror vs MQTT (1 worker): **{rate['mirror'] / rate[mqtt[0]]:.2f}x**.{scaling}\n"
     )
