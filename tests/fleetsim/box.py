@@ -309,22 +309,38 @@ class SimBox:
             cp = make_checkpoint(rec.seq, rec.hash, self.key.key_id, time.time(), self.key.sign)
             self.checkpoints.append((cp.seq, cp.body, cp.signature))
 
+    def batch_at(self, start: int) -> AuditBatch:
+        """The batch the device sends from record index ``start``: up to the next multiple of
+        BATCH or the head, with the checkpoints that fall in it (one signs its last record)."""
+        end = min(len(self.records), (start // BATCH + 1) * BATCH)
+        rows = self.records[start:end]
+        lo, hi = rows[0].seq, rows[-1].seq
+        return AuditBatch(
+            self.id,
+            tuple((r.seq, r.body, r.hash) for r in rows),
+            tuple(c for c in self.checkpoints if lo <= c[0] <= hi),
+            self.key_hex,
+            0,
+        )
+
+    def audit_batches(self) -> list[Outgoing]:
+        """Every batch from the uploaded mark to the head, as the QoS 1 publishes the device makes
+        (for benchmarks that queue a whole backlog at the broker at once)."""
+        out = []
+        start = self.uploaded
+        while start < len(self.records):
+            batch = self.batch_at(start)
+            out.append(Outgoing(device_topic(self.id, "audit"), batch.encode(), qos=1))
+            start = batch.last_seq
+        return out
+
     async def upload_audit(self, timeout: float = 60.0) -> None:
         """Send batches from the uploaded mark until the hub acknowledged every record."""
         assert self.client is not None
         async with self._audit_lock:
             deadline = time.monotonic() + timeout
             while self.uploaded < len(self.records):
-                end = min(len(self.records), (self.uploaded // BATCH + 1) * BATCH)
-                rows = self.records[self.uploaded : end]
-                lo, hi = rows[0].seq, rows[-1].seq
-                batch = AuditBatch(
-                    self.id,
-                    tuple((r.seq, r.body, r.hash) for r in rows),
-                    tuple(c for c in self.checkpoints if lo <= c[0] <= hi),
-                    self.key_hex,
-                    0,
-                )
+                batch = self.batch_at(self.uploaded)
                 self._audit_ack.clear()
                 self._audit_retry = None
                 try:

@@ -1,0 +1,308 @@
+"""Hub audit ingest in isolation: a backlog of audit batches queued at the broker, drained by the hub.
+
+The fleet simulator's audit phase (bench/fleet_sim.py) measures boxes and hub together on the same
+cores: the simulator's own publishing bounds the pace. Here the hub's ingest is timed alone:
+
+1. N simulated boxes (tests/fleetsim/, one TLS connection and certificate each) connect once to a
+   real Mosquitto and seal RECORDS signed records each (once: every run replays the same chains
+   into a fresh database, the boxes' keys registered there as ``edge-hub device register`` does).
+2. Per run: ``edge-hub serve`` worker(s) start on the run's database and subscribe (their shared
+   subscription ``$share/hub/.../audit`` exists), then are frozen with SIGSTOP; every box publishes
+   its whole backlog (QoS 1, acknowledged by the broker: the batches are queued at the broker for
+   the workers' sessions); the simulator then publishes nothing more.
+3. The clock starts at SIGCONT and stops when every box holds the hub's ack for its last record;
+   every record is then counted in the hub's database (exactly once). No box re-sends: the boxes'
+   own ack timeout plays no part (nothing is sent again), and the frozen interval stays under the
+   workers' keepalive (1.5 x 30 s) so no session is dropped.
+4. CPU seconds used during the drain by the hub workers, Mosquitto, PostgreSQL (the postmaster and
+   its backends) and the simulator (receiving acks) are read with psutil (bench/proc_cpu.py).
+
+The broker runs the shipped mosquitto.conf with one change, said in the output: the per-session
+queue caps (``max_queued_messages 10000``, ``max_queued_bytes 64 MiB``) are lifted, so a single
+worker's session can hold the whole backlog (otherwise the broker drops what exceeds 64 MiB and
+the measurement is of drops and re-sends; docs/operations.md 4.9). Rounds alternate the setups;
+medians.
+
+    .venv/bin/python bench/hub_drain_bench.py --boxes 1000 --records 200 --rounds 2 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import _report
+from fleet_sim import broker_drops, cpu_name, raise_fd_limit
+from proc_cpu import CpuMeter, describe, load_average
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SECTION = "## Hub audit ingest, drained from the broker"
+KEEPALIVE_GRACE_S = 40.0
+"""the longest the workers stay frozen: under 1.5 x the hub's 30 s keepalive"""
+
+
+def unlimited_queue_source(dest: Path) -> Path:
+    """A copy of the shipped mosquitto/ directory whose per-session queue caps are lifted (0)."""
+    src = ROOT / "mosquitto"
+    shutil.copytree(src, dest)
+    conf = dest / "mosquitto.conf"
+    lines = conf.read_text().splitlines()
+    changed = 0
+    for i, line in enumerate(lines):
+        if line.startswith(("max_queued_messages ", "max_queued_bytes ")):
+            lines[i] = line.split()[0] + " 0"
+            changed += 1
+    if changed != 2:
+        raise RuntimeError(f"{conf}: expected max_queued_messages and max_queued_bytes, changed {changed}")
+    conf.write_text("\n".join(lines) + "\n")
+    return dest
+
+
+@dataclass
+class Run:
+    setup: str
+    seconds: float
+    records: int
+    publish_s: float
+    frozen_s: float
+    cpu: dict[str, float]
+    drops: int
+    batches: int
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds
+
+
+def postmaster_pid(pg: Any) -> int:
+    return int((pg.data / "postmaster.pid").read_text().splitlines()[0])
+
+
+async def one_run(
+    setup: str, r: int, fleet: Any, broker: Any, pg: Any, repo: Path, pki: Path, work: Path
+) -> Run:
+    from hub.sync.store import HubStore
+    from tests.fleetsim.fleet import HubProcess
+    from tests.sync.hub_workers import wait_serving
+
+    kind, workers = setup.rsplit("-", 1)
+    run_dir = work / f"r{r}-{setup}"
+    run_dir.mkdir()
+    db: str | Path = run_dir / "hub.db" if kind == "sqlite" else pg.new_database()
+    HubStore(db).close()  # the schema, made once before the workers race for it
+    fleet.register_keys(db)
+    hubs = []
+    for i in range(int(workers)):
+        (run_dir / f"w{i}").mkdir()
+        hub = HubProcess(
+            repo, db, run_dir / f"w{i}", "127.0.0.1", broker.service_port, pki,
+            rollout_interval_s=60.0, client_id=f"hub-drain-{i}",
+        )  # fmt: skip
+        hub.start()
+        hubs.append(hub)
+    try:
+        for hub in hubs:
+            await asyncio.to_thread(wait_serving, hub.proc, hub.work / "hub.log")
+        await asyncio.sleep(1.0)  # settle: retained metadata delivered, presence published
+        for b in fleet.boxes:
+            b.uploaded = 0
+            b.stats.audit_acked = 0
+            b.stats.audit_done_at = None
+            b._audit_ack.clear()
+        drops_before = broker_drops(broker)
+        total = sum(len(b.records) for b in fleet.boxes)
+        batches = [(b, m) for b in fleet.boxes for m in b.audit_batches()]
+        for hub in hubs:
+            os.kill(hub.proc.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            await asyncio.gather(*(b.client.publish(m, timeout=60.0) for b, m in batches))
+            publish_s = time.monotonic() - frozen
+            await asyncio.sleep(1.0)  # the broker has them (PUBACK); let it finish queueing
+            frozen_s = time.monotonic() - frozen
+            if frozen_s > KEEPALIVE_GRACE_S:
+                print(f"  warning: workers frozen {frozen_s:.0f} s (keepalive may drop them)", flush=True)
+            groups = {
+                "hub workers": [h.proc.pid for h in hubs],
+                "mosquitto": [broker.proc.pid],
+                **({"postgresql": [postmaster_pid(pg)]} if kind == "pg" else {}),
+                "simulator": [os.getpid()],
+            }
+            meter = CpuMeter(groups)
+            meter.start()
+        finally:
+            for hub in hubs:
+                os.kill(hub.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 300
+        while any(b.uploaded < len(b.records) for b in fleet.boxes):
+            if time.monotonic() > deadline:
+                left = sum(b.uploaded < len(b.records) for b in fleet.boxes)
+                raise TimeoutError(f"{setup}: {left} boxes not acknowledged after 300 s")
+            await asyncio.sleep(0.01)
+        wall, cpu = meter.stop()
+    finally:
+        for hub in hubs:
+            hub.stop()
+    refused = [x for b in fleet.boxes for x in b.stats.refusals if x.startswith("audit")]
+    if refused:
+        raise RuntimeError(f"{setup}: {len(refused)} audit refusals, e.g. {refused[:3]}")
+    store = HubStore(db)
+    try:
+        rows = store.db.query("SELECT COUNT(*), COUNT(DISTINCT device || ':' || seq) FROM audit", ())
+    finally:
+        store.close()
+    stored, distinct = (int(x) for x in rows[0])
+    if stored != total or distinct != total:
+        raise RuntimeError(f"{setup}: {total} records sent, {stored} stored ({distinct} distinct)")
+    run = Run(setup, wall, total, publish_s, frozen_s, cpu, broker_drops(broker) - drops_before, len(batches))
+    print(
+        f"round {r} {setup}: {run.rate:,.0f} records/s ({wall:.2f} s; {len(batches)} batches published "
+        f"in {publish_s:.1f} s); cpu: {describe(wall, cpu)}; load {load_average()}",
+        flush=True,
+    )
+    return run
+
+
+async def main_async(args: argparse.Namespace, work: Path) -> list[Run]:
+    from fleet.mqtt import MqttConfig
+    from tests.fleetsim.fleet import SimFleet
+    from tests.fleetsim.pki import device_ids, fleet_pki
+    from tests.hub.postgres import Postgres
+    from tests.sync.broker import Broker, free_port, plugin_path
+    from tests.sync.helpers import new_repo
+
+    setups = args.setups.split(",")
+    for s in setups:
+        if s not in ("sqlite-1", "pg-1", "pg-2"):
+            raise SystemExit(f"unknown setup {s!r}: expected sqlite-1, pg-1 or pg-2")
+    pki = fleet_pki(args.boxes)
+    broker = Broker(work / "broker", pki, free_port())
+    broker.workdir.mkdir()
+    from hub.sync.broker import install
+
+    source = unlimited_queue_source(work / "mosquitto-src")
+    broker.layout = install(
+        source, pki, Path(tempfile.mkdtemp(prefix="edge-broker-")),
+        port=broker.port, service_port=broker.service_port, plugin=plugin_path(),
+    )  # fmt: skip
+    broker.start()
+    repo = new_repo(work / "repo")
+    pg = None
+    if any(s.startswith("pg") for s in setups):
+        pg = Postgres(fsync=True)
+        pg.start()
+
+    def config(d: str) -> MqttConfig:
+        return replace(broker.client_config(d), backoff_min_s=0.5, backoff_max_s=5.0, ack_timeout_s=60.0)
+
+    root = (repo.path / "metadata" / "1.root.json").read_bytes()
+    fleet = SimFleet(device_ids(args.boxes), config, root)
+    runs: list[Run] = []
+    try:
+        t = time.monotonic()
+        await fleet.start(timeout=300)
+        print(f"{args.boxes} boxes connected in {time.monotonic() - t:.1f} s", flush=True)
+        t = time.monotonic()
+        for b in fleet.boxes:
+            b.add_audit(args.records)
+        print(f"sealed {args.boxes * args.records} records in {time.monotonic() - t:.1f} s", flush=True)
+        for r in range(args.rounds):
+            order = setups if r % 2 == 0 else setups[::-1]
+            for setup in order:
+                runs.append(await one_run(setup, r, fleet, broker, pg, repo.path, pki, work))
+        connects = sum(b.stats.connects for b in fleet.boxes)
+        if connects != args.boxes:
+            print(f"note: {connects - args.boxes} box reconnects during the runs", flush=True)
+    finally:
+        await fleet.close()
+        broker.cleanup()
+        if pg is not None:
+            pg.stop()
+    return runs
+
+
+def render(args: argparse.Namespace, runs: list[Run], load: str) -> str:
+    by: dict[str, list[Run]] = {}
+    for run in runs:
+        by.setdefault(run.setup, []).append(run)
+    med = {k: statistics.median(r.rate for r in v) for k, v in by.items()}
+    names = {"sqlite-1": "1 worker, SQLite", "pg-1": "1 worker, PostgreSQL", "pg-2": "2 workers, PostgreSQL"}
+    groups = ["hub workers", "mosquitto", "postgresql", "simulator"]
+    cols = " | ".join(f"{g} (cores)" for g in groups)
+    head = f"| setup | records/s (median) | runs | {cols} | total cores |"
+    rows = [head, "|---|---:|---|" + "---:|" * (len(groups) + 1)]
+    for k, v in by.items():
+        mid = sorted(v, key=lambda x: x.rate)[len(v) // 2]
+        cores = [mid.cpu.get(g, 0.0) / mid.seconds for g in groups]
+        rows.append(
+            f"| {names[k]} | {med[k]:,.0f} | {', '.join(f'{x.rate:,.0f}' for x in v)} | "
+            + " | ".join(f"{c:.2f}" if g in mid.cpu else "-" for c, g in zip(cores, groups, strict=True))
+            + f" | {sum(cores):.2f} |"
+        )
+    ratios = []
+    if "pg-1" in med and "pg-2" in med:
+        two = med["pg-2"] / med["pg-1"]
+        ratios.append(f"2 workers / 1 worker on PostgreSQL: **{two:.2f}x** (goal >= 1.6x)")
+    if "pg-1" in med and "sqlite-1" in med:
+        ratios.append(f"PostgreSQL / SQLite, 1 worker: {med['pg-1'] / med['sqlite-1']:.2f}x")
+    drops = sum(r.drops for r in runs)
+    frozen = max(r.frozen_s for r in runs)
+    publish = statistics.median(r.publish_s for r in runs)
+    command = (
+        f".venv/bin/python bench/hub_drain_bench.py --boxes {args.boxes} --records {args.records} "
+        f"--rounds {args.rounds} --write"
+    )
+    return f"""{SECTION}
+
+    {command}
+
+{args.boxes} simulated boxes x {args.records} sealed, signed records ({runs[0].batches} batches of at most
+1,000, each signed at its last record, as the device sends them; published in {publish:.1f} s, median)
+queued at the broker while the hub workers are frozen (SIGSTOP), then drained: the clock runs from SIGCONT
+to every box holding the ack for its last record; every record counted in the hub's database
+afterwards (exactly once). Real Mosquitto (TLS, client certificates, the shipped config with the
+per-session queue caps lifted so one session holds the whole backlog), `edge-hub serve` processes,
+a private PostgreSQL cluster (fsync and `synchronous_commit` on). {args.rounds} rounds alternating the
+setups; medians; CPU of each process over the drain (psutil), as cores busy, of the median run
+(of an even count, the faster of the two middle runs).
+CPU {cpu_name()}, {os.cpu_count()} cores shared with other work; load average at the end {load}.
+
+{chr(10).join(rows)}
+
+{"; ".join(ratios)}. Broker drops for hub sessions: {drops}; no box re-sent (the backlog was published
+once); longest frozen interval {frozen:.0f} s (under the 45 s keepalive limit).
+"""
+
+
+def main() -> int:
+    parser = _report.bench_parser(__doc__, SECTION)
+    parser.add_argument("--boxes", type=int, default=1000)
+    parser.add_argument("--records", type=int, default=200, help="per box")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--setups", default="sqlite-1,pg-1,pg-2")
+    args = parser.parse_args()
+    raise_fd_limit()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = Path(tempfile.mkdtemp(prefix="hub-drain-"))
+    try:
+        runs = asyncio.run(main_async(args, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _report.report(SECTION, render(args, runs, load_average()), write=args.write)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
