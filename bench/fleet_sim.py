@@ -331,6 +331,7 @@ async def audit_under_fault(
     if failed:
         out["first_failure"] = str(failed[0])[:300]
     out["audit_resends"] = sum(b.stats.audit_resends for b in fleet.boxes)
+    out["audit_retries"] = sum(b.stats.audit_retries for b in fleet.boxes)
     out["refusals"] = sum(len(b.stats.refusals) for b in fleet.boxes)
     if fault_at:
         f = fault_at[0]
@@ -409,7 +410,8 @@ and the simulator), open-file limit {fds}.
 
 {table}
 
-Audit batches sent again after the device's 30 s ack timeout: {r["audit_resends"]}; Mosquitto log
+Audit batches sent again after the device's 30 s ack timeout: {r["audit_resends"]}; after the hub
+answered `retry` (database unavailable): {r.get("audit_retries", 0)}; Mosquitto log
 lines "Outgoing messages are being dropped for client hub...": {r["broker_dropped_for_hub"]} (its
 per-session cap of 64 MiB queued, shipped config, applies to the hub's session too: the boxes'
 audit burst overflowed it; docs/operations.md 4.9).

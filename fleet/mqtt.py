@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import os
 import random
+import socket
 import ssl
 import stat
 import threading
@@ -150,6 +151,25 @@ class _Waiters:
     early_sub: dict[int, list[int]] = field(default_factory=dict)
 
 
+class _PahoClient(paho.Client):
+    """paho's client, except that a socket whose TLS handshake fails is closed at once (paho
+    2.1 leaves it to the garbage collector: a ``ResourceWarning`` and a descriptor held until
+    then, once per failed attempt while a broker starts or stops)."""
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        ctx = self._ssl_context
+        if ctx is None or not ctx.check_hostname:  # not how MqttClient sets TLS up: paho's way
+            return super()._ssl_wrap_socket(tcp_sock)
+        ssl_sock = ctx.wrap_socket(tcp_sock, server_hostname=self._host, do_handshake_on_connect=False)
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()  # the host name is checked here (check_hostname)
+        except BaseException:
+            ssl_sock.close()
+            raise
+        return ssl_sock
+
+
 class MqttClient:
     """An asyncio MQTT 5 client with its own reconnect loop. One per process identity."""
 
@@ -188,7 +208,7 @@ class MqttClient:
     def _make_client(self) -> paho.Client:
         c = self.config
         check_private_key(c.key_file)
-        client = paho.Client(
+        client = _PahoClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=c.client_id,
             protocol=paho.MQTTv5,

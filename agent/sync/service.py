@@ -227,7 +227,8 @@ class SyncService:
         attach(self.registry, self.fetcher)  # transfers are renamed into the store, not copied
         self.metadata.on_hub_back = self._hub_back
         self.client.on_connect(self._on_connect)
-        await self.client.start()
+        # Subscriptions before the connection: a resumed session's kept messages (acks) arrive
+        # right after CONNACK and would otherwise match no handler (fleet.mqtt.MqttClient.start).
         await self.client.subscribe(device_topic(o.device_id, "events/ack"), self._on_events_ack, qos=1)
         await self.metadata.start()
         if self.audit is not None:
@@ -240,6 +241,7 @@ class SyncService:
                 on_problem=self._audit_refused,
             )
             await self.uploader.start()
+        await self.client.start()
         self._task = loop.create_task(self._run())
         self._state_task = loop.create_task(self._state_loop())
 
