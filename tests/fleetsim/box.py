@@ -348,7 +348,7 @@ class SimBox:
                     wait = min(self.audit_ack_timeout_s, deadline - time.monotonic())
                     await asyncio.wait_for(self._audit_ack.wait(), max(0.1, wait))
                     retry = self._audit_retry
-                    if retry is not None and self.uploaded < hi:  # as the device: again from the mark
+                    if retry is not None and self.uploaded < batch.last_seq:  # again from the mark
                         self.stats.audit_retries += 1
                         assert retry.retry_after is not None
                         await asyncio.sleep(min(retry.retry_after, self.audit_ack_timeout_s))
