@@ -165,6 +165,39 @@ class Decision:
     """each criterion with its measured value, for the status view"""
 
 
+@dataclass(frozen=True)
+class _Speed:
+    """A speed figure compared with the previous version's: its label, how a value is shown, and
+    which way is better."""
+
+    label: str
+    shown: str
+    higher_is_better: bool
+
+
+_TOKENS_PER_S = _Speed("tokens/s", "{:.1f}", higher_is_better=True)
+_TTFT = _Speed("p95 TTFT", "{:.3f}s", higher_is_better=False)
+
+
+def _compare(spec: _Speed, now: float | None, before: Any, limit: float, checks: list[str]) -> str | None:
+    """Add the comparison of ``now`` (None: not enough samples) with the baseline's ``before`` to
+    ``checks``; the reason to pause when ``now`` is worse than ``before`` by more than ``limit``
+    (a fraction), else None."""
+    if now is None or not before:
+        checks.append(f"{spec.label}: not enough samples for a comparison")
+        return None
+    ratio = now / float(before)
+    worse = 1 - ratio if spec.higher_is_better else ratio - 1
+    sign, side = ("-", "below") if spec.higher_is_better else ("+", "above")
+    checks.append(
+        f"{spec.label} {spec.shown.format(now)} vs {spec.shown.format(float(before))} "
+        f"({ratio - 1:+.0%}, max {sign}{limit:.0%})"
+    )
+    return (
+        f"{spec.label} {worse:.0%} {side} the previous version (max {limit:.0%})" if worse > limit else None
+    )
+
+
 def decide(
     boxes: list[Box],
     wave: int,
@@ -192,34 +225,13 @@ def decide(
     else:
         checks.append(f"error rate: {m['requests']} of {int(c['min_requests'])} requests seen")
     enough = m["samples"] >= c["min_samples"] and baseline.get("samples", 0) >= c["min_samples"]
-    if enough and m["tokens_per_s"] is not None and baseline.get("tokens_per_s"):
-        slow = 1 - m["tokens_per_s"] / float(baseline["tokens_per_s"])
-        checks.append(
-            f"tokens/s {m['tokens_per_s']:.1f} vs {float(baseline['tokens_per_s']):.1f} "
-            f"({-slow:+.0%}, max -{c['max_slowdown']:.0%})"
-        )
-        if slow > c["max_slowdown"] and not waived:
-            return Decision(
-                "pause",
-                f"tokens/s {slow:.0%} below the previous version (max {c['max_slowdown']:.0%})",
-                tuple(checks),
-            )
-    else:
-        checks.append("tokens/s: not enough samples for a comparison")
-    if enough and m["ttft_p95_s"] is not None and baseline.get("ttft_p95_s"):
-        up = m["ttft_p95_s"] / float(baseline["ttft_p95_s"]) - 1
-        checks.append(
-            f"p95 TTFT {m['ttft_p95_s']:.3f}s vs {float(baseline['ttft_p95_s']):.3f}s "
-            f"({up:+.0%}, max +{c['max_ttft_increase']:.0%})"
-        )
-        if up > c["max_ttft_increase"] and not waived:
-            return Decision(
-                "pause",
-                f"p95 TTFT {up:.0%} above the previous version (max {c['max_ttft_increase']:.0%})",
-                tuple(checks),
-            )
-    else:
-        checks.append("p95 TTFT: not enough samples for a comparison")
+    for spec, key, limit in (
+        (_TOKENS_PER_S, "tokens_per_s", "max_slowdown"),
+        (_TTFT, "ttft_p95_s", "max_ttft_increase"),
+    ):
+        worse = _compare(spec, m[key] if enough else None, baseline.get(key), c[limit], checks)
+        if worse is not None and not waived:
+            return Decision("pause", worse, tuple(checks))
     current = [b for b in boxes if b.wave == wave]
     timed_out = wave_age_s >= c["wave_timeout_s"]
     waiting = [b for b in current if b.status == "pending" or (b.status == "offline" and not timed_out)]
