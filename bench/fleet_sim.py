@@ -18,7 +18,8 @@ One run, in this order:
 
   faults     with ``--fault``: the audit phase only (after the connect storm), with one fault
              once FAULT_AT of the records are acknowledged: ``kill-worker`` (SIGKILL to the last
-             worker; started again after ``--restart-after`` s if given), ``pg-restart``
+             worker; started again after ``--restart-after`` s if given), ``stop-worker`` (SIGTERM
+             to it, the same otherwise), ``pg-restart``
              (``pg_ctl restart -m fast``) or ``broker-restart`` (Mosquitto stopped and started
              again); then each box's sealed records are compared with what the hub stored
              (lost, duplicated, altered) and the hub re-verifies every stored chain.
@@ -286,10 +287,13 @@ async def audit_under_fault(
     fault_at: list[float] = []
 
     async def inject() -> None:
-        if args.fault == "kill-worker":
+        if args.fault in ("kill-worker", "stop-worker"):
             proc = hubs[-1].proc
             assert proc is not None
-            proc.kill()
+            if args.fault == "kill-worker":
+                proc.kill()
+            else:
+                proc.terminate()  # SIGTERM, as systemctl stop: the worker leaves, then exits
             await asyncio.to_thread(proc.wait)
             if args.restart_after is not None:  # as systemd's Restart=always, same client id
                 await asyncio.sleep(args.restart_after)
@@ -437,12 +441,12 @@ def main() -> int:
     parser.add_argument("--postgres", action="store_true", help="a private PostgreSQL cluster as --db")
     parser.add_argument("--no-rollout", action="store_true", help="stop after the metadata phase")
     parser.add_argument(
-        "--fault", choices=("kill-worker", "pg-restart", "broker-restart"), default=None,
+        "--fault", choices=("kill-worker", "stop-worker", "pg-restart", "broker-restart"), default=None,
         help="the audit phase only, with this fault (no --write)",
     )  # fmt: skip
     parser.add_argument(
         "--restart-after", type=float, default=None,
-        help="kill-worker: start the killed worker again (same client id) after this many seconds",
+        help="kill-worker, stop-worker: start the worker again (same client id) after this many seconds",
     )  # fmt: skip
     parser.add_argument("--fault-at", type=float, default=0.3, help="fraction of records acked")
     args = parser.parse_args()

@@ -125,6 +125,16 @@ def _user_props(props: Properties | None) -> tuple[tuple[str, str], ...]:
     return tuple((str(k), str(v)) for k, v in pairs) if pairs else ()
 
 
+@dataclass(frozen=True, slots=True)
+class Left:
+    """What :meth:`MqttClient.leave` did."""
+
+    handled: int
+    """Messages that arrived while leaving (the session's kept and queued ones)."""
+    complete: bool
+    """True when they went quiet before the timeout."""
+
+
 @dataclass
 class _Subscription:
     topic_filter: str
@@ -132,6 +142,9 @@ class _Subscription:
     handler: Handler
     no_local: bool = False
     ack: AckMode = "received"
+    joined: bool = True
+    """False once :meth:`MqttClient.leave` left it at the broker: not renewed on reconnect, its
+    handler still routes what the session was given before."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +212,11 @@ class MqttClient:
         """Messages acknowledged after their handlers (``ack="handled"``)."""
         self.acks_stale = 0
         """Deferred acks dropped because the connection they belonged to was gone."""
+        self.dispatched = 0
+        """Messages handed to handlers (or found unrouted), on the loop."""
+        self._last_activity = 0.0
+        """Loop time of the last message dispatched or deferred ack sent (:meth:`leave` waits for
+        quiet: an ack frees an in-flight slot, for which the broker sends the next queued message)."""
         self.unrouted = 0
         """Messages that matched no subscription (a resumed session delivers what the broker kept
         right after CONNACK: call :meth:`subscribe` before :meth:`start` so it finds its handler)."""
@@ -296,6 +314,8 @@ class MqttClient:
 
     async def _after_connect(self, session_present: bool) -> None:
         for sub in list(self._subs.values()):
+            if not sub.joined:
+                continue
             try:
                 await self._subscribe_now(sub)
             except MqttError as exc:
@@ -319,6 +339,9 @@ class MqttClient:
             log.info("mqtt_disconnected", client_id=self.config.client_id, reason_code=rc)
 
     def _dispatch(self, msg: Incoming, token: _AckToken | None = None) -> None:
+        assert self._loop is not None
+        self.dispatched += 1
+        self._last_activity = self._loop.time()
         deferred: list[Awaitable[None]] = []
         routed = False
         for sub in list(self._subs.values()):
@@ -360,6 +383,8 @@ class MqttClient:
 
     def _ack(self, token: _AckToken) -> None:
         """PUBACK a deferred message, only on the connection it arrived on (module docstring)."""
+        if self._loop is not None:
+            self._last_activity = self._loop.time()
         with self._ack_lock:
             if token.generation == self._generation:
                 self._client.ack(token.mid, token.qos)
@@ -577,6 +602,54 @@ class MqttClient:
             return
         await self._wait_ack(mid, self._waiters.sub, self._waiters.early_sub, timeout)
 
+    async def leave(self, *, quiet_s: float = 0.5, timeout: float = 30.0) -> Left:
+        """Leave every subscription at the broker and handle what this session was already given.
+
+        Each filter is unsubscribed at the broker, so from then on the broker gives new messages
+        to a shared group's other members (and sends this session no plain ones); the handlers
+        stay: the messages the broker had already assigned to this session (in flight or queued:
+        Mosquitto still delivers a session's queue after UNSUBSCRIBE) are handled and acknowledged
+        as before. Returns once for ``quiet_s`` no message has arrived and no deferred ack was sent
+        (an ack lets the broker send the next queued message) and none is being handled
+        (``complete``), or at ``timeout``: what is left then stays with the session while it lives
+        (delivered when the same client id connects again; ended, its senders re-send after their
+        ack timeout). A reconnect meanwhile does not subscribe again.
+        """
+        loop = asyncio.get_running_loop()
+        started, before = loop.time(), self.dispatched
+        deadline = started + timeout
+        for sub in [s for s in self._subs.values() if s.joined]:
+            sub.joined = False
+            if not self._connected.is_set():
+                continue
+            rc, mid = self._client.unsubscribe(sub.topic_filter)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                continue
+            with contextlib.suppress(MqttError):
+                await self._wait_ack(
+                    mid, self._waiters.sub, self._waiters.early_sub, max(0.1, deadline - loop.time())
+                )
+        self._last_activity = max(self._last_activity, loop.time())
+        complete = False
+        while loop.time() < deadline:
+            if self._handling:
+                await asyncio.wait(set(self._handling), timeout=max(0.0, deadline - loop.time()))
+                continue
+            idle = loop.time() - self._last_activity
+            if idle >= quiet_s:
+                complete = True
+                break
+            await asyncio.sleep(min(quiet_s - idle, max(0.0, deadline - loop.time())) + 0.001)
+        left = Left(self.dispatched - before, complete)
+        log.info(
+            "mqtt_left",
+            client_id=self.config.client_id,
+            handled=left.handled,
+            complete=complete,
+            seconds=round(loop.time() - started, 3),
+        )
+        return left
+
     async def close(self, *, timeout: float = 5.0, end_session: bool = False) -> None:
         """Disconnect cleanly (no Last Will is published) and stop the network thread.
 
@@ -649,6 +722,7 @@ __all__ = [
     "ACK_MODES",
     "AckMode",
     "Handler",
+    "Left",
     "MqttClient",
     "MqttConfig",
     "backoff_delay",

@@ -110,6 +110,18 @@ def add_worker_options(p: argparse.ArgumentParser, role: str) -> None:
     p.add_argument(
         "--rollout-interval", type=float, default=5.0, help="drive staged rollouts every N seconds"
     )
+    p.add_argument(
+        "--leave-timeout",
+        type=float,
+        default=20.0,
+        help="seconds: on SIGTERM, the longest spent handling what the broker already gave this worker",
+    )
+    p.add_argument(
+        "--worker-stale",
+        type=float,
+        default=15.0,
+        help="seconds: a worker silent this long is gone; the leader takes its broker session over",
+    )
 
 
 def serve_config(args: argparse.Namespace) -> Any:
@@ -124,7 +136,26 @@ def serve_config(args: argparse.Namespace) -> Any:
         timestamp_interval_s=args.timestamp_interval,
         passphrase=_passphrase(args),
         rollout_interval_s=args.rollout_interval,
+        leave_timeout_s=_positive(args.leave_timeout, "--leave-timeout"),
+        worker_stale_s=_stale(args.worker_stale),
     )
+
+
+def _stale(value: float) -> float:
+    from hub.sync.serve import LEADER_CHECK_S as check
+
+    if not value > 2 * check:
+        raise SystemExit(
+            f"edge-hub: --worker-stale {value:g}: must be more than {2 * check:g} s "
+            f"(twice the {check:g} s between a worker's registry renewals)"
+        )
+    return value
+
+
+def _positive(value: float, option: str) -> float:
+    if not value > 0:
+        raise SystemExit(f"edge-hub: {option} {value:g}: must be a positive number of seconds")
+    return value
 
 
 def _passphrase(args: argparse.Namespace) -> bytes | None:

@@ -218,7 +218,21 @@ AUDIT_PENDING = Migration(
     postgresql=(_AUDIT_PENDING.format(int="BIGINT", real="DOUBLE PRECISION", tail=""),),
 )
 
-MIGRATIONS = (CORE, ROLLOUTS, AUDIT_PENDING)
+_HUB_WORKERS = """CREATE TABLE IF NOT EXISTS hub_workers (
+    client_id TEXT NOT NULL PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid {int} NOT NULL,
+    seen {real} NOT NULL
+)"""
+
+HUB_WORKERS = Migration(
+    4,
+    "the workers' registry, for taking over a vanished worker's session (hub/sync/workers.py)",
+    sqlite=(_HUB_WORKERS.format(int="INTEGER", real="REAL"),),
+    postgresql=(_HUB_WORKERS.format(int="BIGINT", real="DOUBLE PRECISION"),),
+)
+
+MIGRATIONS = (CORE, ROLLOUTS, AUDIT_PENDING, HUB_WORKERS)
 LATEST = MIGRATIONS[-1].version
 
 _VERSION_TABLE = {

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,12 +47,17 @@ from hub.sync.blobs import BlobIndex, BlobServer
 from hub.sync.collect import Collector
 from hub.sync.leader import Leadership
 from hub.sync.meta import MetaPublisher, refresh_timestamp
+from hub.sync.rescue import Outcome, Rescue, take_over
 from hub.sync.store import HubStore
+from hub.sync.workers import Watch, WorkerRegistry
 
 if TYPE_CHECKING:
     from hub.rollout.controller import RolloutController
 
 log = get_logger(__name__)
+
+
+LEADER_CHECK_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +73,15 @@ class ServeConfig:
     passphrase: bytes | None = None
     rollout_interval_s: float = 5.0
     """How often the rollout controller looks at the stored rollouts (hub/rollout/controller.py)."""
-    leader_check_s: float = 2.0
-    """How often a worker checks (or takes) the leader's role (hub/sync/leader.py)."""
+    leader_check_s: float = LEADER_CHECK_S
+    """How often a worker checks (or takes) the leader's role (hub/sync/leader.py) and renews its
+    row in the workers' registry (hub/sync/workers.py)."""
+    leave_timeout_s: float = 20.0
+    """On SIGTERM: the longest a worker spends handling what its session was already given after
+    leaving its subscriptions (fleet/mqtt.py ``MqttClient.leave``)."""
+    worker_stale_s: float = 15.0
+    """A worker whose registry row is older than this is gone: the leader takes its session over
+    (hub/sync/rescue.py)."""
 
 
 class HubServer:
@@ -87,6 +101,13 @@ class HubServer:
         self.store: HubStore | None = None
         self.rollouts: RolloutController | None = None
         self.leadership: Leadership | None = None
+        self.registry: WorkerRegistry | None = None
+        self._watch = Watch(config.worker_stale_s)
+        self._rescues: dict[str, asyncio.Task[None]] = {}
+        self._rescue_after: dict[str, float] = {}
+        """client id -> wall time before which it is not taken over again (it took its session back)."""
+        self.rescued: list[tuple[str, Rescue]] = []
+        """Sessions this worker took over (tests, logs)."""
         self._stop = asyncio.Event()
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,6 +126,8 @@ class HubServer:
         if c.role == "all":
             self.store = await asyncio.to_thread(HubStore, c.db)
             self.leadership = Leadership(self.store.db)
+            self.registry = WorkerRegistry(self.store.db)
+            await self._heartbeat()
             self.meta = MetaPublisher(self.client, c.repo)
             self.collector = Collector(self.client, self.store)
             await self.collector.start()
@@ -143,6 +166,74 @@ class HubServer:
                 await self._check_leader()
             except Exception as exc:
                 log.error("hub_leader_check_failed", error=repr(exc))
+            await self._heartbeat()
+            self._supervise_blob_workers()
+            if self.leading and not self._closing:
+                try:
+                    await self._take_over_stale()
+                except Exception as exc:
+                    log.error("hub_worker_check_failed", error=repr(exc))
+
+    async def _heartbeat(self) -> None:
+        """Renew this worker's registry row (hub/sync/workers.py)."""
+        assert self.registry is not None
+        now = time.time()
+        try:
+            await asyncio.to_thread(
+                self.registry.seen, self.config.mqtt.client_id, socket.gethostname(), os.getpid(), now
+            )
+        except Exception as exc:
+            self._watch.failed()
+            log.warning("hub_worker_heartbeat_failed", error=repr(exc))
+            return
+        self._watch.wrote(now)
+
+    async def _take_over_stale(self) -> None:
+        """The leader: take over the session of every worker whose row went stale."""
+        assert self.registry is not None
+        now = time.time()
+        if not self._watch.may_judge(now):
+            return
+        stale = await asyncio.to_thread(self.registry.stale, now - self.config.worker_stale_s)
+        for client_id, host, pid, seen in stale:
+            if client_id == self.config.mqtt.client_id or client_id in self._rescues:
+                continue
+            if self._rescue_after.get(client_id, 0.0) > now:
+                continue
+            silent = round(now - seen, 1)
+            log.warning("hub_worker_gone", worker=client_id, host=host, pid=pid, silent_s=silent)
+            task = asyncio.get_running_loop().create_task(self._rescue(client_id))
+            self._rescues[client_id] = task
+            task.add_done_callback(functools.partial(self._rescue_done, client_id))
+
+    def _rescue_done(self, client_id: str, _task: asyncio.Task[None]) -> None:
+        self._rescues.pop(client_id, None)
+
+    async def _rescue(self, client_id: str) -> None:
+        assert self.store is not None and self.registry is not None
+        c = self.config
+        try:
+            result = await take_over(c.mqtt, client_id, self.store, c.repo, timeout=c.leave_timeout_s)
+        except Exception as exc:
+            log.error("hub_worker_takeover_failed", worker=client_id, error=repr(exc))
+            return
+        self.rescued.append((client_id, result))
+        log.info(
+            "hub_worker_taken_over", worker=client_id, outcome=result.outcome.value, handled=result.handled
+        )
+        if result.outcome is Outcome.ENDED:
+            await asyncio.to_thread(self.registry.gone, client_id, time.time() - c.worker_stale_s)
+        elif result.outcome is Outcome.TAKEN_BACK:
+            self._rescue_after[client_id] = time.time() + c.worker_stale_s
+
+    def _supervise_blob_workers(self) -> None:
+        """Start again a blob worker that exited while this process serves (same client id: it
+        resumes its session and answers what the broker kept for it)."""
+        for i, proc in enumerate(self._workers):
+            if self._closing or proc.poll() is None:
+                continue
+            log.warning("hub_blob_worker_exited", index=i, returncode=proc.returncode)
+            self._workers[i] = self._spawn_worker(i)
 
     async def _on_presence(self, msg: Incoming) -> None:
         """The leader keeps the retained presence true: another worker's Last Will said offline."""
@@ -177,6 +268,7 @@ class HubServer:
             "--ca", str(c.mqtt.ca_file), "--cert", str(c.mqtt.cert_file), "--key", str(c.mqtt.key_file),
             "--client-id", f"{c.mqtt.client_id}-blobs-{i}",
             "--backoff-min", str(c.mqtt.backoff_min_s), "--backoff-max", str(c.mqtt.backoff_max_s),
+            "--leave-timeout", str(c.leave_timeout_s), "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         # the database goes by environment (a URL may name a password; argv is public)
         return subprocess.Popen(argv, env={**os.environ, "EDGE_HUB_DB": str(c.db)})
@@ -235,7 +327,15 @@ class HubServer:
                     log.warning("meta_sync_failed", error=str(exc))
 
     async def close(self) -> None:
+        """Leave the broker's subscriptions, handle what this worker's session was already given,
+        then stop; the session and the registry row end only when that went quiet (otherwise the
+        worker's return or the leader's take-over handles the rest, hub/sync/rescue.py)."""
         self._closing = True
+        left = None
+        if self.client.is_connected:
+            for proc in self._workers:
+                proc.terminate()  # the blob workers leave their sessions at the same time
+            left = await self.client.leave(timeout=self.config.leave_timeout_s)
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)  # type: ignore[attr-defined]
         for task in self._tasks:
@@ -246,14 +346,22 @@ class HubServer:
             proc.terminate()
         for proc in self._workers:
             try:
-                proc.wait(10)
+                await asyncio.to_thread(proc.wait, self.config.leave_timeout_s + 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for task in list(self._rescues.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self.blobs.close()
         if self.config.role == "all" and self.leading and self.client.is_connected:
             with contextlib.suppress(MqttError):  # another worker takes over and announces itself
                 await self.client.publish(presence(False, ""), timeout=2)
-        await self.client.close(end_session=True)
+        ended = left is not None and left.complete
+        await self.client.close(end_session=ended)
+        if ended and self.registry is not None:
+            with contextlib.suppress(Exception):  # a stale row is taken over, handling nothing
+                await asyncio.to_thread(self.registry.gone, self.config.mqtt.client_id)
         if self.leadership is not None:
             self.leadership.release()
         if self.store is not None:
@@ -287,4 +395,4 @@ def presence(online: bool, session: str) -> Outgoing:
     )
 
 
-__all__ = ["HubServer", "ServeConfig", "presence"]
+__all__ = ["LEADER_CHECK_S", "HubServer", "ServeConfig", "presence"]

@@ -83,7 +83,7 @@ class HubProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(15)
+                self.proc.wait(40)  # it leaves first: up to --leave-timeout (20 s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.sync.broker import Broker
@@ -16,14 +17,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def spawn_hub(
-    broker: Broker, repo: Path, db: str | Path, client_id: str, log: Path
+    broker: Broker, repo: Path, db: str | Path, client_id: str, log: Path, extra: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
-    """``edge-hub serve`` (``python -m hub.cli serve``) with its log in ``log``; the database goes by
-    ``EDGE_HUB_DB`` as an operator would set it."""
+    """``edge-hub serve`` (``python -m hub.cli serve``, then ``extra`` options) with its log in
+    ``log``; the database goes by ``EDGE_HUB_DB`` as an operator would set it."""
     certdir = broker.certdir
     argv = [sys.executable, "-m", "hub.cli", "serve", "--repo", str(repo)]
     argv += ["--host", "127.0.0.1", "--port", str(broker.service_port), "--ca", str(certdir / "ca.crt")]
     argv += ["--cert", str(certdir / "hub.crt"), "--key", str(certdir / "hub.key"), "--client-id", client_id]
+    argv += list(extra)
     env = {**os.environ, "EDGE_HUB_DB": str(db), "PYTHONPATH": str(REPO_ROOT)}
     with log.open("ab") as out:
         return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -45,7 +47,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(20)
+            proc.wait(40)  # a worker leaving hands over what it holds first (--leave-timeout 20)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)

@@ -158,3 +158,45 @@ async def test_a_killed_shared_member_gets_its_unacked_messages_again(
         if again is not None:
             await again.kill()
     _ = Path
+
+
+async def test_leave_hands_new_messages_to_the_others_and_handles_what_was_queued(broker: Broker) -> None:
+    """Receive maximum 2, handlers held: most of a's share waits queued at the broker. After
+    ``leave()`` every new message goes to b, and a still handles (and acknowledges) its whole share."""
+    group = f"g{uuid.uuid4().hex[:8]}"
+    topic = f"edge/v1/test/{uuid.uuid4().hex[:12]}"
+    filter_ = f"$share/{group}/{topic}"
+    release = asyncio.Event()
+    got_a: list[str] = []
+    got_b: list[str] = []
+
+    async def on_a(msg: Incoming) -> None:
+        got_a.append(msg.payload.decode())
+        await release.wait()
+
+    async def on_b(msg: Incoming) -> None:
+        got_b.append(msg.payload.decode())
+
+    async with (
+        connected(broker, "hub", client_id=f"hub-la-{group}", receive_maximum=2) as a,
+        connected(broker, "hub", client_id=f"hub-lb-{group}") as b,
+        connected(broker, "operator", client_id=f"op-{group}") as op,
+    ):
+        await a.subscribe(filter_, on_a, qos=1, ack="handled")
+        await b.subscribe(filter_, on_b, qos=1, ack="handled")
+        first = [f"m{i}" for i in range(20)]
+        for payload in first:
+            await op.publish(Outgoing(topic, payload.encode(), qos=1))
+        await wait_for(lambda: len(got_a) == 2 and len(got_b) == 10, 30, "a holds two, b has its share")
+        leaving = asyncio.create_task(a.leave(quiet_s=0.5, timeout=30))
+        await asyncio.sleep(0.5)
+        later = [f"n{i}" for i in range(6)]
+        for payload in later:
+            await op.publish(Outgoing(topic, payload.encode(), qos=1))
+        await wait_for(lambda: len(got_b) == 16, 30, "every later message at b")
+        release.set()
+        left = await leaving
+        assert left.complete
+        assert sorted(got_a + got_b) == sorted(first + later)
+        assert len(got_a) == 10 and left.handled == 8  # a's share: 2 held + 8 queued at the broker
+        assert a.acks_deferred == 10 and a.acks_stale == 0
