@@ -4,7 +4,6 @@ both hub stores."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -34,17 +33,8 @@ def test_watch_judges_only_after_watching_a_whole_stale_period(
     assert watch.may_judge(now) is may
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        s = HubStore(tmp_path / "hub.db")
-    else:
-        s = HubStore(request.getfixturevalue("pg_cluster").new_database())
-    yield s
-    s.close()
-
-
-def test_rows_renew_go_stale_and_are_deleted_only_while_still_stale(store: HubStore) -> None:
+def test_rows_renew_go_stale_and_are_deleted_only_while_still_stale(hub_db: str | Path) -> None:
+    store = HubStore(hub_db)
     reg = WorkerRegistry(store.db)
     reg.seen("hub-a", "host-1", 10, 100.0)
     reg.seen("hub-b", "host-2", 20, 100.0)
@@ -58,3 +48,4 @@ def test_rows_renew_go_stale_and_are_deleted_only_while_still_stale(store: HubSt
     assert reg.gone("hub-a") is True
     assert reg.all() == []
     assert reg.gone("hub-a") is False
+    store.close()

@@ -20,7 +20,6 @@ from typing import Any
 
 import psutil
 import psycopg
-import pytest
 
 from agent.audit import AuditLog
 from agent.sync.audit_upload import AuditUploader
@@ -95,13 +94,10 @@ async def test_a_worker_stopped_while_holding_batches_stores_them_before_it_leav
         store.close()
 
 
-@pytest.mark.parametrize(
-    "engine", [pytest.param("sqlite", id="sqlite"), pytest.param("postgresql", id="postgresql")]
-)
 async def test_a_killed_worker_never_restarted_is_taken_over_by_the_leader(
-    own_broker: Broker, tmp_path: Path, pg_cluster: Any, engine: str
+    own_broker: Broker, tmp_path: Path, hub_db: str | Path
 ) -> None:
-    db: str | Path = pg_cluster.new_database() if engine == "postgresql" else tmp_path / "hub.db"
+    db = hub_db
     repo = new_repo(tmp_path / "repo")
     store = HubStore(db)
     key = DeviceKey.generate()
