@@ -183,6 +183,37 @@ class _PahoClient(paho.Client):
         return ssl_sock
 
 
+def paho_client(c: MqttConfig, *, manual_ack: bool = False) -> paho.Client:
+    """A paho MQTT 5 client set up from ``c``: TLS 1.2+ with the client certificate (its key checked
+    by :func:`check_private_key`), the in-flight and queue bounds, the Last Will. Callbacks and the
+    connection are the caller's (:class:`MqttClient`; the fleet simulator's one-loop client)."""
+    check_private_key(c.key_file)
+    client = _PahoClient(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=c.client_id,
+        protocol=paho.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(c.ca_file))
+    ctx.load_cert_chain(str(c.cert_file), str(c.key_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    client.tls_set_context(ctx)
+    client.max_inflight_messages_set(c.max_inflight)
+    client.max_queued_messages_set(c.max_queued)
+    if c.will is not None:
+        client.will_set(c.will.topic, c.will.payload, c.will.qos, c.will.retain)
+    return client
+
+
+def connect_properties(c: MqttConfig) -> Properties:
+    """CONNECT properties: the session expiry and the receive maximum (the session is persistent,
+    ``clean_start=False``, module docstring)."""
+    props = _properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = c.session_expiry_s
+    props.ReceiveMaximum = c.receive_maximum
+    return props
+
+
 class MqttClient:
     """An asyncio MQTT 5 client with its own reconnect loop. One per process identity."""
 
@@ -224,22 +255,8 @@ class MqttClient:
     # --- construction --------------------------------------------------------------------------
 
     def _make_client(self) -> paho.Client:
-        c = self.config
-        check_private_key(c.key_file)
-        client = _PahoClient(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=c.client_id,
-            protocol=paho.MQTTv5,
-            manual_ack=True,  # _cb_message acks at once unless an ack="handled" subscription matches
-        )
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(c.ca_file))
-        ctx.load_cert_chain(str(c.cert_file), str(c.key_file))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        client.tls_set_context(ctx)
-        client.max_inflight_messages_set(c.max_inflight)
-        client.max_queued_messages_set(c.max_queued)
-        if c.will is not None:
-            client.will_set(c.will.topic, c.will.payload, c.will.qos, c.will.retain)
+        # manual acks: _cb_message acks at once unless an ack="handled" subscription matches
+        client = paho_client(self.config, manual_ack=True)
         client.on_connect = self._cb_connect
         client.on_disconnect = self._cb_disconnect
         client.on_connect_fail = self._cb_connect_fail
@@ -427,12 +444,9 @@ class MqttClient:
 
     def _connect_async(self) -> None:
         c = self.config
-        props = _properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = c.session_expiry_s
-        props.ReceiveMaximum = c.receive_maximum
         self._schedule_backoff()
         self._client.connect_async(
-            c.host, c.port, keepalive=c.keepalive_s, clean_start=False, properties=props
+            c.host, c.port, keepalive=c.keepalive_s, clean_start=False, properties=connect_properties(c)
         )
         self._client.loop_start()
 
@@ -727,4 +741,6 @@ __all__ = [
     "MqttConfig",
     "backoff_delay",
     "check_private_key",
+    "connect_properties",
+    "paho_client",
 ]

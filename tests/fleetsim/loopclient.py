@@ -25,14 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fleet.errors import AckTimeout, MqttError, NotConnected, PublishRefused, SubscribeRefused
 from fleet.messages import Incoming, Outgoing
-from fleet.mqtt import MqttConfig, backoff_delay
+from fleet.mqtt import MqttConfig, backoff_delay, connect_properties, paho_client
 
 Handler = Callable[[Incoming], Awaitable[None] | None]
 CONNECTORS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fleetsim-connect")
@@ -65,16 +65,8 @@ class LoopClient:
         self._sock: Any = None
         self.connects = 0
         self.last_error: str | None = None
-        c = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=config.client_id,
-                        protocol=paho.MQTTv5)  # fmt: skip
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(config.ca_file))
-        ctx.load_cert_chain(str(config.cert_file), str(config.key_file))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        c.tls_set_context(ctx)
+        c = paho_client(config)
         c.connect_timeout = 60.0
-        c.max_inflight_messages_set(config.max_inflight)
-        if config.will is not None:
-            c.will_set(config.will.topic, config.will.payload, config.will.qos, config.will.retain)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -220,9 +212,7 @@ class LoopClient:
     async def _reconnect(self, *, later: bool) -> None:
         assert self._loop is not None
         c = self.config
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = c.session_expiry_s
-        props.ReceiveMaximum = c.receive_maximum
+        props = connect_properties(c)
         while not self._closing:
             if later or self._attempt:
                 await asyncio.sleep(backoff_delay(self._attempt, c.backoff_min_s, c.backoff_max_s))
