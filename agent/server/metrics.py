@@ -144,42 +144,41 @@ class Metrics:
         self.connections_limit = Gauge(
             "edge_agent_connections_limit", "max_connections of the API socket", registry=r
         )
-        self.connections_refused = Counter(
+        self.connections_refused = self._present_counter(
             "edge_agent_connections_refused",
             "Connections refused beyond max_connections: over_limit (503 and close), "
             "dropped (closed unread, beyond twice the limit)",
-            ["reason"],
-            registry=r,
+            "reason",
+            ("over_limit", "dropped"),
         )
-        self.request_timeouts = Counter(
+        self.request_timeouts = self._present_counter(
             "edge_agent_request_timeouts",
             "Connections closed by a timeout: idle (nothing sent), headers and body (408), "
             "write (the client stopped reading; aborted)",
-            ["phase"],
-            registry=r,
+            "phase",
+            ("idle", "headers", "body", "write"),
         )
-        self.requests_rejected = Counter(
+        self.requests_rejected = self._present_counter(
             "edge_agent_requests_rejected",
             "Requests answered with an error before the application saw them (malformed HTTP, "
             "oversized headers or request line, unknown Expect); not in edge_agent_requests_total",
-            ["status"],
-            registry=r,
+            "status",
+            (*_REJECTED, "other"),
         )
-        self.requests_throttled = Counter(
+        self.requests_throttled = self._present_counter(
             "edge_agent_requests_throttled",
             "Requests answered 429, by reason: rate_limit (the role's requests per minute), "
             "queue_full (the model's queue); also counted in edge_agent_requests_total",
-            ["reason"],
-            registry=r,
+            "reason",
+            ("rate_limit", "queue_full"),
         )
-        for reason in ("over_limit", "dropped"):
-            self.connections_refused.labels(reason)
-        for phase in ("idle", "headers", "body", "write"):
-            self.request_timeouts.labels(phase)
-        for status in (*_REJECTED, "other"):
-            self.requests_rejected.labels(status)
-        for reason in ("rate_limit", "queue_full"):
-            self.requests_throttled.labels(reason)
+
+    def _present_counter(self, name: str, doc: str, label: str, values: Sequence[str]) -> Counter:
+        """A counter with one label whose every value is exported at zero from the start."""
+        counter = Counter(name, doc, [label], registry=self.registry)
+        for value in values:
+            counter.labels(value)
+        return counter
 
     # -- agent.server.limits.LimitEvents ----------------------------------------------------------
 
