@@ -14,7 +14,11 @@ that passed through the device re-sending would run past its own deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,106 +39,103 @@ from tests.sync.test_hub_ack import NEVER_S, lock_waiters, new_log
 STALE = ("--worker-stale", "5")
 
 
-async def upload(
-    broker: Broker, store: HubStore, log: AuditLog, key: DeviceKey
-) -> tuple[MqttClient, AuditUploader]:
-    client = MqttClient(broker.client_config("dev-a"))
-    await client.start()
-    await client.wait_connected(10)
-    uploader = AuditUploader(
-        client, log, "dev-a", key.public.raw.hex(), batch_size=50, window=8, ack_timeout_s=NEVER_S
-    )
-    await uploader.start()
-    return client, uploader
+@dataclass
+class Setup:
+    """Two ``edge-hub serve`` workers (the first leads), one device with sealed records, its uploader."""
+
+    store: HubStore
+    log: AuditLog
+    hubs: list[subprocess.Popen[bytes]]
+    hub_logs: list[Path]
+    records: int
+    client: MqttClient | None = None
+    uploader: AuditUploader | None = None
+
+    async def upload(self, broker: Broker) -> AuditUploader:
+        key_hex = self.store.audit_keys("dev-a")[0]
+        self.client = MqttClient(broker.client_config("dev-a"))
+        await self.client.start()
+        await self.client.wait_connected(10)
+        self.uploader = AuditUploader(
+            self.client, self.log, "dev-a", key_hex, batch_size=50, window=8, ack_timeout_s=NEVER_S
+        )
+        await self.uploader.start()
+        return self.uploader
+
+    def all_stored_once(self) -> None:
+        assert self.uploader is not None and self.uploader.timeouts == 0  # the hub, not the device
+        assert self.store.audit_count("dev-a") == (self.records, self.records)
+        assert self.store.verify_device("dev-a") == (self.records, [])
+
+    def registered(self) -> list[str]:
+        return [w[0] for w in WorkerRegistry(self.store.db).all()]
+
+
+@contextlib.asynccontextmanager
+async def two_workers(
+    broker: Broker, tmp_path: Path, db: str | Path, prefix: str, records: int, extra: tuple[str, ...] = ()
+) -> AsyncIterator[Setup]:
+    repo = new_repo(tmp_path / "repo")
+    store = HubStore(db)
+    key = DeviceKey.generate()
+    store.register_key("dev-a", key.public.raw.hex())
+    setup = Setup(store, new_log(tmp_path / "audit.db", key, records), [], [], records)
+    try:
+        for i in range(2):
+            setup.hub_logs.append(tmp_path / f"hub{i}.log")
+            setup.hubs.append(spawn_hub(broker, repo.path, db, f"{prefix}{i}", setup.hub_logs[i], extra))
+            await asyncio.to_thread(wait_serving, setup.hubs[i], setup.hub_logs[i])
+        yield setup
+    finally:
+        if setup.uploader is not None:
+            await setup.uploader.close()
+        if setup.client is not None:
+            await setup.client.close()
+        setup.log.close()
+        for hub in setup.hubs:
+            stop(hub)
+        store.close()
 
 
 async def test_a_worker_stopped_while_holding_batches_stores_them_before_it_leaves(
     own_broker: Broker, tmp_path: Path, pg_cluster: Any
 ) -> None:
     url: str = pg_cluster.new_database()
-    repo = new_repo(tmp_path / "repo")
-    store = HubStore(url)
-    key = DeviceKey.generate()
-    store.register_key("dev-a", key.public.raw.hex())
-    records = 2000
-    log = new_log(tmp_path / "audit.db", key, records)
-    blocker = psycopg.connect(url)
-    blocker.execute("SELECT device FROM devices WHERE device = 'dev-a' FOR UPDATE")
-    hub_logs = [tmp_path / f"hub{i}.log" for i in range(2)]
-    hubs = []
-    client: MqttClient | None = None
-    uploader: AuditUploader | None = None
-    try:
-        for i in range(2):
-            hubs.append(spawn_hub(own_broker, repo.path, url, f"hub-t{i}", hub_logs[i]))
-            await asyncio.to_thread(wait_serving, hubs[i], hub_logs[i])
-        client, uploader = await upload(own_broker, store, log, key)
-        await wait_for(lambda: lock_waiters(url) >= 2, 60, "both workers blocked in their store")
-        hubs[1].send_signal(signal.SIGTERM)
-        await asyncio.sleep(8.0)  # longer than the 5 s the worker used to wait before ending its session
-        assert hubs[1].poll() is None, "the worker leaves only once it handled what it holds"
-        blocker.rollback()
-        assert await asyncio.to_thread(hubs[1].wait, 40) == 0
-        text = hub_logs[1].read_text()
+    async with two_workers(own_broker, tmp_path, url, "hub-t", 2000) as setup:
+        blocker = psycopg.connect(url)
+        try:
+            blocker.execute("SELECT device FROM devices WHERE device = 'dev-a' FOR UPDATE")
+            await setup.upload(own_broker)
+            await wait_for(lambda: lock_waiters(url) >= 2, 60, "both workers blocked in their store")
+            leaver = setup.hubs[1]
+            leaver.send_signal(signal.SIGTERM)
+            await asyncio.sleep(8.0)  # longer than the 5 s the worker used to wait before ending its session
+            assert leaver.poll() is None, "the worker leaves only once it handled what it holds"
+            blocker.rollback()
+        finally:
+            blocker.close()
+        assert await asyncio.to_thread(leaver.wait, 40) == 0
+        text = setup.hub_logs[1].read_text()
         assert '"mqtt_left"' in text and '"complete": true' in text, text[-2000:]
-        await wait_for(lambda: log.backlog() == 0, 120, "every record acknowledged")
-        assert uploader.timeouts == 0
-        assert store.audit_count("dev-a") == (records, records)
-        assert store.verify_device("dev-a") == (records, [])
-        assert [w[0] for w in WorkerRegistry(store.db).all()] == ["hub-t0"]  # the leaver's row went
-    finally:
-        if uploader is not None:
-            await uploader.close()
-        if client is not None:
-            await client.close()
-        blocker.close()
-        log.close()
-        for hub in hubs:
-            stop(hub)
-        store.close()
+        await wait_for(lambda: setup.log.backlog() == 0, 120, "every record acknowledged")
+        setup.all_stored_once()
+        assert setup.registered() == ["hub-t0"]  # the leaver's row went with its session
 
 
 async def test_a_killed_worker_never_restarted_is_taken_over_by_the_leader(
     own_broker: Broker, tmp_path: Path, hub_db: str | Path
 ) -> None:
-    db = hub_db
-    repo = new_repo(tmp_path / "repo")
-    store = HubStore(db)
-    key = DeviceKey.generate()
-    store.register_key("dev-a", key.public.raw.hex())
-    records = 3000
-    log = new_log(tmp_path / "audit.db", key, records)
-    hub_logs = [tmp_path / f"hub{i}.log" for i in range(2)]
-    hubs = []
-    client: MqttClient | None = None
-    uploader: AuditUploader | None = None
-    try:
-        for i in range(2):  # the first started leads
-            hubs.append(spawn_hub(own_broker, repo.path, db, f"hub-r{i}", hub_logs[i], STALE))
-            await asyncio.to_thread(wait_serving, hubs[i], hub_logs[i])
-        client, uploader = await upload(own_broker, store, log, key)
-        await wait_for(lambda: store.audit_count("dev-a")[0] >= records // 10, 60, "a tenth stored")
-        hubs[1].send_signal(signal.SIGKILL)
-        await asyncio.to_thread(hubs[1].wait, 10)
-        await wait_for(lambda: log.backlog() == 0, 120, "every record acknowledged")
-        assert uploader.timeouts == 0
-        assert store.audit_count("dev-a") == (records, records)
-        assert store.verify_device("dev-a") == (records, [])
-        leader = hub_logs[0].read_text()
+    async with two_workers(own_broker, tmp_path, hub_db, "hub-r", 3000, STALE) as setup:
+        await setup.upload(own_broker)
+        await wait_for(lambda: setup.store.audit_count("dev-a")[0] >= 300, 60, "a tenth stored")
+        setup.hubs[1].send_signal(signal.SIGKILL)
+        await asyncio.to_thread(setup.hubs[1].wait, 10)
+        await wait_for(lambda: setup.log.backlog() == 0, 120, "every record acknowledged")
+        setup.all_stored_once()
+        leader = setup.hub_logs[0].read_text()
         assert '"hub_worker_gone"' in leader and '"hub-r1"' in leader
         assert '"outcome": "ended"' in leader, leader[-3000:]
-        await wait_for(
-            lambda: [w[0] for w in WorkerRegistry(store.db).all()] == ["hub-r0"], 30, "the gone worker's row"
-        )
-    finally:
-        if uploader is not None:
-            await uploader.close()
-        if client is not None:
-            await client.close()
-        log.close()
-        for hub in hubs:
-            stop(hub)
-        store.close()
+        await wait_for(lambda: setup.registered() == ["hub-r0"], 30, "the gone worker's row deleted")
 
 
 def blob_children(pid: int) -> list[psutil.Process]:
