@@ -348,9 +348,9 @@ def render(args: argparse.Namespace, runs: list[Run], load: str) -> str:
 **Workers as separate hosts.** Each `edge-hub serve` worker runs in a cgroup of its own with a CPU
 quota of {quota} of one core ({quota_us(quota)} us per 100 ms period, bench/cpu_quota.py, cgroup
 v{find_layout().version}): this emulates workers on separate hosts, each with {quota} of a core, while
-PostgreSQL, Mosquitto and the simulator share the rest of the machine, unconstrained. The quota keeps
-the workers' CPU below what the machine has left, so the ratio shows the design's scaling rather than
-the machine's limit. "each worker" is the CPU each worker process used over the drain; "throttled
+PostgreSQL, Mosquitto and the simulator share the rest of the machine, unconstrained. While the
+total cores busy stay under the machine's, the ratio shows the design's scaling rather than the
+machine's limit. "each worker" is the CPU each worker process used over the drain; "throttled
 periods" the share of its 100 ms periods in which it used up its quota (cpu.stat). The unconstrained
 figures are in the section before.
 """
