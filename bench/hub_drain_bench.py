@@ -15,7 +15,14 @@ cores: the simulator's own publishing bounds the pace. Here the hub's ingest is 
    own ack timeout plays no part (nothing is sent again), and the frozen interval stays under the
    workers' keepalive (1.5 x 30 s) so no session is dropped.
 4. CPU seconds used during the drain by the hub workers, Mosquitto, PostgreSQL (the postmaster and
-   its backends) and the simulator (receiving acks) are read with psutil (bench/proc_cpu.py).
+   its backends) and the simulator (receiving acks) are read with psutil (bench/proc_cpu.py), for
+   each worker on its own.
+
+``--worker-cpu FRACTION`` emulates workers on separate hosts, each with FRACTION of a core: every
+worker process is put, right after it starts, in a cgroup of its own with that CPU quota
+(bench/cpu_quota.py; needs root and a writable cgroup cpu controller, refused otherwise), removed
+after the run. PostgreSQL, Mosquitto and the simulator share the rest of the machine unconstrained.
+The result goes to a section of its own, after the unconstrained one.
 
 The broker runs the shipped mosquitto.conf with one change, said in the output: the per-session
 queue caps (``max_queued_messages 10000``, ``max_queued_bytes 64 MiB``) are lifted, so a single
@@ -24,6 +31,8 @@ the measurement is of drops and re-sends; docs/operations.md 4.9). Rounds altern
 medians.
 
     .venv/bin/python bench/hub_drain_bench.py --boxes 1000 --records 200 --rounds 2 --write
+    .venv/bin/python bench/hub_drain_bench.py --boxes 1000 --records 1000 --rounds 3 \
+        --setups pg-1,pg-2 --worker-cpu 0.4 --write
 """
 
 from __future__ import annotations
@@ -37,11 +46,13 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import _report
+from cpu_quota import QuotaGroups, find_layout, quota_groups, quota_us
 from fleet_sim import broker_drops, cpu_name, raise_fd_limit
 from proc_cpu import CpuMeter, describe, load_average
 
@@ -49,6 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SECTION = "## Hub audit ingest, drained from the broker"
+SECTION_QUOTA = "## Hub audit ingest, workers as separate hosts (CPU quota per worker)"
+DEFAULT_SETUPS = "sqlite-1,pg-1,pg-2"
 KEEPALIVE_GRACE_S = 40.0
 """the longest the workers stay frozen: under 1.5 x the hub's 30 s keepalive"""
 
@@ -80,18 +93,63 @@ class Run:
     cpu: dict[str, float]
     drops: int
     batches: int
+    throttled: list[float] = field(default_factory=list)
+    """per worker under a quota: the share of the drain's CFS periods in which it was throttled"""
 
     @property
     def rate(self) -> float:
         return self.records / self.seconds
+
+    @property
+    def workers(self) -> list[float]:
+        """CPU seconds of each worker (with its children), in worker order."""
+        return [v for k, v in sorted(self.cpu.items()) if k.startswith("worker ")]
+
+    def cores(self, group: str) -> float | None:
+        """Cores busy over the drain: a group of ``cpu``, or "hub workers" (all workers)."""
+        if group == "hub workers":
+            return sum(self.workers) / self.seconds
+        return self.cpu[group] / self.seconds if group in self.cpu else None
 
 
 def postmaster_pid(pg: Any) -> int:
     return int((pg.data / "postmaster.pid").read_text().splitlines()[0])
 
 
+def throttled_share(before: dict[str, int], after: dict[str, int]) -> float:
+    """The share of CFS periods between two ``cpu.stat`` readings in which the group was throttled."""
+    periods = after["nr_periods"] - before["nr_periods"]
+    return (after["nr_throttled"] - before["nr_throttled"]) / periods if periods else 0.0
+
+
 async def one_run(
-    setup: str, r: int, fleet: Any, broker: Any, pg: Any, repo: Path, pki: Path, work: Path
+    setup: str,
+    r: int,
+    fleet: Any,
+    broker: Any,
+    pg: Any,
+    repo: Path,
+    pki: Path,
+    work: Path,
+    worker_cpu: float | None,
+) -> Run:
+    quotas: AbstractContextManager[QuotaGroups | None] = (
+        quota_groups(worker_cpu, f"hub-drain-{os.getpid()}") if worker_cpu else nullcontext()
+    )
+    with quotas as groups:
+        return await drain(setup, r, fleet, broker, pg, repo, pki, work, groups)
+
+
+async def drain(
+    setup: str,
+    r: int,
+    fleet: Any,
+    broker: Any,
+    pg: Any,
+    repo: Path,
+    pki: Path,
+    work: Path,
+    groups: QuotaGroups | None,
 ) -> Run:
     from hub.sync.store import HubStore
     from tests.fleetsim.fleet import HubProcess
@@ -104,15 +162,18 @@ async def one_run(
     HubStore(db).close()  # the schema, made once before the workers race for it
     fleet.register_keys(db)
     hubs = []
-    for i in range(int(workers)):
-        (run_dir / f"w{i}").mkdir()
-        hub = HubProcess(
-            repo, db, run_dir / f"w{i}", "127.0.0.1", broker.service_port, pki,
-            rollout_interval_s=60.0, client_id=f"hub-drain-{i}",
-        )  # fmt: skip
-        hub.start()
-        hubs.append(hub)
     try:
+        for i in range(int(workers)):
+            (run_dir / f"w{i}").mkdir()
+            hub = HubProcess(
+                repo, db, run_dir / f"w{i}", "127.0.0.1", broker.service_port, pki,
+                rollout_interval_s=60.0, client_id=f"hub-drain-{i}",
+            )  # fmt: skip
+            hubs.append(hub)  # before start: stopped in the finally whatever happens next
+            hub.start()
+            if groups is not None:  # before it serves: the drain runs wholly under the quota
+                assert hub.proc is not None
+                groups.place(f"w{i}", hub.proc.pid)
         for hub in hubs:
             await asyncio.to_thread(wait_serving, hub.proc, hub.work / "hub.log")
         await asyncio.sleep(1.0)  # settle: retained metadata delivered, presence published
@@ -134,14 +195,15 @@ async def one_run(
             frozen_s = time.monotonic() - frozen
             if frozen_s > KEEPALIVE_GRACE_S:
                 print(f"  warning: workers frozen {frozen_s:.0f} s (keepalive may drop them)", flush=True)
-            groups = {
-                "hub workers": [h.proc.pid for h in hubs],
+            measured = {
+                **{f"worker {i}": [h.proc.pid] for i, h in enumerate(hubs)},
                 "mosquitto": [broker.proc.pid],
                 **({"postgresql": [postmaster_pid(pg)]} if kind == "pg" else {}),
                 "simulator": [os.getpid()],
             }
-            meter = CpuMeter(groups)
+            meter = CpuMeter(measured)
             meter.start()
+            stats = [groups.stat(f"w{i}") for i in range(len(hubs))] if groups is not None else []
         finally:
             for hub in hubs:
                 os.kill(hub.proc.pid, signal.SIGCONT)
@@ -152,6 +214,8 @@ async def one_run(
                 raise TimeoutError(f"{setup}: {left} boxes not acknowledged after 300 s")
             await asyncio.sleep(0.01)
         wall, cpu = meter.stop()
+        after = [groups.stat(f"w{i}") for i in range(len(stats))] if groups is not None else []
+        throttled = [throttled_share(b, a) for b, a in zip(stats, after, strict=True)]
     finally:
         for hub in hubs:
             hub.stop()
@@ -166,10 +230,14 @@ async def one_run(
     stored, distinct = (int(x) for x in rows[0])
     if stored != total or distinct != total:
         raise RuntimeError(f"{setup}: {total} records sent, {stored} stored ({distinct} distinct)")
-    run = Run(setup, wall, total, publish_s, frozen_s, cpu, broker_drops(broker) - drops_before, len(batches))
+    run = Run(
+        setup, wall, total, publish_s, frozen_s, cpu, broker_drops(broker) - drops_before, len(batches),
+        throttled,
+    )  # fmt: skip
+    held = f"; throttled in {', '.join(f'{x:.0%}' for x in throttled)} of periods" if throttled else ""
     print(
         f"round {r} {setup}: {run.rate:,.0f} records/s ({wall:.2f} s; {len(batches)} batches published "
-        f"in {publish_s:.1f} s); cpu: {describe(wall, cpu)}; load {load_average()}",
+        f"in {publish_s:.1f} s); cpu: {describe(wall, cpu)}{held}; load {load_average()}",
         flush=True,
     )
     return run
@@ -221,7 +289,7 @@ async def main_async(args: argparse.Namespace, work: Path) -> list[Run]:
         for r in range(args.rounds):
             order = setups if r % 2 == 0 else setups[::-1]
             for setup in order:
-                runs.append(await one_run(setup, r, fleet, broker, pg, repo.path, pki, work))
+                runs.append(await one_run(setup, r, fleet, broker, pg, repo.path, pki, work, args.worker_cpu))
         connects = sum(b.stats.connects for b in fleet.boxes)
         if connects != args.boxes:
             print(f"note: {connects - args.boxes} box reconnects during the runs", flush=True)
@@ -238,18 +306,25 @@ def render(args: argparse.Namespace, runs: list[Run], load: str) -> str:
     for run in runs:
         by.setdefault(run.setup, []).append(run)
     med = {k: statistics.median(r.rate for r in v) for k, v in by.items()}
+    quota = args.worker_cpu
     names = {"sqlite-1": "1 worker, SQLite", "pg-1": "1 worker, PostgreSQL", "pg-2": "2 workers, PostgreSQL"}
     groups = ["hub workers", "mosquitto", "postgresql", "simulator"]
     cols = " | ".join(f"{g} (cores)" for g in groups)
-    head = f"| setup | records/s (median) | runs | {cols} | total cores |"
-    rows = [head, "|---|---:|---|" + "---:|" * (len(groups) + 1)]
+    extra = " worker quota (cores) | each worker (cores) | throttled periods |" if quota else ""
+    head = f"| setup | records/s (median) | runs |{extra} {cols} | total cores |"
+    rows = [head, "|---|---:|---|" + "---:|" * (len(groups) + 1 + (3 if quota else 0))]
     for k, v in by.items():
         mid = sorted(v, key=lambda x: x.rate)[len(v) // 2]
-        cores = [mid.cpu.get(g, 0.0) / mid.seconds for g in groups]
+        cores = [mid.cores(g) for g in groups]
+        each = ""
+        if quota:
+            per = " / ".join(f"{w / mid.seconds:.2f}" for w in mid.workers)
+            throttled = " / ".join(f"{t:.0%}" for t in mid.throttled)
+            each = f" {quota:.2f} | {per} | {throttled} |"
         rows.append(
-            f"| {names[k]} | {med[k]:,.0f} | {', '.join(f'{x.rate:,.0f}' for x in v)} | "
-            + " | ".join(f"{c:.2f}" if g in mid.cpu else "-" for c, g in zip(cores, groups, strict=True))
-            + f" | {sum(cores):.2f} |"
+            f"| {names[k]} | {med[k]:,.0f} | {', '.join(f'{x.rate:,.0f}' for x in v)} |{each} "
+            + " | ".join("-" if c is None else f"{c:.2f}" for c in cores)
+            + f" | {sum(c or 0.0 for c in cores):.2f} |"
         )
     ratios = []
     if "pg-1" in med and "pg-2" in med:
@@ -262,12 +337,27 @@ def render(args: argparse.Namespace, runs: list[Run], load: str) -> str:
     publish = statistics.median(r.publish_s for r in runs)
     command = (
         f".venv/bin/python bench/hub_drain_bench.py --boxes {args.boxes} --records {args.records} "
-        f"--rounds {args.rounds} --write"
+        f"--rounds {args.rounds}"
+        + (f" --setups {args.setups}" if args.setups != DEFAULT_SETUPS else "")
+        + (f" --worker-cpu {quota}" if quota else "")
+        + " --write"
     )
-    return f"""{SECTION}
+    emulation = ""
+    if quota:
+        emulation = f"""
+**Workers as separate hosts.** Each `edge-hub serve` worker runs in a cgroup of its own with a CPU
+quota of {quota} of one core ({quota_us(quota)} us per 100 ms period, bench/cpu_quota.py, cgroup
+v{find_layout().version}): this emulates workers on separate hosts, each with {quota} of a core, while
+PostgreSQL, Mosquitto and the simulator share the rest of the machine, unconstrained. While the
+total cores busy stay under the machine's, the ratio shows the design's scaling rather than the
+machine's limit. "each worker" is the CPU each worker process used over the drain; "throttled
+periods" the share of its 100 ms periods in which it used up its quota (cpu.stat). The unconstrained
+figures are in the section before.
+"""
+    return f"""{SECTION_QUOTA if quota else SECTION}
 
     {command}
-
+{emulation}
 {args.boxes} simulated boxes x {args.records} sealed, signed records ({runs[0].batches} batches of at most
 1,000, each signed at its last record, as the device sends them; published in {publish:.1f} s, median)
 queued at the broker while the hub workers are frozen (SIGSTOP), then drained: the clock runs from SIGCONT
@@ -291,8 +381,19 @@ def main() -> int:
     parser.add_argument("--boxes", type=int, default=1000)
     parser.add_argument("--records", type=int, default=200, help="per box")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--setups", default="sqlite-1,pg-1,pg-2")
+    parser.add_argument("--setups", default=DEFAULT_SETUPS)
+    parser.add_argument(
+        "--worker-cpu", type=float, default=None, metavar="FRACTION",
+        help="each worker in a cgroup of its own with FRACTION of one core (workers as separate "
+        f"hosts); --write then replaces '{SECTION_QUOTA}'",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.worker_cpu is not None:
+        try:  # refused before the fleet is set up, not after
+            quota_us(args.worker_cpu)
+            find_layout()
+        except (ValueError, RuntimeError) as e:
+            parser.error(f"--worker-cpu: {e}")
     raise_fd_limit()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="hub-drain-"))
@@ -300,7 +401,10 @@ def main() -> int:
         runs = asyncio.run(main_async(args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _report.report(SECTION, render(args, runs, load_average()), write=args.write)
+    if args.worker_cpu:
+        _report.report(SECTION_QUOTA, render(args, runs, load_average()), write=args.write, after=SECTION)
+    else:
+        _report.report(SECTION, render(args, runs, load_average()), write=args.write)
     return 0
 
 
