@@ -24,6 +24,7 @@ from typing import Any
 
 import psutil
 import psycopg
+import pytest
 
 from agent.audit import AuditLog
 from agent.sync.audit_upload import AuditUploader
@@ -122,20 +123,26 @@ async def test_a_worker_stopped_while_holding_batches_stores_them_before_it_leav
         assert setup.registered() == ["hub-t0"]  # the leaver's row went with its session
 
 
+@pytest.mark.parametrize(
+    "victim", [pytest.param(1, id="kill-the-other-worker"), pytest.param(0, id="kill-the-leader")]
+)
 async def test_a_killed_worker_never_restarted_is_taken_over_by_the_leader(
-    own_broker: Broker, tmp_path: Path, hub_db: str | Path
+    own_broker: Broker, tmp_path: Path, hub_db: str | Path, victim: int
 ) -> None:
+    """The survivor (the leader, or the worker that becomes it) takes the dead one's session over."""
     async with two_workers(own_broker, tmp_path, hub_db, "hub-r", 3000, STALE) as setup:
         await setup.upload(own_broker)
         await wait_for(lambda: setup.store.audit_count("dev-a")[0] >= 300, 60, "a tenth stored")
-        setup.hubs[1].send_signal(signal.SIGKILL)
-        await asyncio.to_thread(setup.hubs[1].wait, 10)
+        setup.hubs[victim].send_signal(signal.SIGKILL)
+        await asyncio.to_thread(setup.hubs[victim].wait, 10)
         await wait_for(lambda: setup.log.backlog() == 0, 120, "every record acknowledged")
         setup.all_stored_once()
-        leader = setup.hub_logs[0].read_text()
-        assert '"hub_worker_gone"' in leader and '"hub-r1"' in leader
-        assert '"outcome": "ended"' in leader, leader[-3000:]
-        await wait_for(lambda: setup.registered() == ["hub-r0"], 30, "the gone worker's row deleted")
+        survivor = setup.hub_logs[1 - victim].read_text()
+        assert '"hub_worker_gone"' in survivor and f'"hub-r{victim}"' in survivor
+        assert '"outcome": "ended"' in survivor, survivor[-3000:]
+        await wait_for(
+            lambda: setup.registered() == [f"hub-r{1 - victim}"], 30, "the gone worker's row deleted"
+        )
 
 
 def blob_children(pid: int) -> list[psutil.Process]:
