@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fleet.errors import MqttError
 from fleet.log import get_logger
+from fleet.messages import HUB_PRESENCE, Incoming, meta_topic
 from fleet.mqtt import Left, MqttClient, MqttConfig
 from hub.sync.blobs import BlobIndex, BlobServer
 from hub.sync.collect import Collector
@@ -55,7 +56,11 @@ class Outcome(enum.Enum):
 class Rescue:
     outcome: Outcome
     handled: int
-    """Messages handled from the taken-over session."""
+    """Messages handled from the taken-over session (every one its client received)."""
+
+
+async def _ignore(_msg: Incoming) -> None:
+    return None
 
 
 async def take_over(
@@ -73,6 +78,8 @@ async def take_over(
     blobs = BlobServer(client, BlobIndex(repo / "targets"))
     await blobs.start()
     await collector.start()
+    # the worker's plain subscription to the hub's presence (its own leader logic, not the rescue's)
+    await client.subscribe(meta_topic(HUB_PRESENCE), _ignore, qos=1)
     lost: asyncio.Task[None] | None = None
     leaving: asyncio.Task[Left] | None = None
     end = False
@@ -89,7 +96,8 @@ async def take_over(
             return Rescue(Outcome.TAKEN_BACK, client.dispatched)
         left = leaving.result()
         end = left.complete and client.is_connected
-        return Rescue(Outcome.ENDED if end else Outcome.INCOMPLETE, left.handled)
+        # the session's kept messages arrive right after CONNACK, before leave() starts counting
+        return Rescue(Outcome.ENDED if end else Outcome.INCOMPLETE, client.dispatched)
     finally:
         for task in (lost, leaving):
             if task is not None and not task.done():

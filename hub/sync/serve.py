@@ -109,6 +109,7 @@ class HubServer:
         self.rescued: list[tuple[str, Rescue]] = []
         """Sessions this worker took over (tests, logs)."""
         self._stop = asyncio.Event()
+        self._announcing = asyncio.Lock()
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduler: object | None = None
@@ -236,8 +237,13 @@ class HubServer:
             self._workers[i] = self._spawn_worker(i)
 
     async def _on_presence(self, msg: Incoming) -> None:
-        """The leader keeps the retained presence true: another worker's Last Will said offline."""
-        if not self.leading or not msg.payload or self._closing:
+        """The leader keeps the retained presence true: another worker's Last Will said offline.
+
+        A *retained* offline presence (sent on subscribing, i.e. on every reconnect) needs no
+        answer: the leader announces after every connect anyway (``_announce`` hook) and on taking
+        the role; answering it too made one broker restart announce two or three sessions, and
+        every box re-asks its chunk requests per announce."""
+        if not self.leading or not msg.payload or self._closing or msg.retain:
             return
         try:
             seen = HubPresence.decode(msg.payload)
@@ -251,13 +257,15 @@ class HubServer:
         hooks run)."""
         if not self.leading:
             return
-        self.session = os.urandom(8).hex()
-        try:
-            await self.client.publish(presence(True, self.session))
-        except MqttError as exc:
-            log.warning("hub_presence_failed", error=str(exc))
-            return
-        log.info("hub_presence", session=self.session)
+        async with self._announcing:  # one at a time: each logs the session it published
+            session = os.urandom(8).hex()
+            try:
+                await self.client.publish(presence(True, session))
+            except MqttError as exc:
+                log.warning("hub_presence_failed", error=str(exc))
+                return
+            self.session = session
+            log.info("hub_presence", session=session)
 
     def _spawn_worker(self, i: int) -> subprocess.Popen[bytes]:
         c = self.config

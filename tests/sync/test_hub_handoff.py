@@ -71,6 +71,16 @@ class Setup:
     def registered(self) -> list[str]:
         return [w[0] for w in WorkerRegistry(self.store.db).all()]
 
+    async def close(self) -> None:
+        if self.uploader is not None:
+            await self.uploader.close()
+        if self.client is not None:
+            await self.client.close()
+        self.log.close()
+        for hub in self.hubs:
+            stop(hub)
+        self.store.close()
+
 
 @contextlib.asynccontextmanager
 async def two_workers(
@@ -88,14 +98,7 @@ async def two_workers(
             await asyncio.to_thread(wait_serving, setup.hubs[i], setup.hub_logs[i])
         yield setup
     finally:
-        if setup.uploader is not None:
-            await setup.uploader.close()
-        if setup.client is not None:
-            await setup.client.close()
-        setup.log.close()
-        for hub in setup.hubs:
-            stop(hub)
-        store.close()
+        await setup.close()
 
 
 async def test_a_worker_stopped_while_holding_batches_stores_them_before_it_leaves(
