@@ -132,12 +132,13 @@ async def one_run(
     pki: Path,
     work: Path,
     worker_cpu: float | None,
+    states: int = 0,
 ) -> Run:
     quotas: AbstractContextManager[QuotaGroups | None] = (
         quota_groups(worker_cpu, f"hub-drain-{os.getpid()}") if worker_cpu else nullcontext()
     )
     with quotas as groups:
-        return await drain(setup, r, fleet, broker, pg, repo, pki, work, groups)
+        return await drain(setup, r, fleet, broker, pg, repo, pki, work, groups, states)
 
 
 async def drain(
@@ -150,7 +151,10 @@ async def drain(
     pki: Path,
     work: Path,
     groups: QuotaGroups | None,
+    states: int = 0,
 ) -> Run:
+    """One drain; of audit batches, or with ``states`` of that many state reports per box (each
+    worker reads every report: plain subscription), done when every box's last is stored."""
     from hub.sync.store import HubStore
     from tests.fleetsim.fleet import HubProcess
     from tests.sync.hub_workers import wait_serving
@@ -185,11 +189,19 @@ async def drain(
         drops_before = broker_drops(broker)
         total = sum(len(b.records) for b in fleet.boxes)
         batches = [(b, m) for b in fleet.boxes for m in b.audit_batches()]
+        if states:
+            total, batches = len(fleet.boxes) * states, []
         for hub in hubs:
             os.kill(hub.proc.pid, signal.SIGSTOP)
         frozen = time.monotonic()
         try:
-            await asyncio.gather(*(b.client.publish(m, timeout=60.0) for b, m in batches))
+            if states:
+                for k in range(states):
+                    await asyncio.gather(
+                        *(b.publish_state(force=True, at=STATE_MARK + k) for b in fleet.boxes)
+                    )
+            else:
+                await asyncio.gather(*(b.client.publish(m, timeout=60.0) for b, m in batches))
             publish_s = time.monotonic() - frozen
             await asyncio.sleep(1.0)  # the broker has them (PUBACK); let it finish queueing
             frozen_s = time.monotonic() - frozen
@@ -208,7 +220,9 @@ async def drain(
             for hub in hubs:
                 os.kill(hub.proc.pid, signal.SIGCONT)
         deadline = time.monotonic() + 300
-        while any(b.uploaded < len(b.records) for b in fleet.boxes):
+        if states:
+            await last_states_stored(db, len(fleet.boxes), STATE_MARK + states - 1, deadline)
+        while not states and any(b.uploaded < len(b.records) for b in fleet.boxes):
             if time.monotonic() > deadline:
                 left = sum(b.uploaded < len(b.records) for b in fleet.boxes)
                 raise TimeoutError(f"{setup}: {left} boxes not acknowledged after 300 s")
@@ -219,6 +233,14 @@ async def drain(
     finally:
         for hub in hubs:
             hub.stop()
+    if states:
+        run = Run(setup, wall, total, publish_s, frozen_s, cpu, broker_drops(broker) - drops_before, 0, [])
+        print(
+            f"round {r} {setup}: {run.rate:,.0f} state reports/s ({wall:.2f} s; {total} published in "
+            f"{publish_s:.1f} s); cpu: {describe(wall, cpu)}; load {load_average()}",
+            flush=True,
+        )
+        return run
     refused = [x for b in fleet.boxes for x in b.stats.refusals if x.startswith("audit")]
     if refused:
         raise RuntimeError(f"{setup}: {len(refused)} audit refusals, e.g. {refused[:3]}")
@@ -241,6 +263,30 @@ async def drain(
         flush=True,
     )
     return run
+
+
+STATE_MARK = 1_000_000.0
+"""``last_sync`` of the first state report of a state drain (the last is ``STATE_MARK + states - 1``)."""
+
+
+async def last_states_stored(db: str | Path, boxes: int, last: float, deadline: float) -> None:
+    """Until every box's stored state is its last report (one cheap query per poll)."""
+    from hub.sync.store import HubStore
+
+    store = HubStore(db)
+    pattern = f'%"last_sync":{last!r},%'
+    try:
+        while True:
+            rows = await asyncio.to_thread(
+                store.db.query, "SELECT COUNT(*) FROM devices WHERE state LIKE ?", (pattern,)
+            )
+            if int(rows[0][0]) == boxes:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{int(rows[0][0])} of {boxes} boxes' last state stored after 300 s")
+            await asyncio.sleep(0.05)
+    finally:
+        store.close()
 
 
 async def main_async(args: argparse.Namespace, work: Path) -> list[Run]:
@@ -289,7 +335,11 @@ async def main_async(args: argparse.Namespace, work: Path) -> list[Run]:
         for r in range(args.rounds):
             order = setups if r % 2 == 0 else setups[::-1]
             for setup in order:
-                runs.append(await one_run(setup, r, fleet, broker, pg, repo.path, pki, work, args.worker_cpu))
+                runs.append(
+                    await one_run(
+                        setup, r, fleet, broker, pg, repo.path, pki, work, args.worker_cpu, args.states
+                    )
+                )
         connects = sum(b.stats.connects for b in fleet.boxes)
         if connects != args.boxes:
             print(f"note: {connects - args.boxes} box reconnects during the runs", flush=True)
@@ -387,7 +437,15 @@ def main() -> int:
         help="each worker in a cgroup of its own with FRACTION of one core (workers as separate "
         f"hosts); --write then replaces '{SECTION_QUOTA}'",
     )  # fmt: skip
+    parser.add_argument(
+        "--states", type=int, default=0, metavar="N",
+        help="drain N state reports per box instead of audit batches (printed only, no --write)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.states and args.write:
+        parser.error("--states: the state drain is printed only (no --write)")
+    if args.states < 0:
+        parser.error("--states: must be 0 or more")
     if args.worker_cpu is not None:
         try:  # refused before the fleet is set up, not after
             quota_us(args.worker_cpu)
@@ -401,6 +459,13 @@ def main() -> int:
         runs = asyncio.run(main_async(args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.states:
+        by: dict[str, list[float]] = {}
+        for run in runs:
+            by.setdefault(run.setup, []).append(run.rate)
+        for setup, rates in by.items():
+            print(f"{setup}: median {statistics.median(rates):,.0f} state reports/s over {len(rates)} runs")
+        return 0
     if args.worker_cpu:
         _report.report(SECTION_QUOTA, render(args, runs, load_average()), write=args.write, after=SECTION)
     else:

@@ -14,7 +14,8 @@ acknowledges the highest contiguous seq (hub/sync/store.py); no worker waits for
 ``$share/hub/.../events``; once an event is stored (or found already stored) its id is
 acknowledged on ``edge/v1/devices/<id>/events/ack`` (:class:`~fleet.messages.EventAck`, the ids
 of a short moment together), and only then does it leave the device's outbox. State and status are
-read with a plain subscription; devices never retain them (the broker refuses a retained publish by
+read with a plain subscription (state reports written in batches, the newest per device:
+hub/sync/latest.py); devices never retain them (the broker refuses a retained publish by
 a device, mosquitto/edge_acl.c), so the store keeps the inventory across hub restarts and devices
 send their state after every connect. A message that still arrives retained on a device topic (left
 by an agent older than this rule) is recorded and then cleared.
@@ -38,6 +39,7 @@ to the device's outbox (re-sent after its ack timeout). Any other failure is log
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 from typing import TypeVar
@@ -62,6 +64,7 @@ from fleet.messages import (
 )
 from fleet.mqtt import MqttClient
 from hub.sync.db import DatabaseUnavailable
+from hub.sync.latest import LatestWriter
 from hub.sync.store import HubStore
 
 log = get_logger(__name__)
@@ -97,7 +100,8 @@ class Collector:
         self.store = store
         self.on_event = on_event
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._state_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.states: LatestWriter[str, StateReport] = LatestWriter(store.record_states, "device_state")
+        """Reported states, the newest per device, written in batches (hub/sync/latest.py)."""
         self._acks: defaultdict[str, list[str]] = defaultdict(list)
         self._ack_tasks: dict[str, asyncio.Task[None]] = {}
         self.batches = 0
@@ -114,6 +118,13 @@ class Collector:
         await self.client.subscribe(events, self._on_event, qos=1, ack="handled")
         await self.client.subscribe(f"{PREFIX}/devices/+/state", self._on_state, qos=1)
         await self.client.subscribe(f"{PREFIX}/devices/+/status", self._on_status, qos=1)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Write the state reports still pending (for up to ``timeout``), then stop the writer."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.states.flushed(), timeout)
+        await self.states.close()
+        log.info("state_writer_stats", transactions=self.states.writes, reports=self.states.values)
 
     async def _on_audit(self, msg: Incoming) -> None:
         try:
@@ -184,10 +195,7 @@ class Collector:
         if report.device != device:
             log.warning("state_for_other_device", topic=msg.topic, claimed=report.device)
             return
-        # One device's reports are stored in arrival order (a burst would otherwise race in the
-        # thread pool and leave an older report as the device's state).
-        async with self._state_locks[device]:
-            await asyncio.to_thread(self.store.record_state, device, report)
+        self.states.put(device, report)  # the newest per device, many in one transaction
         await self._clear_retained(msg)
 
     async def _on_status(self, msg: Incoming) -> None:

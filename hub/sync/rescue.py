@@ -105,6 +105,7 @@ async def take_over(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await client.close(end_session=end)
+        await collector.close()
         blobs.close()
 
 

@@ -370,6 +370,8 @@ class HubServer:
         if ended and self.registry is not None:
             with contextlib.suppress(Exception):  # a stale row is taken over, handling nothing
                 await asyncio.to_thread(self.registry.gone, self.config.mqtt.client_id)
+        if self.collector is not None:
+            await self.collector.close()
         if self.leadership is not None:
             self.leadership.release()
         if self.store is not None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,13 +357,20 @@ class HubStore:
     # --- inventory and events ----------------------------------------------------------------
 
     def record_state(self, device: str, report: StateReport, now: float | None = None) -> None:
-        if report.device != device:
+        self.record_states([(device, report)], now)
+
+    def record_states(self, reports: Sequence[tuple[str, StateReport]], now: float | None = None) -> None:
+        """Store each device's reported state, all in one transaction (a report naming another
+        device than its key is skipped)."""
+        at = time.time() if now is None else now
+        rows = [(device, r.encode().decode(), at) for device, r in reports if r.device == device]
+        if not rows:
             return
         with self._tx() as conn:
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO devices (device, state, seen) VALUES (?, ?, ?) "
                 "ON CONFLICT (device) DO UPDATE SET state = excluded.state, seen = excluded.seen",
-                (device, report.encode().decode(), time.time() if now is None else now),
+                rows,
             )
 
     def record_status(self, device: str, online: bool, now: float | None = None) -> None:
