@@ -81,7 +81,9 @@ def test_kill9_under_load_loses_no_completed_request(tmp_path: Path, gemma_path:
         completed: list[str] = []
         lock = threading.Lock()
         stop = threading.Event()
-        env = {"EDGE_AGENT_ENGINE__N_THREADS": "2", "EDGE_AGENT_AUDIT__CHECKPOINT_EVERY": "3"}
+        # one engine thread: two spin at llama.cpp's barriers when the cores are busy (under two CPU
+        # hogs a 3-token completion took 4.3-7.9 s with two, 0.5-1.0 s with one)
+        env = {"EDGE_AGENT_ENGINE__N_THREADS": "1", "EDGE_AGENT_AUDIT__CHECKPOINT_EVERY": "3"}
         with running_daemon(state, gemma_path, env=env) as d:  # checkpoints get killed mid-way too
             threads = [
                 threading.Thread(target=client_loop, args=(d.socket, i % 2 == 1, stop, completed, lock))
