@@ -26,6 +26,15 @@ def audit_actions(log: AuditLog) -> list[dict[str, object]]:
     return [s.record() for s in log.iter_records()]
 
 
+def trusted_timestamp_version(state: Path) -> int | None:
+    """The version of the timestamp the device's registry trusts (its TUF metadata on disk)."""
+    try:
+        raw = (state / "registry" / "metadata" / "timestamp.json").read_bytes()
+        return int(json.loads(raw)["signed"]["version"])
+    except (OSError, ValueError, KeyError):  # not there yet, or being replaced
+        return None
+
+
 async def test_refusals_are_audited_and_a_pushed_policy_is_applied(
     own_broker: Broker, tmp_path: Path
 ) -> None:
@@ -85,14 +94,25 @@ async def test_refusals_are_audited_and_a_pushed_policy_is_applied(
             await wait_for(lambda: sync.rounds >= 1 and sync.last_sync is not None, 60, "the first sync")
             injector.cancel()
             assert (state / "registry" / "blobs" / "sha256" / manifest.sha256).is_file()
-            refused = [r for r in audit_actions(audit) if r["action"] == "sync.refused"]
-            assert any(r["reason"] == "chunk_hash_mismatch" for r in refused)
+            # The service submits its refusals to the audit writer thread without waiting for them.
+            await wait_for(
+                lambda: any(
+                    r["action"] == "sync.refused" and r["reason"] == "chunk_hash_mismatch"
+                    for r in audit_actions(audit)
+                ),
+                10,
+                "the audited chunk_hash_mismatch",
+            )
 
             # A newer timestamp is trusted; then a rogue re-publishes the stale one.
-            refresh_timestamp(repo.path)
+            synced = sync.last_sync
+            fresh = refresh_timestamp(repo.path)
             await hub.meta.sync()
-            rounds = sync.rounds
-            await wait_for(lambda: sync.rounds > rounds, 30, "a refresh on the new timestamp")
+            await wait_for(  # a round that started is not yet one that trusts the new timestamp
+                lambda: sync.last_sync != synced and trusted_timestamp_version(state) == fresh,
+                30,
+                "a refresh on the new timestamp",
+            )
             await rogue.publish(Outgoing(meta_topic("timestamp.json"), stale, retain=True))
             await wait_for(
                 lambda: any(e.status == "metadata_refused" for e in sync.events_sent), 30, "the refusal event"
