@@ -102,6 +102,9 @@ class Collector:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.states: LatestWriter[str, StateReport] = LatestWriter(store.record_states, "device_state")
         """Reported states, the newest per device, written in batches (hub/sync/latest.py)."""
+        self.statuses: LatestWriter[str, bool] = LatestWriter(store.record_statuses, "device_status")
+        """Online/offline, likewise (one writer: a device's statuses are stored in arrival order;
+        written each in its own thread, a Will's offline could land after the online that followed)."""
         self._acks: defaultdict[str, list[str]] = defaultdict(list)
         self._ack_tasks: dict[str, asyncio.Task[None]] = {}
         self.batches = 0
@@ -120,11 +123,12 @@ class Collector:
         await self.client.subscribe(f"{PREFIX}/devices/+/status", self._on_status, qos=1)
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Write the state reports still pending (for up to ``timeout``), then stop the writer."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.states.flushed(), timeout)
-        await self.states.close()
-        log.info("state_writer_stats", transactions=self.states.writes, reports=self.states.values)
+        """Write the states and statuses still pending (up to ``timeout`` each), then stop the writers."""
+        for writer in (self.states, self.statuses):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(writer.flushed(), timeout)
+            await writer.close()
+            log.info("writer_stats", writer=writer.name, transactions=writer.writes, values=writer.values)
 
     async def _on_audit(self, msg: Incoming) -> None:
         try:
@@ -207,7 +211,7 @@ class Collector:
         except ProtocolError:
             return
         if claimed == device:
-            await asyncio.to_thread(self.store.record_status, device, online)
+            self.statuses.put(device, online)  # in arrival order: a Will's offline, then online
         await self._clear_retained(msg)
 
     async def _clear_retained(self, msg: Incoming) -> None:

@@ -374,11 +374,18 @@ class HubStore:
             )
 
     def record_status(self, device: str, online: bool, now: float | None = None) -> None:
+        self.record_statuses([(device, online)], now)
+
+    def record_statuses(self, statuses: Sequence[tuple[str, bool]], now: float | None = None) -> None:
+        """Store each device's online status, all in one transaction."""
+        if not statuses:
+            return
+        at = time.time() if now is None else now
         with self._tx() as conn:
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO devices (device, online, seen) VALUES (?, ?, ?) "
                 "ON CONFLICT (device) DO UPDATE SET online = excluded.online, seen = excluded.seen",
-                (device, int(online), time.time() if now is None else now),
+                [(device, int(online), at) for device, online in statuses],
             )
 
     def record_event(self, device: str, event: Event, now: float | None = None) -> bool:

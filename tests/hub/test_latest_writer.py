@@ -94,3 +94,14 @@ def test_record_states_writes_many_in_one_call_and_skips_a_foreign_report(tmp_pa
         assert rows["dev-b"].state is not None and rows["dev-b"].state.selected_model == "m2"
     finally:
         store.close()
+
+
+def test_record_statuses_writes_many_in_one_call(tmp_path: Path) -> None:
+    store = HubStore(tmp_path / "hub.db")
+    try:
+        store.record_statuses([("dev-a", False), ("dev-b", True)], now=10.0)
+        store.record_statuses([("dev-a", True)], now=11.0)
+        rows = {d.device: (d.online, d.seen) for d in store.devices()}
+        assert rows == {"dev-a": (True, 11.0), "dev-b": (True, 10.0)}
+    finally:
+        store.close()
