@@ -122,23 +122,9 @@ def throttled_share(before: dict[str, int], after: dict[str, int]) -> float:
     return (after["nr_throttled"] - before["nr_throttled"]) / periods if periods else 0.0
 
 
-async def one_run(
-    setup: str,
-    r: int,
-    fleet: Any,
-    broker: Any,
-    pg: Any,
-    repo: Path,
-    pki: Path,
-    work: Path,
-    worker_cpu: float | None,
-    states: int = 0,
-) -> Run:
-    quotas: AbstractContextManager[QuotaGroups | None] = (
-        quota_groups(worker_cpu, f"hub-drain-{os.getpid()}") if worker_cpu else nullcontext()
-    )
-    with quotas as groups:
-        return await drain(setup, r, fleet, broker, pg, repo, pki, work, groups, states)
+def quotas(worker_cpu: float | None) -> AbstractContextManager[QuotaGroups | None]:
+    """A cgroup per worker with ``worker_cpu`` of a core for one run, or none."""
+    return quota_groups(worker_cpu, f"hub-drain-{os.getpid()}") if worker_cpu else nullcontext()
 
 
 async def drain(
@@ -335,11 +321,10 @@ async def main_async(args: argparse.Namespace, work: Path) -> list[Run]:
         for r in range(args.rounds):
             order = setups if r % 2 == 0 else setups[::-1]
             for setup in order:
-                runs.append(
-                    await one_run(
-                        setup, r, fleet, broker, pg, repo.path, pki, work, args.worker_cpu, args.states
+                with quotas(args.worker_cpu) as groups:
+                    runs.append(
+                        await drain(setup, r, fleet, broker, pg, repo.path, pki, work, groups, args.states)
                     )
-                )
         connects = sum(b.stats.connects for b in fleet.boxes)
         if connects != args.boxes:
             print(f"note: {connects - args.boxes} box reconnects during the runs", flush=True)
